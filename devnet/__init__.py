@@ -1,0 +1,1 @@
+"""Local chains for fedledger: the in-process EVM (default), anvil, and contract deployment."""

@@ -1,0 +1,214 @@
+"""A thin client for the FedLedger contract: deploy, write (admin, coordinator, organisation) and read."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+from eth_account.signers.local import LocalAccount
+from web3 import Web3
+from web3.contract import Contract
+from web3.types import TxReceipt
+
+from ..contracts.compile import load_artifact
+from .chain import call_view, error_selectors, send_transaction
+from .errors import ChainError
+
+ZERO_HASH = b"\x00" * 32
+
+
+class RoundState(enum.IntEnum):
+    """Mirror of ``FedLedger.RoundState``."""
+
+    NONE = 0
+    OPEN = 1
+    FINALIZED = 2
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """A round's public record on the ledger."""
+
+    round_id: int
+    model_hash: bytes
+    new_model_hash: bytes
+    deadline: int
+    state: RoundState
+    commit_count: int
+    total_reward: int
+
+
+@dataclass(frozen=True)
+class CommitmentRecord:
+    """What an organisation committed in a round."""
+
+    update_hash: bytes
+    num_samples: int
+
+
+def _abis() -> list[list[dict[str, Any]]]:
+    return [load_artifact("FedLedger")["abi"], load_artifact("RewardToken")["abi"]]
+
+
+def as_bytes32(value: bytes | str) -> bytes:
+    """A 32-byte hash from bytes or a 0x-hex string."""
+    raw = bytes.fromhex(value[2:] if value.startswith("0x") else value) if isinstance(value, str) else value
+    if len(raw) != 32:
+        raise ValueError(f"expected a 32-byte hash, got {len(raw)} bytes")
+    return raw
+
+
+class LedgerClient:
+    """Reads and writes one deployed FedLedger. Writes are signed locally by ``account``."""
+
+    def __init__(self, w3: Web3, ledger_address: str, account: LocalAccount | None = None) -> None:
+        self.w3 = w3
+        self.address = Web3.to_checksum_address(ledger_address)
+        self.account = account
+        self.contract: Contract = w3.eth.contract(
+            address=self.address, abi=load_artifact("FedLedger")["abi"]
+        )
+        self.selectors = error_selectors(_abis())
+
+    # ----------------------------------------------------------------- deploy
+
+    @classmethod
+    def deploy(
+        cls,
+        w3: Web3,
+        admin: LocalAccount,
+        coordinator: str,
+        *,
+        token_name: str = "fedledger Reward",
+        token_symbol: str = "FLR",
+    ) -> tuple[LedgerClient, TxReceipt]:
+        """Deploy a new ledger (which deploys its reward token) from ``admin``'s key."""
+        artifact = load_artifact("FedLedger")
+        factory = w3.eth.contract(abi=artifact["abi"], bytecode=artifact["bytecode"])
+        selectors = error_selectors(_abis())
+        receipt = send_transaction(
+            w3,
+            admin,
+            factory.constructor(admin.address, coordinator, token_name, token_symbol),
+            selectors,
+        )
+        address = receipt["contractAddress"]
+        if address is None:
+            raise ChainError("deployment receipt has no contract address")
+        return cls(w3, address, admin), receipt
+
+    def with_account(self, account: LocalAccount) -> LedgerClient:
+        """The same ledger, writing as ``account``."""
+        return LedgerClient(self.w3, self.address, account)
+
+    # ----------------------------------------------------------------- writes
+
+    def _send(self, call: Any, *, gas: int | None = None) -> TxReceipt:
+        if self.account is None:
+            raise ChainError("this ledger client has no signing key; pass --key")
+        return send_transaction(self.w3, self.account, call, self.selectors, gas=gas)
+
+    def register_organisation(self, org: str) -> TxReceipt:
+        return self._send(self.contract.functions.registerOrganisation(Web3.to_checksum_address(org)))
+
+    def grant_coordinator(self, account: str) -> TxReceipt:
+        role = self.contract.functions.COORDINATOR_ROLE().call()
+        return self._send(self.contract.functions.grantRole(role, Web3.to_checksum_address(account)))
+
+    def open_round(self, round_id: int, model_hash: bytes, deadline: int) -> TxReceipt:
+        return self._send(self.contract.functions.openRound(round_id, model_hash, deadline))
+
+    def commit_update(self, round_id: int, update_hash: bytes, num_samples: int) -> TxReceipt:
+        return self._send(self.contract.functions.commitUpdate(round_id, update_hash, num_samples))
+
+    def finalize_round(
+        self,
+        round_id: int,
+        new_model_hash: bytes,
+        orgs: Sequence[str],
+        scores: Sequence[int],
+        rewards: Sequence[int],
+    ) -> TxReceipt:
+        return self._send(
+            self.contract.functions.finalizeRound(
+                round_id,
+                new_model_hash,
+                [Web3.to_checksum_address(o) for o in orgs],
+                list(scores),
+                list(rewards),
+            )
+        )
+
+    # ------------------------------------------------------------------ reads
+
+    def _view(self, fn: Any) -> Any:
+        return call_view(fn.call, self.selectors)
+
+    @cached_property
+    def token_address(self) -> str:
+        return str(self._view(self.contract.functions.token()))
+
+    @cached_property
+    def token(self) -> Contract:
+        return self.w3.eth.contract(
+            address=self.token_address, abi=load_artifact("RewardToken")["abi"]
+        )
+
+    def chain_id(self) -> int:
+        return int(self.w3.eth.chain_id)
+
+    def block_timestamp(self) -> int:
+        return int(self.w3.eth.get_block("latest")["timestamp"])
+
+    def round_count(self) -> int:
+        return int(self._view(self.contract.functions.roundCount()))
+
+    def get_round(self, round_id: int) -> RoundRecord:
+        raw = self._view(self.contract.functions.getRound(round_id))
+        model_hash, new_model_hash, deadline, state, commit_count, total_reward = raw
+        return RoundRecord(
+            round_id=round_id,
+            model_hash=bytes(model_hash),
+            new_model_hash=bytes(new_model_hash),
+            deadline=int(deadline),
+            state=RoundState(int(state)),
+            commit_count=int(commit_count),
+            total_reward=int(total_reward),
+        )
+
+    def commitment_of(self, round_id: int, org: str) -> CommitmentRecord | None:
+        """The organisation's commitment in the round, or None if it made none."""
+        update_hash, num_samples = self._view(
+            self.contract.functions.commitmentOf(round_id, Web3.to_checksum_address(org))
+        )
+        if bytes(update_hash) == ZERO_HASH:
+            return None
+        return CommitmentRecord(update_hash=bytes(update_hash), num_samples=int(num_samples))
+
+    def contribution_of(self, round_id: int, org: str) -> int:
+        return int(self._view(self.contract.functions.contributionOf(round_id, Web3.to_checksum_address(org))))
+
+    def reward_of(self, round_id: int, org: str) -> int:
+        return int(self._view(self.contract.functions.rewardOf(round_id, Web3.to_checksum_address(org))))
+
+    def is_settled(self, round_id: int, org: str) -> bool:
+        return bool(self._view(self.contract.functions.isSettled(round_id, Web3.to_checksum_address(org))))
+
+    def is_organisation(self, account: str) -> bool:
+        return bool(self._view(self.contract.functions.isOrganisation(Web3.to_checksum_address(account))))
+
+    def organisations(self) -> list[str]:
+        return [str(a) for a in self._view(self.contract.functions.organisations())]
+
+    def has_coordinator_role(self, account: str) -> bool:
+        role = self._view(self.contract.functions.COORDINATOR_ROLE())
+        return bool(self._view(self.contract.functions.hasRole(role, Web3.to_checksum_address(account))))
+
+    def balance_of(self, account: str) -> int:
+        return int(call_view(self.token.functions.balanceOf(Web3.to_checksum_address(account)).call, self.selectors))
+
+    def total_supply(self) -> int:
+        return int(call_view(self.token.functions.totalSupply().call, self.selectors))
