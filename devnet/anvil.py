@@ -25,7 +25,9 @@ def find_anvil() -> Path:
     """The native anvil binary: $FEDLEDGER_ANVIL, devnet/node_modules, then PATH."""
     env = os.environ.get("FEDLEDGER_ANVIL")
     candidates = [Path(env)] if env else []
-    candidates.append(DEVNET_DIR / "node_modules" / "@foundry-rs" / "anvil-linux-amd64" / "bin" / "anvil")
+    candidates.append(
+        DEVNET_DIR / "node_modules" / "@foundry-rs" / "anvil-linux-amd64" / "bin" / "anvil"
+    )
     on_path = shutil.which("anvil")
     if on_path:
         candidates.append(Path(on_path))
@@ -71,13 +73,18 @@ def start_anvil(
     port = port or free_port(host)
     cmd = [
         str(find_anvil()),
-        "--host", host,
-        "--port", str(port),
-        "--mnemonic", DEVNET_MNEMONIC,
-        "--chain-id", str(chain_id),
-        "--accounts", str(accounts),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--mnemonic",
+        DEVNET_MNEMONIC,
+        "--chain-id",
+        str(chain_id),
+        "--accounts",
+        str(accounts),
         "--quiet",
-    ]  # fmt: skip
+    ]
     if state_file is not None:
         cmd += ["--state", str(state_file), "--state-interval", "1"]
     process = subprocess.Popen(

@@ -39,7 +39,9 @@ def deploy(
         address = org if isinstance(org, str) else org.address
         ledger.register_organisation(address)
         org_entries.append(
-            AccountEntry(address=address) if isinstance(org, str) else _entry(org, with_key=include_keys)
+            AccountEntry(address=address)
+            if isinstance(org, str)
+            else _entry(org, with_key=include_keys)
         )
     coordinator_entry = (
         AccountEntry(address=coordinator)

@@ -185,9 +185,7 @@ def _replay_revert(
     return ContractRevert("", (), raw=f"{call.fn_name} mined with status 0 in block {block}")
 
 
-def call_view(
-    fn: Callable[[], T], selectors: Mapping[bytes, tuple[str, list[str]]]
-) -> T:
+def call_view(fn: Callable[[], T], selectors: Mapping[bytes, tuple[str, list[str]]]) -> T:
     """Run a read-only contract call, mapping reverts and transport failures to incentive errors."""
     try:
         return fn()
@@ -204,9 +202,11 @@ def wait_for_rpc(w3: Web3, *, timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            w3.eth.block_number
+            _ = w3.eth.block_number
             return
         except Exception as exc:
             if time.monotonic() > deadline:
-                raise ChainError(f"no answer from the chain within {timeout_s:.0f} s: {exc}") from exc
+                raise ChainError(
+                    f"no answer from the chain within {timeout_s:.0f} s: {exc}"
+                ) from exc
             time.sleep(0.05)

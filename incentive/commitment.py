@@ -74,7 +74,9 @@ def spec_differences(
     for name in sorted(set(expected) & set(tensors)):
         got = TensorSpec(tuple(tensors[name].shape), tensors[name].dtype)
         if got != expected[name]:
-            problems.append(f"tensor {name!r} is {got.describe()}, expected {expected[name].describe()}")
+            problems.append(
+                f"tensor {name!r} is {got.describe()}, expected {expected[name].describe()}"
+            )
     return problems
 
 
@@ -101,8 +103,12 @@ def decode_update(data: bytes, expected: Mapping[str, TensorSpec]) -> dict[str, 
     tensors = decode_tensors(data)
     problems = spec_differences(tensors, expected)
     if problems:
-        raise CommitmentError("tensor_mismatch", "update does not match the model: " + "; ".join(problems))
+        raise CommitmentError(
+            "tensor_mismatch", "update does not match the model: " + "; ".join(problems)
+        )
     bad = non_finite_tensors(tensors)
     if bad:
-        raise CommitmentError("non_finite", f"update has NaN or infinite values in {', '.join(bad)}")
+        raise CommitmentError(
+            "non_finite", f"update has NaN or infinite values in {', '.join(bad)}"
+        )
     return tensors

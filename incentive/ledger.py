@@ -55,7 +55,11 @@ def _abis() -> list[list[dict[str, Any]]]:
 
 def as_bytes32(value: bytes | str) -> bytes:
     """A 32-byte hash from bytes or a 0x-hex string."""
-    raw = bytes.fromhex(value[2:] if value.startswith("0x") else value) if isinstance(value, str) else value
+    raw = (
+        bytes.fromhex(value[2:] if value.startswith("0x") else value)
+        if isinstance(value, str)
+        else value
+    )
     if len(raw) != 32:
         raise ValueError(f"expected a 32-byte hash, got {len(raw)} bytes")
     return raw
@@ -112,11 +116,15 @@ class LedgerClient:
         return send_transaction(self.w3, self.account, call, self.selectors, gas=gas)
 
     def register_organisation(self, org: str) -> TxReceipt:
-        return self._send(self.contract.functions.registerOrganisation(Web3.to_checksum_address(org)))
+        return self._send(
+            self.contract.functions.registerOrganisation(Web3.to_checksum_address(org))
+        )
 
     def grant_coordinator(self, account: str) -> TxReceipt:
         role = self.contract.functions.COORDINATOR_ROLE().call()
-        return self._send(self.contract.functions.grantRole(role, Web3.to_checksum_address(account)))
+        return self._send(
+            self.contract.functions.grantRole(role, Web3.to_checksum_address(account))
+        )
 
     def open_round(self, round_id: int, model_hash: bytes, deadline: int) -> TxReceipt:
         return self._send(self.contract.functions.openRound(round_id, model_hash, deadline))
@@ -189,26 +197,43 @@ class LedgerClient:
         return CommitmentRecord(update_hash=bytes(update_hash), num_samples=int(num_samples))
 
     def contribution_of(self, round_id: int, org: str) -> int:
-        return int(self._view(self.contract.functions.contributionOf(round_id, Web3.to_checksum_address(org))))
+        return int(
+            self._view(
+                self.contract.functions.contributionOf(round_id, Web3.to_checksum_address(org))
+            )
+        )
 
     def reward_of(self, round_id: int, org: str) -> int:
-        return int(self._view(self.contract.functions.rewardOf(round_id, Web3.to_checksum_address(org))))
+        return int(
+            self._view(self.contract.functions.rewardOf(round_id, Web3.to_checksum_address(org)))
+        )
 
     def is_settled(self, round_id: int, org: str) -> bool:
-        return bool(self._view(self.contract.functions.isSettled(round_id, Web3.to_checksum_address(org))))
+        return bool(
+            self._view(self.contract.functions.isSettled(round_id, Web3.to_checksum_address(org)))
+        )
 
     def is_organisation(self, account: str) -> bool:
-        return bool(self._view(self.contract.functions.isOrganisation(Web3.to_checksum_address(account))))
+        return bool(
+            self._view(self.contract.functions.isOrganisation(Web3.to_checksum_address(account)))
+        )
 
     def organisations(self) -> list[str]:
         return [str(a) for a in self._view(self.contract.functions.organisations())]
 
     def has_coordinator_role(self, account: str) -> bool:
         role = self._view(self.contract.functions.COORDINATOR_ROLE())
-        return bool(self._view(self.contract.functions.hasRole(role, Web3.to_checksum_address(account))))
+        return bool(
+            self._view(self.contract.functions.hasRole(role, Web3.to_checksum_address(account)))
+        )
 
     def balance_of(self, account: str) -> int:
-        return int(call_view(self.token.functions.balanceOf(Web3.to_checksum_address(account)).call, self.selectors))
+        return int(
+            call_view(
+                self.token.functions.balanceOf(Web3.to_checksum_address(account)).call,
+                self.selectors,
+            )
+        )
 
     def total_supply(self) -> int:
         return int(call_view(self.token.functions.totalSupply().call, self.selectors))

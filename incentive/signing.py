@@ -82,15 +82,15 @@ def sign_upload(
     return "0x" + bytes(signed.signature).hex()
 
 
-def recover_signer(
-    auth: UploadAuthorization, signature: str, *, chain_id: int, ledger: str
-) -> str:
+def recover_signer(auth: UploadAuthorization, signature: str, *, chain_id: int, ledger: str) -> str:
     """The checksum address that signed ``auth``; SignatureError ``bad_signature`` if malformed."""
     try:
         raw = bytes.fromhex(signature.removeprefix("0x"))
         if len(raw) != 65:
             raise ValueError(f"a signature is 65 bytes, got {len(raw)}")
-        signable = encode_typed_data(full_message=typed_data(auth, chain_id=chain_id, ledger=ledger))
+        signable = encode_typed_data(
+            full_message=typed_data(auth, chain_id=chain_id, ledger=ledger)
+        )
         signer: str = Account.recover_message(signable, signature=raw)
     except Exception as exc:  # eth-keys raises several types for a malformed signature
         raise SignatureError("bad_signature", f"the signature does not verify: {exc}") from exc

@@ -1,0 +1,1 @@
+"""The coordinator: round lifecycle, upload verification, durable storage, aggregation, pricing, settlement."""

@@ -1,0 +1,183 @@
+"""The coordinator's HTTP API (FastAPI): rounds, models, uploads, results and health.
+
+Domain errors map to an HTTP status and a stable ``code`` here and nowhere else. Request
+bodies are read with a hard size limit before anything is buffered beyond it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import wire
+from ..incentive.errors import ChainError
+from .errors import ChainUnavailable, CoordinatorError, TooLarge
+from .rounds import RoundService
+
+log = logging.getLogger("fedledger.coordinator.api")
+
+
+def _error(status: int, code: str, message: str, **details: object) -> JSONResponse:
+    body = wire.ErrorBody(code=code, message=message, details=details)
+    return JSONResponse(status_code=status, content=body.model_dump(mode="json"))
+
+
+async def read_limited_body(request: Request, limit_bytes: int) -> bytes:
+    """The request body, refusing (413) as soon as it is known to exceed ``limit_bytes``.
+
+    A declared Content-Length over the limit is refused before reading; otherwise bytes are
+    counted while streaming, so a missing, lying or chunked length cannot make us buffer more.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            declared_bytes = int(declared)
+        except ValueError:
+            raise CoordinatorError(
+                "bad_content_length", "Content-Length is not an integer"
+            ) from None
+        if declared_bytes > limit_bytes:
+            raise TooLarge(
+                "too_large",
+                f"the body of {declared_bytes} bytes exceeds the limit of {limit_bytes} bytes",
+                limit_bytes=limit_bytes,
+            )
+    chunks: list[bytes] = []
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit_bytes:
+            raise TooLarge(
+                "too_large",
+                f"the body exceeds the limit of {limit_bytes} bytes",
+                limit_bytes=limit_bytes,
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(service: RoundService, *, manage_service: bool = False) -> FastAPI:
+    """The FastAPI app over a RoundService; with ``manage_service`` it starts and stops it."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if manage_service:
+            await run_in_threadpool(service.start)
+        try:
+            yield
+        finally:
+            if manage_service:
+                await run_in_threadpool(service.stop)
+
+    app = FastAPI(
+        title="fedledger coordinator",
+        version="1",
+        description="Verifies organisations' model updates against their on-chain commitments, "
+        "aggregates them, prices each contribution by Shapley value and settles rewards on-chain.",
+        lifespan=lifespan,
+    )
+
+    def get_service() -> RoundService:
+        return service
+
+    Service = Annotated[RoundService, Depends(get_service)]
+
+    @app.exception_handler(CoordinatorError)
+    async def on_coordinator_error(_: Request, exc: CoordinatorError) -> JSONResponse:
+        response = _error(exc.status, exc.code, exc.message, **exc.details)
+        response.headers.update(exc.headers)
+        return response
+
+    @app.exception_handler(ChainError)
+    async def on_chain_error(request: Request, exc: ChainError) -> JSONResponse:
+        return await on_coordinator_error(
+            request, ChainUnavailable(f"the chain is unavailable: {exc}")
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # Never echo the input back (it may be large or not UTF-8): locations and messages only.
+        fields = [
+            {"loc": [str(p) for p in err.get("loc", ())], "msg": str(err.get("msg", ""))}
+            for err in exc.errors()
+        ]
+        return _error(422, "invalid_request", "the request is malformed", fields=fields)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        return _error(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail))
+
+    prefix = wire.API_PREFIX
+
+    @app.get(f"{prefix}/health", response_model=wire.Health)
+    def health(svc: Service) -> wire.Health:
+        current = svc.current()
+        return wire.Health(
+            status="ok" if svc.last_error is None else f"degraded: {svc.last_error}",
+            chain_id=svc.ledger.chain_id(),
+            ledger=svc.ledger.address,
+            round_id=current.round_id,
+            training=current.training,
+        )
+
+    @app.get(f"{prefix}/rounds/current", response_model=wire.CurrentRound)
+    def current_round(svc: Service) -> wire.CurrentRound:
+        return svc.current()
+
+    @app.get(f"{prefix}/rounds/{{round_id}}", response_model=wire.RoundResult)
+    def round_result(round_id: int, svc: Service) -> wire.RoundResult:
+        return svc.round_result(round_id)
+
+    @app.get(
+        f"{prefix}/models/{{model_hash}}",
+        response_class=Response,
+        responses={200: {"content": {"application/octet-stream": {}}}},
+    )
+    def model(model_hash: str, svc: Service) -> Response:
+        """The canonical safetensors bytes of a global model, by its keccak256 hash."""
+        data = svc.model_bytes(model_hash)
+        return Response(
+            content=data,
+            media_type="application/octet-stream",
+            headers={wire.H_MODEL_HASH: model_hash.lower()},
+        )
+
+    @app.post(
+        f"{prefix}/rounds/{{round_id}}/updates",
+        response_model=wire.UploadReceipt,
+        status_code=201,
+        responses={
+            200: {"model": wire.UploadReceipt, "description": "identical re-upload"},
+            401: {"model": wire.ErrorBody},
+            403: {"model": wire.ErrorBody},
+            409: {"model": wire.ErrorBody},
+            413: {"model": wire.ErrorBody},
+            422: {"model": wire.ErrorBody},
+            503: {"model": wire.ErrorBody},
+        },
+    )
+    async def upload(
+        round_id: int, request: Request, response: Response, svc: Service
+    ) -> wire.UploadReceipt:
+        """Upload a model update (canonical safetensors bytes) signed with EIP-712 headers.
+
+        Acknowledged (201) only once the update is durably stored; an identical re-upload
+        answers 200 with the original receipt.
+        """
+        body = await read_limited_body(request, svc.settings.max_upload_bytes)
+        receipt, created = await run_in_threadpool(
+            svc.accept_upload, round_id, request.headers, body
+        )
+        response.status_code = 201 if created else 200
+        return receipt
+
+    return app

@@ -1,0 +1,43 @@
+"""Coordinator settings: validated once at start-up, failing fast on anything missing or absurd."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+TOKEN_UNIT = 10**18
+
+
+class CoordinatorSettings(BaseModel):
+    """How a consortium runs its federation: task, rounds, deadlines, rewards and limits."""
+
+    model_config = ConfigDict(frozen=True)
+
+    data_dir: Path
+    task: str = "digits"
+    total_rounds: int = Field(10, ge=1)
+    round_timeout_s: float = Field(300.0, gt=0, description="commit deadline after a round opens")
+    upload_grace_s: float = Field(5.0, ge=0, description="uploads still taken after the deadline")
+    quorum: int = Field(1, ge=1, description="fewest uploads for a round to aggregate")
+    eta: float = Field(
+        1.0, gt=0, description="server learning rate in w + eta * sum_k n_k/n delta_k"
+    )
+    reward_per_round: int = Field(1000 * TOKEN_UNIT, ge=0, description="token units paid per round")
+    metric: Literal["accuracy", "neg_log_loss"] = "accuracy"
+    model_seed: int = 0
+    max_upload_bytes: int = Field(64 * 2**20, gt=0)
+    max_update_norm: float | None = Field(
+        None, gt=0, description="refuse updates with a larger L2 norm"
+    )
+    max_expiry_s: int = Field(3600, gt=0, description="farthest in the future an upload may expire")
+    max_exact_players: int = Field(14, ge=1, le=20)
+    device: str | None = None  # "cuda", "cpu"; None picks cuda when available
+    poll_interval_s: float = Field(0.2, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> CoordinatorSettings:
+        if self.upload_grace_s > self.round_timeout_s:
+            raise ValueError("upload_grace_s must not exceed round_timeout_s")
+        return self

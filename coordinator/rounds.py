@@ -1,0 +1,578 @@
+"""The round state machine: open on-chain, verify and store uploads, close, price, settle, repeat.
+
+Every transition is recorded in the store after the chain confirms it, and on start-up the
+service reconciles the store with the chain, so a restarted coordinator resumes where it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from web3 import Web3
+
+from .. import wire
+from ..incentive.commitment import (
+    canonical_bytes,
+    commitment_of,
+    decode_tensors,
+    decode_update,
+    keccak,
+    l2_norm,
+    specs_of,
+)
+from ..incentive.errors import ChainError, CommitmentError, SignatureError
+from ..incentive.ledger import LedgerClient, RoundState, as_bytes32
+from ..incentive.rewards import split_rewards, to_fixed_point
+from ..incentive.shapley import ExactShapley
+from ..incentive.signing import UploadAuthorization, recover_signer
+from ..incentive.valuation import CoalitionUtility, evaluate_params
+from ..tasks import Task, get_task
+from .aggregation import fedavg
+from .config import CoordinatorSettings
+from .errors import (
+    ChainUnavailable,
+    Conflict,
+    CoordinatorError,
+    Forbidden,
+    NotFound,
+    Unauthorized,
+    Unprocessable,
+)
+from .store import Store, StoredUpdate
+
+log = logging.getLogger("fedledger.coordinator")
+
+
+def hex32(raw: bytes) -> str:
+    return "0x" + raw.hex()
+
+
+@dataclass(frozen=True)
+class SignedUpload:
+    """An upload's authorisation as parsed from its headers, with the signature."""
+
+    auth: UploadAuthorization
+    signature: str
+
+
+def parse_upload_headers(headers: Mapping[str, str], path_round_id: int) -> SignedUpload:
+    """Read the EIP-712 authorisation from the upload headers (401 when absent or malformed)."""
+    missing = [h for h in wire.UPLOAD_HEADERS if not headers.get(h)]
+    if missing:
+        raise Unauthorized(
+            "unsigned",
+            f"the upload is not signed: missing header(s) {', '.join(missing)}",
+            missing=missing,
+        )
+    try:
+        organisation = Web3.to_checksum_address(headers[wire.H_ORGANISATION])
+        auth = UploadAuthorization(
+            organisation=organisation,
+            round_id=int(headers[wire.H_ROUND]),
+            update_hash=as_bytes32(headers[wire.H_UPDATE_HASH]),
+            num_samples=int(headers[wire.H_NUM_SAMPLES]),
+            nonce=int(headers[wire.H_NONCE]),
+            expiry=int(headers[wire.H_EXPIRY]),
+        )
+    except ValueError as exc:
+        raise Unauthorized(
+            "malformed_authorization", f"an upload header is malformed: {exc}"
+        ) from exc
+    if auth.round_id != path_round_id:
+        raise Unauthorized(
+            "malformed_authorization",
+            f"the signed round {auth.round_id} differs from the URL's round {path_round_id}",
+        )
+    if auth.num_samples <= 0 or auth.nonce < 0 or auth.expiry < 0:
+        raise Unauthorized(
+            "malformed_authorization", "sample count, nonce and expiry must be positive"
+        )
+    return SignedUpload(auth=auth, signature=headers[wire.H_SIGNATURE])
+
+
+class RoundService:
+    """Runs the federation for one ledger from one data directory."""
+
+    def __init__(
+        self,
+        settings: CoordinatorSettings,
+        ledger: LedgerClient,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if ledger.account is None:
+            raise ValueError("the coordinator's ledger client needs the coordinator's key")
+        self.settings = settings
+        self.ledger = ledger
+        self.clock = clock
+        self.store = Store(settings.data_dir)
+        self.task: Task = get_task(settings.task)
+        self.device = torch.device(
+            settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        )
+        self._model = self.task.build_model(seed=settings.model_seed)
+        self._specs = specs_of(self._model.state_dict())
+        self._x_val, self._y_val = self.task.validation_data()
+        self._chain_id = ledger.chain_id()
+        self._lock = threading.RLock()  # guards upload acceptance against round transitions
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._expected: dict[int, list[str]] = {}
+        self.last_error: str | None = None
+
+    # -------------------------------------------------------------- lifecycle
+
+    def start(self, *, background: bool = True) -> None:
+        """Check roles and data directory, reconcile with the chain, open round 1 if needed."""
+        assert self.ledger.account is not None
+        if not self.ledger.has_coordinator_role(self.ledger.account.address):
+            raise CoordinatorError(
+                "not_coordinator",
+                f"{self.ledger.account.address} lacks COORDINATOR_ROLE on ledger {self.ledger.address}",
+            )
+        bound = self.store.get_meta("ledger")
+        if bound is None:
+            self.store.set_meta("ledger", self.ledger.address)
+        elif bound.lower() != self.ledger.address.lower():
+            raise CoordinatorError(
+                "wrong_data_dir",
+                f"data directory {self.settings.data_dir} belongs to ledger {bound}, "
+                f"not {self.ledger.address}; use another --data-dir",
+            )
+        self._reconcile()
+        if background:
+            self._thread = threading.Thread(target=self._run, name="round-driver", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self.store.close()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.settings.poll_interval_s)
+            self._wake.clear()
+            try:
+                self.step()
+                self.last_error = None
+            except (ChainError, CoordinatorError) as exc:
+                self.last_error = str(exc)
+                log.warning("round driver: %s (retrying)", exc)
+                self._stop.wait(1.0)
+
+    def _reconcile(self) -> None:
+        latest = self.store.latest_round()
+        chain_rounds = self.ledger.round_count()
+        if latest is None:
+            if chain_rounds > 0:
+                raise CoordinatorError(
+                    "wrong_data_dir",
+                    f"the ledger already has {chain_rounds} round(s) but {self.settings.data_dir} "
+                    "has no state; start the coordinator on the data directory that ran them",
+                )
+            params = self._model.state_dict()
+            data, digest = commitment_of(params)
+            self.store.put_blob(hex32(digest), data)
+            self._open_round(1, hex32(digest))
+            return
+        if chain_rounds > latest.round_id:  # opened on-chain, crashed before recording it
+            record = self.ledger.get_round(chain_rounds)
+            self.store.add_round(chain_rounds, hex32(record.model_hash), record.deadline)
+
+    # ------------------------------------------------------------------ rounds
+
+    def _open_round(self, round_id: int, model_hash: str) -> None:
+        if self.ledger.round_count() < round_id:
+            deadline = int(self.clock() + self.settings.round_timeout_s)
+            self.ledger.open_round(round_id, as_bytes32(model_hash), deadline)
+        record = self.ledger.get_round(round_id)
+        if hex32(record.model_hash) != model_hash:
+            raise CoordinatorError(
+                "chain_mismatch",
+                f"round {round_id} on-chain has model {hex32(record.model_hash)}, expected {model_hash}",
+            )
+        self.store.add_round(round_id, model_hash, record.deadline)
+        self._expected[round_id] = self.ledger.organisations()
+        log.info("round %d open until %d on model %s", round_id, record.deadline, model_hash)
+
+    def expected_organisations(self, round_id: int) -> list[str]:
+        if round_id not in self._expected:
+            self._expected[round_id] = self.ledger.organisations()
+        return self._expected[round_id]
+
+    def step(self) -> None:
+        """Advance the round state machine by at most one transition."""
+        current = self.store.latest_round()
+        if current is None:
+            return
+        if current.status == wire.RoundStatus.OPEN:
+            uploads = self.store.updates_for(current.round_id)
+            submitted = {u.organisation.lower() for u in uploads}
+            expected = {o.lower() for o in self.expected_organisations(current.round_id)}
+            all_in = bool(expected) and expected <= submitted
+            past = self.clock() > current.deadline + self.settings.upload_grace_s
+            if all_in or past:
+                with self._lock:
+                    self.store.set_round_status(current.round_id, wire.RoundStatus.CLOSING)
+                self._close(current.round_id)
+        elif current.status == wire.RoundStatus.CLOSING:
+            self._close(current.round_id)
+        elif current.round_id < self.settings.total_rounds:
+            next_model = current.new_model_hash or current.model_hash
+            self._open_round(current.round_id + 1, next_model)
+
+    def training_status(self) -> wire.TrainingStatus:
+        current = self.store.latest_round()
+        if (
+            current is not None
+            and current.round_id >= self.settings.total_rounds
+            and current.status in (wire.RoundStatus.FINALIZED, wire.RoundStatus.FAILED)
+        ):
+            return wire.TrainingStatus.DONE
+        return wire.TrainingStatus.RUNNING
+
+    def _close(self, round_id: int) -> None:
+        """Aggregate, price and settle a round; safe to redo after a crash (deterministic)."""
+        stored = self.store.get_round(round_id)
+        assert stored is not None
+        uploads = self.store.updates_for(round_id)
+        expected = self.expected_organisations(round_id)
+        if len(uploads) < self.settings.quorum:
+            reason = (
+                f"quorum not met: {len(uploads)} of {self.settings.quorum} required uploads "
+                "by the deadline; the model is unchanged and nothing is paid"
+            )
+            tx = self._settle(round_id, stored.model_hash, [], [], [])
+            result = wire.RoundResult(
+                round_id=round_id,
+                status=wire.RoundStatus.FAILED,
+                model_hash=stored.model_hash,
+                new_model_hash=stored.model_hash,
+                deadline=stored.deadline,
+                reason=reason,
+                finalize_tx=tx,
+                organisations=[
+                    wire.OrganisationResult(organisation=o, status=wire.UploadStatus.MISSING)
+                    for o in expected
+                ],
+            )
+            self.store.set_round_status(
+                round_id,
+                wire.RoundStatus.FAILED,
+                new_model_hash=stored.model_hash,
+                result=result.model_dump(mode="json"),
+            )
+            log.warning("round %d failed: %s", round_id, reason)
+            return
+
+        base = self._load_tensors(stored.model_hash)
+        deltas = [self._load_tensors(u.update_hash) for u in uploads]
+        num_samples = [u.num_samples for u in uploads]
+        new_params = fedavg(base, deltas, num_samples, eta=self.settings.eta, device=self.device)
+        new_bytes = canonical_bytes(new_params)
+        new_hash = hex32(keccak(new_bytes))
+        self.store.put_blob(new_hash, new_bytes)
+
+        utility = CoalitionUtility(
+            self._model,
+            base,
+            deltas,
+            num_samples,
+            self._x_val,
+            self._y_val,
+            eta=self.settings.eta,
+            metric=self.settings.metric,
+            device=self.device,
+        )
+        if len(uploads) > self.settings.max_exact_players:
+            raise CoordinatorError(
+                "too_many_players",
+                f"{len(uploads)} organisations exceed max_exact_players="
+                f"{self.settings.max_exact_players} for exact Shapley",
+            )
+        values = ExactShapley().value(utility, len(uploads), seed=round_id).values
+        scores = [to_fixed_point(float(v)) for v in values]
+        rewards = split_rewards(self.settings.reward_per_round, [float(v) for v in values])
+        orgs = [u.organisation for u in uploads]
+        accuracy = evaluate_params(self._model, new_params, self._x_val, self._y_val, "accuracy")
+
+        tx = self._settle(round_id, new_hash, orgs, scores, rewards)
+        by_org = {u.organisation.lower(): i for i, u in enumerate(uploads)}
+        results: list[wire.OrganisationResult] = []
+        for org in sorted(set(expected) | set(orgs), key=str.lower):
+            i = by_org.get(org.lower())
+            if i is None:
+                results.append(
+                    wire.OrganisationResult(organisation=org, status=wire.UploadStatus.MISSING)
+                )
+                continue
+            results.append(
+                wire.OrganisationResult(
+                    organisation=uploads[i].organisation,
+                    status=wire.UploadStatus.ACCEPTED,
+                    update_hash=uploads[i].update_hash,
+                    num_samples=uploads[i].num_samples,
+                    score=float(values[i]),
+                    score_fixed=str(scores[i]),
+                    reward=str(rewards[i]),
+                )
+            )
+        result = wire.RoundResult(
+            round_id=round_id,
+            status=wire.RoundStatus.FINALIZED,
+            model_hash=stored.model_hash,
+            new_model_hash=new_hash,
+            deadline=stored.deadline,
+            validation_accuracy=accuracy,
+            finalize_tx=tx,
+            organisations=results,
+        )
+        self.store.set_round_status(
+            round_id,
+            wire.RoundStatus.FINALIZED,
+            new_model_hash=new_hash,
+            result=result.model_dump(mode="json"),
+        )
+        log.info("round %d finalized: accuracy %.4f, model %s", round_id, accuracy, new_hash)
+
+    def _settle(
+        self,
+        round_id: int,
+        new_model_hash: str,
+        orgs: list[str],
+        scores: list[int],
+        rewards: list[int],
+    ) -> str | None:
+        """Send finalizeRound unless the chain already has it (a crash after sending)."""
+        if self.ledger.get_round(round_id).state == RoundState.FINALIZED:
+            log.info("round %d already finalized on-chain; recording it", round_id)
+            return None
+        receipt = self.ledger.finalize_round(
+            round_id, as_bytes32(new_model_hash), orgs, scores, rewards
+        )
+        return hex32(bytes(receipt["transactionHash"]))
+
+    def _load_tensors(self, digest_hex: str) -> dict[str, torch.Tensor]:
+        data = self.store.get_blob(digest_hex)
+        if data is None:
+            raise CoordinatorError("missing_blob", f"stored tensors {digest_hex} are missing")
+        return decode_tensors(data)
+
+    # ------------------------------------------------------------------ reads
+
+    def current(self) -> wire.CurrentRound:
+        current = self.store.latest_round()
+        if current is None:
+            raise NotFound("no_round", "no round has been opened yet")
+        return wire.CurrentRound(
+            training=self.training_status(),
+            round_id=current.round_id,
+            status=wire.RoundStatus(current.status),
+            model_hash=current.model_hash,
+            deadline=current.deadline,
+            total_rounds=self.settings.total_rounds,
+            task=self.settings.task,
+            organisations_expected=len(self.expected_organisations(current.round_id)),
+            uploads_received=len(self.store.updates_for(current.round_id)),
+        )
+
+    def round_result(self, round_id: int) -> wire.RoundResult:
+        stored = self.store.get_round(round_id)
+        if stored is None:
+            raise NotFound("unknown_round", f"round {round_id} does not exist")
+        if stored.result is not None:
+            return wire.RoundResult.model_validate(stored.result)
+        uploads = self.store.updates_for(round_id)
+        return wire.RoundResult(
+            round_id=round_id,
+            status=wire.RoundStatus(stored.status),
+            model_hash=stored.model_hash,
+            deadline=stored.deadline,
+            organisations=[
+                wire.OrganisationResult(
+                    organisation=u.organisation,
+                    status=wire.UploadStatus.ACCEPTED,
+                    update_hash=u.update_hash,
+                    num_samples=u.num_samples,
+                )
+                for u in uploads
+            ],
+        )
+
+    def model_bytes(self, model_hash: str) -> bytes:
+        try:
+            digest = hex32(as_bytes32(model_hash))
+        except ValueError as exc:
+            raise NotFound("unknown_model", f"{model_hash!r} is not a 32-byte hash") from exc
+        data = self.store.get_blob(digest)
+        if data is None:
+            raise NotFound("unknown_model", f"no model with hash {digest}")
+        return data
+
+    # ----------------------------------------------------------------- uploads
+
+    def accept_upload(
+        self, path_round_id: int, headers: Mapping[str, str], body: bytes
+    ) -> tuple[wire.UploadReceipt, bool]:
+        """Verify an upload against its signature and on-chain commitment, then store it durably.
+
+        Returns the receipt and whether it was newly stored (False for an identical re-upload).
+        """
+        signed = parse_upload_headers(headers, path_round_id)
+        auth = signed.auth
+        try:
+            signer = recover_signer(
+                auth, signed.signature, chain_id=self._chain_id, ledger=self.ledger.address
+            )
+        except SignatureError as exc:
+            raise Unauthorized(exc.code, exc.message) from exc
+        try:
+            signer_registered = self.ledger.is_organisation(signer)
+        except ChainError as exc:
+            raise ChainUnavailable(f"cannot verify the signer on-chain: {exc}") from exc
+        if signer != auth.organisation:
+            if signer_registered:
+                raise Forbidden(
+                    "impersonation",
+                    f"organisation {signer} signed an upload on behalf of {auth.organisation}",
+                    signer=signer,
+                )
+            raise Unauthorized(
+                "bad_signature",
+                "the signature does not match the upload (wrong key, chain id, ledger or field)",
+            )
+        if not signer_registered:
+            raise Unauthorized(
+                "unregistered_signer",
+                f"{signer} is not a registered organisation on ledger {self.ledger.address}",
+            )
+        now = self.clock()
+        if auth.expiry < now:
+            raise Unauthorized("expired", f"the upload authorisation expired at {auth.expiry}")
+        if auth.expiry > now + self.settings.max_expiry_s:
+            raise Unauthorized(
+                "expiry_too_far",
+                f"the authorisation must expire within {self.settings.max_expiry_s} s",
+            )
+        body_hash = hex32(keccak(body))
+        if body_hash != hex32(auth.update_hash):
+            raise Unauthorized(
+                "body_hash_mismatch",
+                f"the body hashes to {body_hash}, the signed hash is {hex32(auth.update_hash)}",
+            )
+
+        with self._lock:
+            current = self.store.latest_round()
+            if current is None or auth.round_id != current.round_id:
+                raise Conflict(
+                    "wrong_round",
+                    f"update for round {auth.round_id} rejected: round "
+                    f"{current.round_id if current else 0} is current",
+                    current_round=current.round_id if current else 0,
+                )
+            existing = self.store.get_update(auth.round_id, signer)
+            if existing is not None:
+                return self._duplicate(existing, body_hash)
+            if current.status != wire.RoundStatus.OPEN:
+                raise Conflict(
+                    "round_closed",
+                    f"round {current.round_id} is {current.status} and takes no more uploads",
+                    current_round=current.round_id,
+                )
+            if now > current.deadline + self.settings.upload_grace_s:
+                raise Conflict(
+                    "deadline_passed",
+                    f"round {current.round_id} closed for uploads at {current.deadline}",
+                    current_round=current.round_id,
+                )
+            if self.store.nonce_used(signer, str(auth.nonce)):
+                raise Unauthorized("replayed", f"nonce {auth.nonce} was already used by {signer}")
+
+        try:
+            commitment = self.ledger.commitment_of(auth.round_id, signer)
+        except ChainError as exc:
+            raise ChainUnavailable(f"cannot read the on-chain commitment: {exc}") from exc
+        if commitment is None:
+            raise Conflict(
+                "not_committed",
+                f"{signer} has not committed an update for round {auth.round_id} on-chain; "
+                "call commitUpdate first",
+            )
+        if hex32(commitment.update_hash) != body_hash:
+            raise Conflict(
+                "commitment_mismatch",
+                f"the body hashes to {body_hash} but {signer} committed "
+                f"{hex32(commitment.update_hash)} for round {auth.round_id}",
+            )
+        if commitment.num_samples != auth.num_samples:
+            raise Conflict(
+                "samples_mismatch",
+                f"signed sample count {auth.num_samples} differs from the committed "
+                f"{commitment.num_samples}",
+            )
+        try:
+            tensors = decode_update(body, self._specs)
+        except CommitmentError as exc:
+            raise Unprocessable(exc.code, exc.message) from exc
+        if self.settings.max_update_norm is not None:
+            norm = l2_norm(tensors)
+            if norm > self.settings.max_update_norm:
+                raise Unprocessable(
+                    "norm_exceeded",
+                    f"update L2 norm {norm:.4g} exceeds the bound {self.settings.max_update_norm:.4g}",
+                    norm=norm,
+                )
+
+        self.store.put_blob(body_hash, body)
+        with self._lock:
+            current = self.store.latest_round()
+            if current is None or current.round_id != auth.round_id or current.status != "open":
+                raise Conflict(
+                    "round_closed",
+                    f"round {auth.round_id} closed while the upload was verified",
+                    current_round=current.round_id if current else 0,
+                )
+            stored = self.store.insert_update(
+                StoredUpdate(
+                    round_id=auth.round_id,
+                    organisation=signer,
+                    update_hash=body_hash,
+                    num_samples=auth.num_samples,
+                    nonce=str(auth.nonce),
+                    received_at=self.clock(),
+                )
+            )
+        if stored.nonce != str(auth.nonce) or stored.update_hash != body_hash:
+            return self._duplicate(stored, body_hash)
+        self._wake.set()
+        return self._receipt(stored), True
+
+    def _duplicate(self, existing: StoredUpdate, body_hash: str) -> tuple[wire.UploadReceipt, bool]:
+        if existing.update_hash != body_hash:
+            raise Conflict(
+                "already_submitted",
+                f"{existing.organisation} already submitted {existing.update_hash} for round "
+                f"{existing.round_id}; an update is final",
+                update_hash=existing.update_hash,
+            )
+        return self._receipt(existing, duplicate=True), False
+
+    @staticmethod
+    def _receipt(update: StoredUpdate, *, duplicate: bool = False) -> wire.UploadReceipt:
+        return wire.UploadReceipt(
+            round_id=update.round_id,
+            organisation=update.organisation,
+            update_hash=update.update_hash,
+            num_samples=update.num_samples,
+            received_at=update.received_at,
+            duplicate=duplicate,
+        )

@@ -1,0 +1,259 @@
+"""Durable coordinator state: SQLite for records, content-addressed files for tensors.
+
+A write is acknowledged only after the file is fsync'd and renamed into place and the
+database transaction has committed, so an acknowledged update survives a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    round_id INTEGER PRIMARY KEY,
+    model_hash TEXT NOT NULL,
+    deadline INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    new_model_hash TEXT,
+    result_json TEXT,
+    opened_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS updates (
+    round_id INTEGER NOT NULL,
+    organisation TEXT NOT NULL,
+    update_hash TEXT NOT NULL,
+    num_samples INTEGER NOT NULL,
+    nonce TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    PRIMARY KEY (round_id, organisation)
+);
+CREATE TABLE IF NOT EXISTS nonces (
+    organisation TEXT NOT NULL,
+    nonce TEXT NOT NULL,
+    PRIMARY KEY (organisation, nonce)
+);
+"""
+
+
+@dataclass(frozen=True)
+class StoredRound:
+    round_id: int
+    model_hash: str
+    deadline: int
+    status: str
+    new_model_hash: str | None
+    result: dict[str, Any] | None
+    opened_at: float
+
+
+@dataclass(frozen=True)
+class StoredUpdate:
+    round_id: int
+    organisation: str
+    update_hash: str
+    num_samples: int
+    nonce: str
+    received_at: float
+
+
+class Store:
+    """The coordinator's data directory: ``state.sqlite3`` plus ``blobs/<keccak hex>.safetensors``."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = Path(data_dir)
+        self.blob_dir = self.data_dir / "blobs"
+        self.blob_dir.mkdir(parents=True, exist_ok=True)
+        self._remove_partial_blobs()
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(
+            self.data_dir / "state.sqlite3", check_same_thread=False, isolation_level=None
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One atomic, durable unit of writes (BEGIN IMMEDIATE ... COMMIT)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # ------------------------------------------------------------------ blobs
+
+    def _remove_partial_blobs(self) -> None:
+        for partial in self.blob_dir.glob("*.part"):
+            partial.unlink(missing_ok=True)
+
+    def blob_path(self, digest_hex: str) -> Path:
+        return self.blob_dir / f"{digest_hex.removeprefix('0x').lower()}.safetensors"
+
+    def put_blob(self, digest_hex: str, data: bytes) -> Path:
+        """Write ``data`` under its hash durably: temp file, fsync, rename, fsync the directory."""
+        path = self.blob_path(digest_hex)
+        if path.exists() and path.stat().st_size == len(data):
+            return path
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.part")
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(self.blob_dir, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return path
+
+    def get_blob(self, digest_hex: str) -> bytes | None:
+        path = self.blob_path(digest_hex)
+        return path.read_bytes() if path.exists() else None
+
+    # ------------------------------------------------------------------- meta
+
+    def get_meta(self, key: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    # ----------------------------------------------------------------- rounds
+
+    def add_round(self, round_id: int, model_hash: str, deadline: int) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO rounds (round_id, model_hash, deadline, status, opened_at)"
+                " VALUES (?, ?, ?, 'open', ?)",
+                (round_id, model_hash, deadline, time.time()),
+            )
+
+    def set_round_status(
+        self,
+        round_id: int,
+        status: str,
+        *,
+        new_model_hash: str | None = None,
+        result: dict[str, Any] | None = None,
+    ) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE rounds SET status = ?, new_model_hash = COALESCE(?, new_model_hash),"
+                " result_json = COALESCE(?, result_json) WHERE round_id = ?",
+                (status, new_model_hash, None if result is None else json.dumps(result), round_id),
+            )
+
+    def get_round(self, round_id: int) -> StoredRound | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT round_id, model_hash, deadline, status, new_model_hash, result_json, opened_at"
+                " FROM rounds WHERE round_id = ?",
+                (round_id,),
+            ).fetchone()
+        return None if row is None else _round(row)
+
+    def latest_round(self) -> StoredRound | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT round_id, model_hash, deadline, status, new_model_hash, result_json, opened_at"
+                " FROM rounds ORDER BY round_id DESC LIMIT 1"
+            ).fetchone()
+        return None if row is None else _round(row)
+
+    # ---------------------------------------------------------------- updates
+
+    def insert_update(self, update: StoredUpdate) -> StoredUpdate:
+        """Record an accepted update and burn its nonce, atomically.
+
+        If the organisation already has an update in the round, nothing is written and the
+        stored one is returned (the caller compares hashes).
+        """
+        with self.transaction() as db:
+            existing = db.execute(
+                "SELECT round_id, organisation, update_hash, num_samples, nonce, received_at"
+                " FROM updates WHERE round_id = ? AND organisation = ?",
+                (update.round_id, update.organisation),
+            ).fetchone()
+            if existing is not None:
+                return StoredUpdate(*existing)
+            db.execute(
+                "INSERT INTO updates (round_id, organisation, update_hash, num_samples, nonce, received_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    update.round_id,
+                    update.organisation,
+                    update.update_hash,
+                    update.num_samples,
+                    update.nonce,
+                    update.received_at,
+                ),
+            )
+            db.execute(
+                "INSERT OR IGNORE INTO nonces (organisation, nonce) VALUES (?, ?)",
+                (update.organisation, update.nonce),
+            )
+        return update
+
+    def get_update(self, round_id: int, organisation: str) -> StoredUpdate | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT round_id, organisation, update_hash, num_samples, nonce, received_at"
+                " FROM updates WHERE round_id = ? AND organisation = ?",
+                (round_id, organisation),
+            ).fetchone()
+        return None if row is None else StoredUpdate(*row)
+
+    def updates_for(self, round_id: int) -> list[StoredUpdate]:
+        """The round's accepted updates, sorted by organisation address (the aggregation order)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT round_id, organisation, update_hash, num_samples, nonce, received_at"
+                " FROM updates WHERE round_id = ? ORDER BY lower(organisation)",
+                (round_id,),
+            ).fetchall()
+        return [StoredUpdate(*row) for row in rows]
+
+    def nonce_used(self, organisation: str, nonce: str) -> bool:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM nonces WHERE organisation = ? AND nonce = ?", (organisation, nonce)
+            ).fetchone()
+        return row is not None
+
+
+def _round(row: tuple[Any, ...]) -> StoredRound:
+    round_id, model_hash, deadline, status, new_model_hash, result_json, opened_at = row
+    return StoredRound(
+        round_id=int(round_id),
+        model_hash=str(model_hash),
+        deadline=int(deadline),
+        status=str(status),
+        new_model_hash=new_model_hash,
+        result=None if result_json is None else json.loads(result_json),
+        opened_at=float(opened_at),
+    )

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# fedledger's task script: ./do install | demo | test | lint | compile | bench
+# Everything goes into ./.venv and devnet/node_modules; nothing is installed system-wide.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PY=${PYTHON:-python3}
+VENV=.venv
+
+install() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    "$PY" -m venv "$VENV"
+  fi
+  "$VENV/bin/python" -m pip install --quiet --upgrade pip
+  # torch first and pinned: a CPU build; a looser spec would pull GBs of CUDA wheels.
+  "$VENV/bin/python" -m pip install --quiet "torch==2.13.0"
+  "$VENV/bin/python" -m pip install --quiet -e ".[dev]"
+  # solc-js, OpenZeppelin and anvil, pinned in devnet/package.json (npm install, not npm ci:
+  # the lockfile omits anvil's other-platform packages).
+  (cd devnet && npm install --no-audit --no-fund --loglevel=error)
+}
+
+cmd=${1:-help}
+shift || true
+case "$cmd" in
+  install) install ;;
+  demo) install; exec "$VENV/bin/fedledger" demo "$@" ;;
+  test) install; exec "$VENV/bin/python" -m pytest "$@" ;;
+  lint)
+    "$VENV/bin/ruff" check .
+    "$VENV/bin/ruff" format --check .
+    "$VENV/bin/mypy" fedledger incentive coordinator node devnet contracts
+    ;;
+  compile) exec "$VENV/bin/python" -m fedledger.contracts.compile "$@" ;;
+  *)
+    echo "usage: ./do install | demo [ARGS] | test [PYTEST ARGS] | lint | compile [--check]" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,443 @@
+"""The ``fedledger`` command: demo, devnet, deploy, coordinator, node and rewards."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from .incentive.deployment import Deployment
+    from .incentive.ledger import LedgerClient
+
+app = typer.Typer(
+    help="fedledger: federated learning with an on-chain incentive ledger.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+devnet_app = typer.Typer(
+    help="A local anvil devnet with the contracts deployed.", no_args_is_help=True
+)
+coordinator_app = typer.Typer(help="The consortium's coordinator service.", no_args_is_help=True)
+node_app = typer.Typer(help="An organisation's training node.", no_args_is_help=True)
+app.add_typer(devnet_app, name="devnet")
+app.add_typer(coordinator_app, name="coordinator")
+app.add_typer(node_app, name="node")
+
+console = Console()
+DEFAULT_STATE_DIR = Path(".fedledger")
+
+DeploymentOpt = Annotated[
+    Path,
+    typer.Option(help="Deployment file written by `fedledger devnet up` or `fedledger deploy`."),
+]
+RpcOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="JSON-RPC URL of the chain (default: the deployment file's).", envvar="FEDLEDGER_RPC"
+    ),
+]
+KeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Hex private key that signs transactions (or set FEDLEDGER_KEY).",
+        envvar="FEDLEDGER_KEY",
+        show_default=False,
+    ),
+]
+
+
+def _fail(message: str) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code=1)
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _ledger(
+    deployment_file: Path, rpc: str | None, key: str | None
+) -> tuple[LedgerClient, Deployment]:
+    """The ledger client for a deployment file, checked against the chain it names."""
+    from .incentive.chain import account_from_key, connect, wait_for_rpc
+    from .incentive.deployment import Deployment
+    from .incentive.errors import ChainError
+    from .incentive.ledger import LedgerClient
+
+    try:
+        deployment = Deployment.load(deployment_file)
+    except (FileNotFoundError, ValueError) as exc:
+        raise _fail(str(exc)) from exc
+    url = rpc or deployment.rpc_url
+    if not url:
+        raise _fail("no RPC URL: pass --rpc (the deployment file names none)")
+    w3 = connect(url)
+    try:
+        wait_for_rpc(w3, timeout_s=10)
+    except ChainError as exc:
+        raise _fail(f"{url}: {exc}") from exc
+    if int(w3.eth.chain_id) != deployment.chain_id:
+        raise _fail(
+            f"{url} is chain {w3.eth.chain_id}, the deployment is on chain {deployment.chain_id}"
+        )
+    try:
+        account = account_from_key(key) if key else None
+    except ChainError as exc:
+        raise _fail(str(exc)) from exc
+    return LedgerClient(w3, deployment.ledger, account), deployment
+
+
+# --------------------------------------------------------------------------- demo
+
+
+@app.command()
+def demo(
+    organisations: Annotated[int, typer.Option(min=1, max=12, help="Number of organisations.")] = 5,
+    rounds: Annotated[int, typer.Option(min=1, help="Number of federated rounds.")] = 10,
+    chain: Annotated[
+        str, typer.Option(help="`embedded` (in-process EVM) or `anvil`.")
+    ] = "embedded",
+    epochs: Annotated[int, typer.Option(min=1, help="Local epochs per round.")] = 2,
+    seed: Annotated[int, typer.Option(help="Seed of the data split and the model.")] = 0,
+) -> None:
+    """Run a whole federation locally: chain, coordinator on loopback, organisation nodes."""
+    from .demo import run_demo
+    from .node.training import TrainConfig
+
+    if chain not in ("embedded", "anvil"):
+        raise _fail("--chain must be `embedded` or `anvil`")
+    run_demo(
+        organisations=organisations,
+        rounds=rounds,
+        chain=chain,
+        train_config=TrainConfig(epochs=epochs),
+        seed=seed,
+        console=console,
+    )
+
+
+# ------------------------------------------------------------------------- devnet
+
+
+@devnet_app.command("up")
+def devnet_up(
+    organisations: Annotated[
+        int, typer.Option(min=0, help="Organisations to fund and register.")
+    ] = 3,
+    port: Annotated[int, typer.Option(help="Loopback port for anvil's JSON-RPC.")] = 8545,
+    state_dir: Annotated[
+        Path, typer.Option(help="Where the pid, chain state and deployment go.")
+    ] = DEFAULT_STATE_DIR / "devnet",
+) -> None:
+    """Start anvil on loopback, deploy the contracts and write `deployment.json`."""
+    from .devnet.anvil import AnvilError, start_anvil
+    from .devnet.deploy import deploy_devnet
+    from .incentive.chain import connect
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    pid_file = state_dir / "anvil.pid"
+    if pid_file.exists():
+        raise _fail(
+            f"a devnet is already up (pid file {pid_file}); run `fedledger devnet down` first"
+        )
+    try:
+        anvil = start_anvil(port=port, accounts=organisations + 2, detach=True)
+    except AnvilError as exc:
+        raise _fail(str(exc)) from exc
+    pid_file.write_text(str(anvil.pid))
+    deployment = deploy_devnet(connect(anvil.rpc_url), organisations, rpc_url=anvil.rpc_url)
+    out = state_dir / "deployment.json"
+    deployment.save(out)
+    console.print(f"anvil (pid {anvil.pid}) on {anvil.rpc_url}, chain id {deployment.chain_id}")
+    console.print(f"ledger {deployment.ledger}, token {deployment.token}")
+    console.print(f"deployment written to {out} (devnet keys included: never use them elsewhere)")
+
+
+@devnet_app.command("down")
+def devnet_down(
+    state_dir: Annotated[
+        Path, typer.Option(help="The directory given to `devnet up`.")
+    ] = DEFAULT_STATE_DIR / "devnet",
+) -> None:
+    """Stop the devnet's anvil."""
+    from .devnet.anvil import stop_pid
+
+    pid_file = state_dir / "anvil.pid"
+    if not pid_file.exists():
+        raise _fail(f"no devnet is up here (no {pid_file})")
+    pid = int(pid_file.read_text().strip())
+    stopped = stop_pid(pid)
+    pid_file.unlink()
+    console.print(f"anvil (pid {pid}) {'stopped' if stopped else 'was not running'}")
+
+
+# ------------------------------------------------------------------------- deploy
+
+
+@app.command()
+def deploy(
+    rpc: Annotated[
+        str, typer.Option(help="JSON-RPC URL of the target chain.", envvar="FEDLEDGER_RPC")
+    ],
+    coordinator: Annotated[str, typer.Option(help="Address of the coordinator service's account.")],
+    out: Annotated[Path, typer.Option(help="Where to write the deployment file.")] = Path(
+        "deployment.json"
+    ),
+    organisation: Annotated[
+        list[str] | None,
+        typer.Option("--organisation", help="Organisation address to register (repeatable)."),
+    ] = None,
+    key: KeyOpt = None,
+) -> None:
+    """Deploy the ledger and token to any EVM chain from the admin key, and register organisations."""
+    from .devnet.deploy import deploy as deploy_contracts
+    from .incentive.chain import account_from_key, connect, wait_for_rpc
+    from .incentive.errors import ChainError
+
+    if not key:
+        raise _fail("the admin's key is required: --key or FEDLEDGER_KEY")
+    w3 = connect(rpc)
+    try:
+        wait_for_rpc(w3, timeout_s=10)
+        deployment = deploy_contracts(
+            w3, account_from_key(key), coordinator, organisation or [], rpc_url=rpc
+        )
+    except ChainError as exc:
+        raise _fail(str(exc)) from exc
+    deployment.save(out)
+    console.print(
+        f"ledger {deployment.ledger}, token {deployment.token} on chain {deployment.chain_id}"
+    )
+    console.print(f"deployment written to {out}")
+
+
+@app.command()
+def register(
+    organisation: Annotated[str, typer.Argument(help="Address of the organisation to register.")],
+    deployment: DeploymentOpt = DEFAULT_STATE_DIR / "devnet" / "deployment.json",
+    rpc: RpcOpt = None,
+    key: KeyOpt = None,
+) -> None:
+    """Register an organisation on the ledger (admin key)."""
+    from .incentive.errors import ChainError
+
+    ledger, _ = _ledger(deployment, rpc, key)
+    try:
+        ledger.register_organisation(organisation)
+    except ChainError as exc:
+        raise _fail(str(exc)) from exc
+    console.print(f"registered {organisation}")
+
+
+# -------------------------------------------------------------------- coordinator
+
+
+@coordinator_app.command("serve")
+def coordinator_serve(
+    deployment: DeploymentOpt = DEFAULT_STATE_DIR / "devnet" / "deployment.json",
+    rpc: RpcOpt = None,
+    key: KeyOpt = None,
+    data_dir: Annotated[
+        Path, typer.Option(help="Durable state (SQLite and tensors).")
+    ] = DEFAULT_STATE_DIR / "coordinator",
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    rounds: Annotated[int, typer.Option(min=1, help="Rounds to run.")] = 10,
+    round_timeout: Annotated[
+        float, typer.Option(help="Seconds from opening a round to its deadline.")
+    ] = 300.0,
+    quorum: Annotated[
+        int, typer.Option(min=1, help="Fewest uploads for a round to aggregate.")
+    ] = 1,
+    reward_per_round: Annotated[float, typer.Option(help="Tokens paid per round.")] = 1000.0,
+    max_upload_mb: Annotated[float, typer.Option(help="Upload size limit in MiB.")] = 64.0,
+    task: Annotated[str, typer.Option(help="Learning task.")] = "digits",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Serve the coordinator API (uvicorn) and run the rounds."""
+    import uvicorn
+
+    from .coordinator.api import create_app
+    from .coordinator.config import TOKEN_UNIT, CoordinatorSettings
+    from .coordinator.errors import CoordinatorError
+    from .coordinator.rounds import RoundService
+
+    _logging(verbose)
+    if not key:
+        raise _fail("the coordinator's key is required: --key or FEDLEDGER_KEY")
+    ledger, _ = _ledger(deployment, rpc, key)
+    settings = CoordinatorSettings(
+        data_dir=data_dir,
+        task=task,
+        total_rounds=rounds,
+        round_timeout_s=round_timeout,
+        quorum=quorum,
+        reward_per_round=int(reward_per_round * TOKEN_UNIT),
+        max_upload_bytes=int(max_upload_mb * 2**20),
+    )
+    service = RoundService(settings, ledger)
+    try:
+        service.start()
+    except CoordinatorError as exc:
+        raise _fail(exc.message) from exc
+    console.print(
+        f"coordinator for ledger {ledger.address} on http://{host}:{port} (docs at /docs)"
+    )
+    try:
+        uvicorn.run(
+            create_app(service), host=host, port=port, log_level="info" if verbose else "warning"
+        )
+    finally:
+        service.stop()
+
+
+# --------------------------------------------------------------------------- node
+
+
+@node_app.command("run")
+def node_run(
+    coordinator: Annotated[
+        str, typer.Option(help="Base URL of the coordinator.")
+    ] = "http://127.0.0.1:8000",
+    deployment: DeploymentOpt = DEFAULT_STATE_DIR / "devnet" / "deployment.json",
+    rpc: RpcOpt = None,
+    key: KeyOpt = None,
+    task: Annotated[str, typer.Option(help="Learning task.")] = "digits",
+    partition: Annotated[
+        str,
+        typer.Option(
+            help="This node's share of the task's built-in data, as INDEX/COUNT, e.g. 0/3."
+        ),
+    ] = "0/1",
+    alpha: Annotated[
+        float, typer.Option(help="Dirichlet concentration of the non-IID split.")
+    ] = 0.5,
+    seed: Annotated[int, typer.Option(help="Seed of the data split and of local training.")] = 0,
+    epochs: Annotated[int, typer.Option(min=1, help="Local epochs per round.")] = 2,
+    lr: Annotated[float, typer.Option(help="SGD learning rate.")] = 0.05,
+    batch_size: Annotated[int, typer.Option(min=1, help="Minibatch size.")] = 32,
+    prox_mu: Annotated[
+        float, typer.Option(help="FedProx proximal coefficient (0 = FedAvg).")
+    ] = 0.0,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Take part in every round: verify the model, train, commit on-chain, upload signed."""
+    from .node.client import CoordinatorClient
+    from .node.runner import NodeRunner, RoundOutcome
+    from .node.training import TrainConfig
+    from .tasks import get_task
+
+    _logging(verbose)
+    if not key:
+        raise _fail("the organisation's key is required: --key or FEDLEDGER_KEY")
+    try:
+        index, count = (int(p) for p in partition.split("/"))
+        learning_task = get_task(task)
+        data = learning_task.partition(index, count, alpha=alpha, seed=seed)
+    except ValueError as exc:
+        raise _fail(f"--partition {partition!r}: {exc}") from exc
+    ledger, _ = _ledger(deployment, rpc, key)
+    assert ledger.account is not None
+    if not ledger.is_organisation(ledger.account.address):
+        raise _fail(
+            f"{ledger.account.address} is not a registered organisation on {ledger.address}"
+        )
+
+    def report(outcome: RoundOutcome) -> None:
+        console.print(
+            f"round {outcome.round_id}: uploaded {outcome.update_hash[:18]}… "
+            f"({outcome.num_samples} samples, train loss {outcome.train_loss:.4f})"
+        )
+
+    console.print(
+        f"node {ledger.account.address}: {len(data[1])} samples, coordinator {coordinator}"
+    )
+    with CoordinatorClient(coordinator) as client:
+        runner = NodeRunner(
+            client,
+            ledger,
+            learning_task,
+            data,
+            TrainConfig(
+                epochs=epochs,
+                lr=lr,
+                batch_size=batch_size,
+                prox_mu=prox_mu,
+                seed=seed * 1000 + index,
+            ),
+            on_round=report,
+        )
+        outcomes = runner.run()
+    console.print(f"training done: took part in {len(outcomes)} round(s)")
+
+
+# ------------------------------------------------------------------------ rewards
+
+
+@app.command()
+def rewards(
+    deployment: DeploymentOpt = DEFAULT_STATE_DIR / "devnet" / "deployment.json",
+    rpc: RpcOpt = None,
+    org: Annotated[str | None, typer.Option("--org", help="Only this organisation.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Per-round contribution scores, rewards and token balances, read from the contract."""
+    from web3 import Web3
+
+    from .incentive.rewards import from_fixed_point
+
+    ledger, _ = _ledger(deployment, rpc, None)
+    orgs = [Web3.to_checksum_address(org)] if org else ledger.organisations()
+    rounds = ledger.round_count()
+    rows = []
+    for round_id in range(1, rounds + 1):
+        record = ledger.get_round(round_id)
+        for address in orgs:
+            committed = ledger.commitment_of(round_id, address)
+            rows.append(
+                {
+                    "round": round_id,
+                    "state": record.state.name.lower(),
+                    "organisation": address,
+                    "committed": None if committed is None else "0x" + committed.update_hash.hex(),
+                    "settled": ledger.is_settled(round_id, address),
+                    "score": from_fixed_point(ledger.contribution_of(round_id, address)),
+                    "reward": ledger.reward_of(round_id, address),
+                }
+            )
+    balances = {address: ledger.balance_of(address) for address in orgs}
+    if as_json:
+        print(
+            json.dumps({"ledger": ledger.address, "rounds": rows, "balances": balances}, indent=2)
+        )
+        return
+    table = Table(title=f"Rewards on ledger {ledger.address} ({rounds} rounds)")
+    for column in ("round", "state", "organisation", "committed", "score", "reward (FLR)"):
+        table.add_column(
+            column, justify="right" if column in ("round", "score", "reward (FLR)") else "left"
+        )
+    for row in rows:
+        table.add_row(
+            str(row["round"]),
+            str(row["state"]),
+            str(row["organisation"]),
+            "-" if row["committed"] is None else str(row["committed"])[:18] + "…",
+            f"{row['score']:+.4f}" if row["settled"] else "-",
+            f"{int(row['reward']) / 10**18:,.4f}",  # type: ignore[call-overload]
+        )
+    console.print(table)
+    totals = Table(title="Token balances")
+    totals.add_column("organisation")
+    totals.add_column("balance (FLR)", justify="right")
+    for address, balance in balances.items():
+        totals.add_row(address, f"{balance / 10**18:,.4f}")
+    console.print(totals)

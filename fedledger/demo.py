@@ -1,0 +1,269 @@
+"""The one-command demo: a devnet chain, the coordinator on a loopback port, N organisation nodes."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import uvicorn
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from web3 import Web3
+
+from . import wire
+from .coordinator.api import create_app
+from .coordinator.config import CoordinatorSettings
+from .coordinator.rounds import RoundService
+from .devnet.anvil import free_port, start_anvil
+from .devnet.deploy import deploy_devnet
+from .devnet.embedded import embedded_web3
+from .incentive.chain import connect, devnet_account
+from .incentive.ledger import LedgerClient
+from .incentive.rewards import from_fixed_point
+from .node.client import CoordinatorClient
+from .node.runner import NodeRunner
+from .node.training import TrainConfig
+from .tasks import Task, get_task
+
+TOKEN_UNIT = 10**18
+
+
+@dataclass(frozen=True)
+class OrganisationSummary:
+    address: str
+    num_samples: int
+    contribution: float  # summed Shapley value over rounds, read from the contract
+    reward: int  # summed token units over rounds, read from the contract
+    balance: int  # token balance, read from the contract
+
+
+@dataclass
+class DemoResult:
+    accuracies: list[float] = field(default_factory=list)
+    organisations: list[OrganisationSummary] = field(default_factory=list)
+    wall_time_s: float = 0.0
+    ledger: str = ""
+
+
+@contextmanager
+def serve_in_thread(
+    app: object, *, host: str = "127.0.0.1", port: int | None = None
+) -> Iterator[str]:
+    """Run a uvicorn server for ``app`` in a thread; yields its base URL."""
+    port = port or free_port(host)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))  # type: ignore[arg-type]
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the coordinator did not start on {host}:{port}")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def run_demo(
+    *,
+    organisations: int = 5,
+    rounds: int = 10,
+    chain: str = "embedded",
+    train_config: TrainConfig | None = None,
+    alpha: float = 0.5,
+    seed: int = 0,
+    console: Console | None = None,
+) -> DemoResult:
+    """Run a whole federation on a local chain and return accuracies and on-chain rewards."""
+    console = console or Console()
+    started = time.monotonic()
+    torch.set_num_threads(1)  # N nodes and the coordinator share the cores: no oversubscription
+    logging.getLogger("fedledger").setLevel(logging.ERROR)
+    train_config = train_config or TrainConfig(epochs=2, lr=0.05, batch_size=32)
+    task = get_task("digits")
+    accounts = organisations + 2
+
+    anvil = start_anvil(accounts=accounts) if chain == "anvil" else None
+    try:
+        if anvil is not None:
+
+            def make_w3() -> Web3:
+                return connect(anvil.rpc_url)
+
+        else:
+            shared = embedded_web3(accounts)
+
+            def make_w3() -> Web3:
+                return shared
+
+        w3 = make_w3()
+        deployment = deploy_devnet(w3, organisations, rpc_url=anvil.rpc_url if anvil else None)
+        console.print(
+            f"[bold]fedledger demo[/]: {organisations} organisations, {rounds} rounds, "
+            f"chain {chain} (id {deployment.chain_id}), ledger {deployment.ledger}"
+        )
+        with tempfile.TemporaryDirectory(prefix="fedledger-demo-") as data_dir:
+            settings = CoordinatorSettings(
+                data_dir=Path(data_dir),
+                total_rounds=rounds,
+                round_timeout_s=120,
+                quorum=max(1, (organisations + 1) // 2),
+                model_seed=seed,
+            )
+            service = RoundService(
+                settings, LedgerClient(make_w3(), deployment.ledger, devnet_account(1))
+            )
+            with serve_in_thread(create_app(service, manage_service=True)) as url:
+                result = _run_nodes(
+                    url,
+                    make_w3,
+                    deployment.ledger,
+                    task,
+                    organisations,
+                    rounds,
+                    train_config,
+                    alpha,
+                    seed,
+                    console,
+                )
+        result.ledger = deployment.ledger
+        reader = LedgerClient(make_w3(), deployment.ledger)
+        result.organisations = _summarise(reader, task, organisations, rounds, alpha, seed)
+    finally:
+        if anvil is not None:
+            anvil.stop()
+    result.wall_time_s = time.monotonic() - started
+    _print_summary(console, result)
+    return result
+
+
+def _run_nodes(
+    url: str,
+    make_w3: Callable[[], Web3],
+    ledger_address: str,
+    task: Task,
+    organisations: int,
+    rounds: int,
+    train_config: TrainConfig,
+    alpha: float,
+    seed: int,
+    console: Console,
+) -> DemoResult:
+    errors: list[BaseException] = []
+    threads = []
+    for k in range(organisations):
+        runner = NodeRunner(
+            CoordinatorClient(url),
+            LedgerClient(make_w3(), ledger_address, devnet_account(2 + k)),
+            task,
+            task.partition(k, organisations, alpha=alpha, seed=seed),
+            TrainConfig(
+                epochs=train_config.epochs,
+                lr=train_config.lr,
+                batch_size=train_config.batch_size,
+                prox_mu=train_config.prox_mu,
+                seed=seed * 1000 + k,
+            ),
+            poll_interval_s=0.05,
+        )
+
+        def work(runner: NodeRunner = runner) -> None:
+            try:
+                runner.run()
+            except BaseException as exc:  # surfaced below: the demo fails loudly
+                errors.append(exc)
+
+        threads.append(threading.Thread(target=work, name=f"node-{k}", daemon=True))
+    for thread in threads:
+        thread.start()
+
+    result = DemoResult()
+    with (
+        CoordinatorClient(url) as client,
+        Progress(
+            TextColumn("[bold blue]rounds"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.description}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        ) as progress,
+    ):
+        bar = progress.add_task("", total=rounds)
+        reported = 0
+        while reported < rounds:
+            if errors:
+                raise RuntimeError(f"a node failed: {errors[0]!r}") from errors[0]
+            current = client.current_round()
+            while reported < rounds and (
+                current.round_id > reported + 1 or current.training == wire.TrainingStatus.DONE
+            ):
+                outcome = client.round_result(reported + 1)
+                reported += 1
+                accuracy = outcome.validation_accuracy
+                if accuracy is not None:
+                    result.accuracies.append(accuracy)
+                shown = "failed" if accuracy is None else f"{accuracy:.1%}"
+                progress.console.print(
+                    f"round {outcome.round_id:>2}: validation accuracy {shown}, "
+                    f"{sum(o.status == wire.UploadStatus.ACCEPTED for o in outcome.organisations)} updates"
+                )
+                progress.update(bar, advance=1, description=f"accuracy {shown}")
+            time.sleep(0.05)
+    for thread in threads:
+        thread.join(timeout=30)
+    if errors:
+        raise RuntimeError(f"a node failed: {errors[0]!r}") from errors[0]
+    return result
+
+
+def _summarise(
+    reader: LedgerClient, task: Task, organisations: int, rounds: int, alpha: float, seed: int
+) -> list[OrganisationSummary]:
+    summaries = []
+    for k in range(organisations):
+        address = devnet_account(2 + k).address
+        summaries.append(
+            OrganisationSummary(
+                address=address,
+                num_samples=len(task.partition(k, organisations, alpha=alpha, seed=seed)[1]),
+                contribution=sum(
+                    from_fixed_point(reader.contribution_of(r, address))
+                    for r in range(1, rounds + 1)
+                ),
+                reward=sum(reader.reward_of(r, address) for r in range(1, rounds + 1)),
+                balance=reader.balance_of(address),
+            )
+        )
+    return summaries
+
+
+def _print_summary(console: Console, result: DemoResult) -> None:
+    table = Table(title=f"On-chain contributions and rewards (ledger {result.ledger})")
+    table.add_column("organisation")
+    table.add_column("samples", justify="right")
+    table.add_column("summed Shapley", justify="right")
+    table.add_column("rewards (FLR)", justify="right")
+    table.add_column("balance (FLR)", justify="right")
+    for org in result.organisations:
+        table.add_row(
+            org.address,
+            str(org.num_samples),
+            f"{org.contribution:+.4f}",
+            f"{org.reward / TOKEN_UNIT:,.2f}",
+            f"{org.balance / TOKEN_UNIT:,.2f}",
+        )
+    console.print(table)
+    final = f"{result.accuracies[-1]:.1%}" if result.accuracies else "n/a"
+    console.print(f"final validation accuracy {final}, wall time {result.wall_time_s:.1f} s")

@@ -1,0 +1,116 @@
+"""Wire schemas shared by the coordinator's HTTP API and the organisation node (nothing else is shared)."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+API_PREFIX = "/v1"
+
+# Headers of an update upload: the EIP-712 authorisation, field by field, and its signature.
+H_ORGANISATION = "X-Fedledger-Organisation"
+H_ROUND = "X-Fedledger-Round"
+H_UPDATE_HASH = "X-Fedledger-Update-Hash"
+H_NUM_SAMPLES = "X-Fedledger-Num-Samples"
+H_NONCE = "X-Fedledger-Nonce"
+H_EXPIRY = "X-Fedledger-Expiry"
+H_SIGNATURE = "X-Fedledger-Signature"
+H_MODEL_HASH = "X-Fedledger-Model-Hash"
+
+UPLOAD_HEADERS = (
+    H_ORGANISATION,
+    H_ROUND,
+    H_UPDATE_HASH,
+    H_NUM_SAMPLES,
+    H_NONCE,
+    H_EXPIRY,
+    H_SIGNATURE,
+)
+
+
+class _Schema(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class RoundStatus(StrEnum):
+    OPEN = "open"  # taking uploads
+    CLOSING = "closing"  # aggregating, scoring and settling on-chain
+    FINALIZED = "finalized"  # settled; the next round is (or will be) open
+    FAILED = "failed"  # closed without aggregation (quorum not met); nothing paid
+
+
+class TrainingStatus(StrEnum):
+    RUNNING = "running"
+    DONE = "done"
+
+
+class UploadStatus(StrEnum):
+    ACCEPTED = "accepted"
+    MISSING = "missing"
+
+
+class CurrentRound(_Schema):
+    """``GET /v1/rounds/current``: what a node needs to take part in the current round."""
+
+    training: TrainingStatus
+    round_id: int
+    status: RoundStatus
+    model_hash: str  # 0x-hex keccak256 of the global model's canonical bytes
+    deadline: int  # unix seconds: commitments on-chain and uploads close then
+    total_rounds: int
+    task: str
+    organisations_expected: int
+    uploads_received: int
+
+
+class UploadReceipt(_Schema):
+    """The coordinator's acknowledgement: the update is durably stored."""
+
+    round_id: int
+    organisation: str
+    update_hash: str
+    num_samples: int
+    received_at: float  # unix seconds
+    duplicate: bool = False
+
+
+class OrganisationResult(_Schema):
+    organisation: str
+    status: UploadStatus
+    update_hash: str | None = None
+    num_samples: int = 0
+    score: float = 0.0  # Shapley value of the validation metric
+    score_fixed: str = "0"  # on-chain signed fixed point (1e18 = 1.0), as a decimal string
+    reward: str = "0"  # token units, as a decimal string
+
+
+class RoundResult(_Schema):
+    """``GET /v1/rounds/{round_id}``: a round's outcome as the coordinator recorded it."""
+
+    round_id: int
+    status: RoundStatus
+    model_hash: str
+    new_model_hash: str | None = None
+    deadline: int
+    validation_accuracy: float | None = None
+    reason: str | None = None
+    finalize_tx: str | None = None
+    organisations: list[OrganisationResult] = Field(default_factory=list)
+
+
+class Health(_Schema):
+    status: str
+    chain_id: int
+    ledger: str
+    round_id: int
+    training: TrainingStatus
+
+
+class ErrorBody(_Schema):
+    """Every rejection: a stable machine-readable ``code`` and a message a user can act on."""
+
+    code: str
+    message: str
+    details: dict[str, Any] = Field(default_factory=dict)

@@ -1,0 +1,1 @@
+"""The organisation node: pull the global model, train on private data, commit on-chain, upload signed."""

@@ -1,0 +1,96 @@
+"""HTTP client for the coordinator API (the node's only way to reach the coordinator)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from .. import wire
+
+
+class NodeError(Exception):
+    """Root of the node's errors."""
+
+
+class CoordinatorRejected(NodeError):
+    """The coordinator answered with an error body (stable ``code``, actionable ``message``)."""
+
+    def __init__(self, status: int, code: str, message: str, details: dict[str, Any]) -> None:
+        super().__init__(f"coordinator refused ({status} {code}): {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details
+
+
+class CoordinatorUnavailable(NodeError):
+    """The coordinator could not be reached or answered 5xx; retry later."""
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class CoordinatorClient:
+    """Thin typed wrapper over the coordinator's ``/v1`` endpoints; takes an injectable transport."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout_s: float = 60.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self._http = httpx.Client(
+            base_url=base_url.rstrip("/") + wire.API_PREFIX, timeout=timeout_s, transport=transport
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> CoordinatorClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise CoordinatorUnavailable(f"coordinator unreachable: {exc}") from exc
+        if response.status_code >= 500:
+            retry = response.headers.get("retry-after")
+            raise CoordinatorUnavailable(
+                f"coordinator answered {response.status_code}: {response.text[:300]}",
+                retry_after_s=float(retry) if retry and retry.isdigit() else None,
+            )
+        if response.status_code >= 400:
+            try:
+                body = wire.ErrorBody.model_validate(response.json())
+            except ValueError:
+                body = wire.ErrorBody(code="http_error", message=response.text[:300])
+            raise CoordinatorRejected(response.status_code, body.code, body.message, body.details)
+        return response
+
+    def health(self) -> wire.Health:
+        return wire.Health.model_validate(self._request("GET", "/health").json())
+
+    def current_round(self) -> wire.CurrentRound:
+        return wire.CurrentRound.model_validate(self._request("GET", "/rounds/current").json())
+
+    def round_result(self, round_id: int) -> wire.RoundResult:
+        return wire.RoundResult.model_validate(self._request("GET", f"/rounds/{round_id}").json())
+
+    def model(self, model_hash: str) -> bytes:
+        return self._request("GET", f"/models/{model_hash}").content
+
+    def upload(self, round_id: int, body: bytes, headers: dict[str, str]) -> wire.UploadReceipt:
+        response = self._request(
+            "POST",
+            f"/rounds/{round_id}/updates",
+            content=body,
+            headers={**headers, "Content-Type": "application/octet-stream"},
+        )
+        return wire.UploadReceipt.model_validate(response.json())

@@ -1,0 +1,197 @@
+"""An organisation's round loop: fetch and verify the global model, train, commit on-chain, upload."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+
+from .. import wire
+from ..incentive.commitment import commitment_of, decode_update, keccak, specs_of
+from ..incentive.errors import ChainError, ContractRevert
+from ..incentive.ledger import LedgerClient
+from ..incentive.signing import UploadAuthorization, sign_upload
+from ..tasks import Task
+from .client import CoordinatorClient, CoordinatorRejected, CoordinatorUnavailable, NodeError
+from .training import TrainConfig, train_local
+
+log = logging.getLogger("fedledger.node")
+
+
+class ModelVerificationError(NodeError):
+    """The global model served by the coordinator does not match its on-chain hash."""
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    """What the node did in one round."""
+
+    round_id: int
+    update_hash: str
+    num_samples: int
+    train_loss: float
+    duplicate: bool
+
+
+class NodeRunner:
+    """Takes part in every round until the coordinator says training is done."""
+
+    def __init__(
+        self,
+        client: CoordinatorClient,
+        ledger: LedgerClient,
+        task: Task,
+        data: tuple[torch.Tensor, torch.Tensor],
+        train_config: TrainConfig,
+        *,
+        poll_interval_s: float = 0.2,
+        upload_ttl_s: int = 600,
+        max_retry_s: float = 30.0,
+        device: torch.device | None = None,
+        on_round: Callable[[RoundOutcome], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if ledger.account is None:
+            raise ValueError("the node's ledger client needs the organisation's key")
+        self.client = client
+        self.ledger = ledger
+        self.account = ledger.account
+        self.task = task
+        self.x, self.y = data
+        self.train_config = train_config
+        self.poll_interval_s = poll_interval_s
+        self.upload_ttl_s = upload_ttl_s
+        self.max_retry_s = max_retry_s
+        self.device = device
+        self.on_round = on_round
+        self.clock = clock
+        self._model = task.build_model(seed=0)
+        self._specs = specs_of(self._model.state_dict())
+        self._chain_id = ledger.chain_id()
+        self.done_rounds: set[int] = set()
+
+    def run(self, *, stop: Callable[[], bool] = lambda: False) -> list[RoundOutcome]:
+        """Loop over rounds until training is done (or ``stop()``); returns what was uploaded."""
+        outcomes: list[RoundOutcome] = []
+        backoff_s = self.poll_interval_s
+        while not stop():
+            try:
+                current = self.client.current_round()
+                if current.training == wire.TrainingStatus.DONE:
+                    log.info("training is done after round %d", current.round_id)
+                    return outcomes
+                if (
+                    current.status == wire.RoundStatus.OPEN
+                    and current.round_id not in self.done_rounds
+                ):
+                    outcome = self.take_part(current)
+                    if outcome is not None:
+                        outcomes.append(outcome)
+                        if self.on_round is not None:
+                            self.on_round(outcome)
+                backoff_s = self.poll_interval_s
+                time.sleep(self.poll_interval_s)
+            except (CoordinatorUnavailable, ChainError) as exc:
+                log.warning("%s; retrying in %.1f s", exc, backoff_s)
+                time.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, self.max_retry_s)
+        return outcomes
+
+    def fetch_global_model(self, current: wire.CurrentRound) -> dict[str, torch.Tensor]:
+        """Download the round's global model and check its keccak against the ledger."""
+        data = self.client.model(current.model_hash)
+        on_chain = self.ledger.get_round(current.round_id).model_hash
+        served = keccak(data)
+        if served != on_chain:
+            raise ModelVerificationError(
+                f"round {current.round_id}: the served model hashes to 0x{served.hex()}, "
+                f"but the ledger records 0x{on_chain.hex()}; refusing to train on it"
+            )
+        return decode_update(data, self._specs)
+
+    def take_part(self, current: wire.CurrentRound) -> RoundOutcome | None:
+        """Train, commit and upload for ``current``; None if the round cannot be joined any more."""
+        round_id = current.round_id
+        if self.clock() > current.deadline:
+            log.info("round %d: deadline passed before we could join", round_id)
+            self.done_rounds.add(round_id)
+            return None
+        params = self.fetch_global_model(current)
+        # The seed depends on the round, so a restarted node reproduces its own update exactly.
+        config = replace(self.train_config, seed=self.train_config.seed * 1_000_003 + round_id)
+        result = train_local(self._model, params, self.x, self.y, config, device=self.device)
+        body, digest = commitment_of(result.delta)
+
+        committed = self.ledger.commitment_of(round_id, self.account.address)
+        if committed is None:
+            try:
+                self.ledger.commit_update(round_id, digest, result.num_samples)
+            except ContractRevert as exc:
+                log.warning("round %d: commit refused on-chain: %s", round_id, exc)
+                self.done_rounds.add(round_id)
+                return None
+        elif committed.update_hash != digest:
+            log.error(
+                "round %d: already committed 0x%s on-chain, which differs from this update; "
+                "skipping the round",
+                round_id,
+                committed.update_hash.hex(),
+            )
+            self.done_rounds.add(round_id)
+            return None
+
+        auth = UploadAuthorization(
+            organisation=self.account.address,
+            round_id=round_id,
+            update_hash=digest,
+            num_samples=result.num_samples,
+            nonce=UploadAuthorization.new_nonce(),
+            expiry=int(self.clock()) + self.upload_ttl_s,
+        )
+        signature = sign_upload(
+            self.account, auth, chain_id=self._chain_id, ledger=self.ledger.address
+        )
+        headers = {
+            wire.H_ORGANISATION: auth.organisation,
+            wire.H_ROUND: str(auth.round_id),
+            wire.H_UPDATE_HASH: "0x" + digest.hex(),
+            wire.H_NUM_SAMPLES: str(auth.num_samples),
+            wire.H_NONCE: str(auth.nonce),
+            wire.H_EXPIRY: str(auth.expiry),
+            wire.H_SIGNATURE: signature,
+        }
+        try:
+            receipt = self._upload_with_retry(round_id, body, headers)
+        except CoordinatorRejected as exc:
+            log.warning("round %d: upload refused: %s", round_id, exc)
+            self.done_rounds.add(round_id)
+            return None
+        self.done_rounds.add(round_id)
+        return RoundOutcome(
+            round_id=round_id,
+            update_hash=receipt.update_hash,
+            num_samples=receipt.num_samples,
+            train_loss=result.loss,
+            duplicate=receipt.duplicate,
+        )
+
+    def _upload_with_retry(
+        self, round_id: int, body: bytes, headers: dict[str, str]
+    ) -> wire.UploadReceipt:
+        backoff_s = self.poll_interval_s
+        deadline = self.clock() + self.upload_ttl_s
+        while True:
+            try:
+                return self.client.upload(round_id, body, headers)
+            except CoordinatorUnavailable as exc:
+                if self.clock() + backoff_s > deadline:
+                    raise
+                wait_s = exc.retry_after_s or backoff_s
+                log.warning(
+                    "round %d: upload failed (%s); retrying in %.1f s", round_id, exc, wait_s
+                )
+                time.sleep(wait_s)
+                backoff_s = min(backoff_s * 2, self.max_retry_s)

@@ -1,0 +1,151 @@
+"""A coordinator on the in-process EVM, driven step by step, behind FastAPI's TestClient."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from eth_account.signers.local import LocalAccount
+from fastapi.testclient import TestClient
+from fedledger.coordinator.api import create_app
+from fedledger.coordinator.config import CoordinatorSettings
+from fedledger.coordinator.rounds import RoundService
+from fedledger.devnet.deploy import deploy_devnet
+from fedledger.devnet.embedded import embedded_web3
+from fedledger.incentive.chain import devnet_account
+from fedledger.incentive.commitment import commitment_of
+from fedledger.incentive.ledger import LedgerClient
+from fedledger.incentive.signing import UploadAuthorization, sign_upload
+
+from fedledger import wire
+
+NUM_ORGS = 3
+
+
+@dataclass
+class Upload:
+    """A ready-to-send upload: body and signed headers."""
+
+    round_id: int
+    body: bytes
+    headers: dict[str, str]
+    digest: bytes
+
+
+@dataclass
+class Harness:
+    service: RoundService
+    client: TestClient
+    ledger: LedgerClient  # read-only
+    orgs: list[LocalAccount]
+    outsider: LocalAccount
+    clock: list[float]
+
+    def org_ledger(self, account: LocalAccount) -> LedgerClient:
+        return self.ledger.with_account(account)
+
+    def delta(self, scale: float = 0.01, seed: int = 0) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(seed)
+        params = self.service.task.build_model(seed=0).state_dict()
+        return {n: torch.randn(t.shape, generator=generator) * scale for n, t in params.items()}
+
+    def make_upload(
+        self,
+        account: LocalAccount,
+        tensors: dict[str, torch.Tensor] | None = None,
+        *,
+        body: bytes | None = None,
+        num_samples: int = 100,
+        commit: bool = True,
+        round_id: int | None = None,
+        signer: LocalAccount | None = None,
+        chain_id: int | None = None,
+        ledger_address: str | None = None,
+        expiry: int | None = None,
+        nonce: int | None = None,
+        seed: int = 0,
+    ) -> Upload:
+        """An upload by ``account`` (committed on-chain unless ``commit=False``), signed by ``signer``."""
+        round_id = round_id if round_id is not None else self.service.current().round_id
+        if body is None:
+            body, digest = commitment_of(tensors if tensors is not None else self.delta(seed=seed))
+        else:
+            from fedledger.incentive.commitment import keccak
+
+            digest = keccak(body)
+        if commit:
+            self.org_ledger(account).commit_update(round_id, digest, num_samples)
+        auth = UploadAuthorization(
+            organisation=account.address,
+            round_id=round_id,
+            update_hash=digest,
+            num_samples=num_samples,
+            nonce=nonce if nonce is not None else UploadAuthorization.new_nonce(),
+            expiry=expiry if expiry is not None else int(self.clock[0]) + 300,
+        )
+        signature = sign_upload(
+            signer or account,
+            auth,
+            chain_id=chain_id if chain_id is not None else self.ledger.chain_id(),
+            ledger=ledger_address or self.ledger.address,
+        )
+        headers = {
+            wire.H_ORGANISATION: auth.organisation,
+            wire.H_ROUND: str(round_id),
+            wire.H_UPDATE_HASH: "0x" + digest.hex(),
+            wire.H_NUM_SAMPLES: str(num_samples),
+            wire.H_NONCE: str(auth.nonce),
+            wire.H_EXPIRY: str(auth.expiry),
+            wire.H_SIGNATURE: signature,
+        }
+        return Upload(round_id=round_id, body=body, headers=headers, digest=digest)
+
+    def post(self, upload: Upload, **overrides: str) -> object:
+        headers = {**upload.headers, **overrides}
+        return self.client.post(
+            f"/v1/rounds/{upload.round_id}/updates", content=upload.body, headers=headers
+        )
+
+
+@pytest.fixture
+def make_harness(tmp_path: Path) -> Iterator[Callable[..., Harness]]:
+    services: list[RoundService] = []
+
+    def build(**settings: object) -> Harness:
+        w3 = embedded_web3(NUM_ORGS + 3)
+        deployment = deploy_devnet(w3, NUM_ORGS)
+        clock = [float(w3.eth.get_block("latest")["timestamp"])]
+        defaults: dict[str, object] = {
+            "data_dir": tmp_path / f"coordinator{len(services)}",
+            "total_rounds": 3,
+            "round_timeout_s": 600,
+            "quorum": 1,
+            "max_upload_bytes": 1 << 20,
+        }
+        service = RoundService(
+            CoordinatorSettings(**{**defaults, **settings}),  # type: ignore[arg-type]
+            LedgerClient(w3, deployment.ledger, devnet_account(1)),
+            clock=lambda: clock[0],
+        )
+        service.start(background=False)
+        services.append(service)
+        return Harness(
+            service=service,
+            client=TestClient(create_app(service)),
+            ledger=LedgerClient(w3, deployment.ledger),
+            orgs=[devnet_account(2 + k) for k in range(NUM_ORGS)],
+            outsider=devnet_account(2 + NUM_ORGS),
+            clock=clock,
+        )
+
+    yield build
+    for service in services:
+        service.stop()
+
+
+@pytest.fixture
+def harness(make_harness: Callable[..., Harness]) -> Harness:
+    return make_harness()

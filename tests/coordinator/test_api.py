@@ -1,0 +1,284 @@
+"""The coordinator API: every rejection has a status and a stable code, and nothing accepted is lost."""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from fedledger.incentive.commitment import canonical_bytes
+from fedledger.incentive.ledger import RoundState
+
+from .conftest import Harness
+
+
+def _error(response: object) -> tuple[int, str]:
+    status = response.status_code  # type: ignore[attr-defined]
+    return status, response.json()["code"]  # type: ignore[attr-defined]
+
+
+def test_valid_upload_is_acknowledged_and_stored(harness: Harness) -> None:
+    org = harness.orgs[0]
+    upload = harness.make_upload(org)
+    response = harness.post(upload)
+    assert response.status_code == 201, response.text
+    receipt = response.json()
+    assert receipt["update_hash"] == "0x" + upload.digest.hex()
+    assert receipt["organisation"] == org.address
+    assert receipt["duplicate"] is False
+    assert harness.service.store.get_blob(receipt["update_hash"]) == upload.body
+    current = harness.client.get("/v1/rounds/current").json()
+    assert current["uploads_received"] == 1 and current["status"] == "open"
+
+
+def test_same_bytes_twice_returns_the_original_receipt(harness: Harness) -> None:
+    upload = harness.make_upload(harness.orgs[0])
+    first = harness.post(upload).json()
+    again = harness.make_upload(harness.orgs[0], body=upload.body, commit=False)
+    response = harness.post(again)
+    assert response.status_code == 200
+    assert response.json() == {**first, "duplicate": True}
+    assert len(harness.service.store.updates_for(upload.round_id)) == 1
+
+
+def test_different_bytes_for_the_same_round_keep_the_original(harness: Harness) -> None:
+    org = harness.orgs[0]
+    original = harness.make_upload(org)
+    harness.post(original)
+    other = harness.make_upload(org, seed=1, commit=False)
+    assert _error(harness.post(other)) == (409, "already_submitted")
+    stored = harness.service.store.get_update(original.round_id, org.address)
+    assert stored is not None and stored.update_hash == "0x" + original.digest.hex()
+
+
+def test_unsigned_upload_is_refused(harness: Harness) -> None:
+    upload = harness.make_upload(harness.orgs[0])
+    response = harness.client.post(f"/v1/rounds/{upload.round_id}/updates", content=upload.body)
+    assert _error(response) == (401, "unsigned")
+    assert "X-Fedledger-Signature" in response.json()["message"]
+
+
+def test_malformed_headers_are_refused(harness: Harness) -> None:
+    upload = harness.make_upload(harness.orgs[0])
+    assert _error(harness.post(upload, **{"X-Fedledger-Nonce": "not-a-number"})) == (
+        401,
+        "malformed_authorization",
+    )
+    assert _error(harness.post(upload, **{"X-Fedledger-Signature": "0x1234"})) == (
+        401,
+        "bad_signature",
+    )
+
+
+def test_signature_by_another_key_is_refused(harness: Harness) -> None:
+    upload = harness.make_upload(harness.orgs[0], signer=harness.outsider)
+    assert _error(harness.post(upload)) == (401, "bad_signature")
+
+
+def test_unregistered_signer_is_refused(harness: Harness) -> None:
+    upload = harness.make_upload(harness.outsider, commit=False)
+    response = harness.post(upload)
+    assert _error(response) == (401, "unregistered_signer")
+    assert harness.outsider.address in response.json()["message"]
+
+
+def test_organisation_signing_as_another_is_forbidden(harness: Harness) -> None:
+    victim, attacker = harness.orgs[0], harness.orgs[1]
+    upload = harness.make_upload(victim, signer=attacker)
+    response = harness.post(upload)
+    assert _error(response) == (403, "impersonation")
+    assert harness.service.store.get_update(upload.round_id, victim.address) is None
+
+
+def test_signature_for_another_chain_or_contract_is_refused(harness: Harness) -> None:
+    org = harness.orgs[0]
+    other_chain = harness.make_upload(org, chain_id=1)
+    assert _error(harness.post(other_chain)) == (401, "bad_signature")
+    other_ledger = harness.make_upload(org, commit=False, ledger_address=harness.outsider.address)
+    assert _error(harness.post(other_ledger)) == (401, "bad_signature")
+
+
+def test_expired_request_is_refused(harness: Harness) -> None:
+    upload = harness.make_upload(harness.orgs[0], expiry=int(harness.clock[0]) - 1)
+    assert _error(harness.post(upload)) == (401, "expired")
+
+
+def test_body_that_differs_from_the_signed_hash_is_refused(harness: Harness) -> None:
+    upload = harness.make_upload(harness.orgs[0])
+    tampered = canonical_bytes(harness.delta(seed=7))
+    response = harness.client.post(
+        f"/v1/rounds/{upload.round_id}/updates", content=tampered, headers=upload.headers
+    )
+    assert _error(response) == (401, "body_hash_mismatch")
+
+
+def test_hash_that_differs_from_the_chain_commitment_is_refused(harness: Harness) -> None:
+    org = harness.orgs[0]
+    committed = harness.make_upload(org, seed=1)  # commits seed 1's hash on-chain
+    sent = harness.make_upload(org, seed=2, commit=False)  # uploads seed 2's bytes
+    response = harness.post(sent)
+    assert _error(response) == (409, "commitment_mismatch")
+    assert "0x" + committed.digest.hex() in response.json()["message"]
+    assert harness.service.store.get_update(sent.round_id, org.address) is None
+
+
+def test_upload_without_on_chain_commitment_is_refused(harness: Harness) -> None:
+    upload = harness.make_upload(harness.orgs[0], commit=False)
+    assert _error(harness.post(upload)) == (409, "not_committed")
+
+
+def test_sample_count_must_match_the_commitment(harness: Harness) -> None:
+    org = harness.orgs[0]
+    committed = harness.make_upload(org, num_samples=100)
+    lying = harness.make_upload(org, body=committed.body, num_samples=5000, commit=False)
+    assert _error(harness.post(lying)) == (409, "samples_mismatch")
+
+
+def test_wrong_shapes_names_and_dtypes_are_refused_with_the_differences(harness: Harness) -> None:
+    good = harness.delta()
+    name = sorted(good)[0]
+    bad = dict(good)
+    bad[name] = torch.zeros(3, 3)
+    bad["extra.weight"] = torch.zeros(2)
+    del bad[sorted(good)[-1]]
+    response = harness.post(harness.make_upload(harness.orgs[0], bad))
+    assert _error(response) == (422, "tensor_mismatch")
+    message = response.json()["message"]
+    assert name in message and "extra.weight" in message and sorted(good)[-1] in message
+
+    as_double = {n: t.double() for n, t in good.items()}
+    response = harness.post(harness.make_upload(harness.orgs[1], as_double))
+    assert _error(response) == (422, "tensor_mismatch")
+    assert "float64" in response.json()["message"]
+
+
+def test_nan_and_infinity_are_refused_naming_the_tensor(harness: Harness) -> None:
+    for k, bad_value in enumerate((float("nan"), float("inf"))):
+        delta = harness.delta()
+        name = sorted(delta)[1]
+        delta[name].view(-1)[0] = bad_value
+        response = harness.post(harness.make_upload(harness.orgs[k], delta))
+        assert _error(response) == (422, "non_finite")
+        assert name in response.json()["message"]
+
+
+class _WritesAFile:
+    path = ""
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (open, (self.path, "w"))
+
+
+def test_pickle_payload_is_refused_and_never_unpickled(harness: Harness, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    _WritesAFile.path = str(marker)
+    payload = pickle.dumps({"weight": _WritesAFile()})
+    response = harness.post(harness.make_upload(harness.orgs[0], body=payload))
+    assert _error(response) == (422, "not_safetensors")
+    assert not marker.exists()
+
+
+def test_oversize_body_is_refused_with_413(harness: Harness) -> None:
+    limit = harness.service.settings.max_upload_bytes
+    upload = harness.make_upload(harness.orgs[0], body=b"\0" * (limit + 1))
+    response = harness.post(upload)
+    assert _error(response) == (413, "too_large")
+
+    def chunks() -> Iterator[bytes]:  # chunked: no Content-Length to trust
+        for _ in range(limit // 65536 + 2):
+            yield b"\0" * 65536
+
+    response = harness.client.post(
+        f"/v1/rounds/{upload.round_id}/updates", content=chunks(), headers=upload.headers
+    )
+    assert _error(response) == (413, "too_large")
+
+
+def test_upload_for_another_round_gets_the_current_round(harness: Harness) -> None:
+    upload = harness.make_upload(harness.orgs[0], round_id=2, commit=False)
+    response = harness.post(upload)
+    assert _error(response) == (409, "wrong_round")
+    assert response.json()["details"]["current_round"] == 1
+
+
+def test_malformed_request_is_422_without_echoing_input(harness: Harness) -> None:
+    response = harness.client.get("/v1/rounds/not-a-number")
+    assert _error(response) == (422, "invalid_request")
+    assert "not-a-number" not in response.text
+
+
+def test_unknown_model_and_round_are_404(harness: Harness) -> None:
+    assert _error(harness.client.get("/v1/models/0x" + "ab" * 32)) == (404, "unknown_model")
+    assert _error(harness.client.get("/v1/rounds/99")) == (404, "unknown_round")
+
+
+def test_served_model_matches_its_on_chain_hash(harness: Harness) -> None:
+    from fedledger.incentive.commitment import keccak
+
+    current = harness.client.get("/v1/rounds/current").json()
+    data = harness.client.get(f"/v1/models/{current['model_hash']}").content
+    assert keccak(data) == harness.ledger.get_round(current["round_id"]).model_hash
+
+
+def test_full_round_aggregates_prices_and_pays_on_chain(harness: Harness) -> None:
+    bad_attempts = [harness.make_upload(harness.orgs[0], commit=False, seed=9)]
+    for k, org in enumerate(harness.orgs):
+        assert (
+            harness.post(harness.make_upload(org, seed=k, num_samples=100 * (k + 1))).status_code
+            == 201
+        )
+    for attempt in bad_attempts:
+        assert harness.post(attempt).status_code == 409
+    harness.service.step()  # all in: aggregate, price, settle
+    result = harness.client.get("/v1/rounds/1").json()
+    assert result["status"] == "finalized"
+    rewards = [int(o["reward"]) for o in result["organisations"]]
+    positive = [o for o in result["organisations"] if o["score"] > 0]
+    budget = harness.service.settings.reward_per_round
+    assert sum(rewards) == (budget if positive else 0)
+    record = harness.ledger.get_round(1)
+    assert record.state == RoundState.FINALIZED
+    assert "0x" + record.new_model_hash.hex() == result["new_model_hash"]
+    for entry in result["organisations"]:
+        assert harness.ledger.balance_of(entry["organisation"]) == int(entry["reward"])
+        assert harness.ledger.contribution_of(1, entry["organisation"]) == int(entry["score_fixed"])
+    harness.service.step()  # opens round 2 on the new model
+    current = harness.client.get("/v1/rounds/current").json()
+    assert current["round_id"] == 2
+    assert current["model_hash"] == result["new_model_hash"]
+
+
+def test_replayed_nonce_is_refused_in_a_later_round(harness: Harness) -> None:
+    first = harness.make_upload(harness.orgs[0], nonce=42)
+    assert harness.post(first).status_code == 201
+    harness.clock[0] += harness.service.settings.round_timeout_s + 60
+    harness.service.step()  # deadline with quorum 1: round 1 closes
+    harness.service.step()  # round 2 opens
+    harness.clock[0] = harness.ledger.block_timestamp()
+    replay = harness.make_upload(harness.orgs[0], nonce=42, seed=3)
+    assert _error(harness.post(replay)) == (401, "replayed")
+
+
+def test_upload_after_the_deadline_is_refused(make_harness: Callable[..., Harness]) -> None:
+    harness = make_harness(quorum=2)
+    upload = harness.make_upload(harness.orgs[0])
+    harness.clock[0] += 601 + harness.service.settings.upload_grace_s
+    response = harness.post(upload)
+    assert _error(response) == (409, "deadline_passed")
+    assert harness.service.store.get_update(1, harness.orgs[0].address) is None
+
+
+def test_quorum_not_met_fails_the_round_without_payout(
+    make_harness: Callable[..., Harness],
+) -> None:
+    harness = make_harness(quorum=2)
+    assert harness.post(harness.make_upload(harness.orgs[0])).status_code == 201
+    harness.clock[0] += 601 + harness.service.settings.upload_grace_s
+    harness.service.step()
+    result = harness.client.get("/v1/rounds/1").json()
+    assert result["status"] == "failed"
+    assert "quorum" in result["reason"]
+    assert result["new_model_hash"] == result["model_hash"]
+    assert harness.ledger.get_round(1).total_reward == 0
+    assert harness.ledger.total_supply() == 0

@@ -1,0 +1,98 @@
+"""The operator's commands as a user runs them: devnet up/down, register, rewards."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedledger.devnet.anvil import free_port
+from fedledger.incentive.chain import connect, devnet_account
+from fedledger.incentive.deployment import Deployment
+from fedledger.incentive.ledger import LedgerClient
+
+pytestmark = [pytest.mark.e2e]
+
+
+def fedledger(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fedledger", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_devnet_up_register_rewards_down(tmp_path: Path) -> None:
+    state = tmp_path / "devnet"
+    port = free_port()
+    up = fedledger("devnet", "up", "--organisations", "2", "--port", str(port), "--state-dir", str(state), cwd=tmp_path)
+    assert up.returncode == 0, up.stdout + up.stderr
+    pid = int((state / "anvil.pid").read_text())
+    try:
+        assert _running(pid)
+        deployment = Deployment.load(state / "deployment.json")
+        assert deployment.rpc_url == f"http://127.0.0.1:{port}"
+        assert deployment.accounts is not None and len(deployment.accounts.organisations) == 2
+        ledger = LedgerClient(connect(deployment.rpc_url), deployment.ledger)
+        assert ledger.chain_id() == deployment.chain_id == 31337
+        assert ledger.token_address == deployment.token
+        assert sorted(ledger.organisations()) == sorted(o.address for o in deployment.accounts.organisations)
+
+        again = fedledger("devnet", "up", "--port", str(port), "--state-dir", str(state), cwd=tmp_path)
+        assert again.returncode == 1 and "already up" in again.stdout
+
+        newcomer = devnet_account(9).address
+        admin_key = deployment.accounts.admin.private_key
+        assert admin_key is not None
+        registered = fedledger(
+            "register", newcomer, "--deployment", str(state / "deployment.json"), "--key", admin_key, cwd=tmp_path
+        )
+        assert registered.returncode == 0, registered.stdout + registered.stderr
+        assert ledger.is_organisation(newcomer)
+
+        twice = fedledger(
+            "register", newcomer, "--deployment", str(state / "deployment.json"), "--key", admin_key, cwd=tmp_path
+        )
+        assert twice.returncode == 1 and "OrganisationAlreadyRegistered" in twice.stdout
+
+        shown = fedledger("rewards", "--deployment", str(state / "deployment.json"), "--json", cwd=tmp_path)
+        assert shown.returncode == 0, shown.stdout + shown.stderr
+        report = json.loads(shown.stdout)
+        assert report["ledger"] == deployment.ledger
+        assert report["rounds"] == []
+        assert report["balances"] == {org: 0 for org in ledger.organisations()}
+    finally:
+        down = fedledger("devnet", "down", "--state-dir", str(state), cwd=tmp_path)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert not _running(pid)
+    assert not (state / "anvil.pid").exists()
+
+
+def test_node_with_unregistered_key_is_told_so(tmp_path: Path) -> None:
+    state = tmp_path / "devnet"
+    up = fedledger("devnet", "up", "--organisations", "1", "--port", str(free_port()), "--state-dir", str(state), cwd=tmp_path)
+    assert up.returncode == 0, up.stdout + up.stderr
+    try:
+        outsider_key = devnet_account(7).key.hex()
+        run = fedledger(
+            "node", "run", "--deployment", str(state / "deployment.json"), "--key", outsider_key, cwd=tmp_path
+        )
+        assert run.returncode == 1
+        assert "not a registered organisation" in run.stdout
+    finally:
+        fedledger("devnet", "down", "--state-dir", str(state), cwd=tmp_path)

@@ -1,0 +1,166 @@
+"""End to end with real processes: anvil, the coordinator under uvicorn, three nodes, over loopback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from fedledger.devnet.anvil import AnvilProcess, free_port, start_anvil
+from fedledger.devnet.deploy import deploy_devnet
+from fedledger.incentive.chain import connect
+from fedledger.incentive.commitment import keccak
+from fedledger.incentive.deployment import Deployment
+from fedledger.incentive.ledger import LedgerClient, RoundState
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+ORGS = 3
+ROUNDS = 2
+
+
+@pytest.fixture
+def anvil() -> Iterator[AnvilProcess]:
+    process = start_anvil(accounts=ORGS + 2)
+    yield process
+    process.stop()
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fedledger", *args]
+
+
+def _wait_http(url: str, timeout_s: float, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the coordinator exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    pytest.fail(f"no answer from {url} within {timeout_s} s:\n{log.read_text()}")
+
+
+def test_three_nodes_two_rounds_settle_on_chain(anvil: AnvilProcess, tmp_path: Path) -> None:
+    deployment = deploy_devnet(connect(anvil.rpc_url), ORGS, rpc_url=anvil.rpc_url)
+    deployment_file = tmp_path / "deployment.json"
+    deployment.save(deployment_file)
+    assert deployment.accounts is not None
+    coordinator_key = deployment.accounts.coordinator.private_key
+    assert coordinator_key is not None
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    coordinator_log = logs / "coordinator.log"
+    coordinator = subprocess.Popen(
+        _cli(
+            "coordinator",
+            "serve",
+            "--deployment",
+            str(deployment_file),
+            "--key",
+            coordinator_key,
+            "--data-dir",
+            str(tmp_path / "coordinator"),
+            "--port",
+            str(port),
+            "--rounds",
+            str(ROUNDS),
+            "--round-timeout",
+            "120",
+            "--quorum",
+            str(ORGS),
+            "--verbose",
+        ),
+        stdout=coordinator_log.open("wb"),
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    nodes: list[subprocess.Popen[bytes]] = []
+    try:
+        _wait_http(f"{url}/v1/health", 60, coordinator, coordinator_log)
+        for k, org in enumerate(deployment.accounts.organisations):
+            assert org.private_key is not None
+            nodes.append(
+                subprocess.Popen(
+                    _cli(
+                        "node",
+                        "run",
+                        "--coordinator",
+                        url,
+                        "--deployment",
+                        str(deployment_file),
+                        "--key",
+                        org.private_key,
+                        "--partition",
+                        f"{k}/{ORGS}",
+                        "--epochs",
+                        "1",
+                    ),
+                    stdout=(logs / f"node{k}.log").open("wb"),
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                )
+            )
+        for k, node in enumerate(nodes):
+            try:
+                code = node.wait(timeout=240)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"node {k} did not finish:\n{(logs / f'node{k}.log').read_text()}")
+            assert code == 0, (logs / f"node{k}.log").read_text()
+        results = [httpx.get(f"{url}/v1/rounds/{r}", timeout=10).json() for r in (1, 2)]
+        model_1 = httpx.get(f"{url}/v1/models/{results[0]['model_hash']}", timeout=10).content
+    finally:
+        for proc in [*nodes, coordinator]:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=30)
+
+    _check_chain(deployment, results, model_1)
+
+
+def _check_chain(deployment: Deployment, results: list[dict], model_1: bytes) -> None:  # type: ignore[type-arg]
+    """Everything the coordinator claims is checked against the contract, not its database."""
+    assert deployment.rpc_url is not None and deployment.accounts is not None
+    ledger = LedgerClient(connect(deployment.rpc_url), deployment.ledger)
+    orgs = [o.address for o in deployment.accounts.organisations]
+    assert ledger.round_count() == ROUNDS
+    assert keccak(model_1) == ledger.get_round(1).model_hash
+
+    total_rewards = {org: 0 for org in orgs}
+    for result in results:
+        round_id = result["round_id"]
+        record = ledger.get_round(round_id)
+        assert record.state == RoundState.FINALIZED
+        assert "0x" + record.new_model_hash.hex() == result["new_model_hash"]
+        accepted = [o for o in result["organisations"] if o["status"] == "accepted"]
+        assert sorted(o["organisation"] for o in accepted) == sorted(orgs)
+        for entry in accepted:
+            commitment = ledger.commitment_of(round_id, entry["organisation"])
+            assert commitment is not None, (
+                f"round {round_id}: {entry['organisation']} not committed"
+            )
+            assert "0x" + commitment.update_hash.hex() == entry["update_hash"]
+            assert commitment.num_samples == entry["num_samples"]
+            assert ledger.reward_of(round_id, entry["organisation"]) == int(entry["reward"])
+            assert ledger.contribution_of(round_id, entry["organisation"]) == int(
+                entry["score_fixed"]
+            )
+            total_rewards[entry["organisation"]] += int(entry["reward"])
+        assert record.total_reward == sum(int(o["reward"]) for o in accepted)
+    # round r+1 trains on exactly the model round r produced
+    assert ledger.get_round(2).model_hash == ledger.get_round(1).new_model_hash
+    for org in orgs:
+        assert ledger.balance_of(org) == total_rewards[org]
+    assert ledger.total_supply() == sum(total_rewards.values()) > 0
