@@ -77,7 +77,9 @@ def write_artifacts(artifacts: dict[str, dict[str, Any]], build_dir: Path = BUIL
     """Write each artifact as ``build_dir/<Contract>.json`` (stable key order, trailing newline)."""
     build_dir.mkdir(parents=True, exist_ok=True)
     for name, artifact in artifacts.items():
-        (build_dir / f"{name}.json").write_text(json.dumps(artifact, indent=2, sort_keys=True) + "\n")
+        (build_dir / f"{name}.json").write_text(
+            json.dumps(artifact, indent=2, sort_keys=True) + "\n"
+        )
 
 
 @cache
@@ -92,7 +94,9 @@ def load_artifact(name: str) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--check", action="store_true", help="fail if build/ differs from the sources")
+    parser.add_argument(
+        "--check", action="store_true", help="fail if build/ differs from the sources"
+    )
     args = parser.parse_args(argv)
     artifacts = compile_contracts()
     if args.check:
