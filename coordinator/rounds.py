@@ -147,6 +147,11 @@ class RoundService:
             )
         self._reconcile()
         if background:
+            self.start_driver()
+
+    def start_driver(self) -> None:
+        """Run the round state machine in a background thread (polls, and wakes on uploads)."""
+        if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="round-driver", daemon=True)
             self._thread.start()
 

@@ -113,11 +113,14 @@ def decode_revert(
             args = tuple(abi_decode(types, data[4:]))
         except Exception:  # malformed arguments: keep the name, drop the arguments
             args = ()
-        return ContractRevert(name, tuple(_plain(a) for a in args), raw="0x" + data.hex())
+        plain = tuple(_plain(kind, arg) for kind, arg in zip(types, args, strict=False))
+        return ContractRevert(name, plain, raw="0x" + data.hex())
     return ContractRevert("", (), raw=str(exc))
 
 
-def _plain(value: object) -> object:
+def _plain(kind: str, value: object) -> object:
+    if kind == "address" and isinstance(value, str):
+        return Web3.to_checksum_address(value)
     if isinstance(value, bytes):
         return "0x" + value.hex()
     return value

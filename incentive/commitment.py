@@ -38,7 +38,15 @@ def keccak(data: bytes) -> bytes:
 
 def canonical_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:
     """The deterministic safetensors encoding of ``tensors`` (CPU, contiguous, no metadata)."""
-    plain = {name: tensors[name].detach().to("cpu").contiguous() for name in sorted(tensors)}
+    plain: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        if storage in storages:  # tied weights: safetensors stores each buffer once, so copy
+            tensor = tensor.clone()
+        storages.add(tensor.untyped_storage().data_ptr())
+        plain[name] = tensor
     data: bytes = _st_save(plain, metadata=None)
     return data
 
@@ -58,7 +66,8 @@ def decode_tensors(data: bytes) -> dict[str, torch.Tensor]:
     """Parse canonical bytes back into tensors; anything that is not safetensors is refused."""
     try:
         return dict(_st_load(data))
-    except (SafetensorError, ValueError, RuntimeError, OverflowError) as exc:
+    except (SafetensorError, ValueError, RuntimeError, OverflowError, KeyError, TypeError) as exc:
+        # KeyError: a safetensors dtype torch cannot represent (F4, F6_*, F8_E8M0, ...)
         raise CommitmentError(
             "not_safetensors",
             "the body is not a safetensors tensor file (pickled or other formats are refused)",

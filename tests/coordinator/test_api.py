@@ -7,10 +7,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+
 from fedledger.incentive.commitment import canonical_bytes
 from fedledger.incentive.ledger import RoundState
-
-from .conftest import Harness
+from harness import Harness
 
 
 def _error(response: object) -> tuple[int, str]:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from fedledger.devnet.anvil import AnvilProcess, free_port, start_anvil
 from fedledger.devnet.deploy import deploy_devnet
 from fedledger.incentive.chain import connect

@@ -1,26 +1,18 @@
-"""A coordinator on the in-process EVM, driven step by step, behind FastAPI's TestClient."""
+"""Test harness: a coordinator on the in-process EVM, driven step by step, behind FastAPI's TestClient."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
-import pytest
 import torch
 from eth_account.signers.local import LocalAccount
 from fastapi.testclient import TestClient
-from fedledger.coordinator.api import create_app
-from fedledger.coordinator.config import CoordinatorSettings
+
+from fedledger import wire
 from fedledger.coordinator.rounds import RoundService
-from fedledger.devnet.deploy import deploy_devnet
-from fedledger.devnet.embedded import embedded_web3
-from fedledger.incentive.chain import devnet_account
 from fedledger.incentive.commitment import commitment_of
 from fedledger.incentive.ledger import LedgerClient
 from fedledger.incentive.signing import UploadAuthorization, sign_upload
-
-from fedledger import wire
 
 NUM_ORGS = 3
 
@@ -108,44 +100,3 @@ class Harness:
         return self.client.post(
             f"/v1/rounds/{upload.round_id}/updates", content=upload.body, headers=headers
         )
-
-
-@pytest.fixture
-def make_harness(tmp_path: Path) -> Iterator[Callable[..., Harness]]:
-    services: list[RoundService] = []
-
-    def build(**settings: object) -> Harness:
-        w3 = embedded_web3(NUM_ORGS + 3)
-        deployment = deploy_devnet(w3, NUM_ORGS)
-        clock = [float(w3.eth.get_block("latest")["timestamp"])]
-        defaults: dict[str, object] = {
-            "data_dir": tmp_path / f"coordinator{len(services)}",
-            "total_rounds": 3,
-            "round_timeout_s": 600,
-            "quorum": 1,
-            "max_upload_bytes": 1 << 20,
-        }
-        service = RoundService(
-            CoordinatorSettings(**{**defaults, **settings}),  # type: ignore[arg-type]
-            LedgerClient(w3, deployment.ledger, devnet_account(1)),
-            clock=lambda: clock[0],
-        )
-        service.start(background=False)
-        services.append(service)
-        return Harness(
-            service=service,
-            client=TestClient(create_app(service)),
-            ledger=LedgerClient(w3, deployment.ledger),
-            orgs=[devnet_account(2 + k) for k in range(NUM_ORGS)],
-            outsider=devnet_account(2 + NUM_ORGS),
-            clock=clock,
-        )
-
-    yield build
-    for service in services:
-        service.stop()
-
-
-@pytest.fixture
-def harness(make_harness: Callable[..., Harness]) -> Harness:
-    return make_harness()

@@ -1,0 +1,178 @@
+"""EIP-712 upload authorisations: round trip, binding to domain and fields, malformed signatures."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from eth_account.signers.local import LocalAccount
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fedledger.incentive.chain import devnet_account
+from fedledger.incentive.errors import SignatureError
+from fedledger.incentive.signing import UploadAuthorization, recover_signer, sign_upload
+
+ANVIL_CHAIN_ID = 31337
+ETH_TESTER_CHAIN_ID = 131277322940537
+LEDGER = "0x5FbDB2315678afecb367f032d93F642f64180aa3"
+OTHER_LEDGER = "0xe7f1725E7734CE288F8367e1Bb143E90bb3F0512"
+ORG = devnet_account(2)
+OTHER_ORG = devnet_account(3)
+
+
+def authorization(**changes: object) -> UploadAuthorization:
+    base = UploadAuthorization(
+        organisation=ORG.address,
+        round_id=4,
+        update_hash=bytes(range(32)),
+        num_samples=1_000,
+        nonce=123_456_789,
+        expiry=1_800_000_000,
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def sign(account: LocalAccount, auth: UploadAuthorization) -> str:
+    return str(sign_upload(account, auth, chain_id=ANVIL_CHAIN_ID, ledger=LEDGER))
+
+
+def recover(
+    auth: UploadAuthorization,
+    signature: str,
+    *,
+    chain_id: int = ANVIL_CHAIN_ID,
+    ledger: str = LEDGER,
+) -> str:
+    return str(recover_signer(auth, signature, chain_id=chain_id, ledger=ledger))
+
+
+uint256 = st.integers(min_value=0, max_value=2**256 - 1)
+authorizations = st.builds(
+    UploadAuthorization,
+    organisation=st.sampled_from([ORG.address, OTHER_ORG.address]),
+    round_id=uint256,
+    update_hash=st.binary(min_size=32, max_size=32),
+    num_samples=uint256,
+    nonce=uint256,
+    expiry=uint256,
+)
+
+
+# ------------------------------------------------------------------ round trip
+
+
+@given(authorizations, st.sampled_from([ANVIL_CHAIN_ID, ETH_TESTER_CHAIN_ID, 1]))
+def test_recover_returns_the_signer(auth: UploadAuthorization, chain_id: int) -> None:
+    signature = sign_upload(ORG, auth, chain_id=chain_id, ledger=LEDGER)
+    assert recover_signer(auth, signature, chain_id=chain_id, ledger=LEDGER) == ORG.address
+
+
+def test_signature_is_65_bytes_of_0x_hex() -> None:
+    signature = sign(ORG, authorization())
+    assert signature.startswith("0x")
+    assert len(bytes.fromhex(signature[2:])) == 65
+
+
+def test_recover_accepts_signature_without_0x_and_lower_case_ledger() -> None:
+    auth = authorization()
+    signature = sign(ORG, auth)
+    assert recover(auth, signature[2:], ledger=LEDGER.lower()) == ORG.address
+
+
+def test_recover_identifies_whoever_signed() -> None:
+    auth = authorization()  # names ORG, but OTHER_ORG signs it
+    assert recover(auth, sign(OTHER_ORG, auth)) == OTHER_ORG.address
+
+
+def test_signing_is_deterministic() -> None:
+    assert sign(ORG, authorization()) == sign(ORG, authorization())
+
+
+def test_new_nonces_are_128_bit_and_fresh() -> None:
+    nonces = {UploadAuthorization.new_nonce() for _ in range(64)}
+    assert len(nonces) == 64
+    assert all(0 <= n < 2**128 for n in nonces)
+
+
+# ------------------------------------------------------------------ binding
+
+
+def test_signature_is_bound_to_the_chain_id() -> None:
+    auth = authorization()
+    signature = sign(ORG, auth)
+    assert recover(auth, signature, chain_id=ETH_TESTER_CHAIN_ID) != ORG.address
+    assert recover(auth, signature, chain_id=ANVIL_CHAIN_ID + 1) != ORG.address
+
+
+def test_signature_is_bound_to_the_ledger_address() -> None:
+    auth = authorization()
+    assert recover(auth, sign(ORG, auth), ledger=OTHER_LEDGER) != ORG.address
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"round_id": 5},
+        {"update_hash": bytes(range(1, 33))},
+        {"update_hash": bytes(31) + b"\x01"},
+        {"num_samples": 1_001},
+        {"nonce": 123_456_790},
+        {"expiry": 1_800_000_001},
+        {"organisation": OTHER_ORG.address},
+    ],
+    ids=["round", "hash", "hash-last-byte", "samples", "nonce", "expiry", "organisation"],
+)
+def test_any_changed_field_breaks_the_signature(changes: dict[str, object]) -> None:
+    signature = sign(ORG, authorization())
+    assert recover(authorization(**changes), signature) != ORG.address
+
+
+@given(authorizations, authorizations)
+def test_signature_does_not_carry_over_to_another_authorization(
+    signed: UploadAuthorization, other: UploadAuthorization
+) -> None:
+    signature = sign(ORG, signed)
+    recovered = recover(other, signature)
+    assert (recovered == ORG.address) == (other == signed)
+
+
+# ------------------------------------------------------------------ malformed signatures
+
+
+@pytest.mark.parametrize(
+    "signature",
+    [
+        "",
+        "0x",
+        "0x" + "11" * 64,
+        "0x" + "11" * 66,
+        "0x" + "1" * 129,
+        "0x" + "zz" * 65,
+        "0x" + "11" * 64 + "g1",
+        "not a signature",
+        "0x" + "11" * 64 + "05",  # v is neither 27/28 nor 0/1
+    ],
+    ids=[
+        "empty",
+        "bare-0x",
+        "64-bytes",
+        "66-bytes",
+        "odd-length",
+        "non-hex",
+        "bad-last-byte",
+        "text",
+        "bad-v",
+    ],
+)
+def test_malformed_signatures_raise_bad_signature(signature: str) -> None:
+    with pytest.raises(SignatureError) as info:
+        recover(authorization(), signature)
+    assert info.value.code == "bad_signature"
+
+
+def test_a_signature_truncated_by_one_byte_is_malformed() -> None:
+    signature = sign(ORG, authorization())
+    with pytest.raises(SignatureError) as info:
+        recover(authorization(), signature[:-2])
+    assert info.value.code == "bad_signature"

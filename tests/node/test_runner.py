@@ -1,0 +1,81 @@
+"""The node's round loop against a real coordinator over loopback HTTP, on the in-process chain."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import pytest
+
+from fedledger.coordinator.api import create_app
+from fedledger.demo import serve_in_thread
+from fedledger.incentive.commitment import keccak
+from fedledger.incentive.ledger import RoundState
+from fedledger.node.client import CoordinatorClient
+from fedledger.node.runner import ModelVerificationError, NodeRunner
+from fedledger.node.training import TrainConfig
+from harness import Harness
+
+
+def _runner(harness: Harness, url: str, k: int) -> NodeRunner:
+    task = harness.service.task
+    return NodeRunner(
+        CoordinatorClient(url),
+        harness.org_ledger(harness.orgs[k]),
+        task,
+        task.partition(k, len(harness.orgs), alpha=0.5, seed=0),
+        TrainConfig(epochs=1, seed=k),
+        poll_interval_s=0.02,
+        clock=lambda: harness.clock[0],
+    )
+
+
+def test_nodes_train_commit_and_upload_every_round(make_harness: Callable[..., Harness]) -> None:
+    harness = make_harness(total_rounds=2)
+    harness.service.start_driver()
+    with serve_in_thread(create_app(harness.service)) as url:
+        runners = [_runner(harness, url, k) for k in range(len(harness.orgs))]
+        outcomes: dict[int, list[object]] = {}
+        threads = [
+            threading.Thread(target=lambda k=k: outcomes.__setitem__(k, runners[k].run()))
+            for k in range(len(runners))
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert not any(t.is_alive() for t in threads)
+    for k, org in enumerate(harness.orgs):
+        assert [o.round_id for o in outcomes[k]] == [1, 2]  # type: ignore[attr-defined]
+        for outcome in outcomes[k]:
+            committed = harness.ledger.commitment_of(outcome.round_id, org.address)  # type: ignore[attr-defined]
+            assert committed is not None
+            assert "0x" + committed.update_hash.hex() == outcome.update_hash  # type: ignore[attr-defined]
+    assert [harness.ledger.get_round(r).state for r in (1, 2)] == [RoundState.FINALIZED] * 2
+
+
+def test_node_refuses_a_model_that_differs_from_the_chain(harness: Harness) -> None:
+    current = harness.service.current()
+    blob = harness.service.store.blob_path(current.model_hash)
+    blob.write_bytes(blob.read_bytes()[:-4] + b"\0\0\0\0")  # the coordinator serves tampered weights
+    with serve_in_thread(create_app(harness.service)) as url:
+        runner = _runner(harness, url, 0)
+        with pytest.raises(ModelVerificationError, match="refusing to train"):
+            runner.take_part(runner.client.current_round())
+    assert harness.ledger.commitment_of(current.round_id, harness.orgs[0].address) is None
+
+
+def test_restarted_node_reproduces_its_committed_update(harness: Harness) -> None:
+    """A node that crashed after committing on-chain uploads the very update it committed."""
+    with serve_in_thread(create_app(harness.service)) as url:
+        first = _runner(harness, url, 0)
+        current = first.client.current_round()
+        params = first.fetch_global_model(current)
+        assert keccak(harness.service.model_bytes(current.model_hash)) == harness.ledger.get_round(1).model_hash
+        del params
+        outcome = first.take_part(current)
+        assert outcome is not None and not outcome.duplicate
+        restarted = _runner(harness, url, 0)  # fresh process state, same key and data
+        again = restarted.take_part(restarted.client.current_round())
+    assert again is not None and again.duplicate
+    assert again.update_hash == outcome.update_hash
