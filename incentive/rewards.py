@@ -1,0 +1,52 @@
+"""Integer reward split of a round's token budget, and the fixed-point encoding of scores on-chain."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from fractions import Fraction
+
+FIXED_POINT_ONE = 10**18
+"""The fixed-point integer that stands for 1.0 (18 decimals, like ERC-20 token units)."""
+
+
+def split_rewards(budget: int, scores: Sequence[float]) -> list[int]:
+    """Split ``budget`` token units pro rata to max(score, 0), summing exactly to ``budget``.
+
+    Largest-remainder (Hamilton) apportionment: each organisation gets the floor of its exact
+    quota budget * s_i / sum_j s_j, and the units left over go one each to the largest
+    fractional remainders, ties to the lowest index. Every quantity is an exact rational, so
+    the split is deterministic on any machine. If no score is positive, or the budget is 0,
+    everyone gets 0 (and nothing is paid).
+    """
+    if isinstance(budget, bool) or not isinstance(budget, int):
+        raise ValueError(f"budget must be an integer number of token units, got {budget!r}")
+    if budget < 0:
+        raise ValueError(f"budget must be >= 0, got {budget}")
+    weights: list[Fraction] = []
+    for i, score in enumerate(scores):
+        if not math.isfinite(score):
+            raise ValueError(f"score {i} is {score}; scores must be finite")
+        weights.append(max(Fraction(score), Fraction(0)))
+    total = sum(weights, Fraction(0))
+    if budget == 0 or total == 0:
+        return [0] * len(weights)
+    quotas = [budget * w / total for w in weights]
+    amounts = [math.floor(q) for q in quotas]
+    left = budget - sum(amounts)
+    by_remainder = sorted(range(len(quotas)), key=lambda i: (-(quotas[i] - amounts[i]), i))
+    for i in by_remainder[:left]:
+        amounts[i] += 1
+    return amounts
+
+
+def to_fixed_point(score: float) -> int:
+    """round(score * 10**18) computed exactly (ties to even), the signed integer stored on-chain."""
+    if not math.isfinite(score):
+        raise ValueError(f"cannot encode non-finite score {score} as fixed point")
+    return round(Fraction(score) * FIXED_POINT_ONE)
+
+
+def from_fixed_point(value: int) -> float:
+    """The float nearest value / 10**18 (the inverse of ``to_fixed_point`` up to float rounding)."""
+    return float(Fraction(value, FIXED_POINT_ONE))

@@ -1,0 +1,220 @@
+"""Batched coalition utility of a PyTorch model: every coalition's aggregated model scored at once."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.func import functional_call, vmap
+
+Metric = Literal["accuracy", "neg_log_loss"]
+
+
+def flatten(params: Mapping[str, Tensor], *, dtype: torch.dtype = torch.float32) -> Tensor:
+    """All tensors of ``params`` as one 1-D ``dtype`` vector, concatenated in sorted-name order."""
+    if not params:
+        return torch.zeros(0, dtype=dtype)
+    return torch.cat([params[name].detach().reshape(-1).to(dtype) for name in sorted(params)])
+
+
+def unflatten(flat: Tensor, like: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The inverse of ``flatten``: tensors shaped and typed like ``like``, on ``flat``'s device."""
+    return _unflatten_batched(flat, like, batch_shape=())
+
+
+def _unflatten_batched(
+    flat: Tensor, like: Mapping[str, Tensor], *, batch_shape: tuple[int, ...]
+) -> dict[str, Tensor]:
+    total = sum(like[name].numel() for name in like)
+    if tuple(flat.shape) != (*batch_shape, total):
+        raise ValueError(
+            f"flat vector has shape {tuple(flat.shape)}; expected {(*batch_shape, total)} "
+            f"for {len(like)} tensors"
+        )
+    out: dict[str, Tensor] = {}
+    offset = 0
+    for name in sorted(like):
+        ref = like[name]
+        piece = flat[..., offset : offset + ref.numel()].reshape((*batch_shape, *ref.shape))
+        if not ref.dtype.is_floating_point and piece.dtype.is_floating_point:
+            piece = piece.round()
+        out[name] = piece.to(ref.dtype)
+        offset += ref.numel()
+    return out
+
+
+def coalition_weights(masks: np.ndarray, num_samples: Sequence[int]) -> Tensor:
+    """a[S, k] = n_k / n_S for k in S, else 0 (float32, shape (C, K)); the empty coalition's row is 0.
+
+    These are the FedAvg weights of McMahan et al. (2017), eq. (1), restricted to coalition S.
+    """
+    masks = np.asarray(masks)
+    if masks.dtype != np.bool_ or masks.ndim != 2:
+        raise ValueError(f"masks must be a 2-D bool array, got {masks.dtype} {masks.shape}")
+    if masks.shape[1] != len(num_samples):
+        raise ValueError(
+            f"masks have {masks.shape[1]} players but {len(num_samples)} sample counts were given"
+        )
+    n = _sample_counts(num_samples)
+    in_s = masks * n[None, :]
+    n_s = in_s.sum(axis=1, keepdims=True)
+    weights = np.divide(in_s, n_s, out=np.zeros_like(in_s), where=n_s > 0)
+    return torch.from_numpy(weights.astype(np.float32))
+
+
+def _sample_counts(num_samples: Sequence[int]) -> np.ndarray:
+    for k, n in enumerate(num_samples):
+        if n <= 0:
+            raise ValueError(f"organisation {k} has num_samples={n}; sample counts must be > 0")
+    return np.asarray(num_samples, dtype=np.float64)
+
+
+def _score(logits: Tensor, y: Tensor, metric: Metric) -> Tensor:
+    """The utility of one model's validation logits: accuracy, or minus the mean cross-entropy."""
+    if metric == "accuracy":
+        return (logits.argmax(dim=-1) == y).to(torch.float64).mean()
+    if metric == "neg_log_loss":
+        return -F.cross_entropy(logits.to(torch.float64), y)
+    raise ValueError(f"unknown metric {metric!r}; expected 'accuracy' or 'neg_log_loss'")
+
+
+@contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _check_names(model: torch.nn.Module, params: Mapping[str, Tensor], what: str) -> None:
+    expected = set(model.state_dict())
+    if set(params) != expected:
+        missing = sorted(expected - set(params))
+        extra = sorted(set(params) - expected)
+        raise ValueError(f"{what} does not match the model: missing {missing}, unexpected {extra}")
+
+
+def evaluate_params(
+    model: torch.nn.Module,
+    params: Mapping[str, Tensor],
+    x: Tensor,
+    y: Tensor,
+    metric: Metric,
+) -> float:
+    """The utility of ``model`` with state ``params`` on (x, y), evaluated on x's device, eval mode."""
+    _check_names(model, params, "params")
+    on_device = {name: t.to(x.device) for name, t in params.items()}
+    with torch.no_grad(), _eval_mode(model):
+        logits = functional_call(model, on_device, (x,))
+        return float(_score(logits, y.to(x.device), metric))
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class CoalitionUtility:
+    """U(S) = metric of w_r + eta * sum_{k in S} (n_k / n_S) delta_k on the validation set.
+
+    The empty coalition is the global model w_r. A call scores a chunk of ``max_batch``
+    coalitions with one matrix product and one ``vmap``-ed forward pass; it is a
+    ``BatchUtility`` for ``fedledger.incentive.shapley``. Model buffers come from ``base`` too.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        base: Mapping[str, Tensor],
+        deltas: Sequence[Mapping[str, Tensor]],
+        num_samples: Sequence[int],
+        x_val: Tensor,
+        y_val: Tensor,
+        *,
+        eta: float = 1.0,
+        metric: Metric = "accuracy",
+        device: torch.device | None = None,
+        max_batch: int = 256,
+    ) -> None:
+        if len(deltas) != len(num_samples):
+            raise ValueError(f"{len(deltas)} deltas but {len(num_samples)} sample counts")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if metric not in ("accuracy", "neg_log_loss"):
+            raise ValueError(f"unknown metric {metric!r}; expected 'accuracy' or 'neg_log_loss'")
+        _check_names(model, base, "base")
+        for k, delta in enumerate(deltas):
+            _check_like(base, delta, f"delta {k}")
+        _sample_counts(num_samples)
+        self.model = model
+        self.num_samples = list(num_samples)
+        self.eta = float(eta)
+        self.metric: Metric = metric
+        self.device = device if device is not None else _default_device()
+        self.max_batch = max_batch
+        self.evaluations = 0
+        self._like = {name: t.detach() for name, t in base.items()}
+        self._base_flat = flatten(base).to(self.device)  # (P,)
+        num_params = self._base_flat.numel()
+        self._deltas = (
+            torch.stack([flatten(d).to(self.device) for d in deltas])
+            if deltas
+            else torch.zeros(0, num_params, device=self.device)
+        )  # (K, P)
+        self._x = x_val.to(self.device)
+        self._y = y_val.to(self.device, torch.int64)
+
+    @property
+    def num_players(self) -> int:
+        return int(self._deltas.shape[0])
+
+    def __call__(self, masks: np.ndarray) -> np.ndarray:
+        """U(S) for every row of ``masks`` (bool, shape (C, K)), as float64 shape (C,)."""
+        masks = np.asarray(masks)
+        if masks.ndim != 2 or masks.shape[1] != self.num_players:
+            raise ValueError(
+                f"masks must have shape (C, {self.num_players}), got {tuple(masks.shape)}"
+            )
+        out = np.empty(masks.shape[0], dtype=np.float64)
+        for start in range(0, masks.shape[0], self.max_batch):
+            chunk = masks[start : start + self.max_batch]
+            out[start : start + chunk.shape[0]] = self._evaluate_chunk(chunk)
+        self.evaluations += int(masks.shape[0])
+        return out
+
+    def _evaluate_chunk(self, masks: np.ndarray) -> np.ndarray:
+        weights = coalition_weights(masks, self.num_samples).to(self.device)  # (c, K)
+        count = masks.shape[0]
+        with torch.no_grad(), _eval_mode(self.model):
+            # Row S: w_r + eta * sum_k a[S, k] delta_k, all rows in one addmm.
+            flat = torch.addmm(
+                self._base_flat.expand(count, -1), weights, self._deltas, alpha=self.eta
+            )
+            params = _unflatten_batched(flat, self._like, batch_shape=(count,))
+
+            def utility_of(p: dict[str, Tensor]) -> Tensor:
+                logits = functional_call(self.model, p, (self._x,))
+                return _score(logits, self._y, self.metric)
+
+            scores: Tensor = vmap(utility_of)(params)
+        result: np.ndarray = scores.to("cpu", torch.float64).numpy()
+        return result
+
+
+def _check_like(base: Mapping[str, Tensor], other: Mapping[str, Tensor], what: str) -> None:
+    if set(other) != set(base):
+        missing = sorted(set(base) - set(other))
+        extra = sorted(set(other) - set(base))
+        raise ValueError(f"{what} has different tensors: missing {missing}, unexpected {extra}")
+    for name in sorted(base):
+        if tuple(other[name].shape) != tuple(base[name].shape):
+            raise ValueError(
+                f"{what}: tensor {name!r} has shape {tuple(other[name].shape)}, "
+                f"expected {tuple(base[name].shape)}"
+            )

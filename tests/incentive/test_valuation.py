@@ -1,0 +1,275 @@
+"""Batched coalition utility: equal to scoring each explicitly built coalition model one at a time."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+from fedledger.incentive.shapley import ExactShapley, all_coalitions
+from fedledger.incentive.valuation import (
+    CoalitionUtility,
+    coalition_weights,
+    evaluate_params,
+    flatten,
+    unflatten,
+)
+
+K = 4
+NUM_SAMPLES = [30, 10, 45, 15]
+ETA = 0.7
+CPU = torch.device("cpu")
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
+@pytest.fixture(scope="module")
+def setup() -> tuple[nn.Module, dict[str, Tensor], list[dict[str, Tensor]], Tensor, Tensor]:
+    model = make_model()
+    gen = torch.Generator().manual_seed(1)
+    base = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    deltas = [
+        {name: 0.3 * torch.randn(t.shape, generator=gen) for name, t in base.items()}
+        for _ in range(K)
+    ]
+    x = torch.randn(200, 64, generator=gen)
+    y = torch.randint(0, 10, (200,), generator=gen)
+    return model, base, deltas, x, y
+
+
+def explicit_coalition_params(
+    base: dict[str, Tensor], deltas: list[dict[str, Tensor]], members: list[int]
+) -> dict[str, Tensor]:
+    """w_r + eta * sum_{k in S} (n_k / n_S) delta_k built tensor by tensor (w_r when S is empty)."""
+    if not members:
+        return {name: t.clone() for name, t in base.items()}
+    n_s = sum(NUM_SAMPLES[k] for k in members)
+    return {
+        name: t + ETA * sum(NUM_SAMPLES[k] / n_s * deltas[k][name] for k in members)
+        for name, t in base.items()
+    }
+
+
+def utility_for(
+    setup: tuple[nn.Module, dict[str, Tensor], list[dict[str, Tensor]], Tensor, Tensor],
+    metric: Literal["accuracy", "neg_log_loss"],
+    max_batch: int = 256,
+) -> CoalitionUtility:
+    model, base, deltas, x, y = setup
+    return CoalitionUtility(
+        model,
+        base,
+        deltas,
+        NUM_SAMPLES,
+        x,
+        y,
+        eta=ETA,
+        metric=metric,
+        device=CPU,
+        max_batch=max_batch,
+    )
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "neg_log_loss"])
+def test_batched_equals_one_at_a_time_for_every_coalition(
+    setup: tuple[nn.Module, dict[str, Tensor], list[dict[str, Tensor]], Tensor, Tensor],
+    metric: Literal["accuracy", "neg_log_loss"],
+) -> None:
+    model, base, deltas, x, y = setup
+    masks = all_coalitions(K)
+    batched = utility_for(setup, metric)(masks)
+    reference = np.array(
+        [
+            evaluate_params(
+                model,
+                explicit_coalition_params(base, deltas, np.flatnonzero(row).tolist()),
+                x,
+                y,
+                metric,
+            )
+            for row in masks
+        ]
+    )
+    assert batched.dtype == np.float64
+    assert batched.shape == (2**K,)
+    if metric == "accuracy":
+        np.testing.assert_array_equal(batched, reference)
+    else:
+        np.testing.assert_allclose(batched, reference, rtol=0, atol=1e-5)
+    # The coalitions really differ, so the comparison is not vacuous.
+    assert len(set(batched.tolist())) > 4
+
+
+def test_empty_coalition_is_the_base_model(
+    setup: tuple[nn.Module, dict[str, Tensor], list[dict[str, Tensor]], Tensor, Tensor],
+) -> None:
+    model, base, _, x, y = setup
+    for metric in ("accuracy", "neg_log_loss"):
+        utility = utility_for(setup, metric)
+        empty = utility(np.zeros((1, K), dtype=bool))[0]
+        assert empty == pytest.approx(evaluate_params(model, base, x, y, metric), abs=1e-6)
+        with torch.no_grad():
+            logits = model(x)
+        if metric == "accuracy":
+            assert empty == (logits.argmax(1) == y).double().mean().item()
+
+
+def test_chunking_gives_identical_results(
+    setup: tuple[nn.Module, dict[str, Tensor], list[dict[str, Tensor]], Tensor, Tensor],
+) -> None:
+    masks = all_coalitions(K)
+    for metric in ("accuracy", "neg_log_loss"):
+        whole = utility_for(setup, metric)(masks)
+        chunked_utility = utility_for(setup, metric, max_batch=3)
+        chunked = chunked_utility(masks)
+        np.testing.assert_allclose(chunked, whole, rtol=0, atol=1e-6)
+        assert chunked_utility.evaluations == 2**K
+
+
+def test_evaluations_counter_accumulates(
+    setup: tuple[nn.Module, dict[str, Tensor], list[dict[str, Tensor]], Tensor, Tensor],
+) -> None:
+    utility = utility_for(setup, "accuracy")
+    utility(all_coalitions(K)[:5])
+    utility(all_coalitions(K)[5:])
+    assert utility.evaluations == 2**K
+
+
+def test_shapley_over_the_model_is_efficient(
+    setup: tuple[nn.Module, dict[str, Tensor], list[dict[str, Tensor]], Tensor, Tensor],
+) -> None:
+    utility = utility_for(setup, "neg_log_loss")
+    seen: list[np.ndarray] = []
+
+    def recorded(masks: np.ndarray) -> np.ndarray:
+        out: np.ndarray = utility(masks)
+        seen.append(out)
+        return out
+
+    result = ExactShapley().value(recorded, K)
+    (table,) = seen  # one batched call; row b is the coalition with bitmask b
+    assert result.values.sum() == pytest.approx(table[-1] - table[0], abs=1e-9)
+    assert result.evaluations == utility.evaluations == 2**K
+    # Separately scored, the extreme coalitions agree up to float32 rounding of the batch.
+    grand = utility(np.ones((1, K), dtype=bool))[0]
+    empty = utility(np.zeros((1, K), dtype=bool))[0]
+    assert result.values.sum() == pytest.approx(grand - empty, abs=1e-5)
+
+
+def test_model_training_mode_is_restored(
+    setup: tuple[nn.Module, dict[str, Tensor], list[dict[str, Tensor]], Tensor, Tensor],
+) -> None:
+    model = setup[0]
+    model.train()
+    utility_for(setup, "accuracy")(all_coalitions(K))
+    assert model.training
+
+
+def test_buffers_come_from_base() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.BatchNorm1d(6), nn.Linear(6, 3))
+    base = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    base["1.running_mean"] = torch.linspace(-1, 1, 6)
+    base["1.running_var"] = torch.linspace(0.5, 2, 6)
+    gen = torch.Generator().manual_seed(3)
+    deltas = [
+        {
+            name: (0.1 * torch.randn(t.shape, generator=gen)).to(t.dtype)
+            if t.is_floating_point()
+            else torch.zeros_like(t)
+            for name, t in base.items()
+        }
+        for _ in range(2)
+    ]
+    x = torch.randn(50, 8, generator=gen)
+    y = torch.randint(0, 3, (50,), generator=gen)
+    utility = CoalitionUtility(model, base, deltas, [1, 3], x, y, metric="neg_log_loss", device=CPU)
+    got = utility(all_coalitions(2))
+    for row, value in zip(all_coalitions(2), got, strict=True):
+        members = np.flatnonzero(row).tolist()
+        n_s = sum([1, 3][k] for k in members)
+        params = {
+            name: t + sum(([1, 3][k] / n_s) * deltas[k][name] for k in members)
+            if t.is_floating_point()
+            else t
+            for name, t in base.items()
+        }
+        assert value == pytest.approx(
+            evaluate_params(model, params, x, y, "neg_log_loss"), abs=1e-5
+        )
+
+
+def test_coalition_weights_hand_computed() -> None:
+    masks = np.array([[False, False, False], [True, False, True], [True, True, True]])
+    weights = coalition_weights(masks, [1, 2, 3])
+    assert weights.dtype == torch.float32
+    expected = torch.tensor([[0, 0, 0], [1 / 4, 0, 3 / 4], [1 / 6, 2 / 6, 3 / 6]])
+    torch.testing.assert_close(weights, expected)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.lists(st.integers(min_value=1, max_value=10**6), min_size=1, max_size=8).flatmap(
+        lambda ns: st.tuples(
+            st.just(ns),
+            st.lists(
+                st.lists(st.booleans(), min_size=len(ns), max_size=len(ns)),
+                min_size=1,
+                max_size=10,
+            ),
+        )
+    )
+)
+def test_coalition_weights_rows_sum_to_one(case: tuple[list[int], list[list[bool]]]) -> None:
+    num_samples, rows = case
+    masks = np.array(rows, dtype=bool)
+    weights = coalition_weights(masks, num_samples).double()
+    sums = weights.sum(dim=1)
+    for mask, total, row in zip(masks, sums.tolist(), weights, strict=True):
+        if mask.any():
+            assert total == pytest.approx(1.0, abs=1e-6)
+        else:
+            assert total == 0.0
+        assert bool(((row > 0) == torch.from_numpy(mask)).all())
+
+
+def test_coalition_weights_refuse_bad_input() -> None:
+    with pytest.raises(ValueError, match="sample counts"):
+        coalition_weights(np.ones((1, 2), dtype=bool), [1])
+    with pytest.raises(ValueError, match="> 0"):
+        coalition_weights(np.ones((1, 2), dtype=bool), [1, 0])
+    with pytest.raises(ValueError, match="bool"):
+        coalition_weights(np.ones((1, 2)), [1, 1])
+
+
+def test_flatten_round_trip() -> None:
+    params = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.tensor([7.0]), "c": torch.tensor(2)}
+    flat = flatten(params)
+    assert flat.tolist() == [7.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 2.0]  # sorted names: a, b, c
+    back = unflatten(flat, params)
+    assert list(back) == ["a", "b", "c"]
+    for name, tensor in params.items():
+        assert back[name].dtype == tensor.dtype
+        assert torch.equal(back[name], tensor)
+    with pytest.raises(ValueError, match="shape"):
+        unflatten(flat[:-1], params)
+
+
+def test_mismatched_delta_is_refused(
+    setup: tuple[nn.Module, dict[str, Tensor], list[dict[str, Tensor]], Tensor, Tensor],
+) -> None:
+    model, base, deltas, x, y = setup
+    bad = dict(deltas[0])
+    bad["0.weight"] = torch.zeros(3, 3)
+    with pytest.raises(ValueError, match=r"0\.weight"):
+        CoalitionUtility(model, base, [bad], [1], x, y, device=CPU)
+    with pytest.raises(ValueError, match="missing"):
+        CoalitionUtility(model, {"x": torch.zeros(1)}, [], [], x, y, device=CPU)
