@@ -64,6 +64,15 @@ async def read_limited_body(request: Request, limit_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
+def get_service(request: Request) -> RoundService:
+    """The RoundService behind this app (a dependency, so tests can override it)."""
+    service: RoundService = request.app.state.service
+    return service
+
+
+Service = Annotated[RoundService, Depends(get_service)]
+
+
 def create_app(service: RoundService, *, manage_service: bool = False) -> FastAPI:
     """The FastAPI app over a RoundService; with ``manage_service`` it starts and stops it."""
 
@@ -85,10 +94,7 @@ def create_app(service: RoundService, *, manage_service: bool = False) -> FastAP
         lifespan=lifespan,
     )
 
-    def get_service() -> RoundService:
-        return service
-
-    Service = Annotated[RoundService, Depends(get_service)]
+    app.state.service = service
 
     @app.exception_handler(CoordinatorError)
     async def on_coordinator_error(_: Request, exc: CoordinatorError) -> JSONResponse:

@@ -106,7 +106,7 @@ def demo(
     chain: Annotated[
         str, typer.Option(help="`embedded` (in-process EVM) or `anvil`.")
     ] = "embedded",
-    epochs: Annotated[int, typer.Option(min=1, help="Local epochs per round.")] = 2,
+    epochs: Annotated[int, typer.Option(min=1, help="Local epochs per round.")] = 3,
     seed: Annotated[int, typer.Option(help="Seed of the data split and the model.")] = 0,
 ) -> None:
     """Run a whole federation locally: chain, coordinator on loopback, organisation nodes."""
@@ -322,7 +322,7 @@ def node_run(
         float, typer.Option(help="Dirichlet concentration of the non-IID split.")
     ] = 0.5,
     seed: Annotated[int, typer.Option(help="Seed of the data split and of local training.")] = 0,
-    epochs: Annotated[int, typer.Option(min=1, help="Local epochs per round.")] = 2,
+    epochs: Annotated[int, typer.Option(min=1, help="Local epochs per round.")] = 3,
     lr: Annotated[float, typer.Option(help="SGD learning rate.")] = 0.05,
     batch_size: Annotated[int, typer.Option(min=1, help="Minibatch size.")] = 32,
     prox_mu: Annotated[

@@ -89,7 +89,7 @@ def run_demo(
     started = time.monotonic()
     torch.set_num_threads(1)  # N nodes and the coordinator share the cores: no oversubscription
     logging.getLogger("fedledger").setLevel(logging.ERROR)
-    train_config = train_config or TrainConfig(epochs=2, lr=0.05, batch_size=32)
+    train_config = train_config or TrainConfig(epochs=3, lr=0.05, batch_size=32)
     task = get_task("digits")
     accounts = organisations + 2
 
@@ -258,7 +258,7 @@ def _print_summary(console: Console, result: DemoResult) -> None:
     table.add_column("balance (FLR)", justify="right")
     for org in result.organisations:
         table.add_row(
-            org.address,
+            f"{org.address[:8]}…{org.address[-6:]}",
             str(org.num_samples),
             f"{org.contribution:+.4f}",
             f"{org.reward / TOKEN_UNIT:,.2f}",

@@ -262,7 +262,7 @@ def test_replayed_nonce_is_refused_in_a_later_round(harness: Harness) -> None:
 
 def test_upload_after_the_deadline_is_refused(make_harness: Callable[..., Harness]) -> None:
     harness = make_harness(quorum=2)
-    upload = harness.make_upload(harness.orgs[0])
+    upload = harness.make_upload(harness.orgs[0], expiry=int(harness.clock[0]) + 3000)
     harness.clock[0] += 601 + harness.service.settings.upload_grace_s
     response = harness.post(upload)
     assert _error(response) == (409, "deadline_passed")

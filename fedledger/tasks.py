@@ -1,0 +1,134 @@
+"""Built-in learning tasks shared by node and coordinator: model architecture and offline data.
+
+The ``digits`` task reproduces the digits-10 benchmark split exactly (sklearn's bundled
+``load_digits``; a stratified 20% hold-out; a Dirichlet(alpha) label partition of the rest).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@runtime_checkable
+class Task(Protocol):
+    """A federated learning task: a model to train and data to train and validate it on."""
+
+    name: str
+
+    def build_model(self, seed: int = 0) -> nn.Module:
+        """The model architecture, initialised deterministically from ``seed``."""
+        ...
+
+    def partition(
+        self, index: int, num_partitions: int, *, alpha: float = 0.5, seed: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Organisation ``index``'s share (features, labels) of a non-IID split into ``num_partitions``."""
+        ...
+
+    def validation_data(self, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The coordinator's validation set (features, labels), disjoint from every partition."""
+        ...
+
+
+def dirichlet_partition(labels: np.ndarray, clients: int, alpha: float, seed: int) -> list[list[int]]:
+    """Split sample indices over clients so each label's share per client ~ Dirichlet(alpha).
+
+    Identical, call for call, to the digits-10 benchmark's reference implementation.
+    """
+    rng = np.random.default_rng(seed)
+    parts: list[list[int]] = [[] for _ in range(clients)]
+    for label in np.unique(labels):
+        idx = np.flatnonzero(labels == label)
+        rng.shuffle(idx)
+        shares = rng.dirichlet(np.full(clients, alpha))
+        cuts = (np.cumsum(shares) * len(idx)).astype(int)[:-1]
+        for k, chunk in enumerate(np.split(idx, cuts)):
+            parts[k].extend(int(i) for i in chunk)
+    return [sorted(p) for p in parts]
+
+
+@cache
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    return np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.int64)
+
+
+@cache
+def make_split(clients: int = 10, alpha: float = 0.5, seed: int = 0) -> dict[str, Any]:
+    """The digits-10 split: indices into ``load_digits`` for the test set and each client."""
+    from sklearn.model_selection import train_test_split
+
+    if clients < 1:
+        raise ValueError(f"need at least one partition, got {clients}")
+    if alpha <= 0:
+        raise ValueError(f"the Dirichlet concentration alpha must be > 0, got {alpha}")
+    _, y = _digits()
+    all_idx = np.arange(len(y))
+    train_idx, test_idx = train_test_split(all_idx, test_size=0.2, stratify=y, random_state=seed)
+    parts = dirichlet_partition(y[train_idx], clients, alpha, seed)
+    return {
+        "task": "digits-10",
+        "clients": clients,
+        "alpha": alpha,
+        "seed": seed,
+        "test": sorted(int(i) for i in test_idx),
+        "client_indices": [[int(train_idx[i]) for i in p] for p in parts],
+    }
+
+
+@cache
+def _standardised(seed: int) -> np.ndarray:
+    """Features standardised with the training part's mean and std (as the benchmark does)."""
+    x, _ = _digits()
+    split = make_split(1, 0.5, seed)  # the training part does not depend on the partition
+    train = np.concatenate([np.asarray(p, dtype=np.int64) for p in split["client_indices"]])
+    mean, std = x[train].mean(0), x[train].std(0) + 1e-8
+    standardised: np.ndarray = ((x - mean) / std).astype(np.float32)
+    return standardised
+
+
+@dataclass(frozen=True)
+class DigitsTask:
+    """sklearn's 8x8 digits, an MLP 64-32-10; no download needed."""
+
+    name: str = "digits"
+
+    def build_model(self, seed: int = 0) -> nn.Module:
+        with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
+            torch.manual_seed(seed)
+            return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+
+    def partition(
+        self, index: int, num_partitions: int, *, alpha: float = 0.5, seed: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= index < num_partitions:
+            raise ValueError(f"partition index {index} is out of range for {num_partitions} partitions")
+        indices = np.asarray(make_split(num_partitions, alpha, seed)["client_indices"][index], dtype=np.int64)
+        x = _standardised(seed)
+        _, y = _digits()
+        return torch.from_numpy(x[indices].copy()), torch.from_numpy(y[indices].copy())
+
+    def validation_data(self, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        test = np.asarray(make_split(1, 0.5, seed)["test"], dtype=np.int64)
+        x = _standardised(seed)
+        _, y = _digits()
+        return torch.from_numpy(x[test].copy()), torch.from_numpy(y[test].copy())
+
+
+TASKS: dict[str, Task] = {"digits": DigitsTask()}
+
+
+def get_task(name: str) -> Task:
+    """The built-in task called ``name``."""
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}") from None
