@@ -29,7 +29,12 @@ case "$cmd" in
   lint)
     "$VENV/bin/ruff" check .
     "$VENV/bin/ruff" format --check .
-    "$VENV/bin/mypy" fedledger incentive coordinator node devnet contracts
+    # mypy cannot follow setuptools' editable package-dir mapping: type-check a tree of links
+    # laid out as the installed package (fedledger/, fedledger/incentive/, ...).
+    rm -rf .typecheck && mkdir -p .typecheck/fedledger
+    for f in fedledger/*.py; do ln -s "../../$f" .typecheck/fedledger/; done
+    for p in contracts devnet incentive node coordinator; do ln -s "../../$p" ".typecheck/fedledger/$p"; done
+    (cd .typecheck && "../$VENV/bin/mypy" --config-file ../pyproject.toml -p fedledger)
     ;;
   compile) exec "$VENV/bin/python" -m fedledger.contracts.compile "$@" ;;
   *)

@@ -19,7 +19,10 @@ from torch import nn
 class Task(Protocol):
     """A federated learning task: a model to train and data to train and validate it on."""
 
-    name: str
+    @property
+    def name(self) -> str:
+        """The task's registry name."""
+        ...
 
     def build_model(self, seed: int = 0) -> nn.Module:
         """The model architecture, initialised deterministically from ``seed``."""
@@ -36,7 +39,9 @@ class Task(Protocol):
         ...
 
 
-def dirichlet_partition(labels: np.ndarray, clients: int, alpha: float, seed: int) -> list[list[int]]:
+def dirichlet_partition(
+    labels: np.ndarray, clients: int, alpha: float, seed: int
+) -> list[list[int]]:
     """Split sample indices over clients so each label's share per client ~ Dirichlet(alpha).
 
     Identical, call for call, to the digits-10 benchmark's reference implementation.
@@ -110,8 +115,12 @@ class DigitsTask:
         self, index: int, num_partitions: int, *, alpha: float = 0.5, seed: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not 0 <= index < num_partitions:
-            raise ValueError(f"partition index {index} is out of range for {num_partitions} partitions")
-        indices = np.asarray(make_split(num_partitions, alpha, seed)["client_indices"][index], dtype=np.int64)
+            raise ValueError(
+                f"partition index {index} is out of range for {num_partitions} partitions"
+            )
+        indices = np.asarray(
+            make_split(num_partitions, alpha, seed)["client_indices"][index], dtype=np.int64
+        )
         x = _standardised(seed)
         _, y = _digits()
         return torch.from_numpy(x[indices].copy()), torch.from_numpy(y[indices].copy())
@@ -131,4 +140,6 @@ def get_task(name: str) -> Task:
     try:
         return TASKS[name]
     except KeyError:
-        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}") from None
+        raise ValueError(
+            f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}"
+        ) from None

@@ -6,13 +6,13 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
-from eth_utils import function_signature_to_4byte_selector
+from eth_utils.abi import function_signature_to_4byte_selector
 from web3 import Web3
-from web3.contract.contract import ContractFunction
+from web3.contract.contract import ContractConstructor, ContractFunction
 from web3.exceptions import ContractCustomError, ContractLogicError, Web3Exception
 from web3.types import TxReceipt
 
@@ -104,7 +104,7 @@ def decode_revert(
     exc: BaseException, selectors: Mapping[bytes, tuple[str, list[str]]]
 ) -> ContractRevert:
     """Turn a revert from anvil (ContractCustomError) or eth-tester (TransactionFailed) into one type."""
-    from eth_abi import decode as abi_decode
+    from eth_abi.abi import decode as abi_decode
 
     data = revert_data(exc)
     if data and len(data) >= 4 and data[:4] in selectors:
@@ -136,7 +136,7 @@ def is_revert(exc: BaseException) -> bool:
 def send_transaction(
     w3: Web3,
     account: LocalAccount,
-    call: ContractFunction,
+    call: ContractFunction | ContractConstructor,
     selectors: Mapping[bytes, tuple[str, list[str]]],
     *,
     gas: int | None = None,
@@ -157,7 +157,7 @@ def send_transaction(
             if gas is not None:
                 params["gas"] = gas
             tx = call.build_transaction(params)  # type: ignore[arg-type]
-            signed = account.sign_transaction(tx)
+            signed = account.sign_transaction(cast(dict[str, Any], tx))
             tx_hash = w3.eth.send_raw_transaction(signed.raw_transaction)
             receipt = w3.eth.wait_for_transaction_receipt(tx_hash, timeout=timeout_s)
         except Exception as exc:
@@ -165,27 +165,32 @@ def send_transaction(
                 raise decode_revert(exc, selectors) from exc
             if isinstance(exc, ChainError):
                 raise
-            raise ChainError(f"transaction {call.fn_name} failed: {exc}") from exc
+            raise ChainError(f"transaction {_name(call)} failed: {exc}") from exc
     if receipt["status"] != 1:
         reason = _replay_revert(w3, account.address, call, selectors, receipt["blockNumber"])
         raise reason
     return receipt
 
 
+def _name(call: ContractFunction | ContractConstructor) -> str:
+    return call.fn_name if isinstance(call, ContractFunction) else "constructor"
+
+
 def _replay_revert(
     w3: Web3,
     sender: str,
-    call: ContractFunction,
+    call: ContractFunction | ContractConstructor,
     selectors: Mapping[bytes, tuple[str, list[str]]],
     block: int,
 ) -> ContractRevert:
     """Find out why a mined transaction failed by replaying it as a call at its block."""
-    try:
-        call.call({"from": sender}, block_identifier=max(block - 1, 0))
-    except Exception as exc:
-        if is_revert(exc):
-            return decode_revert(exc, selectors)
-    return ContractRevert("", (), raw=f"{call.fn_name} mined with status 0 in block {block}")
+    if isinstance(call, ContractFunction):
+        try:
+            call.call({"from": sender}, block_identifier=max(block - 1, 0))
+        except Exception as exc:
+            if is_revert(exc):
+                return decode_revert(exc, selectors)
+    return ContractRevert("", (), raw=f"{_name(call)} mined with status 0 in block {block}")
 
 
 def call_view(fn: Callable[[], T], selectors: Mapping[bytes, tuple[str, list[str]]]) -> T:

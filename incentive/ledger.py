@@ -162,7 +162,8 @@ class LedgerClient:
     @cached_property
     def token(self) -> Contract:
         return self.w3.eth.contract(
-            address=self.token_address, abi=load_artifact("RewardToken")["abi"]
+            address=Web3.to_checksum_address(self.token_address),
+            abi=load_artifact("RewardToken")["abi"],
         )
 
     def chain_id(self) -> int:

@@ -17,7 +17,9 @@ class TrainConfig:
     epochs: int = 1
     lr: float = 0.05
     batch_size: int = 32
-    prox_mu: float = 0.0  # Li et al. 2020, "Federated Optimization in Heterogeneous Networks", eq. 2
+    prox_mu: float = (
+        0.0  # Li et al. 2020, "Federated Optimization in Heterogeneous Networks", eq. 2
+    )
     seed: int = 0
 
 

@@ -40,7 +40,17 @@ def _running(pid: int) -> bool:
 def test_devnet_up_register_rewards_down(tmp_path: Path) -> None:
     state = tmp_path / "devnet"
     port = free_port()
-    up = fedledger("devnet", "up", "--organisations", "2", "--port", str(port), "--state-dir", str(state), cwd=tmp_path)
+    up = fedledger(
+        "devnet",
+        "up",
+        "--organisations",
+        "2",
+        "--port",
+        str(port),
+        "--state-dir",
+        str(state),
+        cwd=tmp_path,
+    )
     assert up.returncode == 0, up.stdout + up.stderr
     pid = int((state / "anvil.pid").read_text())
     try:
@@ -51,26 +61,44 @@ def test_devnet_up_register_rewards_down(tmp_path: Path) -> None:
         ledger = LedgerClient(connect(deployment.rpc_url), deployment.ledger)
         assert ledger.chain_id() == deployment.chain_id == 31337
         assert ledger.token_address == deployment.token
-        assert sorted(ledger.organisations()) == sorted(o.address for o in deployment.accounts.organisations)
+        assert sorted(ledger.organisations()) == sorted(
+            o.address for o in deployment.accounts.organisations
+        )
 
-        again = fedledger("devnet", "up", "--port", str(port), "--state-dir", str(state), cwd=tmp_path)
+        again = fedledger(
+            "devnet", "up", "--port", str(port), "--state-dir", str(state), cwd=tmp_path
+        )
         assert again.returncode == 1 and "already up" in again.stdout
 
         newcomer = devnet_account(9).address
         admin_key = deployment.accounts.admin.private_key
         assert admin_key is not None
         registered = fedledger(
-            "register", newcomer, "--deployment", str(state / "deployment.json"), "--key", admin_key, cwd=tmp_path
+            "register",
+            newcomer,
+            "--deployment",
+            str(state / "deployment.json"),
+            "--key",
+            admin_key,
+            cwd=tmp_path,
         )
         assert registered.returncode == 0, registered.stdout + registered.stderr
         assert ledger.is_organisation(newcomer)
 
         twice = fedledger(
-            "register", newcomer, "--deployment", str(state / "deployment.json"), "--key", admin_key, cwd=tmp_path
+            "register",
+            newcomer,
+            "--deployment",
+            str(state / "deployment.json"),
+            "--key",
+            admin_key,
+            cwd=tmp_path,
         )
         assert twice.returncode == 1 and "OrganisationAlreadyRegistered" in twice.stdout
 
-        shown = fedledger("rewards", "--deployment", str(state / "deployment.json"), "--json", cwd=tmp_path)
+        shown = fedledger(
+            "rewards", "--deployment", str(state / "deployment.json"), "--json", cwd=tmp_path
+        )
         assert shown.returncode == 0, shown.stdout + shown.stderr
         report = json.loads(shown.stdout)
         assert report["ledger"] == deployment.ledger
@@ -85,12 +113,28 @@ def test_devnet_up_register_rewards_down(tmp_path: Path) -> None:
 
 def test_node_with_unregistered_key_is_told_so(tmp_path: Path) -> None:
     state = tmp_path / "devnet"
-    up = fedledger("devnet", "up", "--organisations", "1", "--port", str(free_port()), "--state-dir", str(state), cwd=tmp_path)
+    up = fedledger(
+        "devnet",
+        "up",
+        "--organisations",
+        "1",
+        "--port",
+        str(free_port()),
+        "--state-dir",
+        str(state),
+        cwd=tmp_path,
+    )
     assert up.returncode == 0, up.stdout + up.stderr
     try:
         outsider_key = devnet_account(7).key.hex()
         run = fedledger(
-            "node", "run", "--deployment", str(state / "deployment.json"), "--key", outsider_key, cwd=tmp_path
+            "node",
+            "run",
+            "--deployment",
+            str(state / "deployment.json"),
+            "--key",
+            outsider_key,
+            cwd=tmp_path,
         )
         assert run.returncode == 1
         assert "not a registered organisation" in run.stdout

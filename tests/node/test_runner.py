@@ -57,7 +57,9 @@ def test_nodes_train_commit_and_upload_every_round(make_harness: Callable[..., H
 def test_node_refuses_a_model_that_differs_from_the_chain(harness: Harness) -> None:
     current = harness.service.current()
     blob = harness.service.store.blob_path(current.model_hash)
-    blob.write_bytes(blob.read_bytes()[:-4] + b"\0\0\0\0")  # the coordinator serves tampered weights
+    blob.write_bytes(
+        blob.read_bytes()[:-4] + b"\0\0\0\0"
+    )  # the coordinator serves tampered weights
     with serve_in_thread(create_app(harness.service)) as url:
         runner = _runner(harness, url, 0)
         with pytest.raises(ModelVerificationError, match="refusing to train"):
@@ -71,7 +73,10 @@ def test_restarted_node_reproduces_its_committed_update(harness: Harness) -> Non
         first = _runner(harness, url, 0)
         current = first.client.current_round()
         params = first.fetch_global_model(current)
-        assert keccak(harness.service.model_bytes(current.model_hash)) == harness.ledger.get_round(1).model_hash
+        assert (
+            keccak(harness.service.model_bytes(current.model_hash))
+            == harness.ledger.get_round(1).model_hash
+        )
         del params
         outcome = first.take_part(current)
         assert outcome is not None and not outcome.duplicate
