@@ -34,6 +34,13 @@ from ..incentive.valuation import CoalitionUtility, evaluate_params
 from ..tasks import Task, get_task
 from .aggregation import fedavg
 from .config import CoordinatorSettings
+from .failpoints import (
+    CLOSE_AFTER_AGGREGATE,
+    CLOSE_AFTER_FINALIZE_TX,
+    OPEN_AFTER_TX,
+    UPLOAD_AFTER_BLOB,
+    failpoint,
+)
 from .errors import (
     ChainUnavailable,
     Conflict,
@@ -175,17 +182,22 @@ class RoundService:
                 self._stop.wait(1.0)
 
     def _reconcile(self) -> None:
+        removed = self.store.collect_garbage()
+        if removed:
+            log.info("removed %d unreferenced file(s) left by an interrupted write", removed)
         latest = self.store.latest_round()
         chain_rounds = self.ledger.round_count()
         if latest is None:
-            if chain_rounds > 0:
+            data, digest = commitment_of(self._model.state_dict())
+            # Round 1 may already be open on-chain if we crashed right after opening it.
+            if chain_rounds > 1 or (
+                chain_rounds == 1 and self.ledger.get_round(1).model_hash != digest
+            ):
                 raise CoordinatorError(
                     "wrong_data_dir",
                     f"the ledger already has {chain_rounds} round(s) but {self.settings.data_dir} "
                     "has no state; start the coordinator on the data directory that ran them",
                 )
-            params = self._model.state_dict()
-            data, digest = commitment_of(params)
             self.store.put_blob(hex32(digest), data)
             self._open_round(1, hex32(digest))
             return
@@ -199,6 +211,7 @@ class RoundService:
         if self.ledger.round_count() < round_id:
             deadline = int(self.clock() + self.settings.round_timeout_s)
             self.ledger.open_round(round_id, as_bytes32(model_hash), deadline)
+            failpoint(OPEN_AFTER_TX)
         record = self.ledger.get_round(round_id)
         if hex32(record.model_hash) != model_hash:
             raise CoordinatorError(
@@ -286,6 +299,7 @@ class RoundService:
         new_bytes = canonical_bytes(new_params)
         new_hash = hex32(keccak(new_bytes))
         self.store.put_blob(new_hash, new_bytes)
+        failpoint(CLOSE_AFTER_AGGREGATE)
 
         utility = CoalitionUtility(
             self._model,
@@ -364,6 +378,7 @@ class RoundService:
         receipt = self.ledger.finalize_round(
             round_id, as_bytes32(new_model_hash), orgs, scores, rewards
         )
+        failpoint(CLOSE_AFTER_FINALIZE_TX)
         return hex32(bytes(receipt["transactionHash"]))
 
     def _load_tensors(self, digest_hex: str) -> dict[str, torch.Tensor]:
@@ -538,6 +553,7 @@ class RoundService:
                 )
 
         self.store.put_blob(body_hash, body)
+        failpoint(UPLOAD_AFTER_BLOB)
         with self._lock:
             current = self.store.latest_round()
             if current is None or current.round_id != auth.round_id or current.status != "open":

@@ -128,6 +128,24 @@ class Store:
             os.close(dir_fd)
         return path
 
+    def collect_garbage(self) -> int:
+        """Delete blobs no record refers to (an upload interrupted between fsync and commit).
+
+        Run at start-up, before any request is served; returns how many files were removed.
+        """
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT update_hash FROM updates UNION SELECT model_hash FROM rounds"
+                " UNION SELECT new_model_hash FROM rounds WHERE new_model_hash IS NOT NULL"
+            ).fetchall()
+        referenced = {self.blob_path(str(row[0])).name for row in rows}
+        removed = 0
+        for path in self.blob_dir.glob("*.safetensors"):
+            if path.name not in referenced:
+                path.unlink()
+                removed += 1
+        return removed
+
     def get_blob(self, digest_hex: str) -> bytes | None:
         path = self.blob_path(digest_hex)
         return path.read_bytes() if path.exists() else None
