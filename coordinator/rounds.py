@@ -562,7 +562,7 @@ class RoundService:
                     f"round {auth.round_id} closed while the upload was verified",
                     current_round=current.round_id if current else 0,
                 )
-            stored = self.store.insert_update(
+            stored, created = self.store.insert_update(
                 StoredUpdate(
                     round_id=auth.round_id,
                     organisation=signer,
@@ -572,7 +572,7 @@ class RoundService:
                     received_at=self.clock(),
                 )
             )
-        if stored.nonce != str(auth.nonce) or stored.update_hash != body_hash:
+        if not created:  # a concurrent request for the same organisation and round won
             return self._duplicate(stored, body_hash)
         self._wake.set()
         return self._receipt(stored), True

@@ -205,11 +205,11 @@ class Store:
 
     # ---------------------------------------------------------------- updates
 
-    def insert_update(self, update: StoredUpdate) -> StoredUpdate:
-        """Record an accepted update and burn its nonce, atomically.
+    def insert_update(self, update: StoredUpdate) -> tuple[StoredUpdate, bool]:
+        """Record an accepted update and burn its nonce, atomically; True if it was new.
 
         If the organisation already has an update in the round, nothing is written and the
-        stored one is returned (the caller compares hashes).
+        stored one is returned with False (the caller compares hashes).
         """
         with self.transaction() as db:
             existing = db.execute(
@@ -218,7 +218,7 @@ class Store:
                 (update.round_id, update.organisation),
             ).fetchone()
             if existing is not None:
-                return StoredUpdate(*existing)
+                return StoredUpdate(*existing), False
             db.execute(
                 "INSERT INTO updates (round_id, organisation, update_hash, num_samples, nonce, received_at)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
@@ -235,7 +235,7 @@ class Store:
                 "INSERT OR IGNORE INTO nonces (organisation, nonce) VALUES (?, ?)",
                 (update.organisation, update.nonce),
             )
-        return update
+        return update, True
 
     def get_update(self, round_id: int, organisation: str) -> StoredUpdate | None:
         with self._lock:

@@ -282,3 +282,24 @@ def test_quorum_not_met_fails_the_round_without_payout(
     assert result["new_model_hash"] == result["model_hash"]
     assert harness.ledger.get_round(1).total_reward == 0
     assert harness.ledger.total_supply() == 0
+
+
+def test_absent_organisation_is_missing_with_zero_score_and_reward(
+    make_harness: Callable[..., Harness],
+) -> None:
+    harness = make_harness(quorum=2)
+    present, absent = harness.orgs[:2], harness.orgs[2]
+    for k, org in enumerate(present):
+        assert harness.post(harness.make_upload(org, seed=k)).status_code == 201
+    harness.service.step()
+    assert harness.client.get("/v1/rounds/1").json()["status"] == "open"  # still waiting
+    harness.clock[0] += 601 + harness.service.settings.upload_grace_s
+    harness.service.step()  # the deadline with a quorum: the round goes on without it
+    result = harness.client.get("/v1/rounds/1").json()
+    assert result["status"] == "finalized"
+    by_org = {o["organisation"]: o for o in result["organisations"]}
+    assert by_org[absent.address]["status"] == "missing"
+    assert by_org[absent.address]["score"] == 0 and by_org[absent.address]["reward"] == "0"
+    assert harness.ledger.reward_of(1, absent.address) == 0
+    assert not harness.ledger.is_settled(1, absent.address)
+    assert all(harness.ledger.is_settled(1, org.address) for org in present)

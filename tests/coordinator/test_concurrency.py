@@ -1,0 +1,58 @@
+"""Concurrent uploads over real HTTP: one organisation, one round, exactly one update stored."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+from fedledger.coordinator.api import create_app
+from fedledger.demo import serve_in_thread
+from harness import Harness
+
+CONCURRENT = 20
+
+
+def test_twenty_concurrent_identical_uploads_store_one(harness: Harness) -> None:
+    org = harness.orgs[0]
+    upload = harness.make_upload(org)
+    with serve_in_thread(create_app(harness.service)) as url:
+
+        def send(_: int) -> httpx.Response:
+            return httpx.post(
+                f"{url}/v1/rounds/{upload.round_id}/updates",
+                content=upload.body,
+                headers=upload.headers,
+                timeout=60,
+            )
+
+        with ThreadPoolExecutor(CONCURRENT) as pool:
+            responses = list(pool.map(send, range(CONCURRENT)))
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses == [200] * (CONCURRENT - 1) + [201]
+    receipts = {(r.json()["update_hash"], r.json()["received_at"]) for r in responses}
+    assert len(receipts) == 1  # every answer is the one original receipt
+    assert len(harness.service.store.updates_for(upload.round_id)) == 1
+
+
+def test_twenty_concurrent_different_uploads_accept_only_the_committed_one(harness: Harness) -> None:
+    org = harness.orgs[0]
+    committed = harness.make_upload(org, seed=0)
+    others = [harness.make_upload(org, seed=s, commit=False) for s in range(1, CONCURRENT)]
+    with serve_in_thread(create_app(harness.service)) as url:
+
+        def send(upload: object) -> httpx.Response:
+            return httpx.post(
+                f"{url}/v1/rounds/{committed.round_id}/updates",
+                content=upload.body,  # type: ignore[attr-defined]
+                headers=upload.headers,  # type: ignore[attr-defined]
+                timeout=60,
+            )
+
+        with ThreadPoolExecutor(CONCURRENT) as pool:
+            responses = list(pool.map(send, [committed, *others]))
+    assert responses[0].status_code == 201
+    assert {r.json()["code"] for r in responses[1:]} <= {"commitment_mismatch", "already_submitted"}
+    assert all(r.status_code == 409 for r in responses[1:])
+    stored = harness.service.store.updates_for(committed.round_id)
+    assert [u.update_hash for u in stored] == ["0x" + committed.digest.hex()]
