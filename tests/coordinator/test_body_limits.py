@@ -1,0 +1,138 @@
+"""Oversize bodies are refused with 413 before they are buffered, whatever the Content-Length says.
+
+Raw sockets against the real server: the client declares a size honestly, not at all (chunked)
+or falsely, and the answer must come while most of the body is still unsent.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from fedledger.coordinator.api import create_app
+from fedledger.demo import serve_in_thread
+from harness import Harness
+
+LIMIT = 1 << 20  # the harness's max_upload_bytes
+HUGE = 64 << 20  # what the client would send if it were allowed to finish
+
+
+@pytest.fixture
+def server(harness: Harness) -> Iterator[tuple[str, int, dict[str, str]]]:
+    upload = harness.make_upload(harness.orgs[0])
+    with serve_in_thread(create_app(harness.service)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        yield host, int(port), upload.headers
+
+
+@contextmanager
+def connection(host: str, port: int) -> Iterator[socket.socket]:
+    sock = socket.create_connection((host, port), timeout=10)
+    try:
+        yield sock
+    finally:
+        sock.close()
+
+
+def request_head(host: str, headers: dict[str, str], extra: str) -> bytes:
+    lines = ["POST /v1/rounds/1/updates HTTP/1.1", f"Host: {host}"]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    return ("\r\n".join(lines) + "\r\n" + extra + "\r\n").encode()
+
+
+def send_until_answered(sock: socket.socket, chunk: bytes, total: int) -> tuple[bytes, int]:
+    """Send up to ``total`` bytes in chunks; stop as soon as the server answers."""
+    sent = 0
+    sock.setblocking(False)
+    answer = b""
+    while sent < total:
+        try:
+            answer += sock.recv(65536)
+            if answer:
+                break
+        except BlockingIOError:
+            pass
+        try:
+            sent += sock.send(chunk)
+        except BlockingIOError:
+            continue
+        except (BrokenPipeError, ConnectionResetError):
+            break
+    sock.setblocking(True)
+    sock.settimeout(10)
+    return read_response(sock, answer), sent
+
+
+def read_response(sock: socket.socket, answer: bytes = b"") -> bytes:
+    """Read one whole HTTP response (headers and a Content-Length body)."""
+    while b"\r\n\r\n" not in answer or len(answer.partition(b"\r\n\r\n")[2]) < _length(answer):
+        data = sock.recv(65536)
+        if not data:
+            break
+        answer += data
+    return answer
+
+
+def _length(answer: bytes) -> int:
+    for line in answer.partition(b"\r\n\r\n")[0].split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 0
+
+
+def parse(answer: bytes) -> tuple[int, dict[str, object]]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status = int(head.split(b" ")[1])
+    start, end = body.find(b"{"), body.rfind(b"}")
+    return status, json.loads(body[start : end + 1])
+
+
+def test_honest_oversize_length_is_refused_before_the_body(
+    server: tuple[str, int, dict[str, str]],
+) -> None:
+    host, port, headers = server
+    with connection(host, port) as sock:
+        sock.sendall(request_head(host, headers, f"Content-Length: {HUGE}\r\n"))
+        status, body = parse(read_response(sock))  # not one body byte sent
+    assert status == 413 and body["code"] == "too_large"
+
+
+def test_chunked_oversize_body_is_cut_off_at_the_limit(
+    server: tuple[str, int, dict[str, str]],
+) -> None:
+    host, port, headers = server
+    chunk = b"\0" * 65536
+    framed = f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n"
+    with connection(host, port) as sock:
+        sock.sendall(request_head(host, headers, "Transfer-Encoding: chunked\r\n"))
+        answer, sent = send_until_answered(sock, framed, HUGE)
+    status, body = parse(answer)
+    assert status == 413 and body["code"] == "too_large"
+    assert sent < HUGE // 4  # answered long before the client finished: nothing near HUGE buffered
+
+
+def test_lying_small_length_reads_only_what_was_declared(
+    server: tuple[str, int, dict[str, str]],
+) -> None:
+    host, port, headers = server
+    with connection(host, port) as sock:
+        sock.sendall(request_head(host, headers, "Content-Length: 1000\r\n"))
+        answer, _ = send_until_answered(sock, b"\0" * 65536, HUGE)
+    status, body = parse(answer)
+    # The server takes the 1,000 declared bytes and judges them: they are not what was signed.
+    assert status == 401 and body["code"] == "body_hash_mismatch"
+
+
+def test_missing_length_without_chunking_is_an_empty_body(
+    server: tuple[str, int, dict[str, str]],
+) -> None:
+    host, port, headers = server
+    with connection(host, port) as sock:
+        sock.sendall(request_head(host, headers, ""))
+        status, body = parse(read_response(sock))
+    assert status == 401 and body["code"] == "body_hash_mismatch"
