@@ -28,9 +28,15 @@ _account_locks_guard = threading.Lock()
 
 
 def connect(rpc_url: str, *, timeout_s: float = 30.0) -> Web3:
-    """A Web3 connected to a JSON-RPC endpoint over HTTP."""
-    w3 = Web3(Web3.HTTPProvider(rpc_url, request_kwargs={"timeout": timeout_s}))
-    return w3
+    """A Web3 connected to a JSON-RPC endpoint over HTTP.
+
+    web3's own silent retries are off: callers retry with their own backoff and say so, and
+    the coordinator answers 503 at once rather than hanging while the chain is down.
+    """
+    provider = Web3.HTTPProvider(
+        rpc_url, request_kwargs={"timeout": timeout_s}, exception_retry_configuration=None
+    )
+    return Web3(provider)
 
 
 def devnet_account(index: int) -> LocalAccount:
