@@ -34,13 +34,6 @@ from ..incentive.valuation import CoalitionUtility, evaluate_params
 from ..tasks import Task, get_task
 from .aggregation import fedavg
 from .config import CoordinatorSettings
-from .failpoints import (
-    CLOSE_AFTER_AGGREGATE,
-    CLOSE_AFTER_FINALIZE_TX,
-    OPEN_AFTER_TX,
-    UPLOAD_AFTER_BLOB,
-    failpoint,
-)
 from .errors import (
     ChainUnavailable,
     Conflict,
@@ -49,6 +42,13 @@ from .errors import (
     NotFound,
     Unauthorized,
     Unprocessable,
+)
+from .failpoints import (
+    CLOSE_AFTER_AGGREGATE,
+    CLOSE_AFTER_FINALIZE_TX,
+    OPEN_AFTER_TX,
+    UPLOAD_AFTER_BLOB,
+    failpoint,
 )
 from .store import Store, StoredUpdate
 

@@ -35,7 +35,9 @@ def test_twenty_concurrent_identical_uploads_store_one(harness: Harness) -> None
     assert len(harness.service.store.updates_for(upload.round_id)) == 1
 
 
-def test_twenty_concurrent_different_uploads_accept_only_the_committed_one(harness: Harness) -> None:
+def test_twenty_concurrent_different_uploads_accept_only_the_committed_one(
+    harness: Harness,
+) -> None:
     org = harness.orgs[0]
     committed = harness.make_upload(org, seed=0)
     others = [harness.make_upload(org, seed=s, commit=False) for s in range(1, CONCURRENT)]
