@@ -16,6 +16,13 @@ import torch
 from web3 import Web3
 
 from .. import wire
+from ..failpoints import (
+    CLOSE_AFTER_AGGREGATE,
+    CLOSE_AFTER_FINALIZE_TX,
+    OPEN_AFTER_TX,
+    UPLOAD_AFTER_BLOB,
+    failpoint,
+)
 from ..incentive.commitment import (
     canonical_bytes,
     commitment_of,
@@ -42,13 +49,6 @@ from .errors import (
     NotFound,
     Unauthorized,
     Unprocessable,
-)
-from .failpoints import (
-    CLOSE_AFTER_AGGREGATE,
-    CLOSE_AFTER_FINALIZE_TX,
-    OPEN_AFTER_TX,
-    UPLOAD_AFTER_BLOB,
-    failpoint,
 )
 from .store import Store, StoredUpdate
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .. import wire
+from ..failpoints import NODE_AFTER_COMMIT, failpoint
 from ..incentive.commitment import commitment_of, decode_update, keccak, specs_of
 from ..incentive.errors import ChainError, ContractRevert
 from ..incentive.ledger import LedgerClient
@@ -133,6 +134,7 @@ class NodeRunner:
                 log.warning("round %d: commit refused on-chain: %s", round_id, exc)
                 self.done_rounds.add(round_id)
                 return None
+            failpoint(NODE_AFTER_COMMIT)
         elif committed.update_hash != digest:
             log.error(
                 "round %d: already committed 0x%s on-chain, which differs from this update; "

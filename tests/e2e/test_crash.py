@@ -23,14 +23,15 @@ import torch
 
 from fedledger import wire
 from fedledger.coordinator.aggregation import fedavg
-from fedledger.coordinator.failpoints import (
+from fedledger.devnet.anvil import AnvilProcess, free_port, start_anvil
+from fedledger.devnet.deploy import deploy_devnet
+from fedledger.failpoints import (
     CLOSE_AFTER_AGGREGATE,
     CLOSE_AFTER_FINALIZE_TX,
     ENV_VAR,
+    NODE_AFTER_COMMIT,
     UPLOAD_AFTER_BLOB,
 )
-from fedledger.devnet.anvil import AnvilProcess, free_port, start_anvil
-from fedledger.devnet.deploy import deploy_devnet
 from fedledger.incentive.chain import account_from_key, connect
 from fedledger.incentive.commitment import canonical_bytes, commitment_of, decode_tensors, keccak
 from fedledger.incentive.deployment import Deployment
@@ -314,3 +315,45 @@ def test_crash_after_finalize_tx_reconciles_without_paying_twice(federation: Fed
             1, record.new_model_hash, [], [], []
         )
     assert refused.value.error == "RoundNotOpen"
+
+
+def test_node_killed_after_committing_rejoins_the_round(federation: Federation) -> None:
+    fed = federation
+    fed.start()
+    assert fed.deployment.accounts is not None
+    key = fed.deployment.accounts.organisations[0].private_key
+    assert key is not None
+    address = fed.deployment.accounts.organisations[0].address
+
+    def node(*failpoints: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [
+                sys.executable, "-m", "fedledger", "node", "run",
+                "--coordinator", fed.url,
+                "--deployment", str(fed.deployment_file),
+                "--key", key,
+                "--partition", f"0/{ORGS}",
+                "--epochs", "1",
+            ],
+            stdout=(fed.log_dir / f"node-{len(failpoints)}.log").open("wb"),
+            stderr=subprocess.STDOUT,
+            env={**os.environ, ENV_VAR: ",".join(failpoints)},
+        )  # fmt: skip
+
+    crashed = node(NODE_AFTER_COMMIT)
+    assert crashed.wait(timeout=120) == -signal.SIGKILL
+    committed = fed.ledger.commitment_of(1, address)
+    assert committed is not None  # on-chain, but never uploaded
+    assert fed.current().uploads_received == 0
+    for k in (1, 2):
+        assert post(fed, prepare(fed, k, 1)).status_code == 201
+
+    restarted = node()
+    try:
+        result = fed.wait_round(1, "finalized", timeout_s=120)
+    finally:
+        restarted.terminate()
+        restarted.wait(timeout=30)
+    mine = next(o for o in result.organisations if o.organisation == address)
+    assert mine.status == wire.UploadStatus.ACCEPTED
+    assert mine.update_hash == "0x" + committed.update_hash.hex()  # the same update, retrained

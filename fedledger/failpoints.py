@@ -1,6 +1,6 @@
 """Named crash points for fault-injection tests: the process kills itself with SIGKILL there.
 
-Set ``FEDLEDGER_FAILPOINTS=name[,name...]`` in the coordinator's environment; unset (the
+Set ``FEDLEDGER_FAILPOINTS=name[,name...]`` in a coordinator's or node's environment; unset (the
 default) every failpoint is a no-op. Used by the crash tests to stop the coordinator at exact
 moments (between fsync and commit, between a mined transaction and its record) that an
 external ``kill -9`` could only hit by luck.
@@ -17,6 +17,7 @@ UPLOAD_AFTER_BLOB = "upload.after_blob"  # the update file is durable, its row i
 CLOSE_AFTER_AGGREGATE = "close.after_aggregate"  # the new model is stored, nothing settled
 CLOSE_AFTER_FINALIZE_TX = "close.after_finalize_tx"  # finalizeRound mined, not yet recorded
 OPEN_AFTER_TX = "open.after_tx"  # openRound mined, not yet recorded
+NODE_AFTER_COMMIT = "node.after_commit"  # the node committed on-chain, has not uploaded
 
 
 def failpoint(name: str) -> None:
