@@ -140,3 +140,30 @@ def test_node_with_unregistered_key_is_told_so(tmp_path: Path) -> None:
         assert "not a registered organisation" in run.stdout
     finally:
         fedledger("devnet", "down", "--state-dir", str(state), cwd=tmp_path)
+
+
+def test_deploy_to_any_rpc_endpoint_with_keys(tmp_path: Path) -> None:
+    from fedledger.devnet.anvil import start_anvil
+
+    anvil = start_anvil(accounts=4)
+    try:
+        admin, coordinator, org = devnet_account(0), devnet_account(1), devnet_account(2)
+        out = tmp_path / "deployment.json"
+        deployed = fedledger(
+            "deploy",
+            "--rpc", anvil.rpc_url,
+            "--key", admin.key.hex(),
+            "--coordinator", coordinator.address,
+            "--organisation", org.address,
+            "--out", str(out),
+            cwd=tmp_path,
+        )  # fmt: skip
+        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+        deployment = Deployment.load(out)
+        assert deployment.accounts is not None
+        assert deployment.accounts.admin.private_key is None  # real keys never land in the file
+        ledger = LedgerClient(connect(anvil.rpc_url), deployment.ledger)
+        assert ledger.has_coordinator_role(coordinator.address)
+        assert ledger.organisations() == [org.address]
+    finally:
+        anvil.stop()
