@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -129,6 +130,19 @@ def test_three_nodes_two_rounds_settle_on_chain(anvil: AnvilProcess, tmp_path: P
                 proc.wait(timeout=30)
 
     _check_chain(deployment, results, model_1)
+
+    shown = subprocess.run(
+        _cli("rewards", "--deployment", str(deployment_file), "--json"),
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    report = json.loads(shown.stdout)
+    ledger = LedgerClient(connect(anvil.rpc_url), deployment.ledger)
+    assert report["balances"] == {org: ledger.balance_of(org) for org in ledger.organisations()}
+    assert len(report["rounds"]) == ROUNDS * ORGS
+    for row in report["rounds"]:
+        assert row["reward"] == ledger.reward_of(row["round"], row["organisation"])
+        assert row["committed"] is not None and row["settled"] is True
 
 
 def _check_chain(deployment: Deployment, results: list[dict], model_1: bytes) -> None:  # type: ignore[type-arg]
