@@ -63,6 +63,8 @@ contract FedLedger is AccessControlEnumerable {
     error PreviousRoundOpen(uint256 roundId);
     /// @notice A deadline must lie in the future: `deadline` <= block time `nowTs`.
     error DeadlineInPast(uint64 deadline, uint256 nowTs);
+    /// @notice An extension must move the deadline later than `current`, not to `given`.
+    error DeadlineNotLater(uint64 current, uint64 given);
     /// @notice A model or update hash must not be zero.
     error ZeroHash();
     /// @notice A commitment must declare at least one training sample.
@@ -88,6 +90,8 @@ contract FedLedger is AccessControlEnumerable {
     event UpdateCommitted(uint256 indexed roundId, address indexed org, bytes32 updateHash, uint256 numSamples);
     /// @notice `org` was scored `score` (1e18 = 1.0) and paid `reward` token units for round `roundId`.
     event ContributionRecorded(uint256 indexed roundId, address indexed org, int256 score, uint256 reward);
+    /// @notice The coordinator moved round `roundId`'s deadline from `previousDeadline` to `deadline`.
+    event RoundExtended(uint256 indexed roundId, uint64 previousDeadline, uint64 deadline);
     /// @notice Round `roundId` closed with the new global model `newModelHash`.
     event RoundFinalized(uint256 indexed roundId, bytes32 newModelHash, uint256 totalReward, uint256 organisations);
 
@@ -133,6 +137,21 @@ contract FedLedger is AccessControlEnumerable {
         round.deadline = deadline;
         round.state = RoundState.Open;
         emit RoundOpened(roundId, modelHash, deadline);
+    }
+
+    /// @notice Gives the organisations until `deadline` to commit to round `roundId`.
+    /// @dev Coordinator only; the round must be open and the new deadline later than the old
+    /// one and in the future (used when a round misses its quorum and policy says extend).
+    /// @param roundId The open round.
+    /// @param deadline The new deadline, unix seconds.
+    function extendRound(uint256 roundId, uint64 deadline) external onlyRole(COORDINATOR_ROLE) {
+        Round storage round = _rounds[roundId];
+        if (round.state != RoundState.Open) revert RoundNotOpen(roundId, round.state);
+        uint64 previous = round.deadline;
+        if (deadline <= previous) revert DeadlineNotLater(previous, deadline);
+        if (deadline <= block.timestamp) revert DeadlineInPast(deadline, block.timestamp);
+        round.deadline = deadline;
+        emit RoundExtended(roundId, previous, deadline);
     }
 
     /// @notice Closes round `roundId`: records the new global model, each organisation's

@@ -21,6 +21,10 @@ class CoordinatorSettings(BaseModel):
     round_timeout_s: float = Field(300.0, gt=0, description="commit deadline after a round opens")
     upload_grace_s: float = Field(5.0, ge=0, description="uploads still taken after the deadline")
     quorum: int = Field(1, ge=1, description="fewest uploads for a round to aggregate")
+    quorum_policy: Literal["fail", "extend"] = Field(
+        "fail", description="at a deadline without quorum: fail the round, or extend it"
+    )
+    max_extensions: int = Field(1, ge=0, description="extensions before a round fails anyway")
     eta: float = Field(
         1.0, gt=0, description="server learning rate in w + eta * sum_k n_k/n delta_k"
     )

@@ -50,7 +50,7 @@ from .errors import (
     Unauthorized,
     Unprocessable,
 )
-from .store import Store, StoredUpdate
+from .store import Store, StoredRound, StoredUpdate
 
 log = logging.getLogger("fedledger.coordinator")
 
@@ -204,6 +204,12 @@ class RoundService:
         if chain_rounds > latest.round_id:  # opened on-chain, crashed before recording it
             record = self.ledger.get_round(chain_rounds)
             self.store.add_round(chain_rounds, hex32(record.model_hash), record.deadline)
+        elif latest.status == wire.RoundStatus.OPEN:  # an extension may be on-chain only
+            record = self.ledger.get_round(latest.round_id)
+            if record.deadline != latest.deadline:
+                self.store.set_deadline(
+                    latest.round_id, record.deadline, extensions=latest.extensions + 1
+                )
 
     # ------------------------------------------------------------------ rounds
 
@@ -238,6 +244,8 @@ class RoundService:
             expected = {o.lower() for o in self.expected_organisations(current.round_id)}
             all_in = bool(expected) and expected <= submitted
             past = self.clock() > current.deadline + self.settings.upload_grace_s
+            if past and not all_in and self._extend_if_short(current, len(uploads)):
+                return
             if all_in or past:
                 with self._lock:
                     self.store.set_round_status(current.round_id, wire.RoundStatus.CLOSING)
@@ -247,6 +255,27 @@ class RoundService:
         elif current.round_id < self.settings.total_rounds:
             next_model = current.new_model_hash or current.model_hash
             self._open_round(current.round_id + 1, next_model)
+
+    def _extend_if_short(self, current: StoredRound, num_uploads: int) -> bool:
+        """Under the ``extend`` policy, give a round short of its quorum more time on-chain."""
+        if (
+            num_uploads >= self.settings.quorum
+            or self.settings.quorum_policy != "extend"
+            or current.extensions >= self.settings.max_extensions
+        ):
+            return False
+        deadline = int(self.clock() + self.settings.round_timeout_s)
+        if self.ledger.get_round(current.round_id).deadline < deadline:
+            self.ledger.extend_round(current.round_id, deadline)
+        record = self.ledger.get_round(current.round_id)
+        self.store.set_deadline(
+            current.round_id, record.deadline, extensions=current.extensions + 1
+        )
+        log.warning(
+            "round %d: %d of %d required uploads at the deadline; extended to %d",
+            current.round_id, num_uploads, self.settings.quorum, record.deadline,
+        )
+        return True
 
     def training_status(self) -> wire.TrainingStatus:
         current = self.store.latest_round()

@@ -26,6 +26,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     round_id INTEGER PRIMARY KEY,
     model_hash TEXT NOT NULL,
     deadline INTEGER NOT NULL,
+    extensions INTEGER NOT NULL DEFAULT 0,
     status TEXT NOT NULL,
     new_model_hash TEXT,
     result_json TEXT,
@@ -57,6 +58,7 @@ class StoredRound:
     new_model_hash: str | None
     result: dict[str, Any] | None
     opened_at: float
+    extensions: int = 0
 
 
 @dataclass(frozen=True)
@@ -186,10 +188,18 @@ class Store:
                 (status, new_model_hash, None if result is None else json.dumps(result), round_id),
             )
 
+    def set_deadline(self, round_id: int, deadline: int, *, extensions: int) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE rounds SET deadline = ?, extensions = ? WHERE round_id = ?",
+                (deadline, extensions, round_id),
+            )
+
     def get_round(self, round_id: int) -> StoredRound | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT round_id, model_hash, deadline, status, new_model_hash, result_json, opened_at"
+                "SELECT round_id, model_hash, deadline, status, new_model_hash, result_json, opened_at,"
+                " extensions"
                 " FROM rounds WHERE round_id = ?",
                 (round_id,),
             ).fetchone()
@@ -198,7 +208,8 @@ class Store:
     def latest_round(self) -> StoredRound | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT round_id, model_hash, deadline, status, new_model_hash, result_json, opened_at"
+                "SELECT round_id, model_hash, deadline, status, new_model_hash, result_json, opened_at,"
+                " extensions"
                 " FROM rounds ORDER BY round_id DESC LIMIT 1"
             ).fetchone()
         return None if row is None else _round(row)
@@ -265,7 +276,7 @@ class Store:
 
 
 def _round(row: tuple[Any, ...]) -> StoredRound:
-    round_id, model_hash, deadline, status, new_model_hash, result_json, opened_at = row
+    round_id, model_hash, deadline, status, new_model_hash, result_json, opened_at, extensions = row
     return StoredRound(
         round_id=int(round_id),
         model_hash=str(model_hash),
@@ -274,4 +285,5 @@ def _round(row: tuple[Any, ...]) -> StoredRound:
         new_model_hash=new_model_hash,
         result=None if result_json is None else json.loads(result_json),
         opened_at=float(opened_at),
+        extensions=int(extensions),
     )

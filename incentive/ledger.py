@@ -132,6 +132,9 @@ class LedgerClient:
     def commit_update(self, round_id: int, update_hash: bytes, num_samples: int) -> TxReceipt:
         return self._send(self.contract.functions.commitUpdate(round_id, update_hash, num_samples))
 
+    def extend_round(self, round_id: int, deadline: int) -> TxReceipt:
+        return self._send(self.contract.functions.extendRound(round_id, deadline))
+
     def finalize_round(
         self,
         round_id: int,

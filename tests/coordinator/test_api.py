@@ -303,3 +303,30 @@ def test_absent_organisation_is_missing_with_zero_score_and_reward(
     assert harness.ledger.reward_of(1, absent.address) == 0
     assert not harness.ledger.is_settled(1, absent.address)
     assert all(harness.ledger.is_settled(1, org.address) for org in present)
+
+
+def test_extend_policy_gives_a_short_round_more_time(make_harness: Callable[..., Harness]) -> None:
+    harness = make_harness(quorum=2, quorum_policy="extend", max_extensions=1)
+    first_deadline = harness.ledger.get_round(1).deadline
+    assert harness.post(harness.make_upload(harness.orgs[0])).status_code == 201
+    harness.clock[0] = first_deadline + harness.service.settings.upload_grace_s + 1
+    harness.service.step()  # short of quorum: extended on-chain, not failed
+    extended = harness.ledger.get_round(1).deadline
+    assert extended > first_deadline
+    assert harness.client.get("/v1/rounds/current").json()["deadline"] == extended
+    assert harness.client.get("/v1/rounds/1").json()["status"] == "open"
+    harness.clock[0] = harness.ledger.block_timestamp()
+    assert harness.post(harness.make_upload(harness.orgs[1], seed=1)).status_code == 201
+    harness.clock[0] = extended + harness.service.settings.upload_grace_s + 1
+    harness.service.step()
+    assert harness.client.get("/v1/rounds/1").json()["status"] == "finalized"
+
+
+def test_extend_policy_fails_after_its_last_extension(make_harness: Callable[..., Harness]) -> None:
+    harness = make_harness(quorum=2, quorum_policy="extend", max_extensions=1)
+    harness.clock[0] += 601 + harness.service.settings.upload_grace_s
+    harness.service.step()  # first miss: extended
+    harness.clock[0] += 601 + harness.service.settings.upload_grace_s
+    harness.service.step()  # second miss: no extensions left
+    result = harness.client.get("/v1/rounds/1").json()
+    assert result["status"] == "failed" and "quorum" in result["reason"]
