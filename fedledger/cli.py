@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -258,6 +259,12 @@ def coordinator_serve(
     quorum: Annotated[
         int, typer.Option(min=1, help="Fewest uploads for a round to aggregate.")
     ] = 1,
+    quorum_policy: Annotated[
+        str, typer.Option(help="At a deadline short of the quorum: `fail` or `extend` the round.")
+    ] = "fail",
+    max_extensions: Annotated[
+        int, typer.Option(min=0, help="Extensions before a short round fails anyway.")
+    ] = 1,
     reward_per_round: Annotated[float, typer.Option(help="Tokens paid per round.")] = 1000.0,
     max_upload_mb: Annotated[float, typer.Option(help="Upload size limit in MiB.")] = 64.0,
     task: Annotated[str, typer.Option(help="Learning task.")] = "digits",
@@ -275,13 +282,17 @@ def coordinator_serve(
     if not key:
         raise _fail("the coordinator's key is required: --key or FEDLEDGER_KEY")
     ledger, _ = _ledger(deployment, rpc, key)
+    if quorum_policy not in ("fail", "extend"):
+        raise _fail("--quorum-policy must be `fail` or `extend`")
     settings = CoordinatorSettings(
         data_dir=data_dir,
         task=task,
         total_rounds=rounds,
         round_timeout_s=round_timeout,
         quorum=quorum,
-        reward_per_round=int(reward_per_round * TOKEN_UNIT),
+        quorum_policy=quorum_policy,  # type: ignore[arg-type]
+        max_extensions=max_extensions,
+        reward_per_round=int(Decimal(str(reward_per_round)) * TOKEN_UNIT),
         max_upload_bytes=int(max_upload_mb * 2**20),
     )
     service = RoundService(settings, ledger)
