@@ -1,0 +1,87 @@
+"""The built-in digits task: the exact digits-10 split, disjoint partitions, a deterministic model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedledger.tasks import DigitsTask, get_task, make_split
+
+SHARED_SPLIT = Path(__file__).resolve().parents[2] / "shared" / "bench" / "digits10_split.json"
+# A copy of the consortium's digits-10 benchmark split, so the check runs on every machine.
+REFERENCE_SPLIT = Path(__file__).resolve().parent / "data" / "digits10_split.json"
+
+
+def test_split_is_exactly_the_digits10_benchmark_split() -> None:
+    assert make_split(10, 0.5, 0) == json.loads(REFERENCE_SPLIT.read_text())
+    if SHARED_SPLIT.exists():  # beside the repo on the team's machines: the copy is current
+        assert json.loads(SHARED_SPLIT.read_text()) == json.loads(REFERENCE_SPLIT.read_text())
+
+
+@pytest.mark.parametrize(
+    ("clients", "alpha", "seed"), [(10, 0.5, 0), (5, 0.5, 0), (3, 0.1, 2), (7, 10.0, 1)]
+)
+def test_partitions_are_disjoint_and_cover_the_training_part(
+    clients: int, alpha: float, seed: int
+) -> None:
+    split = make_split(clients, alpha, seed)
+    parts = [set(p) for p in split["client_indices"]]
+    test = set(split["test"])
+    union: set[int] = set().union(*parts)
+    assert sum(len(p) for p in parts) == len(union)  # disjoint
+    assert union.isdisjoint(test)
+    assert len(union) + len(test) == 1797  # every digit, once
+    assert len(test) == 360
+
+
+def test_partition_tensors_match_the_split() -> None:
+    task = get_task("digits")
+    x, y = task.partition(2, 5, alpha=0.5, seed=0)
+    assert x.dtype == torch.float32 and y.dtype == torch.int64
+    assert x.shape == (len(make_split(5, 0.5, 0)["client_indices"][2]), 64)
+    assert y.shape == (x.shape[0],)
+    x_val, y_val = task.validation_data()
+    assert x_val.shape == (360, 64)
+    assert sorted(np.unique(y_val.numpy()).tolist()) == list(range(10))  # stratified
+
+
+def test_features_are_standardised_on_the_training_part() -> None:
+    task = DigitsTask()
+    xs = torch.cat([task.partition(k, 4)[0] for k in range(4)])
+    informative = xs.std(0) > 0.5
+    assert torch.allclose(xs.mean(0), torch.zeros(64), atol=1e-4)
+    assert torch.allclose(
+        xs.std(0, unbiased=False)[informative], torch.ones(int(informative.sum())), atol=1e-3
+    )
+
+
+def test_model_is_the_64_32_10_mlp_and_deterministic() -> None:
+    task = get_task("digits")
+    state = task.build_model(seed=3).state_dict()
+    assert {n: tuple(t.shape) for n, t in state.items()} == {
+        "0.weight": (32, 64), "0.bias": (32,), "2.weight": (10, 32), "2.bias": (10,),
+    }  # fmt: skip
+    again = task.build_model(seed=3).state_dict()
+    assert all(torch.equal(state[n], again[n]) for n in state)
+    other = task.build_model(seed=4).state_dict()
+    assert not torch.equal(state["0.weight"], other["0.weight"])
+
+
+def test_building_a_model_leaves_the_global_rng_alone() -> None:
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    get_task("digits").build_model(seed=9)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_bad_partition_and_unknown_task_are_clear_errors() -> None:
+    task = get_task("digits")
+    with pytest.raises(ValueError, match="out of range for 3 partitions"):
+        task.partition(3, 3)
+    with pytest.raises(ValueError, match="known tasks: digits"):
+        get_task("imagenet")
