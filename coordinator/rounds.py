@@ -273,7 +273,10 @@ class RoundService:
         )
         log.warning(
             "round %d: %d of %d required uploads at the deadline; extended to %d",
-            current.round_id, num_uploads, self.settings.quorum, record.deadline,
+            current.round_id,
+            num_uploads,
+            self.settings.quorum,
+            record.deadline,
         )
         return True
 

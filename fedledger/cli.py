@@ -290,7 +290,7 @@ def coordinator_serve(
         total_rounds=rounds,
         round_timeout_s=round_timeout,
         quorum=quorum,
-        quorum_policy=quorum_policy,  # type: ignore[arg-type]
+        quorum_policy=quorum_policy,
         max_extensions=max_extensions,
         reward_per_round=int(Decimal(str(reward_per_round)) * TOKEN_UNIT),
         max_upload_bytes=int(max_upload_mb * 2**20),
