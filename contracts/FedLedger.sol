@@ -2,6 +2,7 @@
 pragma solidity 0.8.37;
 
 import {AccessControlEnumerable} from "@openzeppelin/contracts/access/extensions/AccessControlEnumerable.sol";
+import {MerkleProof} from "@openzeppelin/contracts/utils/cryptography/MerkleProof.sol";
 import {RewardToken} from "./RewardToken.sol";
 
 /// @title fedledger incentive ledger
@@ -11,6 +12,11 @@ import {RewardToken} from "./RewardToken.sol";
 /// @dev Roles: the admin (DEFAULT_ADMIN_ROLE) registers organisations and grants roles;
 /// the coordinator (COORDINATOR_ROLE) opens and finalizes rounds; registered organisations
 /// (ORGANISATION_ROLE) commit updates. Scores are signed fixed point, 1e18 = 1.0.
+/// A round settles in one of two ways: directly (finalizeRound lists every organisation's
+/// score and pays it in the same transaction) or by a Merkle root (finalizeRoundWithRoot posts
+/// one root of (round, organisation, score, reward, flags) leaves and each organisation claims
+/// its own reward with a proof), so that the coordinator's cost per round need not grow with
+/// the consortium.
 contract FedLedger is AccessControlEnumerable {
     /// @notice Role of the service that opens, aggregates and settles rounds.
     bytes32 public constant COORDINATOR_ROLE = keccak256("COORDINATOR_ROLE");
@@ -31,7 +37,16 @@ contract FedLedger is AccessControlEnumerable {
         uint64 deadline; // unix seconds; commitments after it revert
         RoundState state;
         uint32 commitCount;
-        uint256 totalReward; // token units paid when the round was finalized
+        uint256 totalReward; // token units the settlement pays out (in all, once claimed)
+        bytes32 rewardsRoot; // Merkle root of the settlement leaves; zero for a direct settlement
+        uint256 claimedReward; // token units paid so far (== totalReward for a direct settlement)
+    }
+
+    /// @notice How a round's scores were computed, so that any member can recompute them.
+    struct Valuation {
+        bytes32 method; // the valuation method's name, ASCII, left-aligned (e.g. "exact:accuracy")
+        uint256 seed; // seed of a randomised method (0 for a deterministic one)
+        bytes32 validationHash; // keccak256 of the canonical bytes of the validation set
     }
 
     struct Commitment {
@@ -42,6 +57,7 @@ contract FedLedger is AccessControlEnumerable {
     struct Settlement {
         int256 score;
         uint256 reward;
+        uint256 flags; // bit set of the reasons the coordinator flagged the update (0: none)
         bool settled;
     }
 
@@ -50,6 +66,7 @@ contract FedLedger is AccessControlEnumerable {
     mapping(uint256 roundId => Round) private _rounds;
     mapping(uint256 roundId => mapping(address org => Commitment)) private _commitments;
     mapping(uint256 roundId => mapping(address org => Settlement)) private _settlements;
+    mapping(uint256 roundId => Valuation) private _valuations;
 
     /// @notice The zero address was given where an account is required.
     error ZeroAddress();
@@ -76,7 +93,15 @@ contract FedLedger is AccessControlEnumerable {
     /// @notice `org` already committed `updateHash` in round `roundId`; a commitment is final.
     error AlreadyCommitted(uint256 roundId, address org, bytes32 updateHash);
     /// @notice The settlement arrays differ in length.
-    error LengthMismatch(uint256 orgs, uint256 scores, uint256 rewards);
+    error LengthMismatch(uint256 orgs, uint256 scores, uint256 rewards, uint256 flags);
+    /// @notice Round `roundId` was not settled by a Merkle root, so there is nothing to claim.
+    error NotClaimable(uint256 roundId);
+    /// @notice `org` has already been paid for round `roundId`.
+    error AlreadyClaimed(uint256 roundId, address org);
+    /// @notice The proof does not show (round, `org`, score, reward, flags) under round `roundId`'s root.
+    error InvalidProof(uint256 roundId, address org);
+    /// @notice Paying `reward` would take round `roundId` past the `remaining` units its root promised.
+    error ClaimExceedsTotal(uint256 roundId, uint256 reward, uint256 remaining);
     /// @notice `org` made no commitment in round `roundId`, so it cannot be scored or paid.
     error NotCommitted(uint256 roundId, address org);
     /// @notice `org` appears twice in round `roundId`'s settlement.
@@ -94,6 +119,14 @@ contract FedLedger is AccessControlEnumerable {
     event RoundExtended(uint256 indexed roundId, uint64 previousDeadline, uint64 deadline);
     /// @notice Round `roundId` closed with the new global model `newModelHash`.
     event RoundFinalized(uint256 indexed roundId, bytes32 newModelHash, uint256 totalReward, uint256 organisations);
+    /// @notice Round `roundId`'s scores came from `method` with `seed` on the validation set `validationHash`.
+    event RoundValued(uint256 indexed roundId, bytes32 method, uint256 seed, bytes32 validationHash);
+    /// @notice The coordinator flagged `org`'s update in round `roundId` for the reasons in the bit set `flags`.
+    event OrganisationFlagged(uint256 indexed roundId, address indexed org, uint256 flags);
+    /// @notice Round `roundId` settles by claims against the Merkle root `root`.
+    event RewardsRootPosted(uint256 indexed roundId, bytes32 root);
+    /// @notice `org` claimed `reward` token units for round `roundId`.
+    event RewardClaimed(uint256 indexed roundId, address indexed org, uint256 reward);
 
     /// @param admin The consortium admin: registers organisations and manages roles.
     /// @param coordinator The account of the coordinator service.
@@ -154,49 +187,117 @@ contract FedLedger is AccessControlEnumerable {
         emit RoundExtended(roundId, previous, deadline);
     }
 
-    /// @notice Closes round `roundId`: records the new global model, each organisation's
-    /// contribution score and reward, and mints the rewards to the organisations.
+    /// @notice Closes round `roundId`: records the new global model, how it was valued, each
+    /// organisation's contribution score, reward and flags, and mints the rewards.
     /// @dev Coordinator only; once per round. Every listed organisation must have committed in
     /// the round and appear once. Empty arrays close a round without payouts.
     /// @param roundId The open round.
     /// @param newModelHash keccak256 of the canonical bytes of the aggregated model.
+    /// @param valuation The valuation method, its seed and the validation set's hash.
     /// @param orgs Organisations scored in this round.
     /// @param scores Contribution scores, signed fixed point with 1e18 = 1.0.
     /// @param rewards Token units paid to each organisation.
+    /// @param flags Each organisation's flag bits (0: not flagged).
     function finalizeRound(
         uint256 roundId,
         bytes32 newModelHash,
+        Valuation calldata valuation,
         address[] calldata orgs,
         int256[] calldata scores,
-        uint256[] calldata rewards
+        uint256[] calldata rewards,
+        uint256[] calldata flags
     ) external onlyRole(COORDINATOR_ROLE) {
-        Round storage round = _rounds[roundId];
-        if (round.state != RoundState.Open) revert RoundNotOpen(roundId, round.state);
-        if (orgs.length != scores.length || orgs.length != rewards.length) {
-            revert LengthMismatch(orgs.length, scores.length, rewards.length);
+        _requireOpen(roundId);
+        if (orgs.length != scores.length || orgs.length != rewards.length || orgs.length != flags.length) {
+            revert LengthMismatch(orgs.length, scores.length, rewards.length, flags.length);
         }
         if (newModelHash == bytes32(0)) revert ZeroHash();
 
         uint256 total;
         for (uint256 i = 0; i < orgs.length; ++i) {
-            address org = orgs[i];
-            if (_commitments[roundId][org].updateHash == bytes32(0)) revert NotCommitted(roundId, org);
-            Settlement storage settlement = _settlements[roundId][org];
-            if (settlement.settled) revert DuplicateSettlement(roundId, org);
-            settlement.score = scores[i];
-            settlement.reward = rewards[i];
-            settlement.settled = true;
-            total += rewards[i];
-            emit ContributionRecorded(roundId, org, scores[i], rewards[i]);
+            total += _settle(roundId, orgs[i], scores[i], rewards[i], flags[i]);
         }
-        round.newModelHash = newModelHash;
-        round.state = RoundState.Finalized;
-        round.totalReward = total;
-        emit RoundFinalized(roundId, newModelHash, total, orgs.length);
+        _close(roundId, newModelHash, valuation, total, orgs.length).claimedReward = total;
 
         for (uint256 i = 0; i < orgs.length; ++i) {
             if (rewards[i] != 0) _token.mint(orgs[i], rewards[i]);
         }
+    }
+
+    /// @notice Closes round `roundId` with one Merkle root of its settlement: each organisation
+    /// then claims its own reward with a proof (claimReward). The coordinator's cost does not
+    /// grow with the number of organisations paid, only with the number it flags.
+    /// @dev Coordinator only; once per round. Leaves are OpenZeppelin StandardMerkleTree leaves,
+    /// keccak256(bytes.concat(keccak256(abi.encode(roundId, org, score, reward, flags)))).
+    /// @param roundId The open round.
+    /// @param newModelHash keccak256 of the canonical bytes of the aggregated model.
+    /// @param valuation The valuation method, its seed and the validation set's hash.
+    /// @param root Merkle root of the round's settlement leaves (one per scored organisation).
+    /// @param totalReward Sum of the leaves' rewards: claims never pay out more.
+    /// @param numOrganisations Number of leaves under the root.
+    /// @param flaggedOrgs Organisations the coordinator flagged, announced now (each also has
+    /// its flags in its leaf); every one must have committed in the round.
+    /// @param flags The flag bits of each of `flaggedOrgs`.
+    function finalizeRoundWithRoot(
+        uint256 roundId,
+        bytes32 newModelHash,
+        Valuation calldata valuation,
+        bytes32 root,
+        uint256 totalReward,
+        uint256 numOrganisations,
+        address[] calldata flaggedOrgs,
+        uint256[] calldata flags
+    ) external onlyRole(COORDINATOR_ROLE) {
+        _requireOpen(roundId);
+        if (flaggedOrgs.length != flags.length) {
+            revert LengthMismatch(flaggedOrgs.length, flags.length, flags.length, flags.length);
+        }
+        if (newModelHash == bytes32(0) || root == bytes32(0)) revert ZeroHash();
+        for (uint256 i = 0; i < flaggedOrgs.length; ++i) {
+            address org = flaggedOrgs[i];
+            if (_commitments[roundId][org].updateHash == bytes32(0)) revert NotCommitted(roundId, org);
+            _settlements[roundId][org].flags = flags[i];
+            if (flags[i] != 0) emit OrganisationFlagged(roundId, org, flags[i]);
+        }
+        emit RewardsRootPosted(roundId, root);
+        _close(roundId, newModelHash, valuation, totalReward, numOrganisations).rewardsRoot = root;
+    }
+
+    function _settle(uint256 roundId, address org, int256 score, uint256 reward, uint256 flags)
+        private
+        returns (uint256)
+    {
+        if (_commitments[roundId][org].updateHash == bytes32(0)) revert NotCommitted(roundId, org);
+        Settlement storage settlement = _settlements[roundId][org];
+        if (settlement.settled) revert DuplicateSettlement(roundId, org);
+        settlement.score = score;
+        settlement.reward = reward;
+        settlement.flags = flags;
+        settlement.settled = true;
+        emit ContributionRecorded(roundId, org, score, reward);
+        if (flags != 0) emit OrganisationFlagged(roundId, org, flags);
+        return reward;
+    }
+
+    function _requireOpen(uint256 roundId) private view {
+        RoundState state = _rounds[roundId].state;
+        if (state != RoundState.Open) revert RoundNotOpen(roundId, state);
+    }
+
+    function _close(
+        uint256 roundId,
+        bytes32 newModelHash,
+        Valuation calldata valuation,
+        uint256 totalReward,
+        uint256 numOrganisations
+    ) private returns (Round storage round) {
+        round = _rounds[roundId];
+        round.newModelHash = newModelHash;
+        round.state = RoundState.Finalized;
+        round.totalReward = totalReward;
+        _valuations[roundId] = valuation;
+        emit RoundValued(roundId, valuation.method, valuation.seed, valuation.validationHash);
+        emit RoundFinalized(roundId, newModelHash, totalReward, numOrganisations);
     }
 
     // ----------------------------------------------------------- organisation
@@ -224,6 +325,43 @@ contract FedLedger is AccessControlEnumerable {
         commitment.numSamples = numSamples;
         round.commitCount += 1;
         emit UpdateCommitted(roundId, msg.sender, updateHash, numSamples);
+    }
+
+    /// @notice Pays the caller its reward for round `roundId`, settled by a Merkle root, and
+    /// records its score and flags as a direct settlement would.
+    /// @dev Once per organisation and round; the caller must have committed in the round, and
+    /// the leaf (roundId, caller, score, reward, flags) must be under the round's root.
+    /// @param roundId A round finalized with finalizeRoundWithRoot.
+    /// @param score The caller's contribution score in its leaf.
+    /// @param reward The caller's reward in its leaf, in token units.
+    /// @param flags The caller's flag bits in its leaf.
+    /// @param proof The Merkle proof of the leaf (sibling hashes, leaf to root).
+    function claimReward(
+        uint256 roundId,
+        int256 score,
+        uint256 reward,
+        uint256 flags,
+        bytes32[] calldata proof
+    ) external {
+        Round storage round = _rounds[roundId];
+        bytes32 root = round.rewardsRoot;
+        if (root == bytes32(0)) revert NotClaimable(roundId);
+        Settlement storage settlement = _settlements[roundId][msg.sender];
+        if (settlement.settled) revert AlreadyClaimed(roundId, msg.sender);
+        if (_commitments[roundId][msg.sender].updateHash == bytes32(0)) revert NotCommitted(roundId, msg.sender);
+        bytes32 leaf = keccak256(bytes.concat(keccak256(abi.encode(roundId, msg.sender, score, reward, flags))));
+        if (!MerkleProof.verifyCalldata(proof, root, leaf)) revert InvalidProof(roundId, msg.sender);
+        uint256 remaining = round.totalReward - round.claimedReward;
+        if (reward > remaining) revert ClaimExceedsTotal(roundId, reward, remaining);
+
+        round.claimedReward += reward;
+        settlement.score = score;
+        settlement.reward = reward;
+        settlement.flags = flags;
+        settlement.settled = true;
+        emit ContributionRecorded(roundId, msg.sender, score, reward);
+        emit RewardClaimed(roundId, msg.sender, reward);
+        if (reward != 0) _token.mint(msg.sender, reward);
     }
 
     // ------------------------------------------------------------------ views
@@ -259,7 +397,18 @@ contract FedLedger is AccessControlEnumerable {
         return _settlements[roundId][org].reward;
     }
 
-    /// @notice Whether `org` was scored in round `roundId`'s settlement.
+    /// @notice The flag bits the coordinator recorded for `org` in round `roundId` (0: none).
+    function flagsOf(uint256 roundId, address org) external view returns (uint256) {
+        return _settlements[roundId][org].flags;
+    }
+
+    /// @notice How round `roundId`'s scores were computed (all zero until it is finalized).
+    function valuationOf(uint256 roundId) external view returns (Valuation memory) {
+        return _valuations[roundId];
+    }
+
+    /// @notice Whether `org` was scored in round `roundId`'s settlement (for a round settled by
+    /// a Merkle root: whether `org` has claimed).
     function isSettled(uint256 roundId, address org) external view returns (bool) {
         return _settlements[roundId][org].settled;
     }

@@ -144,6 +144,15 @@ def create_app(service: RoundService, *, manage_service: bool = False) -> FastAP
         return svc.round_result(round_id)
 
     @app.get(
+        f"{prefix}/rounds/{{round_id}}/claims/{{organisation}}",
+        response_model=wire.ClaimTicket,
+        responses={404: {"model": wire.ErrorBody}},
+    )
+    def claim_ticket(round_id: int, organisation: str, svc: Service) -> wire.ClaimTicket:
+        """An organisation's leaf and Merkle proof in a round settled by claims."""
+        return svc.claim_ticket(round_id, organisation)
+
+    @app.get(
         f"{prefix}/models/{{model_hash}}",
         response_class=Response,
         responses={200: {"content": {"application/octet-stream": {}}}},

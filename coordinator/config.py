@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .pricing import PricingPolicy
+
 TOKEN_UNIT = 10**18
 
 
@@ -36,9 +38,36 @@ class CoordinatorSettings(BaseModel):
         None, gt=0, description="refuse updates with a larger L2 norm"
     )
     max_expiry_s: int = Field(3600, gt=0, description="farthest in the future an upload may expire")
-    max_exact_players: int = Field(14, ge=1, le=20)
+    max_exact_players: int = Field(
+        10, ge=1, le=20, description="exact Shapley up to this many organisations, sampled above"
+    )
+    aggregation: Literal["fedavg", "median", "trimmed_mean"] = "fedavg"
+    trim_fraction: float = Field(0.2, ge=0, lt=0.5, description="trimmed mean: cut per side")
+    clip_multiplier: float | None = Field(
+        3.0, gt=0, description="clip updates above this x the round's median norm (None: never)"
+    )
+    exclude_negative: bool = Field(
+        True, description="leave updates with a negative contribution out of the new model"
+    )
+    valuation_weights: Literal["uniform", "samples"] = Field(
+        "uniform", description="coalition models average updates uniformly or by sample count"
+    )
+    claims_above: int = Field(
+        16, ge=0, description="settle by Merkle claims when more organisations than this are paid"
+    )
     device: str | None = None  # "cuda", "cpu"; None picks cuda when available
     poll_interval_s: float = Field(0.2, gt=0)
+
+    def pricing_policy(self) -> PricingPolicy:
+        return PricingPolicy(
+            aggregation=self.aggregation,
+            trim_fraction=self.trim_fraction,
+            clip_multiplier=self.clip_multiplier,
+            exclude_negative=self.exclude_negative,
+            eta=self.eta,
+            metric=self.metric,
+            valuation_weights=self.valuation_weights,
+        )
 
     @model_validator(mode="after")
     def _check(self) -> CoordinatorSettings:

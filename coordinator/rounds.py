@@ -33,13 +33,11 @@ from ..incentive.commitment import (
     specs_of,
 )
 from ..incentive.errors import ChainError, CommitmentError, SignatureError
-from ..incentive.ledger import LedgerClient, RoundState, as_bytes32
-from ..incentive.rewards import split_rewards, to_fixed_point
-from ..incentive.shapley import ExactShapley
+from ..incentive.ledger import NO_VALUATION, LedgerClient, RoundState, Valuation, as_bytes32
+from ..incentive.merkle import SettlementLeaf, SettlementTree
 from ..incentive.signing import UploadAuthorization, recover_signer
-from ..incentive.valuation import CoalitionUtility, evaluate_params
+from ..incentive.valuation import evaluate_params
 from ..tasks import Task, get_task
-from .aggregation import fedavg
 from .config import CoordinatorSettings
 from .errors import (
     ChainUnavailable,
@@ -50,6 +48,7 @@ from .errors import (
     Unauthorized,
     Unprocessable,
 )
+from .pricing import RoundPricing, choose_valuator, flag_names, price_round
 from .store import Store, StoredRound, StoredUpdate
 
 log = logging.getLogger("fedledger.coordinator")
@@ -57,6 +56,19 @@ log = logging.getLogger("fedledger.coordinator")
 
 def hex32(raw: bytes) -> str:
     return "0x" + raw.hex()
+
+
+def settlement_tree(result: wire.RoundResult) -> SettlementTree:
+    """The Merkle tree of a round's settlement, rebuilt from its recorded result."""
+    return SettlementTree.build(
+        [
+            SettlementLeaf(
+                result.round_id, o.organisation, int(o.score_fixed), int(o.reward), o.flags
+            )
+            for o in result.organisations
+            if o.status == wire.UploadStatus.ACCEPTED
+        ]
+    )
 
 
 @dataclass(frozen=True)
@@ -125,6 +137,7 @@ class RoundService:
         self._model = self.task.build_model(seed=settings.model_seed)
         self._specs = specs_of(self._model.state_dict())
         self._x_val, self._y_val = self.task.validation_data()
+        self.validation_hash = keccak(canonical_bytes({"x": self._x_val, "y": self._y_val}))
         self._chain_id = ledger.chain_id()
         self._lock = threading.RLock()  # guards upload acceptance against round transitions
         self._wake = threading.Event()
@@ -301,7 +314,7 @@ class RoundService:
                 f"quorum not met: {len(uploads)} of {self.settings.quorum} required uploads "
                 "by the deadline; the model is unchanged and nothing is paid"
             )
-            tx = self._settle(round_id, stored.model_hash, [], [], [])
+            tx = self._settle(round_id, stored.model_hash, [], None, NO_VALUATION)
             result = wire.RoundResult(
                 round_id=round_id,
                 status=wire.RoundStatus.FAILED,
@@ -324,40 +337,54 @@ class RoundService:
             log.warning("round %d failed: %s", round_id, reason)
             return
 
+        # Commit order (on-chain, public) decides who is the original of a copied update.
+        order = {org.lower(): i for i, org in enumerate(self.ledger.commit_order(round_id))}
+        uploads = sorted(uploads, key=lambda u: (order.get(u.organisation.lower(), len(order)),))
         base = self._load_tensors(stored.model_hash)
         deltas = [self._load_tensors(u.update_hash) for u in uploads]
-        num_samples = [u.num_samples for u in uploads]
-        new_params = fedavg(base, deltas, num_samples, eta=self.settings.eta, device=self.device)
-        new_bytes = canonical_bytes(new_params)
+        seed = round_id
+        priced = price_round(
+            self._model,
+            base,
+            deltas,
+            [u.num_samples for u in uploads],
+            [u.update_hash for u in uploads],
+            self._x_val,
+            self._y_val,
+            policy=self.settings.pricing_policy(),
+            budget=self.settings.reward_per_round,
+            valuator=choose_valuator(len(uploads), max_exact=self.settings.max_exact_players),
+            seed=seed,
+            device=self.device,
+        )
+        del deltas
+        new_bytes = canonical_bytes(priced.params)
         new_hash = hex32(keccak(new_bytes))
         self.store.put_blob(new_hash, new_bytes)
         failpoint(CLOSE_AFTER_AGGREGATE)
 
-        utility = CoalitionUtility(
-            self._model,
-            base,
-            deltas,
-            num_samples,
-            self._x_val,
-            self._y_val,
-            eta=self.settings.eta,
-            metric=self.settings.metric,
-            device=self.device,
+        valuation = Valuation(
+            method=f"{priced.method}:{self.settings.metric}",
+            seed=seed,
+            validation_hash=self.validation_hash,
         )
-        if len(uploads) > self.settings.max_exact_players:
-            raise CoordinatorError(
-                "too_many_players",
-                f"{len(uploads)} organisations exceed max_exact_players="
-                f"{self.settings.max_exact_players} for exact Shapley",
-            )
-        values = ExactShapley().value(utility, len(uploads), seed=round_id).values
-        scores = [to_fixed_point(float(v)) for v in values]
-        rewards = split_rewards(self.settings.reward_per_round, [float(v) for v in values])
         orgs = [u.organisation for u in uploads]
-        accuracy = evaluate_params(self._model, new_params, self._x_val, self._y_val, "accuracy")
-
-        tx = self._settle(round_id, new_hash, orgs, scores, rewards)
-        by_org = {u.organisation.lower(): i for i, u in enumerate(uploads)}
+        claims = len(uploads) > self.settings.claims_above
+        tree = (
+            SettlementTree.build(
+                [
+                    SettlementLeaf(round_id, org, score, reward, flags)
+                    for org, score, reward, flags in zip(
+                        orgs, priced.scores, priced.rewards, priced.flags, strict=True
+                    )
+                ]
+            )
+            if claims
+            else None
+        )
+        tx = self._settle(round_id, new_hash, orgs, priced, valuation, tree)
+        accuracy = evaluate_params(self._model, priced.params, self._x_val, self._y_val, "accuracy")
+        by_org = {org.lower(): i for i, org in enumerate(orgs)}
         results: list[wire.OrganisationResult] = []
         for org in sorted(set(expected) | set(orgs), key=str.lower):
             i = by_org.get(org.lower())
@@ -372,11 +399,25 @@ class RoundService:
                     status=wire.UploadStatus.ACCEPTED,
                     update_hash=uploads[i].update_hash,
                     num_samples=uploads[i].num_samples,
-                    score=float(values[i]),
-                    score_fixed=str(scores[i]),
-                    reward=str(rewards[i]),
+                    score=priced.values[i],
+                    score_fixed=str(priced.scores[i]),
+                    reward=str(priced.rewards[i]),
+                    flags=priced.flags[i],
+                    flag_reasons=flag_names(priced.flags[i]),
+                    note=priced.notes.get(i),
+                    norm=priced.norms[i],
+                    aggregated=i in priced.aggregated,
                 )
             )
+        for i, flags in enumerate(priced.flags):
+            if flags:
+                log.warning(
+                    "round %d: flagged %s (%s): %s",
+                    round_id,
+                    orgs[i],
+                    ", ".join(flag_names(flags)),
+                    priced.notes.get(i, ""),
+                )
         result = wire.RoundResult(
             round_id=round_id,
             status=wire.RoundStatus.FINALIZED,
@@ -385,6 +426,13 @@ class RoundService:
             deadline=stored.deadline,
             validation_accuracy=accuracy,
             finalize_tx=tx,
+            valuation_method=valuation.method,
+            valuation_seed=valuation.seed,
+            validation_hash=hex32(valuation.validation_hash),
+            evaluations=priced.evaluations,
+            norm_bound=priced.norm_bound,
+            settlement="claims" if claims else "direct",
+            rewards_root=hex32(tree.root) if tree is not None else None,
             organisations=results,
         )
         self.store.set_round_status(
@@ -400,18 +448,66 @@ class RoundService:
         round_id: int,
         new_model_hash: str,
         orgs: list[str],
-        scores: list[int],
-        rewards: list[int],
+        priced: RoundPricing | None,
+        valuation: Valuation,
+        tree: SettlementTree | None = None,
     ) -> str | None:
-        """Send finalizeRound unless the chain already has it (a crash after sending)."""
+        """Send the finalize transaction unless the chain already has it (a crash after sending)."""
         if self.ledger.get_round(round_id).state == RoundState.FINALIZED:
             log.info("round %d already finalized on-chain; recording it", round_id)
             return None
-        receipt = self.ledger.finalize_round(
-            round_id, as_bytes32(new_model_hash), orgs, scores, rewards
-        )
+        if priced is None:
+            receipt = self.ledger.finalize_round(
+                round_id, as_bytes32(new_model_hash), [], [], [], valuation=valuation
+            )
+        elif tree is not None:
+            receipt = self.ledger.finalize_round_with_root(
+                round_id,
+                as_bytes32(new_model_hash),
+                tree.root,
+                tree.total_reward,
+                len(orgs),
+                flagged={o: f for o, f in zip(orgs, priced.flags, strict=True) if f},
+                valuation=valuation,
+            )
+        else:
+            receipt = self.ledger.finalize_round(
+                round_id,
+                as_bytes32(new_model_hash),
+                orgs,
+                priced.scores,
+                priced.rewards,
+                flags=priced.flags,
+                valuation=valuation,
+            )
         failpoint(CLOSE_AFTER_FINALIZE_TX)
         return hex32(bytes(receipt["transactionHash"]))
+
+    def claim_ticket(self, round_id: int, organisation: str) -> wire.ClaimTicket:
+        """What ``organisation`` sends to ``claimReward`` for a round settled by claims."""
+        result = self.round_result(round_id)
+        if result.settlement != "claims":
+            raise NotFound(
+                "not_claimable",
+                f"round {round_id} was not settled by claims"
+                + (" (it paid everyone directly)" if result.settlement == "direct" else ""),
+            )
+        tree = settlement_tree(result)
+        try:
+            leaf = tree.leaf_of(organisation)
+        except KeyError as exc:
+            raise NotFound(
+                "no_claim", f"{organisation} has nothing to claim in round {round_id}"
+            ) from exc
+        return wire.ClaimTicket(
+            round_id=round_id,
+            organisation=leaf.organisation,
+            score_fixed=str(leaf.score),
+            reward=str(leaf.reward),
+            flags=leaf.flags,
+            proof=[hex32(p) for p in tree.proof(organisation)],
+            root=hex32(tree.root),
+        )
 
     def _load_tensors(self, digest_hex: str) -> dict[str, torch.Tensor]:
         data = self.store.get_blob(digest_hex)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -84,6 +84,11 @@ class OrganisationResult(_Schema):
     score: float = 0.0  # Shapley value of the validation metric
     score_fixed: str = "0"  # on-chain signed fixed point (1e18 = 1.0), as a decimal string
     reward: str = "0"  # token units, as a decimal string
+    flags: int = 0  # bit set recorded on-chain (flagsOf); see flag_reasons
+    flag_reasons: list[str] = Field(default_factory=list)  # e.g. ["norm_clipped"]
+    note: str | None = None  # why it was flagged, in words
+    norm: float | None = None  # the update's L2 norm
+    aggregated: bool = False  # whether the update is part of the new global model
 
 
 class RoundResult(_Schema):
@@ -97,7 +102,26 @@ class RoundResult(_Schema):
     validation_accuracy: float | None = None
     reason: str | None = None
     finalize_tx: str | None = None
+    valuation_method: str | None = None  # as recorded on-chain (valuationOf), e.g. "exact:accuracy"
+    valuation_seed: int | None = None
+    validation_hash: str | None = None
+    evaluations: int | None = None  # coalition utilities the valuation cost
+    norm_bound: float | None = None  # updates above it were clipped
+    settlement: Literal["direct", "claims"] | None = None  # paid at once, or claimed with proofs
+    rewards_root: str | None = None  # the Merkle root a "claims" settlement posted
     organisations: list[OrganisationResult] = Field(default_factory=list)
+
+
+class ClaimTicket(_Schema):
+    """``GET /v1/rounds/{round_id}/claims/{organisation}``: what to send to ``claimReward``."""
+
+    round_id: int
+    organisation: str
+    score_fixed: str
+    reward: str
+    flags: int
+    proof: list[str]  # 0x-hex sibling hashes, leaf to root
+    root: str
 
 
 class Health(_Schema):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -39,6 +39,49 @@ class RoundRecord:
     state: RoundState
     commit_count: int
     total_reward: int
+    rewards_root: bytes = ZERO_HASH  # zero unless the round settles by Merkle claims
+    claimed_reward: int = 0  # paid so far; equals total_reward once a round is fully paid
+
+    @property
+    def by_claims(self) -> bool:
+        """Whether the round settles by Merkle claims (finalizeRoundWithRoot)."""
+        return self.rewards_root != ZERO_HASH
+
+
+@dataclass(frozen=True)
+class Valuation:
+    """How a round's scores were computed: recorded on-chain next to them (``valuationOf``)."""
+
+    method: str  # ASCII, at most 32 bytes, e.g. "exact:accuracy"
+    seed: int = 0
+    validation_hash: bytes = ZERO_HASH
+
+    def __post_init__(self) -> None:
+        raw = self.method.encode("ascii")
+        if not raw or len(raw) > 32:
+            raise ValueError(f"valuation method must be 1 to 32 ASCII bytes, got {self.method!r}")
+        if not 0 <= self.seed < 2**256:
+            raise ValueError(f"valuation seed must be a uint256, got {self.seed}")
+        if len(self.validation_hash) != 32:
+            raise ValueError("validation_hash must be 32 bytes")
+
+    def as_abi(self) -> tuple[bytes, int, bytes]:
+        return (self.method.encode("ascii").ljust(32, b"\x00"), self.seed, self.validation_hash)
+
+    @classmethod
+    def from_abi(cls, raw: Sequence[Any]) -> Valuation | None:
+        method, seed, validation_hash = raw
+        if bytes(method) == ZERO_HASH:
+            return None
+        return cls(
+            method=bytes(method).rstrip(b"\x00").decode("ascii"),
+            seed=int(seed),
+            validation_hash=bytes(validation_hash),
+        )
+
+
+NO_VALUATION = Valuation("none")
+"""Recorded for a round closed without scores (one that failed its quorum)."""
 
 
 @dataclass(frozen=True)
@@ -142,15 +185,55 @@ class LedgerClient:
         orgs: Sequence[str],
         scores: Sequence[int],
         rewards: Sequence[int],
+        *,
+        flags: Sequence[int] | None = None,
+        valuation: Valuation = NO_VALUATION,
     ) -> TxReceipt:
+        """Settle directly: every organisation's score, reward and flags in one transaction."""
         return self._send(
             self.contract.functions.finalizeRound(
                 round_id,
                 new_model_hash,
+                valuation.as_abi(),
                 [Web3.to_checksum_address(o) for o in orgs],
                 list(scores),
                 list(rewards),
+                [0] * len(orgs) if flags is None else list(flags),
             )
+        )
+
+    def finalize_round_with_root(
+        self,
+        round_id: int,
+        new_model_hash: bytes,
+        root: bytes,
+        total_reward: int,
+        num_organisations: int,
+        *,
+        flagged: Mapping[str, int] | None = None,
+        valuation: Valuation = NO_VALUATION,
+    ) -> TxReceipt:
+        """Settle by claims: post the Merkle root of the round's leaves and announce the flagged."""
+        flagged = dict(flagged or {})
+        return self._send(
+            self.contract.functions.finalizeRoundWithRoot(
+                round_id,
+                new_model_hash,
+                valuation.as_abi(),
+                root,
+                total_reward,
+                num_organisations,
+                [Web3.to_checksum_address(o) for o in flagged],
+                list(flagged.values()),
+            )
+        )
+
+    def claim_reward(
+        self, round_id: int, score: int, reward: int, flags: int, proof: Sequence[bytes]
+    ) -> TxReceipt:
+        """Claim this client's account's reward for a round settled by a Merkle root."""
+        return self._send(
+            self.contract.functions.claimReward(round_id, score, reward, flags, list(proof))
         )
 
     # ------------------------------------------------------------------ reads
@@ -180,7 +263,9 @@ class LedgerClient:
 
     def get_round(self, round_id: int) -> RoundRecord:
         raw = self._view(self.contract.functions.getRound(round_id))
-        model_hash, new_model_hash, deadline, state, commit_count, total_reward = raw
+        (model_hash, new_model_hash, deadline, state, commit_count, total_reward, root, claimed) = (
+            raw
+        )
         return RoundRecord(
             round_id=round_id,
             model_hash=bytes(model_hash),
@@ -189,6 +274,8 @@ class LedgerClient:
             state=RoundState(int(state)),
             commit_count=int(commit_count),
             total_reward=int(total_reward),
+            rewards_root=bytes(root),
+            claimed_reward=int(claimed),
         )
 
     def commitment_of(self, round_id: int, org: str) -> CommitmentRecord | None:
@@ -211,6 +298,23 @@ class LedgerClient:
         return int(
             self._view(self.contract.functions.rewardOf(round_id, Web3.to_checksum_address(org)))
         )
+
+    def commit_order(self, round_id: int) -> list[str]:
+        """The organisations that committed in the round, earliest first (block, then log index)."""
+        logs = self.contract.events.UpdateCommitted().get_logs(
+            from_block=0, argument_filters={"roundId": round_id}
+        )
+        ordered = sorted(logs, key=lambda log: (int(log["blockNumber"]), int(log["logIndex"])))
+        return [str(log["args"]["org"]) for log in ordered]
+
+    def flags_of(self, round_id: int, org: str) -> int:
+        return int(
+            self._view(self.contract.functions.flagsOf(round_id, Web3.to_checksum_address(org)))
+        )
+
+    def valuation_of(self, round_id: int) -> Valuation | None:
+        """How the round was valued, or None before it is finalized."""
+        return Valuation.from_abi(self._view(self.contract.functions.valuationOf(round_id)))
 
     def is_settled(self, round_id: int, org: str) -> bool:
         return bool(

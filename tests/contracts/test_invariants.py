@@ -33,7 +33,13 @@ from fedledger.devnet.deploy import deploy_devnet
 from fedledger.devnet.embedded import embedded_web3
 from fedledger.incentive.chain import devnet_account, send_transaction
 from fedledger.incentive.errors import ContractRevert
-from fedledger.incentive.ledger import CommitmentRecord, LedgerClient, RoundRecord, RoundState
+from fedledger.incentive.ledger import (
+    NO_VALUATION,
+    CommitmentRecord,
+    LedgerClient,
+    RoundRecord,
+    RoundState,
+)
 
 ZERO = b"\x00" * 32
 ZERO_ADDRESS = "0x" + "00" * 20
@@ -114,6 +120,7 @@ class Model:
             rnd.state,
             len(rnd.commits),
             rnd.total_reward,
+            claimed_reward=rnd.total_reward,
         )
 
 
@@ -491,7 +498,9 @@ class LedgerMachine(RuleBasedStateMachine):
         if rnd is None or rnd.state is not RoundState.OPEN:
             return Revert("RoundNotOpen", (round_id, self.model.state_of(round_id)))
         if not len(orgs) == len(org_scores) == len(org_rewards):
-            return Revert("LengthMismatch", (len(orgs), len(org_scores), len(org_rewards)))
+            # The client sends one flag word per organisation, so flags never mismatch here.
+            lengths = (len(orgs), len(org_scores), len(org_rewards), len(orgs))
+            return Revert("LengthMismatch", lengths)
         if new_hash == ZERO:
             return Revert("ZeroHash")
         total = 0
@@ -520,6 +529,16 @@ class LedgerMachine(RuleBasedStateMachine):
             + [
                 (
                     ledger,
+                    "RoundValued",
+                    {
+                        "roundId": round_id,
+                        "method": NO_VALUATION.as_abi()[0],
+                        "seed": 0,
+                        "validationHash": ZERO,
+                    },
+                ),
+                (
+                    ledger,
                     "RoundFinalized",
                     {
                         "roundId": round_id,
@@ -527,7 +546,7 @@ class LedgerMachine(RuleBasedStateMachine):
                         "totalReward": total,
                         "organisations": len(orgs),
                     },
-                )
+                ),
             ]
             + [
                 (token, "Transfer", {"from": ZERO_ADDRESS, "to": o, "value": r})

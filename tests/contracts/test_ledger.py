@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
 from eth_account.signers.local import LocalAccount
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from web3 import Web3
-from web3.contract import Contract
-from web3.logs import DISCARD
-from web3.types import TxReceipt
 
+from evm import ONE, ExpectRevert, OpenRound, events
 from fedledger.incentive.chain import send_transaction
 from fedledger.incentive.errors import ContractRevert
 from fedledger.incentive.ledger import CommitmentRecord, LedgerClient, RoundRecord, RoundState
@@ -27,21 +25,10 @@ NEW_MODEL = b"\x22" * 32
 UPDATE_A = b"\xa1" * 32
 UPDATE_B = b"\xb2" * 32
 UPDATE_C = b"\xc3" * 32
-ONE = 10**18  # fixed point 1.0
 DEFAULT_ADMIN_ROLE = ZERO
 COORDINATOR_ROLE = bytes(Web3.keccak(text="COORDINATOR_ROLE"))
 INT256_MIN = -(2**255)
 INT256_MAX = 2**255 - 1
-
-ExpectRevert = Callable[..., ContractRevert]
-OpenRound = Callable[..., tuple[int, int]]
-
-
-def events(contract: Contract, name: str, receipt: TxReceipt) -> list[dict[str, Any]]:
-    """The ``name`` events that ``contract`` emitted in ``receipt``, as plain argument dicts."""
-    logs = contract.events[name]().process_receipt(receipt, errors=DISCARD)
-    assert all(log["address"] == contract.address for log in logs)
-    return [dict(log["args"]) for log in logs]
 
 
 def commit_all(org_ledgers: tuple[LedgerClient, ...], round_id: int) -> list[tuple[bytes, int]]:
@@ -425,7 +412,14 @@ def test_finalize_records_scores_and_mints_rewards(
         {"from": zero_address, "to": addresses[2], "value": 5},
     ]
     assert ledger.get_round(1) == RoundRecord(
-        1, MODEL, NEW_MODEL, deadline, RoundState.FINALIZED, 3, 700 * ONE + 5
+        1,
+        MODEL,
+        NEW_MODEL,
+        deadline,
+        RoundState.FINALIZED,
+        3,
+        700 * ONE + 5,
+        claimed_reward=700 * ONE + 5,
     )
     for address, score, reward in zip(addresses, scores, rewards, strict=True):
         assert ledger.contribution_of(1, address) == score
@@ -536,7 +530,8 @@ def test_finalizing_a_round_never_opened_reverts(
 
 
 @pytest.mark.parametrize(
-    ("num_orgs", "num_scores", "num_rewards"), [(2, 1, 2), (2, 2, 1), (1, 2, 2), (0, 0, 1)]
+    ("num_orgs", "num_scores", "num_rewards", "num_flags"),
+    [(2, 1, 2, 2), (2, 2, 1, 2), (1, 2, 2, 2), (0, 0, 1, 0), (2, 2, 2, 1), (0, 0, 0, 1)],
 )
 def test_mismatched_settlement_arrays_revert(
     chain: Chain,
@@ -547,18 +542,25 @@ def test_mismatched_settlement_arrays_revert(
     num_orgs: int,
     num_scores: int,
     num_rewards: int,
+    num_flags: int,
 ) -> None:
     open_round()
     commit_all(org_ledgers, 1)
     addresses = [org.address for org in chain.orgs][:num_orgs]
     expect_revert(
         lambda: coordinator_ledger.finalize_round(
-            1, NEW_MODEL, addresses, [ONE] * num_scores, [ONE] * num_rewards
+            1,
+            NEW_MODEL,
+            addresses,
+            [ONE] * num_scores,
+            [ONE] * num_rewards,
+            flags=[0] * num_flags,
         ),
         "LengthMismatch",
         num_orgs,
         num_scores,
         num_rewards,
+        num_flags,
     )
 
 

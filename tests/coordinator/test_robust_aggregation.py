@@ -216,9 +216,13 @@ def test_order_invariance(
     )
     assert sorted(order[i] for i in shuffled.clipped) == out.clipped
     assert [shuffled.norms[order.index(k)] for k in range(len(deltas))] == out.norms
+    # float32 sums depend on order (sorting does not): allow rounding relative to the terms.
+    scale = max(1.0, *(float(t.abs().max()) for d in [base, *deltas] for t in d.values()))
     for name in base:
-        if method == "fedavg":  # float sums depend on order; sorting does not
-            torch.testing.assert_close(out.params[name], shuffled.params[name])
+        if method == "fedavg":
+            torch.testing.assert_close(
+                out.params[name], shuffled.params[name], rtol=1e-5, atol=1e-6 * scale
+            )
         else:
             assert torch.equal(out.params[name], shuffled.params[name])
 

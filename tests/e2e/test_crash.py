@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from fedledger import wire
-from fedledger.coordinator.aggregation import fedavg
+from fedledger.coordinator.config import CoordinatorSettings
+from fedledger.coordinator.pricing import price_round
 from fedledger.devnet.anvil import AnvilProcess, free_port, start_anvil
 from fedledger.devnet.deploy import deploy_devnet
 from fedledger.failpoints import (
@@ -38,6 +39,7 @@ from fedledger.incentive.deployment import Deployment
 from fedledger.incentive.errors import ContractRevert
 from fedledger.incentive.ledger import LedgerClient, RoundState
 from fedledger.incentive.signing import UploadAuthorization, sign_upload
+from fedledger.node.training import TrainConfig, train_local
 from fedledger.tasks import get_task
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -152,10 +154,13 @@ def federation(tmp_path: Path) -> Iterator[Federation]:
     anvil.stop()
 
 
-def make_delta(seed: int) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    params = get_task("digits").build_model(seed=0).state_dict()
-    return {n: torch.randn(t.shape, generator=generator) * 0.05 for n, t in params.items()}
+def make_delta(k: int, round_id: int) -> dict[str, torch.Tensor]:
+    """Organisation k's real update: a local epoch on its digits partition from the initial model."""
+    task = get_task("digits")
+    model = task.build_model(seed=0)
+    x, y = task.partition(k, ORGS, alpha=0.5, seed=0)
+    config = TrainConfig(epochs=1, lr=0.05, batch_size=32, seed=1000 * round_id + k)
+    return train_local(model, model.state_dict(), x, y, config, device=torch.device("cpu")).delta
 
 
 @dataclass(frozen=True)
@@ -170,7 +175,7 @@ def prepare(fed: Federation, k: int, round_id: int, *, commit: bool = True) -> S
     """Organisation k's update for the round: committed on-chain, signed for the coordinator."""
     ledger = fed.org_ledger(k)
     assert ledger.account is not None
-    body, digest = commitment_of(make_delta(100 * round_id + k))
+    body, digest = commitment_of(make_delta(k, round_id))
     num_samples = 50 * (k + 1)
     if commit:
         ledger.commit_update(round_id, digest, num_samples)
@@ -205,16 +210,30 @@ def post(fed: Federation, upload: SignedUpload) -> httpx.Response:
 
 
 def expected_model_hash(fed: Federation, base_hash: str, uploads: list[SignedUpload]) -> str:
-    """The aggregate a crash-free coordinator computes: FedAvg in organisation-address order."""
+    """The new model a crash-free coordinator computes from these uploads, with its default
+    pricing policy, the updates taken in on-chain commit order."""
     base = decode_tensors(httpx.get(f"{fed.url}/v1/models/{base_hash}").content)
-    ordered = sorted(uploads, key=lambda u: u.headers[wire.H_ORGANISATION].lower())
-    new = fedavg(
+    round_id = uploads[0].round_id
+    by_org = {u.headers[wire.H_ORGANISATION].lower(): u for u in uploads}
+    ordered = [by_org[o.lower()] for o in fed.ledger.commit_order(round_id)]
+    settings = CoordinatorSettings(data_dir=fed.data_dir)
+    task = get_task(settings.task)
+    x_val, y_val = task.validation_data()
+    priced = price_round(
+        task.build_model(seed=settings.model_seed),
         base,
         [decode_tensors(u.body) for u in ordered],
         [u.num_samples for u in ordered],
+        [u.headers[wire.H_UPDATE_HASH] for u in ordered],
+        x_val,
+        y_val,
+        policy=settings.pricing_policy(),
+        budget=settings.reward_per_round,
+        seed=round_id,
         device=torch.device("cpu"),
     )
-    return "0x" + keccak(canonical_bytes(new)).hex()
+    assert priced.aggregated, "the test's updates should make it into the model"
+    return "0x" + keccak(canonical_bytes(priced.params)).hex()
 
 
 def blob_names(fed: Federation) -> set[str]:

@@ -1,0 +1,24 @@
+"""Helpers shared by the tests that talk to the ledger on the in-process EVM."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from web3.contract import Contract
+from web3.logs import DISCARD
+from web3.types import TxReceipt
+
+from fedledger.incentive.errors import ContractRevert
+
+ONE = 10**18  # fixed point 1.0
+
+ExpectRevert = Callable[..., ContractRevert]
+OpenRound = Callable[..., tuple[int, int]]
+
+
+def events(contract: Contract, name: str, receipt: TxReceipt) -> list[dict[str, Any]]:
+    """The ``name`` events that ``contract`` emitted in ``receipt``, as plain argument dicts."""
+    logs = contract.events[name]().process_receipt(receipt, errors=DISCARD)
+    assert all(log["address"] == contract.address for log in logs)
+    return [dict(log["args"]) for log in logs]
