@@ -3,13 +3,29 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .pricing import PricingPolicy
 
 TOKEN_UNIT = 10**18
+
+PRICING_FIELDS = (
+    "task",
+    "model_seed",
+    "eta",
+    "metric",
+    "reward_per_round",
+    "max_exact_players",
+    "aggregation",
+    "trim_fraction",
+    "clip_multiplier",
+    "exclude_negative",
+    "valuation_weights",
+    "claims_above",
+)
+"""The settings a round's books (new model, scores, rewards, settlement) depend on."""
 
 
 class CoordinatorSettings(BaseModel):
@@ -57,6 +73,10 @@ class CoordinatorSettings(BaseModel):
     )
     device: str | None = None  # "cuda", "cpu"; None picks cuda when available
     poll_interval_s: float = Field(0.2, gt=0)
+
+    def pricing_record(self) -> dict[str, Any]:
+        """The settings a round's books depend on, recorded with its result for auditors."""
+        return self.model_dump(mode="json", include=set(PRICING_FIELDS))
 
     def pricing_policy(self) -> PricingPolicy:
         return PricingPolicy(

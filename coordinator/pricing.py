@@ -7,7 +7,8 @@ benchmarks compute exactly the same thing from the same inputs:
    is byte-identical to an earlier organisation's, or that is a rescaled copy of one (|cosine|
    at least ``copy_cosine``) is flagged and left out of the game and the aggregate: copying
    someone else's work earns nothing and does not double its weight. So is one no more aligned
-   with the others than random noise would be.
+   than random noise would be with the others' updates and with the same organisation's update
+   of the round before.
 2. **Clip.** The norm bound is ``clip_multiplier`` x the median norm of the screened updates
    (the median cannot be dragged up by fewer than half of them); larger updates are scaled down
    to it and flagged ``norm_clipped`` (the model-replacement defence of Sun et al., 2019).
@@ -16,7 +17,8 @@ benchmarks compute exactly the same thing from the same inputs:
    Uniform, not sample-weighted: a declared sample count steers FedAvg but cannot buy reward.
 4. **Aggregate.** With ``exclude_negative``, organisations whose value is negative (their
    update made the model worse on the validation set: sign flips, noise) are left out; the rest
-   are aggregated by the policy's rule (FedAvg by sample counts, median or trimmed mean).
+   are aggregated by the policy's rule (FedAvg by sample counts, median or trimmed mean; the
+   updates already left out count towards the trimmed mean's trim).
 5. **Pay.** The budget is split pro rata to positive values, in exact integer units; a flagged
    organisation is paid nothing.
 """
@@ -95,7 +97,7 @@ class PricingPolicy:
     exclude_negative: bool = True
     copy_cosine: float = 0.999
     zero_tolerance: float = 1e-6  # an update with norm <= this x the median norm counts as zero
-    noise_sigmas: float = 4.0  # |cosine| with the others below this / sqrt(P) counts as noise
+    noise_sigmas: float = 4.0  # |cos| * sqrt(P) below this, with others and own last: noise
     eta: float = 1.0
     metric: Metric = "accuracy"
     valuation_weights: Literal["uniform", "samples"] = "uniform"
@@ -130,13 +132,15 @@ def price_round(
     policy: PricingPolicy,
     budget: int,
     valuator: Valuator | None = None,
+    previous: Sequence[Mapping[str, Tensor] | None] | None = None,
     seed: int = 0,
     device: torch.device | None = None,
 ) -> RoundPricing:
     """Screen, clip, value, aggregate and pay one round; deterministic for given inputs.
 
     ``deltas`` come in the order their organisations committed on-chain (earliest first):
-    that order decides who is the original of a duplicate or a copy.
+    that order decides who is the original of a duplicate or a copy. ``previous[k]``, where
+    given, is the same organisation's update in the round before (None if it had none).
     """
     count = len(deltas)
     if not (len(num_samples) == len(update_hashes) == count):
@@ -145,6 +149,8 @@ def price_round(
         )
     if count == 0:
         raise ValueError("a round needs at least one update to price")
+    if previous is not None and len(previous) != count:
+        raise ValueError(f"{count} deltas but {len(previous)} previous updates")
     flat = torch.stack([flatten(d, dtype=torch.float64) for d in deltas])  # (K, P)
     norms = [float(n) for n in torch.linalg.vector_norm(flat, dim=1)]
     if not all(math.isfinite(n) for n in norms):
@@ -176,28 +182,43 @@ def price_round(
             )
             continue
         kept.append(k)
-    # Pure noise: the cosine of a random direction with any fixed one is about N(0, 1/P), so an
-    # update whose cosine with the sum of the others' directions stays within noise_sigmas
-    # standard deviations of 0 carries no shared signal. (A sign-flipped update is strongly
-    # aligned, negatively: it is left to the valuation, which prices it below zero.)
+    # Pure noise: the cosine of a random direction with any fixed one is about N(0, 1/P), so
+    # z = cos * sqrt(P) is about N(0, 1). An update within noise_sigmas of 0 both against the
+    # sum of the others' directions and against the organisation's own previous update carries
+    # no signal. Both, because honest updates on very different data can be unaligned with
+    # the others in a round, but an organisation training on the same data keeps its direction
+    # from one round to the next (z in the tens), while fresh noise does not.
     if len(kept) > 1:
-        threshold = policy.noise_sigmas / math.sqrt(flat.shape[1])
+        scale = math.sqrt(flat.shape[1])
         total = unit[kept].sum(dim=0)
-        aligned: list[int] = []
         for k in kept:
             reference = total - unit[k]
-            cos = float(unit[k] @ reference) / max(
-                float(torch.linalg.vector_norm(reference)), 1e-300
+            z_others = (
+                scale
+                * float(unit[k] @ reference)
+                / max(float(torch.linalg.vector_norm(reference)), 1e-300)
             )
-            if abs(cos) < threshold:
-                flags[k] |= Flag.UNALIGNED_UPDATE
-                notes[k] = (
-                    f"cosine {cos:+.4f} with the other updates, within noise "
-                    f"(|cosine| < {threshold:.4f}): no shared signal"
+            if abs(z_others) >= policy.noise_sigmas:
+                continue
+            own = previous[k] if previous is not None else None
+            z_self = None
+            if own is not None:
+                own_flat = flatten(own, dtype=torch.float64)
+                z_self = (
+                    scale
+                    * float(unit[k] @ own_flat)
+                    / max(float(torch.linalg.vector_norm(own_flat)), 1e-300)
                 )
-            else:
-                aligned.append(k)
-        kept = aligned
+                if abs(z_self) >= policy.noise_sigmas:
+                    continue
+            flags[k] |= Flag.UNALIGNED_UPDATE
+            notes[k] = (
+                f"no more aligned than noise (|z| < {policy.noise_sigmas:g}) with the other "
+                f"updates (z {z_others:+.2f})"
+                + ("" if z_self is None else f" or with its own previous update (z {z_self:+.2f})")
+                + ": no signal"
+            )
+        kept = [k for k in kept if not flags[k] & Flag.UNALIGNED_UPDATE]
     del flat, unit
 
     # 2. Clip to the bound the screened updates set.
@@ -240,6 +261,10 @@ def price_round(
         k for k in kept if not (policy.exclude_negative and flags[k] & Flag.NEGATIVE_CONTRIBUTION)
     ]
     if members:
+        # The trim budget covers the round: updates already left out count towards it, so a
+        # round whose attackers were screened out does not also lose honest minority updates.
+        left_out = count - len(members)
+        trim = max(0, math.floor(round(policy.trim_fraction * count, 9)) - left_out)
         params = aggregate(
             policy.aggregation,
             base,
@@ -247,7 +272,7 @@ def price_round(
             [num_samples[k] for k in members],
             eta=policy.eta,
             device=device,
-            trim_fraction=policy.trim_fraction,
+            trim_fraction=trim / len(members),
         ).params
     else:
         params = {name: t.detach().to("cpu").clone() for name, t in base.items()}

@@ -58,6 +58,88 @@ def hex32(raw: bytes) -> str:
     return "0x" + raw.hex()
 
 
+@dataclass(frozen=True)
+class Books:
+    """A round's close, computed from its stored inputs: what the coordinator settles on-chain."""
+
+    uploads: list[StoredUpdate]  # in on-chain commit order
+    priced: RoundPricing
+    new_bytes: bytes  # the new global model's canonical bytes
+    new_hash: str
+    valuation: Valuation
+    tree: SettlementTree | None  # the Merkle settlement, when the round settles by claims
+
+
+def close_books(
+    round_id: int,
+    store: Store,
+    commit_order: list[str],
+    model: torch.nn.Module,
+    x_val: torch.Tensor,
+    y_val: torch.Tensor,
+    settings: CoordinatorSettings,
+    *,
+    device: torch.device,
+) -> Books:
+    """Price round ``round_id`` from the updates in ``store``: deterministic, so the coordinator
+    (closing the round, or redoing it after a crash) and an auditor get the same books.
+
+    Reads ``store`` only. ``commit_order`` is the chain's order of the
+    round's commitments: it decides who is the original of a copied update.
+    """
+    stored = store.get_round(round_id)
+    if stored is None:
+        raise CoordinatorError("unknown_round", f"round {round_id} is not in the store")
+    order = {org.lower(): i for i, org in enumerate(commit_order)}
+    uploads = sorted(
+        store.updates_for(round_id), key=lambda u: order.get(u.organisation.lower(), len(order))
+    )
+
+    def load(digest_hex: str) -> dict[str, torch.Tensor]:
+        data = store.get_blob(digest_hex)
+        if data is None:
+            raise CoordinatorError("missing_blob", f"stored tensors {digest_hex} are missing")
+        return decode_tensors(data)
+
+    def previous(org: str) -> dict[str, torch.Tensor] | None:
+        earlier = store.get_update(round_id - 1, org) if round_id > 1 else None
+        return None if earlier is None else load(earlier.update_hash)
+
+    priced = price_round(
+        model,
+        load(stored.model_hash),
+        [load(u.update_hash) for u in uploads],
+        [u.num_samples for u in uploads],
+        [u.update_hash for u in uploads],
+        x_val,
+        y_val,
+        policy=settings.pricing_policy(),
+        budget=settings.reward_per_round,
+        valuator=choose_valuator(len(uploads), max_exact=settings.max_exact_players),
+        previous=[previous(u.organisation) for u in uploads],
+        seed=round_id,
+        device=device,
+    )
+    new_bytes = canonical_bytes(priced.params)
+    new_hash = hex32(keccak(new_bytes))
+    valuation = Valuation(
+        method=f"{priced.method}:{settings.metric}",
+        seed=round_id,
+        validation_hash=keccak(canonical_bytes({"x": x_val, "y": y_val})),
+    )
+    tree = None
+    if len(uploads) > settings.claims_above:
+        tree = SettlementTree.build(
+            [
+                SettlementLeaf(round_id, u.organisation, score, reward, flags)
+                for u, score, reward, flags in zip(
+                    uploads, priced.scores, priced.rewards, priced.flags, strict=True
+                )
+            ]
+        )
+    return Books(uploads, priced, new_bytes, new_hash, valuation, tree)
+
+
 def settlement_tree(result: wire.RoundResult) -> SettlementTree:
     """The Merkle tree of a round's settlement, rebuilt from its recorded result."""
     return SettlementTree.build(
@@ -137,7 +219,6 @@ class RoundService:
         self._model = self.task.build_model(seed=settings.model_seed)
         self._specs = specs_of(self._model.state_dict())
         self._x_val, self._y_val = self.task.validation_data()
-        self.validation_hash = keccak(canonical_bytes({"x": self._x_val, "y": self._y_val}))
         self._chain_id = ledger.chain_id()
         self._lock = threading.RLock()  # guards upload acceptance against round transitions
         self._wake = threading.Event()
@@ -337,51 +418,21 @@ class RoundService:
             log.warning("round %d failed: %s", round_id, reason)
             return
 
-        # Commit order (on-chain, public) decides who is the original of a copied update.
-        order = {org.lower(): i for i, org in enumerate(self.ledger.commit_order(round_id))}
-        uploads = sorted(uploads, key=lambda u: (order.get(u.organisation.lower(), len(order)),))
-        base = self._load_tensors(stored.model_hash)
-        deltas = [self._load_tensors(u.update_hash) for u in uploads]
-        seed = round_id
-        priced = price_round(
+        books = close_books(
+            round_id,
+            self.store,
+            self.ledger.commit_order(round_id),
             self._model,
-            base,
-            deltas,
-            [u.num_samples for u in uploads],
-            [u.update_hash for u in uploads],
             self._x_val,
             self._y_val,
-            policy=self.settings.pricing_policy(),
-            budget=self.settings.reward_per_round,
-            valuator=choose_valuator(len(uploads), max_exact=self.settings.max_exact_players),
-            seed=seed,
+            self.settings,
             device=self.device,
         )
-        del deltas
-        new_bytes = canonical_bytes(priced.params)
-        new_hash = hex32(keccak(new_bytes))
-        self.store.put_blob(new_hash, new_bytes)
+        priced, uploads, new_hash = books.priced, books.uploads, books.new_hash
+        valuation, tree, claims = books.valuation, books.tree, books.tree is not None
+        self.store.put_blob(new_hash, books.new_bytes)
         failpoint(CLOSE_AFTER_AGGREGATE)
-
-        valuation = Valuation(
-            method=f"{priced.method}:{self.settings.metric}",
-            seed=seed,
-            validation_hash=self.validation_hash,
-        )
         orgs = [u.organisation for u in uploads]
-        claims = len(uploads) > self.settings.claims_above
-        tree = (
-            SettlementTree.build(
-                [
-                    SettlementLeaf(round_id, org, score, reward, flags)
-                    for org, score, reward, flags in zip(
-                        orgs, priced.scores, priced.rewards, priced.flags, strict=True
-                    )
-                ]
-            )
-            if claims
-            else None
-        )
         tx = self._settle(round_id, new_hash, orgs, priced, valuation, tree)
         accuracy = evaluate_params(self._model, priced.params, self._x_val, self._y_val, "accuracy")
         by_org = {org.lower(): i for i, org in enumerate(orgs)}
@@ -433,6 +484,7 @@ class RoundService:
             norm_bound=priced.norm_bound,
             settlement="claims" if claims else "direct",
             rewards_root=hex32(tree.root) if tree is not None else None,
+            pricing=self.settings.pricing_record(),
             organisations=results,
         )
         self.store.set_round_status(
@@ -509,12 +561,6 @@ class RoundService:
             root=hex32(tree.root),
         )
 
-    def _load_tensors(self, digest_hex: str) -> dict[str, torch.Tensor]:
-        data = self.store.get_blob(digest_hex)
-        if data is None:
-            raise CoordinatorError("missing_blob", f"stored tensors {digest_hex} are missing")
-        return decode_tensors(data)
-
     # ------------------------------------------------------------------ reads
 
     def current(self) -> wire.CurrentRound:
@@ -561,9 +607,11 @@ class RoundService:
             digest = hex32(as_bytes32(model_hash))
         except ValueError as exc:
             raise NotFound("unknown_model", f"{model_hash!r} is not a 32-byte hash") from exc
-        data = self.store.get_blob(digest)
+        # Only global models: individual updates are for the coordinator's eyes (and its
+        # auditors', from its data directory), never served to other members.
+        data = self.store.get_blob(digest) if self.store.is_global_model(digest) else None
         if data is None:
-            raise NotFound("unknown_model", f"no model with hash {digest}")
+            raise NotFound("unknown_model", f"no global model with hash {digest}")
         return data
 
     # ----------------------------------------------------------------- uploads

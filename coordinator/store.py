@@ -74,15 +74,27 @@ class StoredUpdate:
 class Store:
     """The coordinator's data directory: ``state.sqlite3`` plus ``blobs/<keccak hex>.safetensors``."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, *, read_only: bool = False) -> None:
+        """Open (creating if needed) the data directory. ``read_only`` opens an existing one
+        without touching it, for an auditor reading a live coordinator's directory."""
         self.data_dir = Path(data_dir)
         self.blob_dir = self.data_dir / "blobs"
+        self.read_only = read_only
+        self._lock = threading.RLock()
+        database = self.data_dir / "state.sqlite3"
+        if read_only:
+            if not database.exists():
+                raise FileNotFoundError(f"no coordinator state in {self.data_dir}")
+            self._db = sqlite3.connect(
+                f"{database.resolve().as_uri()}?mode=ro",
+                uri=True,
+                check_same_thread=False,
+                isolation_level=None,
+            )
+            return
         self.blob_dir.mkdir(parents=True, exist_ok=True)
         self._remove_partial_blobs()
-        self._lock = threading.RLock()
-        self._db = sqlite3.connect(
-            self.data_dir / "state.sqlite3", check_same_thread=False, isolation_level=None
-        )
+        self._db = sqlite3.connect(database, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
@@ -204,6 +216,15 @@ class Store:
                 (round_id,),
             ).fetchone()
         return None if row is None else _round(row)
+
+    def is_global_model(self, digest_hex: str) -> bool:
+        """Whether ``digest_hex`` is a round's global model (its start or its result)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM rounds WHERE model_hash = ? OR new_model_hash = ? LIMIT 1",
+                (digest_hex, digest_hex),
+            ).fetchone()
+        return row is not None
 
     def latest_round(self) -> StoredRound | None:
         with self._lock:

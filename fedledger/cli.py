@@ -1,4 +1,4 @@
-"""The ``fedledger`` command: demo, devnet, deploy, coordinator, node and rewards."""
+"""The ``fedledger`` command: demo, devnet, deploy, coordinator, node, rewards and audit."""
 
 from __future__ import annotations
 
@@ -268,10 +268,28 @@ def coordinator_serve(
     reward_per_round: Annotated[float, typer.Option(help="Tokens paid per round.")] = 1000.0,
     max_upload_mb: Annotated[float, typer.Option(help="Upload size limit in MiB.")] = 64.0,
     task: Annotated[str, typer.Option(help="Learning task.")] = "digits",
+    aggregation: Annotated[
+        str, typer.Option(help="Aggregation rule: `fedavg`, `median` or `trimmed_mean`.")
+    ] = "fedavg",
+    trim_fraction: Annotated[
+        float, typer.Option(help="Trimmed mean: share of updates cut on each side.")
+    ] = 0.2,
+    clip_multiplier: Annotated[
+        float,
+        typer.Option(help="Clip updates above this x the round's median norm (0: never clip)."),
+    ] = 3.0,
+    max_exact: Annotated[
+        int, typer.Option(help="Exact Shapley up to this many organisations, sampled above.")
+    ] = 10,
+    claims_above: Annotated[
+        int,
+        typer.Option(help="Settle by Merkle root and claims above this many paid organisations."),
+    ] = 16,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Serve the coordinator API (uvicorn) and run the rounds."""
     import uvicorn
+    from pydantic import ValidationError
 
     from .coordinator.api import create_app
     from .coordinator.config import TOKEN_UNIT, CoordinatorSettings
@@ -284,17 +302,25 @@ def coordinator_serve(
     ledger, _ = _ledger(deployment, rpc, key)
     if quorum_policy not in ("fail", "extend"):
         raise _fail("--quorum-policy must be `fail` or `extend`")
-    settings = CoordinatorSettings(
-        data_dir=data_dir,
-        task=task,
-        total_rounds=rounds,
-        round_timeout_s=round_timeout,
-        quorum=quorum,
-        quorum_policy=quorum_policy,
-        max_extensions=max_extensions,
-        reward_per_round=int(Decimal(str(reward_per_round)) * TOKEN_UNIT),
-        max_upload_bytes=int(max_upload_mb * 2**20),
-    )
+    try:
+        settings = CoordinatorSettings(
+            data_dir=data_dir,
+            task=task,
+            total_rounds=rounds,
+            round_timeout_s=round_timeout,
+            quorum=quorum,
+            quorum_policy=quorum_policy,
+            max_extensions=max_extensions,
+            reward_per_round=int(Decimal(str(reward_per_round)) * TOKEN_UNIT),
+            max_upload_bytes=int(max_upload_mb * 2**20),
+            aggregation=aggregation,
+            trim_fraction=trim_fraction,
+            clip_multiplier=clip_multiplier or None,
+            max_exact_players=max_exact,
+            claims_above=claims_above,
+        )
+    except ValidationError as exc:
+        raise _fail(f"invalid coordinator settings: {exc}") from exc
     service = RoundService(settings, ledger)
     try:
         service.start()
@@ -404,6 +430,8 @@ def rewards(
     """Per-round contribution scores, rewards and token balances, read from the contract."""
     from web3 import Web3
 
+    from .coordinator.pricing import flag_names
+    from .incentive.ledger import RoundState
     from .incentive.rewards import from_fixed_point
 
     ledger, _ = _ledger(deployment, rpc, None)
@@ -414,15 +442,25 @@ def rewards(
         record = ledger.get_round(round_id)
         for address in orgs:
             committed = ledger.commitment_of(round_id, address)
+            settled = ledger.is_settled(round_id, address)
+            if record.state != RoundState.FINALIZED or committed is None:
+                payment = "-"
+            elif not record.by_claims:
+                payment = "paid" if settled else "-"
+            else:
+                payment = "claimed" if settled else "unclaimed"
             rows.append(
                 {
                     "round": round_id,
                     "state": record.state.name.lower(),
+                    "settlement": "claims" if record.by_claims else "direct",
                     "organisation": address,
                     "committed": None if committed is None else "0x" + committed.update_hash.hex(),
-                    "settled": ledger.is_settled(round_id, address),
+                    "settled": settled,
+                    "payment": payment,
                     "score": from_fixed_point(ledger.contribution_of(round_id, address)),
                     "reward": ledger.reward_of(round_id, address),
+                    "flags": flag_names(ledger.flags_of(round_id, address)),
                 }
             )
     balances = {address: ledger.balance_of(address) for address in orgs}
@@ -432,10 +470,11 @@ def rewards(
         )
         return
     table = Table(title=f"Rewards on ledger {ledger.address} ({rounds} rounds)")
+    right = ("round", "score", "reward (FLR)")
     for column in ("round", "state", "organisation", "committed", "score", "reward (FLR)"):
-        table.add_column(
-            column, justify="right" if column in ("round", "score", "reward (FLR)") else "left"
-        )
+        table.add_column(column, justify="right" if column in right else "left")
+    table.add_column("payment")
+    table.add_column("flags")
     for row in rows:
         table.add_row(
             str(row["round"]),
@@ -443,12 +482,57 @@ def rewards(
             str(row["organisation"]),
             "-" if row["committed"] is None else str(row["committed"])[:18] + "…",
             f"{row['score']:+.4f}" if row["settled"] else "-",
-            f"{int(row['reward']) / 10**18:,.4f}",  # type: ignore[call-overload]
+            f"{int(row['reward']) / 10**18:,.4f}" if row["settled"] else "-",  # type: ignore[call-overload]
+            str(row["payment"]),
+            ", ".join(row["flags"]) or "-",  # type: ignore[arg-type]
         )
     console.print(table)
+    unclaimed = sum(row["payment"] == "unclaimed" for row in rows)
+    if unclaimed:
+        console.print(
+            f"{unclaimed} reward(s) settled by Merkle root are not claimed yet: a node claims "
+            "its own automatically (the amount is in its claim ticket until then)."
+        )
     totals = Table(title="Token balances")
     totals.add_column("organisation")
     totals.add_column("balance (FLR)", justify="right")
     for address, balance in balances.items():
         totals.add_row(address, f"{balance / 10**18:,.4f}")
     console.print(totals)
+
+
+@app.command()
+def audit(
+    round_id: Annotated[int, typer.Option("--round", help="The finished round to recompute.")],
+    data_dir: Annotated[
+        Path,
+        typer.Option(help="The coordinator's data directory (or a copy); opened read-only."),
+    ] = DEFAULT_STATE_DIR / "coordinator",
+    deployment: DeploymentOpt = DEFAULT_STATE_DIR / "devnet" / "deployment.json",
+    rpc: RpcOpt = None,
+) -> None:
+    """Recompute a round from the coordinator's stored updates and check it against the chain.
+
+    Checks every update against its commitment, the validation set against its recorded hash,
+    the aggregate against the new model hash, and the scores, rewards, flags (or the Merkle
+    root) against the ledger. Exits 1 on any mismatch.
+    """
+    from .coordinator.audit import audit_round
+
+    ledger, _ = _ledger(deployment, rpc, None)
+    try:
+        report = audit_round(round_id, ledger, data_dir)
+    except FileNotFoundError as exc:
+        raise _fail(str(exc)) from exc
+    table = Table(title=f"Audit of round {round_id} on ledger {ledger.address}")
+    table.add_column("check")
+    table.add_column("result")
+    table.add_column("detail", overflow="fold")
+    for check in report.checks:
+        table.add_row(
+            check.what, "[green]ok[/]" if check.ok else "[bold red]MISMATCH[/]", check.detail
+        )
+    console.print(table)
+    if not report.ok:
+        raise _fail(f"round {round_id}: {len(report.mismatches)} check(s) failed")
+    console.print(f"round {round_id}: all {len(report.checks)} checks passed")

@@ -109,6 +109,7 @@ class RoundResult(_Schema):
     norm_bound: float | None = None  # updates above it were clipped
     settlement: Literal["direct", "claims"] | None = None  # paid at once, or claimed with proofs
     rewards_root: str | None = None  # the Merkle root a "claims" settlement posted
+    pricing: dict[str, Any] | None = None  # the settings the round was priced with (audits)
     organisations: list[OrganisationResult] = Field(default_factory=list)
 
 

@@ -83,6 +83,10 @@ class CoordinatorClient:
     def round_result(self, round_id: int) -> wire.RoundResult:
         return wire.RoundResult.model_validate(self._request("GET", f"/rounds/{round_id}").json())
 
+    def claim_ticket(self, round_id: int, organisation: str) -> wire.ClaimTicket:
+        path = f"/rounds/{round_id}/claims/{organisation}"
+        return wire.ClaimTicket.model_validate(self._request("GET", path).json())
+
     def model(self, model_hash: str) -> bytes:
         return self._request("GET", f"/models/{model_hash}").content
 

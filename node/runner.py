@@ -13,7 +13,8 @@ from .. import wire
 from ..failpoints import NODE_AFTER_COMMIT, failpoint
 from ..incentive.commitment import commitment_of, decode_update, keccak, specs_of
 from ..incentive.errors import ChainError, ContractRevert
-from ..incentive.ledger import LedgerClient
+from ..incentive.ledger import LedgerClient, RoundState
+from ..incentive.merkle import SettlementLeaf, verify
 from ..incentive.signing import UploadAuthorization, sign_upload
 from ..tasks import Task
 from .client import CoordinatorClient, CoordinatorRejected, CoordinatorUnavailable, NodeError
@@ -37,6 +38,17 @@ class RoundOutcome:
     duplicate: bool
 
 
+@dataclass(frozen=True)
+class Claim:
+    """A reward the node claimed with a Merkle proof (rounds settled by claims)."""
+
+    round_id: int
+    reward: int
+    score: int
+    flags: int
+    tx_hash: str
+
+
 class NodeRunner:
     """Takes part in every round until the coordinator says training is done."""
 
@@ -53,6 +65,7 @@ class NodeRunner:
         max_retry_s: float = 30.0,
         device: torch.device | None = None,
         on_round: Callable[[RoundOutcome], None] | None = None,
+        auto_claim: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if ledger.account is None:
@@ -68,11 +81,14 @@ class NodeRunner:
         self.max_retry_s = max_retry_s
         self.device = device
         self.on_round = on_round
+        self.auto_claim = auto_claim
         self.clock = clock
         self._model = task.build_model(seed=0)
         self._specs = specs_of(self._model.state_dict())
         self._chain_id = ledger.chain_id()
         self.done_rounds: set[int] = set()
+        self.unclaimed: set[int] = set()  # rounds uploaded to whose settlement is not yet seen
+        self.claims: list[Claim] = []
 
     def run(self, *, stop: Callable[[], bool] = lambda: False) -> list[RoundOutcome]:
         """Loop over rounds until training is done (or ``stop()``); returns what was uploaded."""
@@ -83,7 +99,9 @@ class NodeRunner:
                 current = self.client.current_round()
                 if current.training == wire.TrainingStatus.DONE:
                     log.info("training is done after round %d", current.round_id)
+                    self.claim_rewards(before_round=None)
                     return outcomes
+                self.claim_rewards(before_round=current.round_id)
                 if (
                     current.status == wire.RoundStatus.OPEN
                     and current.round_id not in self.done_rounds
@@ -172,6 +190,7 @@ class NodeRunner:
             self.done_rounds.add(round_id)
             return None
         self.done_rounds.add(round_id)
+        self.unclaimed.add(round_id)
         return RoundOutcome(
             round_id=round_id,
             update_hash=receipt.update_hash,
@@ -197,3 +216,63 @@ class NodeRunner:
                 )
                 time.sleep(wait_s)
                 backoff_s = min(backoff_s * 2, self.max_retry_s)
+
+    def claim_rewards(self, *, before_round: int | None) -> list[Claim]:
+        """Claim this organisation's reward in every finalized round settled by claims.
+
+        Only rounds before ``before_round`` (all, if None) are looked at: a round still open
+        has nothing to claim. The coordinator's ticket is checked against the on-chain root
+        before any gas is spent; a bad ticket is logged and not sent.
+        """
+        if not self.auto_claim:
+            return []
+        made: list[Claim] = []
+        for round_id in sorted(self.unclaimed):
+            if before_round is not None and round_id >= before_round:
+                break
+            record = self.ledger.get_round(round_id)
+            if record.state != RoundState.FINALIZED:
+                continue
+            # From here each outcome is final; a chain or coordinator outage raises and the
+            # round stays in ``unclaimed`` for the next try.
+            claim = self._claim(round_id, record.rewards_root) if record.by_claims else None
+            self.unclaimed.discard(round_id)
+            if claim is not None:
+                made.append(claim)
+                self.claims.append(claim)
+        return made
+
+    def _claim(self, round_id: int, root: bytes) -> Claim | None:
+        me = self.account.address
+        if self.ledger.is_settled(round_id, me):
+            return None
+        try:
+            ticket = self.client.claim_ticket(round_id, me)
+        except CoordinatorRejected as exc:
+            log.warning("round %d: no claim ticket: %s", round_id, exc)
+            return None
+        leaf = SettlementLeaf(
+            round_id, me, int(ticket.score_fixed), int(ticket.reward), ticket.flags
+        )
+        proof = [bytes.fromhex(p.removeprefix("0x")) for p in ticket.proof]
+        if not verify(proof, root, leaf):
+            log.error(
+                "round %d: the coordinator's claim ticket does not verify against the on-chain "
+                "root 0x%s; not claiming",
+                round_id,
+                root.hex(),
+            )
+            return None
+        try:
+            receipt = self.ledger.claim_reward(round_id, leaf.score, leaf.reward, leaf.flags, proof)
+        except ContractRevert as exc:
+            log.warning("round %d: claim refused on-chain: %s", round_id, exc)
+            return None
+        log.info("round %d: claimed %d token units", round_id, leaf.reward)
+        return Claim(
+            round_id,
+            leaf.reward,
+            leaf.score,
+            leaf.flags,
+            "0x" + bytes(receipt["transactionHash"]).hex(),
+        )

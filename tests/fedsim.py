@@ -85,7 +85,23 @@ def run_federation(
     attacks = attacks or {}
     declared = declared or {}
     policy = policy or PricingPolicy()
-    torch.set_flush_denormal(True)  # subnormals make CPU training several times slower
+    # Subnormals make CPU training several times slower; the flag is process-wide, so it is
+    # put back afterwards (other tests, hypothesis among them, need IEEE subnormals).
+    torch.set_flush_denormal(True)
+    try:
+        return _run(num_orgs, rounds, attacks, declared, policy, alpha)
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def _run(
+    num_orgs: int,
+    rounds: int,
+    attacks: Mapping[int, Attack],
+    declared: Mapping[int, int],
+    policy: PricingPolicy,
+    alpha: float,
+) -> Federation:
     task = get_task("digits")
     model = task.build_model(seed=0)
     params = {n: t.detach().clone() for n, t in model.state_dict().items()}
@@ -95,6 +111,7 @@ def run_federation(
     config = TrainConfig(epochs=1, lr=0.05, batch_size=32)
     federation = Federation(num_samples=counts)
     cpu = torch.device("cpu")
+    previous: list[Delta | None] = [None] * num_orgs
     for round_id in range(1, rounds + 1):
         rng = torch.Generator().manual_seed(round_id)
         deltas: list[Delta] = []
@@ -115,9 +132,11 @@ def run_federation(
             y_val,
             policy=policy,
             budget=BUDGET,
+            previous=previous,
             seed=round_id,
             device=cpu,
         )
+        previous = list(deltas)
         federation.rounds.append(priced)
         params = priced.params
     federation.accuracy = evaluate_params(model, params, x_val, y_val, "accuracy")

@@ -44,6 +44,17 @@ class Harness:
         params = self.service.task.build_model(seed=0).state_dict()
         return {n: torch.randn(t.shape, generator=generator) * scale for n, t in params.items()}
 
+    def trained_delta(self, k: int) -> dict[str, torch.Tensor]:
+        """Organisation k's real update: one local epoch on its digits partition."""
+        from fedledger.node.training import TrainConfig, train_local
+
+        task = self.service.task
+        model = task.build_model(seed=0)
+        x, y = task.partition(k, len(self.orgs), alpha=0.5, seed=0)
+        config = TrainConfig(epochs=1, seed=k)
+        cpu = torch.device("cpu")
+        return train_local(model, model.state_dict(), x, y, config, device=cpu).delta
+
     def make_upload(
         self,
         account: LocalAccount,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from fedledger.coordinator.pricing import Flag
 from fedledger.incentive.commitment import canonical_bytes
 from fedledger.incentive.ledger import RoundState
 from harness import Harness
@@ -213,6 +214,14 @@ def test_unknown_model_and_round_are_404(harness: Harness) -> None:
     assert _error(harness.client.get("/v1/rounds/99")) == (404, "unknown_round")
 
 
+def test_uploaded_updates_are_not_served_as_models(harness: Harness) -> None:
+    upload = harness.make_upload(harness.orgs[0])
+    assert harness.post(upload).status_code == 201
+    response = harness.client.get(f"/v1/models/0x{upload.digest.hex()}")
+    assert _error(response) == (404, "unknown_model")
+    assert upload.body not in response.content
+
+
 def test_served_model_matches_its_on_chain_hash(harness: Harness) -> None:
     from fedledger.incentive.commitment import keccak
 
@@ -330,3 +339,34 @@ def test_extend_policy_fails_after_its_last_extension(make_harness: Callable[...
     harness.service.step()  # second miss: no extensions left
     result = harness.client.get("/v1/rounds/1").json()
     assert result["status"] == "failed" and "quorum" in result["reason"]
+
+
+def test_a_copied_update_is_flagged_in_the_api_and_on_chain(harness: Harness) -> None:
+    honest = [harness.trained_delta(k) for k in range(2)]
+    copied = {name: 3.0 * t for name, t in honest[0].items()}
+    for org, tensors in zip(harness.orgs, [*honest, copied], strict=True):
+        assert harness.post(harness.make_upload(org, tensors)).status_code == 201
+    harness.service.step()
+
+    result = harness.client.get("/v1/rounds/1").json()
+    by_org = {o["organisation"]: o for o in result["organisations"]}
+    cheat = by_org[harness.orgs[2].address]
+    assert cheat["flag_reasons"] == ["copied_update"]
+    assert "rescaled copy" in cheat["note"]
+    assert cheat["reward"] == "0" and not cheat["aggregated"]
+    assert all(by_org[o.address]["flags"] == 0 for o in harness.orgs[:2])
+    assert (
+        sum(int(o["reward"]) for o in by_org.values()) == harness.service.settings.reward_per_round
+    )
+
+    ledger = harness.ledger
+    assert ledger.flags_of(1, harness.orgs[2].address) == cheat["flags"] == int(Flag.COPIED_UPDATE)
+    logs = ledger.contract.events.OrganisationFlagged().get_logs(from_block=0)
+    assert [(log["args"]["org"], log["args"]["flags"]) for log in logs] == [
+        (harness.orgs[2].address, int(Flag.COPIED_UPDATE))
+    ]
+    valuation = ledger.valuation_of(1)
+    assert valuation is not None
+    assert valuation.method == result["valuation_method"] == "exact:accuracy"
+    assert valuation.seed == result["valuation_seed"] == 1
+    assert "0x" + valuation.validation_hash.hex() == result["validation_hash"]

@@ -143,6 +143,19 @@ def test_three_nodes_two_rounds_settle_on_chain(anvil: AnvilProcess, tmp_path: P
     for row in report["rounds"]:
         assert row["reward"] == ledger.reward_of(row["round"], row["organisation"])
         assert row["committed"] is not None and row["settled"] is True
+        assert row["payment"] == "paid" and row["settlement"] == "direct"
+
+    # Any member with the coordinator's data directory recomputes a round from it.
+    for round_id in (1, 2):
+        audited = subprocess.run(
+            _cli(
+                "audit", "--round", str(round_id), "--data-dir", str(tmp_path / "coordinator"),
+                "--deployment", str(deployment_file),
+            ),
+            capture_output=True, text=True, timeout=120, env=env,
+        )  # fmt: skip
+        assert audited.returncode == 0, audited.stdout + audited.stderr
+        assert f"round {round_id}: all" in audited.stdout and "checks passed" in audited.stdout
 
 
 def _check_chain(deployment: Deployment, results: list[dict], model_1: bytes) -> None:  # type: ignore[type-arg]

@@ -54,6 +54,44 @@ def test_nodes_train_commit_and_upload_every_round(make_harness: Callable[..., H
     assert [harness.ledger.get_round(r).state for r in (1, 2)] == [RoundState.FINALIZED] * 2
 
 
+def _run_all(harness: Harness, url: str) -> list[NodeRunner]:
+    runners = [_runner(harness, url, k) for k in range(len(harness.orgs))]
+    threads = [threading.Thread(target=runner.run) for runner in runners]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    return runners
+
+
+def test_nodes_claim_their_rewards_in_rounds_settled_by_root(
+    make_harness: Callable[..., Harness],
+) -> None:
+    """With claims_above=0 every round settles by Merkle root; each node claims its own."""
+    harness = make_harness(total_rounds=2, claims_above=0)
+    harness.service.start_driver()
+    with serve_in_thread(create_app(harness.service)) as url:
+        runners = _run_all(harness, url)
+        results = [CoordinatorClient(url).round_result(r) for r in (1, 2)]
+    for result in results:
+        assert result.settlement == "claims"
+        record = harness.ledger.get_round(result.round_id)
+        assert "0x" + record.rewards_root.hex() == result.rewards_root
+        assert record.claimed_reward == record.total_reward  # every leaf claimed, none twice
+    for k, org in enumerate(harness.orgs):
+        earned = {
+            r.round_id: int(o.reward)
+            for r in results
+            for o in r.organisations
+            if o.organisation == org.address
+        }
+        assert {c.round_id: c.reward for c in runners[k].claims} == earned
+        assert set(earned) == {1, 2}
+        assert harness.ledger.balance_of(org.address) == sum(earned.values())
+        assert all(harness.ledger.is_settled(r, org.address) for r in earned)
+
+
 def test_node_refuses_a_model_that_differs_from_the_chain(harness: Harness) -> None:
     current = harness.service.current()
     blob = harness.service.store.blob_path(current.model_hash)

@@ -1,0 +1,198 @@
+"""Recompute a finished round from the coordinator's stored inputs and check it against the chain.
+
+Any consortium member holding a copy of the coordinator's data directory (or the operator,
+on the live one: it is opened read-only) runs ``fedledger audit --round R``. Every figure the
+ledger records for the round is recomputed with the same code the coordinator closed it with
+(``close_books``), from inputs that are themselves checked against on-chain hashes:
+
+- each stored update hashes to the organisation's on-chain commitment, with its sample count;
+- the round's start model hashes to the on-chain model hash;
+- the validation set hashes to the ``validationHash`` recorded with the scores;
+- the recomputed aggregate hashes to the on-chain new model hash;
+- the recomputed scores, rewards and flags equal the on-chain settlement (each organisation's
+  records, or the Merkle root and total of a round settled by claims).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import wire
+from ..incentive.commitment import canonical_bytes, keccak
+from ..incentive.ledger import LedgerClient, RoundState
+from ..tasks import get_task
+from .config import CoordinatorSettings
+from .rounds import Books, close_books, hex32
+from .store import Store
+
+
+@dataclass(frozen=True)
+class Check:
+    """One comparison of a recomputed figure with what the chain (or the store) records."""
+
+    what: str
+    ok: bool
+    detail: str = ""
+
+
+@dataclass
+class AuditReport:
+    round_id: int
+    checks: list[Check] = field(default_factory=list)
+    books: Books | None = None
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.checks) and all(c.ok for c in self.checks)
+
+    @property
+    def mismatches(self) -> list[Check]:
+        return [c for c in self.checks if not c.ok]
+
+    def check(self, what: str, ok: bool, detail: str = "") -> bool:
+        self.checks.append(Check(what, ok, detail))
+        return ok
+
+
+def audit_round(
+    round_id: int,
+    ledger: LedgerClient,
+    data_dir: Path,
+    *,
+    device: torch.device | None = None,
+) -> AuditReport:
+    """Recompute round ``round_id`` from ``data_dir`` and compare everything with ``ledger``."""
+    report = AuditReport(round_id)
+    record = ledger.get_round(round_id)
+    if not report.check(
+        "round finalized on-chain",
+        record.state == RoundState.FINALIZED,
+        f"state {record.state.name.lower()}",
+    ):
+        return report
+    store = Store(data_dir, read_only=True)
+    try:
+        _audit(report, record, ledger, store, device or torch.device("cpu"))
+    finally:
+        store.close()
+    return report
+
+
+def _audit(
+    report: AuditReport,
+    record: Any,
+    ledger: LedgerClient,
+    store: Store,
+    device: torch.device,
+) -> None:
+    round_id = report.round_id
+    stored = store.get_round(round_id)
+    if not report.check("round in the coordinator's store", stored is not None):
+        return
+    assert stored is not None
+    if not report.check(
+        "round priced by the coordinator",
+        stored.status == wire.RoundStatus.FINALIZED and stored.result is not None,
+        f"stored status {stored.status}",
+    ):
+        return
+    result = wire.RoundResult.model_validate(stored.result)
+
+    # Inputs: start model and updates, each against its on-chain hash.
+    start = store.get_blob(stored.model_hash)
+    report.check(
+        "start model matches the on-chain model hash",
+        start is not None and keccak(start) == record.model_hash,
+        f"on-chain 0x{record.model_hash.hex()}",
+    )
+    uploads = store.updates_for(round_id)
+    for update in uploads:
+        blob = store.get_blob(update.update_hash)
+        committed = ledger.commitment_of(round_id, update.organisation)
+        report.check(
+            f"update of {update.organisation} matches its commitment",
+            blob is not None
+            and committed is not None
+            and hex32(keccak(blob)) == update.update_hash
+            and hex32(committed.update_hash) == update.update_hash
+            and committed.num_samples == update.num_samples,
+            "stored bytes, stored hash, on-chain hash and sample count agree"
+            if committed is not None
+            else "nothing committed on-chain",
+        )
+    if not result.pricing:
+        report.check("pricing settings recorded with the round", False, "none recorded")
+        return
+    settings = CoordinatorSettings(data_dir=store.data_dir, **result.pricing)
+    task = get_task(settings.task)
+    x_val, y_val = task.validation_data()
+    valuation = ledger.valuation_of(round_id)
+    validation_hash = keccak(canonical_bytes({"x": x_val, "y": y_val}))
+    report.check(
+        "validation set matches the on-chain validation hash",
+        valuation is not None and valuation.validation_hash == validation_hash,
+        f"local 0x{validation_hash.hex()}",
+    )
+
+    # Recompute the books exactly as the coordinator closes a round.
+    books = close_books(
+        round_id,
+        store,
+        ledger.commit_order(round_id),
+        task.build_model(seed=settings.model_seed),
+        x_val,
+        y_val,
+        settings,
+        device=device,
+    )
+    report.books = books
+    report.check(
+        "valuation method and seed match the chain",
+        valuation is not None
+        and (valuation.method, valuation.seed) == (books.valuation.method, books.valuation.seed),
+        f"recomputed {books.valuation.method} seed {books.valuation.seed}",
+    )
+    report.check(
+        "aggregate matches the on-chain new model hash",
+        books.new_hash == hex32(record.new_model_hash),
+        f"recomputed {books.new_hash}, on-chain {hex32(record.new_model_hash)}",
+    )
+    priced = books.priced
+    report.check(
+        "total reward matches the chain",
+        sum(priced.rewards) == record.total_reward,
+        f"recomputed {sum(priced.rewards)}, on-chain {record.total_reward}",
+    )
+    if books.tree is not None:
+        report.check(
+            "Merkle root of the settlement matches the chain",
+            books.tree.root == record.rewards_root,
+            f"recomputed {hex32(books.tree.root)}, on-chain {hex32(record.rewards_root)}",
+        )
+    elif record.by_claims:
+        report.check("settlement mode matches the chain", False, "the chain settled by claims")
+    for k, update in enumerate(books.uploads):
+        org = update.organisation
+        expected = (priced.scores[k], priced.rewards[k], priced.flags[k])
+        if books.tree is not None and not ledger.is_settled(round_id, org):
+            # Unclaimed: only the flags are on-chain yet (posted with the root).
+            report.check(
+                f"flags of {org} match the chain (reward not claimed yet)",
+                ledger.flags_of(round_id, org) == priced.flags[k],
+                f"recomputed {priced.flags[k]}",
+            )
+            continue
+        on_chain = (
+            ledger.contribution_of(round_id, org),
+            ledger.reward_of(round_id, org),
+            ledger.flags_of(round_id, org),
+        )
+        report.check(
+            f"score, reward and flags of {org} match the chain",
+            on_chain == expected,
+            f"recomputed {expected}, on-chain {on_chain}",
+        )

@@ -1,0 +1,97 @@
+"""``audit_round``: a finished round recomputed from the coordinator's data directory matches
+the chain, and every kind of tampering with the stored inputs or records is reported."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable
+
+import pytest
+
+from fedledger.coordinator.audit import AuditReport, audit_round
+from fedledger.incentive.commitment import canonical_bytes
+from harness import Harness
+
+
+def _finished_round(make_harness: Callable[..., Harness], **settings: object) -> Harness:
+    harness = make_harness(**settings)
+    for k, org in enumerate(harness.orgs):
+        upload = harness.make_upload(org, harness.trained_delta(k), num_samples=50 * (k + 1))
+        assert harness.post(upload).status_code == 201
+    harness.service.step()
+    assert harness.client.get("/v1/rounds/1").json()["status"] == "finalized"
+    return harness
+
+
+def _audit(harness: Harness) -> AuditReport:
+    return audit_round(1, harness.ledger, harness.service.settings.data_dir)
+
+
+@pytest.mark.parametrize("claims_above", [16, 0], ids=["direct", "claims"])
+def test_an_honest_round_passes_every_check(
+    make_harness: Callable[..., Harness], claims_above: int
+) -> None:
+    harness = _finished_round(make_harness, claims_above=claims_above)
+    report = _audit(harness)
+    assert report.ok, report.mismatches
+    checked = " | ".join(c.what for c in report.checks)
+    for org in harness.orgs:
+        assert f"update of {org.address} matches its commitment" in checked
+    assert "aggregate matches the on-chain new model hash" in checked
+    assert ("Merkle root" in checked) == (claims_above == 0)
+    assert report.books is not None
+    assert sum(report.books.priced.rewards) == harness.service.settings.reward_per_round
+
+
+def test_a_tampered_update_is_reported(make_harness: Callable[..., Harness]) -> None:
+    harness = _finished_round(make_harness)
+    store = harness.service.store
+    victim = store.updates_for(1)[1]
+    path = store.blob_path(victim.update_hash)
+    tensors = harness.trained_delta(2)
+    path.write_bytes(canonical_bytes({n: 2 * t for n, t in tensors.items()}))
+    report = _audit(harness)
+    assert not report.ok
+    failed = [c.what for c in report.mismatches]
+    assert f"update of {victim.organisation} matches its commitment" in failed
+    assert "aggregate matches the on-chain new model hash" in failed
+
+
+def test_recorded_settings_that_differ_from_the_round_are_reported(
+    make_harness: Callable[..., Harness],
+) -> None:
+    """A coordinator that claims another budget than it paid: the totals disagree."""
+    harness = _finished_round(make_harness)
+    database = harness.service.settings.data_dir / "state.sqlite3"
+    with sqlite3.connect(database) as db:
+        (raw,) = db.execute("SELECT result_json FROM rounds WHERE round_id = 1").fetchone()
+        result = json.loads(raw)
+        result["pricing"]["reward_per_round"] = str(2 * int(result["pricing"]["reward_per_round"]))
+        db.execute("UPDATE rounds SET result_json = ? WHERE round_id = 1", (json.dumps(result),))
+    failed = [c.what for c in _audit(harness).mismatches]
+    assert "total reward matches the chain" in failed
+    assert any(what.startswith("score, reward and flags of") for what in failed)
+
+
+def test_an_open_round_cannot_be_audited(harness: Harness) -> None:
+    report = _audit(harness)
+    assert not report.ok
+    assert [c.what for c in report.checks] == ["round finalized on-chain"]
+
+
+def test_the_audit_never_writes_to_the_data_directory(make_harness: Callable[..., Harness]) -> None:
+    harness = _finished_round(make_harness)
+    data_dir = harness.service.settings.data_dir
+    partial = data_dir / "blobs" / "inflight.part"  # an upload being written right now
+    partial.write_bytes(b"half an upload")
+    before = {p: p.stat().st_mtime_ns for p in data_dir.rglob("*") if p.is_file()}
+    assert _audit(harness).ok
+    after = {p: p.stat().st_mtime_ns for p in data_dir.rglob("*") if p.is_file()}
+    assert partial.exists()
+    assert {p for p in after if "state.sqlite3" not in p.name} == {
+        p for p in before if "state.sqlite3" not in p.name
+    }
+    assert {p: t for p, t in after.items() if p.suffix == ".safetensors"} == {
+        p: t for p, t in before.items() if p.suffix == ".safetensors"
+    }
