@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from fedledger.coordinator.pricing import Flag
 from fedledger.devnet.anvil import free_port
-from fedledger.incentive.chain import connect, devnet_account
+from fedledger.incentive.chain import account_from_key, connect, devnet_account
 from fedledger.incentive.deployment import Deployment
 from fedledger.incentive.ledger import LedgerClient
+from fedledger.incentive.merkle import SettlementLeaf, SettlementTree
 
 pytestmark = [pytest.mark.e2e]
 
@@ -104,6 +106,38 @@ def test_devnet_up_register_rewards_down(tmp_path: Path) -> None:
         assert report["ledger"] == deployment.ledger
         assert report["rounds"] == []
         assert report["balances"] == {org: 0 for org in ledger.organisations()}
+
+        # A round settled by Merkle root: one organisation claims, the other (flagged) not yet.
+        orgs = deployment.accounts.organisations
+        coordinator = ledger.with_account(
+            account_from_key(deployment.accounts.coordinator.private_key)
+        )  # type: ignore[arg-type]
+        coordinator.open_round(1, b"\x11" * 32, ledger.block_timestamp() + 600)
+        members = [ledger.with_account(account_from_key(o.private_key)) for o in orgs[:2]]  # type: ignore[arg-type]
+        for k, member in enumerate(members):
+            member.commit_update(1, bytes([0xA0 + k]) * 32, 10)
+        tree = SettlementTree.build(
+            [
+                SettlementLeaf(1, orgs[0].address, 10**18 // 2, 7 * 10**18, 0),
+                SettlementLeaf(1, orgs[1].address, 0, 0, int(Flag.COPIED_UPDATE)),
+            ]
+        )
+        coordinator.finalize_round_with_root(
+            1, b"\x22" * 32, tree.root, tree.total_reward, 2,
+            flagged={orgs[1].address: int(Flag.COPIED_UPDATE)},
+        )  # fmt: skip
+        members[0].claim_reward(1, 10**18 // 2, 7 * 10**18, 0, tree.proof(orgs[0].address))
+        shown = fedledger(
+            "rewards", "--deployment", str(state / "deployment.json"), "--json", cwd=tmp_path
+        )
+        assert shown.returncode == 0, shown.stdout + shown.stderr
+        rows = {r["organisation"]: r for r in json.loads(shown.stdout)["rounds"]}
+        claimed, flagged = rows[orgs[0].address], rows[orgs[1].address]
+        assert (claimed["settlement"], claimed["payment"]) == ("claims", "claimed")
+        assert (claimed["reward"], claimed["score"], claimed["flags"]) == (7 * 10**18, 0.5, [])
+        assert (flagged["payment"], flagged["flags"]) == ("unclaimed", ["copied_update"])
+        table = fedledger("rewards", "--deployment", str(state / "deployment.json"), cwd=tmp_path)
+        assert table.returncode == 0 and "not claimed yet" in table.stdout
     finally:
         down = fedledger("devnet", "down", "--state-dir", str(state), cwd=tmp_path)
     assert down.returncode == 0, down.stdout + down.stderr
