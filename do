@@ -37,8 +37,9 @@ case "$cmd" in
     (cd .typecheck && "../$VENV/bin/mypy" --config-file ../pyproject.toml -p fedledger)
     ;;
   compile) exec "$VENV/bin/python" -m fedledger.contracts.compile "$@" ;;
+  bench) exec "$VENV/bin/python" bench/run.py "$@" ;;
   *)
-    echo "usage: ./do install | demo [ARGS] | test [PYTEST ARGS] | lint | compile [--check]" >&2
+    echo "usage: ./do install | demo [ARGS] | test [PYTEST ARGS] | lint | compile [--check] | bench [NAME ...] [--quick]" >&2
     exit 2
     ;;
 esac

@@ -7,12 +7,13 @@ sign-flipped or scaled x10; each attack runs under every aggregation rule. Print
 validation accuracy against the same rule's clean run, and the attackers' share of the
 reward budget over all rounds. A second table runs single free-riders.
 
-Usage: python bench/robust.py [--rounds 30] [--alpha 0.5] [--quick]
+Usage: python bench/robust.py [--rounds 30] [--alpha 0.5] [--quick] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -43,11 +44,12 @@ FREE_RIDERS: dict[str, Attack] = {
 }
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, object]]:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--quick", action="store_true", help="3 rounds, FedAvg only")
+    parser.add_argument("--json", type=Path, help="also write the rows to this file")
     args = parser.parse_args(argv)
     rounds = 3 if args.quick else args.rounds
     rules = RULES[:1] if args.quick else RULES
@@ -90,8 +92,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
         rows.append({"free_rider": name, "paid": fed.paid_share([4]), "flagged": flagged})
         print(f"{name:<22}{fed.paid_share([4]):>8.2%}{flagged:>11d} / {free_rounds}")
     print(f"\n{time.perf_counter() - started:.0f} s in all")
-    return rows
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

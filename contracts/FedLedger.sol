@@ -67,6 +67,7 @@ contract FedLedger is AccessControlEnumerable {
     mapping(uint256 roundId => mapping(address org => Commitment)) private _commitments;
     mapping(uint256 roundId => mapping(address org => Settlement)) private _settlements;
     mapping(uint256 roundId => Valuation) private _valuations;
+    mapping(uint256 roundId => address[] orgs) private _committers;
 
     /// @notice The zero address was given where an account is required.
     error ZeroAddress();
@@ -324,6 +325,7 @@ contract FedLedger is AccessControlEnumerable {
         commitment.updateHash = updateHash;
         commitment.numSamples = numSamples;
         round.commitCount += 1;
+        _committers[roundId].push(msg.sender);
         emit UpdateCommitted(roundId, msg.sender, updateHash, numSamples);
     }
 
@@ -405,6 +407,12 @@ contract FedLedger is AccessControlEnumerable {
     /// @notice How round `roundId`'s scores were computed (all zero until it is finalized).
     function valuationOf(uint256 roundId) external view returns (Valuation memory) {
         return _valuations[roundId];
+    }
+
+    /// @notice The organisations that committed in round `roundId`, in the order they committed
+    /// (the coordinator's pricing treats the earlier of two copies as the original).
+    function committersOf(uint256 roundId) external view returns (address[] memory) {
+        return _committers[roundId];
     }
 
     /// @notice Whether `org` was scored in round `roundId`'s settlement (for a round settled by

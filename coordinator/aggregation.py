@@ -294,12 +294,17 @@ def _coordinatewise(
     return out
 
 
+_NORM_CHUNK = 1 << 16
+
+
 def _global_norm(delta: Mapping[str, Tensor]) -> float:
     """sqrt(sum over every tensor of its squared L2 norm), accumulated in float64."""
     total = 0.0
     for name in sorted(delta):
-        norm = float(torch.linalg.vector_norm(delta[name].detach().to(torch.float64)))
-        total += norm * norm
+        # Chunk by chunk: a float64 copy of a whole large tensor costs more than the sum.
+        flat = delta[name].detach().reshape(-1)
+        for start in range(0, flat.numel(), _NORM_CHUNK):
+            total += float(flat[start : start + _NORM_CHUNK].to(torch.float64).square().sum())
     return math.sqrt(total)
 
 

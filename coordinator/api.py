@@ -136,8 +136,19 @@ def create_app(service: RoundService, *, manage_service: bool = False) -> FastAP
         )
 
     @app.get(f"{prefix}/rounds/current", response_model=wire.CurrentRound)
-    def current_round(svc: Service) -> wire.CurrentRound:
-        return svc.current()
+    def current_round(
+        svc: Service,
+        after_round: int | None = None,
+        after_status: wire.RoundStatus | None = None,
+        wait_s: float = 0.0,
+    ) -> wire.CurrentRound:
+        """The current round. With ``after_round``, ``after_status`` and ``wait_s``, a long
+        poll: answers once the round or its status differs from those, or after ``wait_s``
+        seconds (at most 30)."""
+        known = None
+        if after_round is not None and after_status is not None:
+            known = (after_round, after_status.value)
+        return svc.current_after(known, wait_s) if known is not None else svc.current()
 
     @app.get(f"{prefix}/rounds/{{round_id}}", response_model=wire.RoundResult)
     def round_result(round_id: int, svc: Service) -> wire.RoundResult:

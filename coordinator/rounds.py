@@ -58,6 +58,10 @@ def hex32(raw: bytes) -> str:
     return "0x" + raw.hex()
 
 
+MAX_LONG_POLL_S = 30.0
+"""The longest ``GET /v1/rounds/current`` holds a request waiting for a change."""
+
+
 @dataclass(frozen=True)
 class Books:
     """A round's close, computed from its stored inputs: what the coordinator settles on-chain."""
@@ -222,6 +226,7 @@ class RoundService:
         self._chain_id = ledger.chain_id()
         self._lock = threading.RLock()  # guards upload acceptance against round transitions
         self._wake = threading.Event()
+        self._changed = threading.Condition()  # notified when the latest round's state changes
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._expected: dict[int, list[str]] = {}
@@ -259,21 +264,31 @@ class RoundService:
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
+        with self._changed:
+            self._changed.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=30)
         self.store.close()
 
     def _run(self) -> None:
+        backoff_s = 1.0
         while not self._stop.is_set():
             self._wake.wait(self.settings.poll_interval_s)
             self._wake.clear()
             try:
-                self.step()
+                if self.step():
+                    self._wake.set()  # take the next transition at once (open after close)
                 self.last_error = None
+                backoff_s = 1.0
             except (ChainError, CoordinatorError) as exc:
                 self.last_error = str(exc)
                 log.warning("round driver: %s (retrying)", exc)
                 self._stop.wait(1.0)
+            except Exception as exc:  # a bug must not kill the driver while /health says ok
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("round driver failed; retrying in %.0f s", backoff_s)
+                self._stop.wait(backoff_s)
+                backoff_s = min(2 * backoff_s, 60.0)
 
     def _reconcile(self) -> None:
         removed = self.store.collect_garbage()
@@ -307,9 +322,16 @@ class RoundService:
 
     # ------------------------------------------------------------------ rounds
 
+    def _deadline(self) -> int:
+        """round_timeout_s from now, by the later of our clock and the chain's: a chain whose
+        blocks run ahead of the wall clock (the in-process EVM adds a second a block) must
+        not see the deadline early and refuse commitments the round still waits for."""
+        now = max(self.clock(), float(self.ledger.block_timestamp()))
+        return int(now + self.settings.round_timeout_s)
+
     def _open_round(self, round_id: int, model_hash: str) -> None:
         if self.ledger.round_count() < round_id:
-            deadline = int(self.clock() + self.settings.round_timeout_s)
+            deadline = self._deadline()
             self.ledger.open_round(round_id, as_bytes32(model_hash), deadline)
             failpoint(OPEN_AFTER_TX)
         record = self.ledger.get_round(round_id)
@@ -327,8 +349,22 @@ class RoundService:
             self._expected[round_id] = self.ledger.organisations()
         return self._expected[round_id]
 
-    def step(self) -> None:
-        """Advance the round state machine by at most one transition."""
+    def step(self) -> bool:
+        """Advance the round state machine by at most one transition; whether it made one.
+
+        Requests long-polling the current round are answered as soon as it changes.
+        """
+        before = self._round_state()
+        try:
+            self._step()
+        finally:
+            changed = self._round_state() != before
+            if changed:
+                with self._changed:
+                    self._changed.notify_all()
+        return changed
+
+    def _step(self) -> None:
         current = self.store.latest_round()
         if current is None:
             return
@@ -358,7 +394,7 @@ class RoundService:
             or current.extensions >= self.settings.max_extensions
         ):
             return False
-        deadline = int(self.clock() + self.settings.round_timeout_s)
+        deadline = self._deadline()
         if self.ledger.get_round(current.round_id).deadline < deadline:
             self.ledger.extend_round(current.round_id, deadline)
         record = self.ledger.get_round(current.round_id)
@@ -562,6 +598,24 @@ class RoundService:
         )
 
     # ------------------------------------------------------------------ reads
+
+    def _round_state(self) -> tuple[int, str] | None:
+        latest = self.store.latest_round()
+        return None if latest is None else (latest.round_id, latest.status)
+
+    def current_after(self, known: tuple[int, str] | None, wait_s: float) -> wire.CurrentRound:
+        """The current round once its (round, status) differs from ``known``, or after
+        ``wait_s`` seconds: a long poll, so that nodes learn of a new round at once."""
+        deadline = time.monotonic() + min(max(wait_s, 0.0), MAX_LONG_POLL_S)
+        with self._changed:
+            while (
+                known is not None
+                and self._round_state() == known
+                and not self._stop.is_set()
+                and (left := deadline - time.monotonic()) > 0
+            ):
+                self._changed.wait(left)
+        return self.current()
 
     def current(self) -> wire.CurrentRound:
         current = self.store.latest_round()

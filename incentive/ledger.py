@@ -300,12 +300,8 @@ class LedgerClient:
         )
 
     def commit_order(self, round_id: int) -> list[str]:
-        """The organisations that committed in the round, earliest first (block, then log index)."""
-        logs = self.contract.events.UpdateCommitted().get_logs(
-            from_block=0, argument_filters={"roundId": round_id}
-        )
-        ordered = sorted(logs, key=lambda log: (int(log["blockNumber"]), int(log["logIndex"])))
-        return [str(log["args"]["org"]) for log in ordered]
+        """The organisations that committed in the round, earliest first (``committersOf``)."""
+        return [str(org) for org in self._view(self.contract.functions.committersOf(round_id))]
 
     def flags_of(self, round_id: int, org: str) -> int:
         return int(

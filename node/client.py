@@ -77,8 +77,19 @@ class CoordinatorClient:
     def health(self) -> wire.Health:
         return wire.Health.model_validate(self._request("GET", "/health").json())
 
-    def current_round(self) -> wire.CurrentRound:
-        return wire.CurrentRound.model_validate(self._request("GET", "/rounds/current").json())
+    def current_round(
+        self, *, after: wire.CurrentRound | None = None, wait_s: float = 0.0
+    ) -> wire.CurrentRound:
+        """The current round; with ``after``, wait up to ``wait_s`` for it to change from that."""
+        params: dict[str, str | float] = {}
+        if after is not None and wait_s > 0:
+            params = {
+                "after_round": after.round_id,
+                "after_status": after.status.value,
+                "wait_s": wait_s,
+            }
+        response = self._request("GET", "/rounds/current", params=params)
+        return wire.CurrentRound.model_validate(response.json())
 
     def round_result(self, round_id: int) -> wire.RoundResult:
         return wire.RoundResult.model_validate(self._request("GET", f"/rounds/{round_id}").json())

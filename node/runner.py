@@ -61,6 +61,7 @@ class NodeRunner:
         train_config: TrainConfig,
         *,
         poll_interval_s: float = 0.2,
+        long_poll_s: float = 5.0,
         upload_ttl_s: int = 600,
         max_retry_s: float = 30.0,
         device: torch.device | None = None,
@@ -77,6 +78,7 @@ class NodeRunner:
         self.x, self.y = data
         self.train_config = train_config
         self.poll_interval_s = poll_interval_s
+        self.long_poll_s = long_poll_s
         self.upload_ttl_s = upload_ttl_s
         self.max_retry_s = max_retry_s
         self.device = device
@@ -94,9 +96,17 @@ class NodeRunner:
         """Loop over rounds until training is done (or ``stop()``); returns what was uploaded."""
         outcomes: list[RoundOutcome] = []
         backoff_s = self.poll_interval_s
+        seen: wire.CurrentRound | None = None
         while not stop():
             try:
-                current = self.client.current_round()
+                # A long poll: answered as soon as the round changes from the one last seen.
+                current = self.client.current_round(after=seen, wait_s=self.long_poll_s)
+                if seen is not None and (current.round_id, current.status) == (
+                    seen.round_id,
+                    seen.status,
+                ):
+                    time.sleep(self.poll_interval_s)  # a timeout, or a server without long polls
+                seen = current
                 if current.training == wire.TrainingStatus.DONE:
                     log.info("training is done after round %d", current.round_id)
                     self.claim_rewards(before_round=None)
@@ -112,8 +122,8 @@ class NodeRunner:
                         if self.on_round is not None:
                             self.on_round(outcome)
                 backoff_s = self.poll_interval_s
-                time.sleep(self.poll_interval_s)
             except (CoordinatorUnavailable, ChainError) as exc:
+                seen = None
                 log.warning("%s; retrying in %.1f s", exc, backoff_s)
                 time.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, self.max_retry_s)

@@ -715,6 +715,8 @@ class LedgerMachine(RuleBasedStateMachine):
                 assert ledger.is_settled(round_id, address) == (address in rnd.settlements)
                 assert ledger.contribution_of(round_id, address) == score
                 assert ledger.reward_of(round_id, address) == reward
+        # committersOf lists exactly the successful commits, in the order they were made.
+        assert ledger.commit_order(round_id) == list(rnd.commits)
         # Every recorded score/reward belongs to an organisation that committed in this round.
         assert set(rnd.settlements) <= set(rnd.commits)
         assert set(rnd.commits) <= set(self.model.registered)

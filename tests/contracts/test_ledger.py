@@ -244,6 +244,17 @@ def test_organisation_commits_an_update(
     org_ledgers[1].commit_update(round_id, UPDATE_B, 1)
     assert ledger.get_round(1).commit_count == 2
     assert ledger.commitment_of(1, chain.orgs[1].address) == CommitmentRecord(UPDATE_B, 1)
+    assert ledger.commit_order(1) == [chain.orgs[0].address, chain.orgs[1].address]
+    assert ledger.commit_order(2) == []
+
+
+def test_commit_order_is_the_order_of_commits(
+    chain: Chain, org_ledgers: tuple[LedgerClient, ...], ledger: LedgerClient, open_round: OpenRound
+) -> None:
+    round_id, _ = open_round()
+    for k in (2, 0, 1):
+        org_ledgers[k].commit_update(round_id, bytes([0xA0 + k]) * 32, 5)
+    assert ledger.commit_order(round_id) == [chain.orgs[k].address for k in (2, 0, 1)]
 
 
 def test_commitment_is_per_round(

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pickle
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
 import torch
 
 from fedledger.coordinator.pricing import Flag
@@ -370,3 +372,61 @@ def test_a_copied_update_is_flagged_in_the_api_and_on_chain(harness: Harness) ->
     assert valuation.method == result["valuation_method"] == "exact:accuracy"
     assert valuation.seed == result["valuation_seed"] == 1
     assert "0x" + valuation.validation_hash.hex() == result["validation_hash"]
+
+
+def test_an_unexpected_error_in_the_round_driver_shows_in_health_and_is_retried(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in closing a round must not silently kill the driver while /health says ok."""
+    service = harness.service
+    real_step = service.step
+    calls: list[int] = []
+
+    def failing_once() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("pricing blew up")
+        real_step()
+
+    monkeypatch.setattr(service, "step", failing_once)
+    statuses: list[str] = []
+    service.start_driver()
+    deadline = time.monotonic() + 20
+    while len(calls) < 2 and time.monotonic() < deadline:
+        statuses.append(harness.client.get("/v1/health").json()["status"])
+        time.sleep(0.05)
+    assert len(calls) >= 2, "the driver stopped after the error"
+    assert "degraded: RuntimeError: pricing blew up" in statuses
+    while harness.client.get("/v1/health").json()["status"] != "ok":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_a_long_poll_answers_when_the_round_changes(harness: Harness) -> None:
+    """GET /v1/rounds/current with after_round/after_status waits for a change, then answers."""
+    import threading
+
+    current = harness.client.get("/v1/rounds/current").json()
+    known = {"after_round": current["round_id"], "after_status": current["status"]}
+
+    started = time.monotonic()
+    timed_out = harness.client.get("/v1/rounds/current", params={**known, "wait_s": 0.3})
+    assert timed_out.json()["status"] == "open"
+    assert time.monotonic() - started >= 0.3  # nothing changed: it waited the whole time
+
+    answers: list[dict[str, object]] = []
+    waiter = threading.Thread(
+        target=lambda: answers.append(
+            harness.client.get("/v1/rounds/current", params={**known, "wait_s": 20}).json()
+        )
+    )
+    waiter.start()
+    time.sleep(0.2)
+    assert answers == []  # still waiting
+    for k, org in enumerate(harness.orgs):
+        assert harness.post(harness.make_upload(org, seed=k)).status_code == 201
+    started = time.monotonic()
+    harness.service.step()  # round 1 closes
+    waiter.join(timeout=20)
+    assert answers and answers[0]["round_id"] == 1 and answers[0]["status"] != "open"
+    assert time.monotonic() - started < 10  # answered at the change, not at the timeout

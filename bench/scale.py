@@ -1,0 +1,425 @@
+"""One round at scale through the real coordinator: K organisations, a ~1e6-parameter model.
+
+anvil with K registered organisations; ``fedledger coordinator serve`` in its own process, on a
+task that is digits with a wide MLP (64-H-10, H = 13,333 gives 999,985 parameters); then, in
+this process, K organisations each run fedledger's own node code for one round
+(``NodeRunner.take_part``: download and verify the model, train one epoch, commit the update's
+hash on-chain, upload it signed over HTTP). The coordinator verifies every upload against its
+signature and commitment, then closes the round: screens, values (Shapley), aggregates (FedAvg),
+settles on-chain. Reported: wall time of each phase, the coordinator's own time by part, and the
+coordinator process's peak memory (VmHWM).
+
+The coordinator has no setting for a custom model: the benchmark registers its task in
+``fedledger.tasks.TASKS`` inside the coordinator's process before serving. With more
+organisations than ``max_exact_players`` (10) the coordinator needs a sampling valuator; until
+one exists (``fedledger.incentive.sampling``) the round cannot close and the script says so.
+
+Usage: python bench/scale.py [--quick] [--orgs 100] [--hidden 13333] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import importlib.util
+import json
+import os
+import resource
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+SCRIPT = Path(__file__).resolve()
+FULL_ORGS, FULL_HIDDEN = 100, 13_333  # 64 * H + H + 10 * H + 10 = 999,985 parameters
+QUICK_ORGS, QUICK_HIDDEN = 4, 256
+ALPHA = 0.5
+SEED = 0
+TASK_NAME = "digits-wide"
+CHILD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@dataclass(frozen=True)
+class WideDigitsTask:
+    """The digits task (same data and split) with a 64-H-10 MLP."""
+
+    hidden: int
+    name: str = TASK_NAME
+
+    def build_model(self, seed: int = 0) -> nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return nn.Sequential(nn.Linear(64, self.hidden), nn.ReLU(), nn.Linear(self.hidden, 10))
+
+    def partition(
+        self, index: int, num_partitions: int, *, alpha: float = 0.5, seed: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        from fedledger.tasks import get_task
+
+        return get_task("digits").partition(index, num_partitions, alpha=alpha, seed=seed)
+
+    def validation_data(self, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        from fedledger.tasks import get_task
+
+        return get_task("digits").validation_data(seed=seed)
+
+
+def num_params(hidden: int) -> int:
+    return 64 * hidden + hidden + hidden * 10 + 10
+
+
+def register_task(hidden: int) -> None:
+    """Make ``TASK_NAME`` resolvable by ``get_task`` in this process (the only way in today)."""
+    from fedledger.tasks import TASKS
+
+    TASKS[TASK_NAME] = WideDigitsTask(hidden)
+
+
+def valuator_blocker(num_orgs: int) -> str | None:
+    """Why the coordinator cannot value a round of ``num_orgs`` organisations, or None."""
+    from fedledger.coordinator.config import CoordinatorSettings
+    from fedledger.coordinator.pricing import choose_valuator
+
+    max_exact = CoordinatorSettings.model_fields["max_exact_players"].default
+    try:
+        choose_valuator(num_orgs, max_exact=max_exact)
+    except ValueError as exc:
+        sampling = importlib.util.find_spec("fedledger.incentive.sampling") is not None
+        return (
+            f"coordinator.pricing.choose_valuator({num_orgs}, max_exact={max_exact}) raises "
+            f"ValueError: {exc}; fedledger.incentive.sampling "
+            + ("exists but is not used by choose_valuator" if sampling else "does not exist yet")
+        )
+    return None
+
+
+# ------------------------------------------------------------------- coordinator process
+
+_TIMES: dict[str, float] = {}
+_CALLS: dict[str, int] = {}
+_LOCK = threading.Lock()
+
+
+def _wrap(owner: Any, attr: str, part: str) -> None:
+    original = getattr(owner, attr)
+
+    @functools.wraps(original)
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            with _LOCK:
+                _TIMES[part] = _TIMES.get(part, 0.0) + time.perf_counter() - started
+                _CALLS[part] = _CALLS.get(part, 0) + 1
+
+    setattr(owner, attr, timed)
+
+
+def coordinator_main(argv: Sequence[str]) -> int:
+    """The coordinator's process: register the wide task, time its parts, serve."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--hidden", type=int, required=True)
+    parser.add_argument("--timings", type=Path, required=True)
+    parser.add_argument("rest", nargs=argparse.REMAINDER)
+    opts = parser.parse_args(list(argv))
+    rest = opts.rest[1:] if opts.rest[:1] == ["--"] else opts.rest
+    register_task(opts.hidden)
+
+    import typer
+
+    from fedledger.cli import app
+    from fedledger.coordinator import pricing, rounds
+    from fedledger.coordinator.rounds import RoundService
+    from fedledger.incentive.ledger import LedgerClient
+    from fedledger.incentive.shapley import ExactShapley
+
+    _wrap(RoundService, "accept_upload", "upload verification (each)")
+    _wrap(RoundService, "_close", "round close (all)")
+    _wrap(rounds, "price_round", "pricing: screen, value, aggregate")
+    _wrap(pricing, "aggregate", "aggregation (FedAvg)")
+    _wrap(ExactShapley, "value", "Shapley valuation")
+    _wrap(RoundService, "_settle", "settlement transaction")
+    _wrap(rounds, "evaluate_params", "evaluation")
+    _wrap(LedgerClient, "_view", "chain reads")
+    if importlib.util.find_spec("fedledger.incentive.sampling") is not None:
+        from fedledger.incentive import sampling
+
+        for name in dir(sampling):
+            candidate = getattr(sampling, name)
+            if isinstance(candidate, type) and callable(getattr(candidate, "value", None)):
+                _wrap(candidate, "value", f"Shapley valuation ({name})")
+    # uvicorn re-raises SIGTERM on the handler it found: let that one return normally.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        typer.main.get_command(app).main(args=rest, prog_name="fedledger", standalone_mode=False)
+    finally:
+        with _LOCK:
+            report = {
+                "times": dict(_TIMES),
+                "calls": dict(_CALLS),
+                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            }
+        opts.timings.write_text(json.dumps(report))
+    return 0
+
+
+# ------------------------------------------------------------------------------ driver
+
+
+@dataclass
+class ScaleResult:
+    num_orgs: int
+    num_params: int
+    status: str = "ok"  # "ok", or what stopped the round
+    blocker: str | None = None
+    phases_s: dict[str, float] = field(default_factory=dict)
+    coordinator_s: dict[str, float] = field(default_factory=dict)
+    coordinator_calls: dict[str, int] = field(default_factory=dict)
+    node_s: dict[str, float] = field(default_factory=dict)  # summed over organisations
+    memory_mib: dict[str, float] = field(default_factory=dict)
+    round: dict[str, Any] = field(default_factory=dict)
+
+
+def _proc_status(pid: int, key: str) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def _tail(path: Path, lines: int = 12) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+@contextlib.contextmanager
+def _process(cmd: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **CHILD_ENV},
+        )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+
+
+def run(num_orgs: int, hidden: int, workdir: Path, *, close_timeout_s: float) -> ScaleResult:
+    """One round of ``num_orgs`` organisations on a 64-``hidden``-10 MLP; see the module doc."""
+    import httpx
+
+    from fedledger import wire
+    from fedledger.devnet.anvil import free_port, start_anvil
+    from fedledger.devnet.deploy import deploy_devnet
+    from fedledger.incentive.chain import connect, devnet_account
+    from fedledger.incentive.ledger import LedgerClient
+    from fedledger.node import runner as node_runner
+    from fedledger.node.client import CoordinatorClient
+    from fedledger.node.runner import NodeRunner
+    from fedledger.node.training import TrainConfig
+
+    register_task(hidden)
+    result = ScaleResult(num_orgs, num_params(hidden))
+    result.blocker = valuator_blocker(num_orgs)
+    task = WideDigitsTask(hidden)
+
+    started = time.perf_counter()
+    anvil = start_anvil(accounts=num_orgs + 2)
+    try:
+        w3 = connect(anvil.rpc_url)
+        deployment = deploy_devnet(w3, num_orgs, rpc_url=anvil.rpc_url)
+        deployment_file = workdir / "deployment.json"
+        deployment.save(deployment_file)
+        assert deployment.accounts is not None and deployment.accounts.coordinator.private_key
+        result.phases_s["anvil + deploy + register"] = time.perf_counter() - started
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        timings = workdir / "coordinator.json"
+        log = workdir / "coordinator.log"
+        cmd = [
+            sys.executable, str(SCRIPT), "--role", "coordinator",
+            "--hidden", str(hidden), "--timings", str(timings), "--",
+            "coordinator", "serve",
+            "--deployment", str(deployment_file),
+            "--key", deployment.accounts.coordinator.private_key,
+            "--data-dir", str(workdir / "coordinator"),
+            "--port", str(port),
+            "--rounds", "1",
+            "--task", TASK_NAME,
+            "--round-timeout", str(max(300.0, 3.0 * num_orgs)),
+        ]  # fmt: skip
+        with _process(cmd, log) as coordinator:
+            phase = time.perf_counter()
+            client = CoordinatorClient(url, timeout_s=300)
+            deadline = time.monotonic() + 120
+            while True:
+                if coordinator.poll() is not None:
+                    raise RuntimeError(f"the coordinator exited:\n{_tail(log)}")
+                with contextlib.suppress(httpx.TransportError, OSError):
+                    if httpx.get(f"{url}/v1/health", timeout=1).status_code == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the coordinator did not answer:\n{_tail(log)}")
+                time.sleep(0.1)
+            result.phases_s["coordinator start-up (round 1 open)"] = time.perf_counter() - phase
+            result.memory_mib["coordinator RSS, idle"] = _proc_status(coordinator.pid, "VmRSS") or 0
+
+            node_times: dict[str, float] = {}
+            original_train = node_runner.train_local
+
+            def timed_train(*args: Any, **kwargs: Any) -> Any:
+                t0 = time.perf_counter()
+                try:
+                    return original_train(*args, **kwargs)
+                finally:
+                    node_times["training"] = node_times.get("training", 0.0) + (
+                        time.perf_counter() - t0
+                    )
+
+            node_runner.train_local = timed_train
+            torch.set_num_threads(1)
+            phase = time.perf_counter()
+            try:
+                current = client.current_round()
+                for k in range(num_orgs):
+                    runner = NodeRunner(
+                        client,
+                        LedgerClient(w3, deployment.ledger, devnet_account(2 + k)),
+                        task,
+                        task.partition(k, num_orgs, alpha=ALPHA, seed=SEED),
+                        TrainConfig(epochs=1, lr=0.05, batch_size=32, seed=k),
+                    )
+                    if runner.take_part(current) is None:
+                        raise RuntimeError(f"organisation {k} could not take part:\n{_tail(log)}")
+            finally:
+                node_runner.train_local = original_train
+            result.node_s = node_times
+            result.phases_s[f"{num_orgs} organisations: train, commit, upload (sequential)"] = (
+                time.perf_counter() - phase
+            )
+            result.memory_mib["coordinator RSS, all uploads stored"] = (
+                _proc_status(coordinator.pid, "VmRSS") or 0
+            )
+
+            phase = time.perf_counter()
+            deadline = time.monotonic() + close_timeout_s
+            outcome: dict[str, Any] = {}
+            while time.monotonic() < deadline:
+                outcome = client.round_result(1).model_dump(mode="json")
+                if outcome["status"] in (wire.RoundStatus.FINALIZED, wire.RoundStatus.FAILED):
+                    break
+                if "Traceback" in _tail(log, 200):
+                    result.status = "round close crashed in the coordinator:\n" + _tail(log)
+                    break
+                time.sleep(0.2)
+            else:
+                result.status = f"round not closed within {close_timeout_s:.0f} s:\n{_tail(log)}"
+            closed = "settled" if result.status == "ok" else "it stopped"
+            result.phases_s[f"round close (last upload to {closed})"] = time.perf_counter() - phase
+            result.memory_mib["coordinator peak (VmHWM)"] = (
+                _proc_status(coordinator.pid, "VmHWM") or 0
+            )
+            client.close()
+            result.round = {
+                k: outcome.get(k)
+                for k in (
+                    "status",
+                    "validation_accuracy",
+                    "valuation_method",
+                    "evaluations",
+                    "settlement",
+                    "reason",
+                )
+            }
+            if outcome.get("status") == wire.RoundStatus.FAILED:
+                result.status = f"round failed: {outcome.get('reason')}"
+        report = json.loads(timings.read_text()) if timings.exists() else {}
+        result.coordinator_s = report.get("times", {})
+        result.coordinator_calls = report.get("calls", {})
+        if "peak_rss_mib" in report:
+            result.memory_mib["coordinator peak (ru_maxrss)"] = report["peak_rss_mib"]
+    finally:
+        anvil.stop()
+    result.phases_s["total"] = time.perf_counter() - started
+    return result
+
+
+def print_result(r: ScaleResult) -> None:
+    print(f"K = {r.num_orgs} organisations, P = {r.num_params:,} parameters")
+    if r.blocker:
+        print(f"BLOCKED: {r.blocker}")
+    print()
+    print(f"{'phase':<58} {'seconds':>9}")
+    for name, seconds in r.phases_s.items():
+        print(f"{name:<58} {seconds:>9.2f}")
+    print()
+    print(f"{'coordinator part':<58} {'seconds':>9} {'calls':>6}")
+    for name, seconds in sorted(r.coordinator_s.items(), key=lambda kv: -kv[1]):
+        print(f"{name:<58} {seconds:>9.2f} {r.coordinator_calls.get(name, 0):>6}")
+    for name, seconds in r.node_s.items():
+        print(f"{'organisations (this process): ' + name:<58} {seconds:>9.2f}")
+    print()
+    for name, mib in r.memory_mib.items():
+        print(f"{name:<58} {mib:>9.0f} MiB")
+    print()
+    print("round: " + ", ".join(f"{k} {v}" for k, v in r.round.items() if v is not None))
+    print(f"status: {r.status}")
+
+
+def main(argv: Sequence[str]) -> int:
+    argv = list(argv)
+    if argv[:1] == ["--role"]:
+        if argv[1:2] != ["coordinator"]:
+            raise SystemExit(f"unknown role {argv[1:2]}")
+        return coordinator_main(argv[2:])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="4 organisations, P ~ 19k")
+    parser.add_argument("--orgs", type=int, default=FULL_ORGS)
+    parser.add_argument("--hidden", type=int, default=FULL_HIDDEN)
+    parser.add_argument("--close-timeout", type=float, default=1800.0, help="seconds")
+    parser.add_argument("--json", type=Path, help="also write the result here")
+    args = parser.parse_args(argv)
+    num_orgs, hidden = (QUICK_ORGS, QUICK_HIDDEN) if args.quick else (args.orgs, args.hidden)
+    print("command: python bench/scale.py " + " ".join(shlex.quote(a) for a in argv))
+    print(
+        f"anvil; coordinator process (defaults: exact Shapley up to 10 organisations, Merkle "
+        f"claims above 16); organisations in this process, one after another; torch "
+        f"{torch.__version__}, 1 thread a process\n"
+    )
+    with tempfile.TemporaryDirectory(prefix="fedledger-scale-") as tmp:
+        result = run(num_orgs, hidden, Path(tmp), close_timeout_s=args.close_timeout)
+    print_result(result)
+    if args.json:
+        args.json.write_text(json.dumps(asdict(result), indent=2, default=str))
+    return 0 if result.status == "ok" or result.blocker else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,156 @@
+"""Smoke runs of the benchmark scripts (``--quick``): each runs, and what it reports is sane.
+
+Flower is an optional extra: without it the Flower figures must be reported as absent.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+HAS_FLWR = importlib.util.find_spec("flwr") is not None
+
+pytestmark = pytest.mark.slow
+
+
+def load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        f"fedledger_bench_{name}", BENCH_DIR / f"{name}.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_quick(name: str, tmp_path: Path, *extra: str) -> Any:
+    """``bench/<name>.py --quick`` through its ``main``; the rows it wrote with ``--json``."""
+    out = tmp_path / f"{name}.json"
+    assert load(name).main(["--quick", "--json", str(out), *extra]) == 0
+    return json.loads(out.read_text())
+
+
+def test_aggregation_rows_are_consistent(tmp_path: Path) -> None:
+    rows = run_quick("aggregation", tmp_path)
+    cases = {(r["num_updates"], r["num_params"]) for r in rows}
+    assert len(cases) == 2
+    for case in cases:
+        by_method = {r["method"]: r for r in rows if (r["num_updates"], r["num_params"]) == case}
+        ceiling = by_method["copy (ceiling)"]
+        assert ceiling["seconds"] > 0 and ceiling["share_of_ceiling"] == pytest.approx(1.0)
+        for method in (
+            "fedledger fedavg",
+            "fedledger aggregate",
+            "blocked (reference)",
+            "torch.stack(...).mean(0)",
+        ):
+            row = by_method[method]
+            assert row["seconds"] > 0
+            assert row["gb_per_s"] == pytest.approx(case[0] * case[1] * 4 / row["seconds"] / 1e9)
+            assert row["max_abs_error"] < 1e-5  # every method computes the same average
+        flwr = by_method["flwr aggregate"]
+        if HAS_FLWR:
+            assert flwr["seconds"] > 0 and flwr["max_abs_error"] < 1e-5
+            assert by_method["fedledger fedavg"]["speedup_vs_flwr"] > 0
+        else:
+            assert flwr["seconds"] is None and flwr["note"] == "flwr not installed"
+            assert by_method["fedledger fedavg"]["speedup_vs_flwr"] is None
+
+
+def test_gas_covers_every_ledger_call(tmp_path: Path) -> None:
+    report = run_quick("gas", tmp_path)
+    calls = {c["call"]: c for c in report["calls"]}
+    for call in (
+        "registerOrganisation",
+        "openRound",
+        "commitUpdate",
+        "extendRound",
+        "finalizeRound",
+        "finalizeRoundWithRoot",
+        "claimReward",
+    ):
+        assert 21_000 < calls[call]["mean"] < 30_000_000, call
+    assert len(calls["commitUpdate"]["gas"]) == 3 * 3  # 3 organisations, 3 rounds
+    settlements = {s["settlement"]: s for s in report["settlements"]}
+    assert set(settlements) == {"direct (cold)", "direct", "root + claims"}
+    for s in settlements.values():
+        assert s["total_gas"] == s["coordinator_gas"] + s["organisations_gas"]
+    # A root moves the settlement's cost from the coordinator to the claimants.
+    assert (
+        settlements["root + claims"]["coordinator_gas"] < settlements["direct"]["coordinator_gas"]
+    )
+    assert (
+        settlements["root + claims"]["organisations_gas"]
+        > settlements["direct"]["organisations_gas"]
+    )
+
+
+@pytest.mark.e2e
+def test_digits10_variants_agree(tmp_path: Path) -> None:
+    report = run_quick("digits10", tmp_path, "--plot", str(tmp_path / "curves.png"))
+    results = {r["name"]: r for r in report["results"]}
+    assert list(results) == ["floor", "flwr", "embedded", "anvil"]
+    floor = results["floor"]
+    assert floor["status"] == "ok" and len(floor["accuracies"]) == 2
+    assert 0.3 < floor["accuracies"][-1] <= 1.0
+    ran = ["floor", "embedded", "anvil"] + (["flwr"] if HAS_FLWR else [])
+    for name in ran:
+        r = results[name]
+        assert r["status"] == "ok", r["status"]
+        assert len(r["round_s"]) == 2 and all(s > 0 for s in r["round_s"])
+        peaks = r["peak_rss_mib"].values()
+        assert all(mib > 0 for mib in peaks) and max(peaks) > 100  # a torch process at least
+        # Same split, model, seeds and FedAvg: the same model within a rounding or a screened update.
+        assert abs(r["accuracies"][-1] - floor["accuracies"][-1]) <= 0.05, name
+    if not HAS_FLWR:
+        assert "not installed" in results["flwr"]["status"]
+        assert results["flwr"]["accuracies"] == [] and results["flwr"]["round_s"] == []
+    for name in ("embedded", "anvil"):
+        breakdown = results[name]["breakdown"]
+        assert breakdown["nodes"]["training"] > 0
+        assert breakdown["coordinator"]["Shapley valuation"] > 0
+        assert results[name]["calls"]["nodes"]["chain: transactions"] == pytest.approx(2.0)
+    assert any("floor" in line for line in report["targets"])
+    assert (tmp_path / "curves.png").exists() == (
+        importlib.util.find_spec("matplotlib") is not None
+    )
+
+
+@pytest.mark.e2e
+def test_scale_round_closes_through_the_coordinator(tmp_path: Path) -> None:
+    result = run_quick("scale", tmp_path)
+    assert result["status"] == "ok", result["status"]
+    assert result["blocker"] is None  # 4 organisations: exact Shapley
+    assert result["round"]["status"] == "finalized"
+    assert result["coordinator_calls"]["upload verification (each)"] == result["num_orgs"]
+    assert result["coordinator_s"]["aggregation (FedAvg)"] > 0
+    assert result["memory_mib"]["coordinator peak (VmHWM)"] > 50
+
+
+def test_run_refuses_unknown_benchmarks(capsys: pytest.CaptureFixture[str]) -> None:
+    run = load("run")
+    with pytest.raises(SystemExit):
+        run.main(["nonsense"])
+    assert "unknown benchmark" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run.main(["gas", "scale", "--", "--orgs", "3"])
+
+
+def test_robust_reports_accuracy_and_the_attackers_pay(tmp_path: Path) -> None:
+    rows = run_quick("robust", tmp_path)
+    attacks = [r for r in rows if "rule" in r]
+    riders = [r for r in rows if "free_rider" in r]
+    assert {r["attack"] for r in attacks} == {"sign flip", "x10"}
+    assert all(0.0 <= r["attacked"] <= 1.0 and 0.0 <= r["paid"] <= 1.0 for r in attacks)
+    assert {r["free_rider"] for r in riders} == {
+        "zero", "noise", "byte-identical copy", "copy x3", "x100"
+    }  # fmt: skip
+    assert all(r["paid"] == 0.0 and r["flagged"] == 3 for r in riders)
