@@ -3,7 +3,7 @@
 Each benchmark is a script in this folder with ``main(argv) -> int``; ``--quick`` is passed on
 to each (a smoke run of seconds), and arguments after ``--`` go to a single named benchmark.
 
-Usage: python bench/run.py [digits10|aggregation|gas|scale|robust ...] [--quick] [-- ARGS]
+Usage: python bench/run.py [digits10|aggregation|gas|scale|robust|shapley ...] [--quick] [-- ARGS]
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ BENCHMARKS = {
     "gas": "gas of every ledger call and of a round's settlement for K = 10, 50, 100",
     "scale": "one round with 100 organisations and a 1e6-parameter model",
     "robust": "attacks on the model and the rewards, priced as the coordinator prices a round",
+    "shapley": "sampled Shapley valuators against exact: rank correlation, evaluations, time",
 }
 
 

@@ -89,7 +89,7 @@ def register_task(hidden: int) -> None:
 def valuator_blocker(num_orgs: int) -> str | None:
     """Why the coordinator cannot value a round of ``num_orgs`` organisations, or None."""
     from fedledger.coordinator.config import CoordinatorSettings
-    from fedledger.coordinator.pricing import choose_valuator
+    from fedledger.incentive.sampling import choose_valuator
 
     max_exact = CoordinatorSettings.model_fields["max_exact_players"].default
     try:

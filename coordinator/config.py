@@ -18,6 +18,7 @@ PRICING_FIELDS = (
     "metric",
     "reward_per_round",
     "max_exact_players",
+    "valuation_budget",
     "aggregation",
     "trim_fraction",
     "clip_multiplier",
@@ -57,6 +58,9 @@ class CoordinatorSettings(BaseModel):
     max_exact_players: int = Field(
         10, ge=1, le=20, description="exact Shapley up to this many organisations, sampled above"
     )
+    valuation_budget: int | None = Field(
+        None, ge=1, description="utility evaluations of the sampled valuator (None: 40 a player)"
+    )
     aggregation: Literal["fedavg", "median", "trimmed_mean"] = "fedavg"
     trim_fraction: float = Field(0.2, ge=0, lt=0.5, description="trimmed mean: cut per side")
     clip_multiplier: float | None = Field(
@@ -87,6 +91,8 @@ class CoordinatorSettings(BaseModel):
             eta=self.eta,
             metric=self.metric,
             valuation_weights=self.valuation_weights,
+            max_exact_players=self.max_exact_players,
+            valuation_budget=self.valuation_budget,
         )
 
     @model_validator(mode="after")

@@ -36,7 +36,8 @@ import torch
 from torch import Tensor
 
 from ..incentive.rewards import split_rewards, to_fixed_point
-from ..incentive.shapley import ExactShapley, ShapleyResult, Valuator
+from ..incentive.sampling import choose_valuator
+from ..incentive.shapley import ShapleyResult, Valuator
 from ..incentive.valuation import CoalitionUtility, Metric, flatten
 from .aggregation import AggregationMethod, aggregate, clip_by_norm
 
@@ -45,7 +46,6 @@ __all__ = [
     "Flag",
     "PricingPolicy",
     "RoundPricing",
-    "choose_valuator",
     "flag_names",
     "price_round",
 ]
@@ -73,15 +73,6 @@ FORFEITING = (
 """Flags that cost an organisation the round's reward."""
 
 
-def choose_valuator(num_players: int, *, max_exact: int) -> Valuator:
-    """Exact Shapley up to ``max_exact`` organisations."""
-    if num_players <= max_exact:
-        return ExactShapley()
-    raise ValueError(
-        f"{num_players} organisations exceed max_exact_players={max_exact} for exact Shapley"
-    )
-
-
 def flag_names(flags: int) -> list[str]:
     """The names of the bits set in ``flags``, lower case, lowest bit first."""
     return [f.name.lower() for f in Flag if f.name is not None and flags & f]
@@ -101,6 +92,8 @@ class PricingPolicy:
     eta: float = 1.0
     metric: Metric = "accuracy"
     valuation_weights: Literal["uniform", "samples"] = "uniform"
+    max_exact_players: int = 10  # exact Shapley up to this many screened updates, sampled above
+    valuation_budget: int | None = None  # the sampled valuator's utility evaluations
 
 
 @dataclass(frozen=True)
@@ -248,7 +241,13 @@ def price_round(
             metric=policy.metric,
             device=device,
         )
-        result: ShapleyResult = (valuator or ExactShapley()).value(utility, len(kept), seed=seed)
+        if valuator is None:
+            valuator = choose_valuator(
+                len(kept),
+                max_exact=policy.max_exact_players,
+                max_evaluations=policy.valuation_budget,
+            )
+        result: ShapleyResult = valuator.value(utility, len(kept), seed=seed)
         method, evaluations = result.method, result.evaluations
         for i, k in enumerate(kept):
             values[k] = float(result.values[i])

@@ -48,7 +48,7 @@ from .errors import (
     Unauthorized,
     Unprocessable,
 )
-from .pricing import RoundPricing, choose_valuator, flag_names, price_round
+from .pricing import RoundPricing, flag_names, price_round
 from .store import Store, StoredRound, StoredUpdate
 
 log = logging.getLogger("fedledger.coordinator")
@@ -119,7 +119,6 @@ def close_books(
         y_val,
         policy=settings.pricing_policy(),
         budget=settings.reward_per_round,
-        valuator=choose_valuator(len(uploads), max_exact=settings.max_exact_players),
         previous=[previous(u.organisation) for u in uploads],
         seed=round_id,
         device=device,

@@ -281,6 +281,10 @@ def coordinator_serve(
     max_exact: Annotated[
         int, typer.Option(help="Exact Shapley up to this many organisations, sampled above.")
     ] = 10,
+    valuation_budget: Annotated[
+        int | None,
+        typer.Option(help="Utility evaluations of the sampled valuator (default: 40 a player)."),
+    ] = None,
     claims_above: Annotated[
         int,
         typer.Option(help="Settle by Merkle root and claims above this many paid organisations."),
@@ -317,6 +321,7 @@ def coordinator_serve(
             trim_fraction=trim_fraction,
             clip_multiplier=clip_multiplier or None,
             max_exact_players=max_exact,
+            valuation_budget=valuation_budget,
             claims_above=claims_above,
         )
     except ValidationError as exc:

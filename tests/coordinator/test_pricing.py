@@ -147,3 +147,32 @@ def test_two_attackers_cost_under_two_points_and_earn_under_one_percent(
     assert fed.accuracy >= baseline.accuracy - 0.02
     assert fed.paid_share(ATTACKERS) <= 0.01
     assert sum(fed.rounds[-1].rewards) == BUDGET
+
+
+# ------------------------------------------------------------------ above max_exact_players
+
+
+def _ranks(values: list[float]) -> list[int]:
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0] * len(values)
+    for rank, k in enumerate(order):
+        ranks[k] = rank
+    return ranks
+
+
+def test_above_max_exact_the_sampled_valuator_prices_the_round() -> None:
+    """With max_exact_players=4, ten organisations are valued by the sampled valuator within
+    its budget, close to exact Shapley, and attackers still earn nothing."""
+    sampled = PricingPolicy(max_exact_players=4, valuation_budget=200)
+    exact_round = clean(1).rounds[0]
+    fed = run_federation(rounds=6, policy=sampled, attacks=dict.fromkeys(ATTACKERS, sign_flip))
+    assert all(r.method == "stratified-kernel" and r.evaluations <= 200 for r in fed.rounds)
+    assert exact_round.method == "exact" and exact_round.evaluations == 1024
+    assert fed.paid_share(ATTACKERS) <= 0.01
+
+    first = run_federation(rounds=1, policy=sampled).rounds[0]
+    a, b = _ranks(first.values), _ranks(exact_round.values)
+    n = len(a)
+    spearman = 1 - 6 * sum((x - y) ** 2 for x, y in zip(a, b, strict=True)) / (n * (n * n - 1))
+    assert spearman >= 0.9
+    assert sum(first.rewards) == BUDGET
