@@ -120,6 +120,17 @@ def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+MAX_BATCH_FLOATS = 1 << 26
+"""Parameters of the coalition models scored in one batch, at most (256 MiB of float32):
+a batch's forward pass holds activations of every model at once, so large models go in
+smaller batches."""
+
+
+def default_max_batch(num_params: int) -> int:
+    """Coalition models per batch for a model of ``num_params`` parameters (1 to 256)."""
+    return max(1, min(256, MAX_BATCH_FLOATS // max(num_params, 1)))
+
+
 class CoalitionUtility:
     """U(S) = metric of w_r + eta * sum_{k in S} (n_k / n_S) delta_k on the validation set.
 
@@ -140,11 +151,11 @@ class CoalitionUtility:
         eta: float = 1.0,
         metric: Metric = "accuracy",
         device: torch.device | None = None,
-        max_batch: int = 256,
+        max_batch: int | None = None,
     ) -> None:
         if len(deltas) != len(num_samples):
             raise ValueError(f"{len(deltas)} deltas but {len(num_samples)} sample counts")
-        if max_batch < 1:
+        if max_batch is not None and max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if metric not in ("accuracy", "neg_log_loss"):
             raise ValueError(f"unknown metric {metric!r}; expected 'accuracy' or 'neg_log_loss'")
@@ -157,7 +168,8 @@ class CoalitionUtility:
         self.eta = float(eta)
         self.metric: Metric = metric
         self.device = device if device is not None else _default_device()
-        self.max_batch = max_batch
+        num_params = sum(t.numel() for t in base.values())
+        self.max_batch = max_batch if max_batch is not None else default_max_batch(num_params)
         self.evaluations = 0
         self._like = {name: t.detach() for name, t in base.items()}
         self._base_flat = flatten(base).to(self.device)  # (P,)

@@ -273,3 +273,11 @@ def test_mismatched_delta_is_refused(
         CoalitionUtility(model, base, [bad], [1], x, y, device=CPU)
     with pytest.raises(ValueError, match="missing"):
         CoalitionUtility(model, {"x": torch.zeros(1)}, [], [], x, y, device=CPU)
+
+
+def test_large_models_are_scored_in_smaller_batches() -> None:
+    from fedledger.incentive.valuation import MAX_BATCH_FLOATS, default_max_batch
+
+    assert default_max_batch(2410) == 256  # the digits MLP: every game of 8 players in one call
+    assert default_max_batch(1_000_000) == MAX_BATCH_FLOATS // 1_000_000 == 67
+    assert default_max_batch(10**9) == 1
