@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar, cast
 
@@ -139,6 +140,17 @@ def is_revert(exc: BaseException) -> bool:
     return type(exc).__name__ == "TransactionFailed"
 
 
+_CHAIN_IDS: weakref.WeakKeyDictionary[Web3, int] = weakref.WeakKeyDictionary()
+
+
+def chain_id_of(w3: Web3) -> int:
+    """The chain id of ``w3``'s endpoint, asked once per connection (it cannot change)."""
+    cached = _CHAIN_IDS.get(w3)
+    if cached is None:
+        cached = _CHAIN_IDS[w3] = int(w3.eth.chain_id)
+    return cached
+
+
 def send_transaction(
     w3: Web3,
     account: LocalAccount,
@@ -158,7 +170,7 @@ def send_transaction(
             params: dict[str, Any] = {
                 "from": account.address,
                 "nonce": w3.eth.get_transaction_count(account.address, "pending"),
-                "chainId": w3.eth.chain_id,
+                "chainId": chain_id_of(w3),
             }
             if gas is not None:
                 params["gas"] = gas
