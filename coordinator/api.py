@@ -148,7 +148,7 @@ def create_app(service: RoundService, *, manage_service: bool = False) -> FastAP
         known = None
         if after_round is not None and after_status is not None:
             known = (after_round, after_status.value)
-        return svc.current_after(known, wait_s) if known is not None else svc.current()
+        return svc.current_after(known, wait_s)
 
     @app.get(f"{prefix}/rounds/{{round_id}}", response_model=wire.RoundResult)
     def round_result(round_id: int, svc: Service) -> wire.RoundResult:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .. import wire
-from ..incentive.commitment import canonical_bytes, keccak
+from ..incentive.commitment import keccak
 from ..incentive.ledger import LedgerClient, RoundState
 from ..tasks import get_task
 from .config import CoordinatorSettings
@@ -131,12 +131,6 @@ def _audit(
     task = get_task(settings.task)
     x_val, y_val = task.validation_data()
     valuation = ledger.valuation_of(round_id)
-    validation_hash = keccak(canonical_bytes({"x": x_val, "y": y_val}))
-    report.check(
-        "validation set matches the on-chain validation hash",
-        valuation is not None and valuation.validation_hash == validation_hash,
-        f"local 0x{validation_hash.hex()}",
-    )
 
     # Recompute the books exactly as the coordinator closes a round.
     books = close_books(
@@ -150,6 +144,12 @@ def _audit(
         device=device,
     )
     report.books = books
+    validation_hash = books.valuation.validation_hash
+    report.check(
+        "validation set matches the on-chain validation hash",
+        valuation is not None and valuation.validation_hash == validation_hash,
+        f"local 0x{validation_hash.hex()}",
+    )
     report.check(
         "valuation method and seed match the chain",
         valuation is not None

@@ -113,6 +113,11 @@ class RoundPricing:
     notes: dict[int, str] = field(default_factory=dict)  # index -> why it was flagged, in words
 
 
+def _cosine(unit: Tensor, other: Tensor) -> float:
+    """cos(unit, other) for a unit vector ``unit`` (0 when ``other`` is 0)."""
+    return float(unit @ other) / max(float(torch.linalg.vector_norm(other)), 1e-300)
+
+
 def price_round(
     model: torch.nn.Module,
     base: Mapping[str, Tensor],
@@ -185,23 +190,13 @@ def price_round(
         scale = math.sqrt(flat.shape[1])
         total = unit[kept].sum(dim=0)
         for k in kept:
-            reference = total - unit[k]
-            z_others = (
-                scale
-                * float(unit[k] @ reference)
-                / max(float(torch.linalg.vector_norm(reference)), 1e-300)
-            )
+            z_others = scale * _cosine(unit[k], total - unit[k])
             if abs(z_others) >= policy.noise_sigmas:
                 continue
             own = previous[k] if previous is not None else None
             z_self = None
             if own is not None:
-                own_flat = flatten(own, dtype=torch.float64)
-                z_self = (
-                    scale
-                    * float(unit[k] @ own_flat)
-                    / max(float(torch.linalg.vector_norm(own_flat)), 1e-300)
-                )
+                z_self = scale * _cosine(unit[k], flatten(own, dtype=torch.float64))
                 if abs(z_self) >= policy.noise_sigmas:
                     continue
             flags[k] |= Flag.UNALIGNED_UPDATE
@@ -229,12 +224,12 @@ def price_round(
     values = [0.0] * count
     method, evaluations = "none", 0
     if kept:
-        weights = [1] * len(kept) if policy.valuation_weights == "uniform" else None
+        uniform = policy.valuation_weights == "uniform"
         utility = CoalitionUtility(
             model,
             base,
             [inputs[k] for k in kept],
-            weights if weights is not None else [num_samples[k] for k in kept],
+            [1 if uniform else num_samples[k] for k in kept],
             x_val,
             y_val,
             eta=policy.eta,

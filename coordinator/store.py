@@ -79,7 +79,6 @@ class Store:
         without touching it, for an auditor reading a live coordinator's directory."""
         self.data_dir = Path(data_dir)
         self.blob_dir = self.data_dir / "blobs"
-        self.read_only = read_only
         self._lock = threading.RLock()
         database = self.data_dir / "state.sqlite3"
         if read_only:

@@ -55,6 +55,13 @@ def post_root(
     )
 
 
+def committed_round(chain: Chain, open_round: OpenRound) -> tuple[int, SettlementTree]:
+    """Open a round in which every organisation commits; their settlement tree, not posted."""
+    round_id, _ = open_round()
+    commit(chain, round_id)
+    return round_id, SettlementTree.build(leaves_for(round_id, [o.address for o in chain.orgs]))
+
+
 @pytest.fixture
 def claimable(
     chain: Chain, open_round: OpenRound, coordinator_ledger: LedgerClient
@@ -62,9 +69,7 @@ def claimable(
     """Open a round, let every organisation commit and post the root of their settlement."""
 
     def make(total: int | None = None) -> tuple[int, SettlementTree]:
-        round_id, _ = open_round()
-        commit(chain, round_id)
-        tree = SettlementTree.build(leaves_for(round_id, [o.address for o in chain.orgs]))
+        round_id, tree = committed_round(chain, open_round)
         extra = {} if total is None else {"total": total}
         post_root(coordinator_ledger, round_id, tree, **extra)
         return round_id, tree
@@ -148,9 +153,7 @@ def test_python_proofs_verify_with_openzeppelin_at_every_tree_shape(
 def test_posting_a_root_records_everything_but_pays_nobody(
     chain: Chain, open_round: OpenRound, coordinator_ledger: LedgerClient
 ) -> None:
-    round_id, _ = open_round()
-    commit(chain, round_id)
-    tree = SettlementTree.build(leaves_for(round_id, [o.address for o in chain.orgs]))
+    round_id, tree = committed_round(chain, open_round)
     receipt = post_root(coordinator_ledger, round_id, tree)
 
     ledger = chain.ledger
@@ -274,9 +277,7 @@ def test_only_rounds_settled_by_root_are_claimable(
     coordinator_ledger: LedgerClient,
     expect_revert: ExpectRevert,
 ) -> None:
-    round_id, _ = open_round()
-    commit(chain, round_id)
-    tree = SettlementTree.build(leaves_for(round_id, [o.address for o in chain.orgs]))
+    round_id, tree = committed_round(chain, open_round)
     org = chain.orgs[0]
     leaf = tree.leaf_of(org.address)
     args = (round_id, leaf.score, leaf.reward, leaf.flags, tree.proof(org.address))

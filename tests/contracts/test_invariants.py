@@ -202,6 +202,10 @@ class LedgerMachine(RuleBasedStateMachine):
     def _latest(self) -> Any:
         return self.w3.eth.get_block("latest")
 
+    def _emits(self, name: str, args: dict[str, Any]) -> Success:
+        """Success whose only log is the ledger's ``name`` event with ``args``."""
+        return Success([(self.ledger.address, name, args)])
+
     def _expect(self, caller: int, send: Callable[[], TxReceipt], outcome: Outcome) -> None:
         """Run ``send`` (a transaction from ``caller``) and check it does exactly what ``outcome`` says."""
         head = self._latest()
@@ -339,14 +343,9 @@ class LedgerMachine(RuleBasedStateMachine):
         elif deadline <= now:
             outcome = Revert("DeadlineInPast", (deadline, now))
         else:
-            outcome = Success(
-                [
-                    (
-                        self.ledger.address,
-                        "RoundOpened",
-                        {"roundId": round_id, "modelHash": model_hash, "deadline": deadline},
-                    )
-                ]
+            outcome = self._emits(
+                "RoundOpened",
+                {"roundId": round_id, "modelHash": model_hash, "deadline": deadline},
             )
         self._expect(
             caller, lambda: self.clients[caller].open_round(round_id, model_hash, deadline), outcome
@@ -376,14 +375,9 @@ class LedgerMachine(RuleBasedStateMachine):
         elif deadline <= now:
             outcome = Revert("DeadlineInPast", (deadline, now))
         else:
-            outcome = Success(
-                [
-                    (
-                        self.ledger.address,
-                        "RoundExtended",
-                        {"roundId": round_id, "previousDeadline": previous, "deadline": deadline},
-                    )
-                ]
+            outcome = self._emits(
+                "RoundExtended",
+                {"roundId": round_id, "previousDeadline": previous, "deadline": deadline},
             )
         self._expect(caller, lambda: self.clients[caller].extend_round(round_id, deadline), outcome)
         if isinstance(outcome, Success):
@@ -433,19 +427,14 @@ class LedgerMachine(RuleBasedStateMachine):
         elif org in rnd.commits:
             outcome = Revert("AlreadyCommitted", (round_id, org, rnd.commits[org][0]))
         else:
-            outcome = Success(
-                [
-                    (
-                        self.ledger.address,
-                        "UpdateCommitted",
-                        {
-                            "roundId": round_id,
-                            "org": org,
-                            "updateHash": update_hash,
-                            "numSamples": num_samples,
-                        },
-                    )
-                ]
+            outcome = self._emits(
+                "UpdateCommitted",
+                {
+                    "roundId": round_id,
+                    "org": org,
+                    "updateHash": update_hash,
+                    "numSamples": num_samples,
+                },
             )
         self._expect(
             caller,
