@@ -18,11 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-# The simulated federation lives with the tests that use it.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
 from fedledger.coordinator.pricing import PricingPolicy
-from fedsim import (
+from fedledger.simulation import (
     Attack,
     copy_of,
     noise,

@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ..incentive.valuation import flatten, unflatten
+from fedledger.incentive.valuation import flatten, unflatten
 
 __all__ = [
     "AggregationMethod",

@@ -17,10 +17,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import wire
-from ..incentive.errors import ChainError
-from .errors import ChainUnavailable, CoordinatorError, TooLarge
-from .rounds import RoundService
+from fedledger import wire
+from fedledger.coordinator.errors import ChainUnavailable, CoordinatorError, TooLarge
+from fedledger.coordinator.rounds import RoundService
+from fedledger.incentive.errors import ChainError
 
 log = logging.getLogger("fedledger.coordinator.api")
 

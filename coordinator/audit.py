@@ -21,13 +21,13 @@ from typing import Any
 
 import torch
 
-from .. import wire
-from ..incentive.commitment import keccak
-from ..incentive.ledger import LedgerClient, RoundState
-from ..tasks import get_task
-from .config import CoordinatorSettings
-from .rounds import Books, close_books, hex32
-from .store import Store
+from fedledger import wire
+from fedledger.coordinator.config import CoordinatorSettings
+from fedledger.coordinator.rounds import Books, close_books, hex32
+from fedledger.coordinator.store import Store
+from fedledger.incentive.commitment import keccak
+from fedledger.incentive.ledger import LedgerClient, RoundState
+from fedledger.tasks import get_task
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .pricing import PricingPolicy
+from fedledger.coordinator.pricing import PricingPolicy
 
 TOKEN_UNIT = 10**18
 

@@ -35,11 +35,11 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ..incentive.rewards import split_rewards, to_fixed_point
-from ..incentive.sampling import choose_valuator
-from ..incentive.shapley import ShapleyResult, Valuator
-from ..incentive.valuation import CoalitionUtility, Metric, flatten
-from .aggregation import AggregationMethod, aggregate, clip_by_norm
+from fedledger.coordinator.aggregation import AggregationMethod, aggregate, clip_by_norm
+from fedledger.incentive.rewards import split_rewards, to_fixed_point
+from fedledger.incentive.sampling import choose_valuator
+from fedledger.incentive.shapley import ShapleyResult, Valuator
+from fedledger.incentive.valuation import CoalitionUtility, Metric, flatten
 
 __all__ = [
     "FORFEITING",

@@ -15,31 +15,9 @@ from dataclasses import dataclass
 import torch
 from web3 import Web3
 
-from .. import wire
-from ..failpoints import (
-    CLOSE_AFTER_AGGREGATE,
-    CLOSE_AFTER_FINALIZE_TX,
-    OPEN_AFTER_TX,
-    UPLOAD_AFTER_BLOB,
-    failpoint,
-)
-from ..incentive.commitment import (
-    canonical_bytes,
-    commitment_of,
-    decode_tensors,
-    decode_update,
-    keccak,
-    l2_norm,
-    specs_of,
-)
-from ..incentive.errors import ChainError, CommitmentError, SignatureError
-from ..incentive.ledger import NO_VALUATION, LedgerClient, RoundState, Valuation, as_bytes32
-from ..incentive.merkle import SettlementLeaf, SettlementTree
-from ..incentive.signing import UploadAuthorization, recover_signer
-from ..incentive.valuation import evaluate_params
-from ..tasks import Task, get_task
-from .config import CoordinatorSettings
-from .errors import (
+from fedledger import wire
+from fedledger.coordinator.config import CoordinatorSettings
+from fedledger.coordinator.errors import (
     ChainUnavailable,
     Conflict,
     CoordinatorError,
@@ -48,8 +26,30 @@ from .errors import (
     Unauthorized,
     Unprocessable,
 )
-from .pricing import RoundPricing, flag_names, price_round
-from .store import Store, StoredRound, StoredUpdate
+from fedledger.coordinator.pricing import RoundPricing, flag_names, price_round
+from fedledger.coordinator.store import Store, StoredRound, StoredUpdate
+from fedledger.failpoints import (
+    CLOSE_AFTER_AGGREGATE,
+    CLOSE_AFTER_FINALIZE_TX,
+    OPEN_AFTER_TX,
+    UPLOAD_AFTER_BLOB,
+    failpoint,
+)
+from fedledger.incentive.commitment import (
+    canonical_bytes,
+    commitment_of,
+    decode_tensors,
+    decode_update,
+    keccak,
+    l2_norm,
+    specs_of,
+)
+from fedledger.incentive.errors import ChainError, CommitmentError, SignatureError
+from fedledger.incentive.ledger import NO_VALUATION, LedgerClient, RoundState, Valuation, as_bytes32
+from fedledger.incentive.merkle import SettlementLeaf, SettlementTree
+from fedledger.incentive.signing import UploadAuthorization, recover_signer
+from fedledger.incentive.valuation import evaluate_params
+from fedledger.tasks import Task, get_task
 
 log = logging.getLogger("fedledger.coordinator")
 

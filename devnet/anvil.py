@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..incentive.chain import DEVNET_MNEMONIC, connect, wait_for_rpc
+from fedledger.incentive.chain import DEVNET_MNEMONIC, connect, wait_for_rpc
 
 DEVNET_DIR = Path(__file__).resolve().parent
 ANVIL_CHAIN_ID = 31337

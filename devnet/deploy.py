@@ -7,9 +7,9 @@ from collections.abc import Sequence
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
-from ..incentive.chain import devnet_account
-from ..incentive.deployment import AccountEntry, Deployment, DeploymentAccounts
-from ..incentive.ledger import LedgerClient
+from fedledger.incentive.chain import devnet_account
+from fedledger.incentive.deployment import AccountEntry, Deployment, DeploymentAccounts
+from fedledger.incentive.ledger import LedgerClient
 
 
 def _entry(account: LocalAccount, *, with_key: bool) -> AccountEntry:

@@ -10,7 +10,7 @@ from web3 import Web3
 from web3.providers.eth_tester import EthereumTesterProvider
 from web3.types import RPCEndpoint, RPCResponse
 
-from ..incentive.chain import DEVNET_MNEMONIC
+from fedledger.incentive.chain import DEVNET_MNEMONIC
 
 
 class LockedEthereumTesterProvider(EthereumTesterProvider):

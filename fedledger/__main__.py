@@ -1,5 +1,5 @@
 """``python -m fedledger`` runs the ``fedledger`` command."""
 
-from .cli import app
+from fedledger.cli import app
 
 app(prog_name="fedledger")

@@ -13,8 +13,8 @@ from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from .incentive.deployment import Deployment
-    from .incentive.ledger import LedgerClient
+    from fedledger.incentive.deployment import Deployment
+    from fedledger.incentive.ledger import LedgerClient
 
 app = typer.Typer(
     help="fedledger: federated learning with an on-chain incentive ledger.",
@@ -69,10 +69,10 @@ def _ledger(
     deployment_file: Path, rpc: str | None, key: str | None
 ) -> tuple[LedgerClient, Deployment]:
     """The ledger client for a deployment file, checked against the chain it names."""
-    from .incentive.chain import account_from_key, connect, wait_for_rpc
-    from .incentive.deployment import Deployment
-    from .incentive.errors import ChainError
-    from .incentive.ledger import LedgerClient
+    from fedledger.incentive.chain import account_from_key, connect, wait_for_rpc
+    from fedledger.incentive.deployment import Deployment
+    from fedledger.incentive.errors import ChainError
+    from fedledger.incentive.ledger import LedgerClient
 
     try:
         deployment = Deployment.load(deployment_file)
@@ -111,8 +111,8 @@ def demo(
     seed: Annotated[int, typer.Option(help="Seed of the data split and the model.")] = 0,
 ) -> None:
     """Run a whole federation locally: chain, coordinator on loopback, organisation nodes."""
-    from .demo import run_demo
-    from .node.training import TrainConfig
+    from fedledger.demo import run_demo
+    from fedledger.node.training import TrainConfig
 
     if chain not in ("embedded", "anvil"):
         raise _fail("--chain must be `embedded` or `anvil`")
@@ -140,9 +140,9 @@ def devnet_up(
     ] = DEFAULT_STATE_DIR / "devnet",
 ) -> None:
     """Start anvil on loopback, deploy the contracts and write `deployment.json`."""
-    from .devnet.anvil import AnvilError, start_anvil
-    from .devnet.deploy import deploy_devnet
-    from .incentive.chain import connect
+    from fedledger.devnet.anvil import AnvilError, start_anvil
+    from fedledger.devnet.deploy import deploy_devnet
+    from fedledger.incentive.chain import connect
 
     state_dir.mkdir(parents=True, exist_ok=True)
     pid_file = state_dir / "anvil.pid"
@@ -170,7 +170,7 @@ def devnet_down(
     ] = DEFAULT_STATE_DIR / "devnet",
 ) -> None:
     """Stop the devnet's anvil."""
-    from .devnet.anvil import stop_pid
+    from fedledger.devnet.anvil import stop_pid
 
     pid_file = state_dir / "anvil.pid"
     if not pid_file.exists():
@@ -200,9 +200,9 @@ def deploy(
     key: KeyOpt = None,
 ) -> None:
     """Deploy the ledger and token to any EVM chain from the admin key, and register organisations."""
-    from .devnet.deploy import deploy as deploy_contracts
-    from .incentive.chain import account_from_key, connect, wait_for_rpc
-    from .incentive.errors import ChainError
+    from fedledger.devnet.deploy import deploy as deploy_contracts
+    from fedledger.incentive.chain import account_from_key, connect, wait_for_rpc
+    from fedledger.incentive.errors import ChainError
 
     if not key:
         raise _fail("the admin's key is required: --key or FEDLEDGER_KEY")
@@ -229,7 +229,7 @@ def register(
     key: KeyOpt = None,
 ) -> None:
     """Register an organisation on the ledger (admin key)."""
-    from .incentive.errors import ChainError
+    from fedledger.incentive.errors import ChainError
 
     ledger, _ = _ledger(deployment, rpc, key)
     try:
@@ -295,10 +295,10 @@ def coordinator_serve(
     import uvicorn
     from pydantic import ValidationError
 
-    from .coordinator.api import create_app
-    from .coordinator.config import TOKEN_UNIT, CoordinatorSettings
-    from .coordinator.errors import CoordinatorError
-    from .coordinator.rounds import RoundService
+    from fedledger.coordinator.api import create_app
+    from fedledger.coordinator.config import TOKEN_UNIT, CoordinatorSettings
+    from fedledger.coordinator.errors import CoordinatorError
+    from fedledger.coordinator.rounds import RoundService
 
     _logging(verbose)
     if not key:
@@ -373,10 +373,10 @@ def node_run(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Take part in every round: verify the model, train, commit on-chain, upload signed."""
-    from .node.client import CoordinatorClient
-    from .node.runner import NodeRunner, RoundOutcome
-    from .node.training import TrainConfig
-    from .tasks import get_task
+    from fedledger.node.client import CoordinatorClient
+    from fedledger.node.runner import NodeRunner, RoundOutcome
+    from fedledger.node.training import TrainConfig
+    from fedledger.tasks import get_task
 
     _logging(verbose)
     if not key:
@@ -435,9 +435,9 @@ def rewards(
     """Per-round contribution scores, rewards and token balances, read from the contract."""
     from web3 import Web3
 
-    from .coordinator.pricing import flag_names
-    from .incentive.ledger import RoundState
-    from .incentive.rewards import from_fixed_point
+    from fedledger.coordinator.pricing import flag_names
+    from fedledger.incentive.ledger import RoundState
+    from fedledger.incentive.rewards import from_fixed_point
 
     ledger, _ = _ledger(deployment, rpc, None)
     orgs = [Web3.to_checksum_address(org)] if org else ledger.organisations()
@@ -522,7 +522,7 @@ def audit(
     the aggregate against the new model hash, and the scores, rewards, flags (or the Merkle
     root) against the ledger. Exits 1 on any mismatch.
     """
-    from .coordinator.audit import audit_round
+    from fedledger.coordinator.audit import audit_round
 
     ledger, _ = _ledger(deployment, rpc, None)
     try:

@@ -18,20 +18,20 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from web3 import Web3
 
-from . import wire
-from .coordinator.api import create_app
-from .coordinator.config import CoordinatorSettings
-from .coordinator.rounds import RoundService
-from .devnet.anvil import free_port, start_anvil
-from .devnet.deploy import deploy_devnet
-from .devnet.embedded import embedded_web3
-from .incentive.chain import connect, devnet_account
-from .incentive.ledger import LedgerClient
-from .incentive.rewards import from_fixed_point
-from .node.client import CoordinatorClient
-from .node.runner import NodeRunner
-from .node.training import TrainConfig
-from .tasks import Task, get_task
+from fedledger import wire
+from fedledger.coordinator.api import create_app
+from fedledger.coordinator.config import CoordinatorSettings
+from fedledger.coordinator.rounds import RoundService
+from fedledger.devnet.anvil import free_port, start_anvil
+from fedledger.devnet.deploy import deploy_devnet
+from fedledger.devnet.embedded import embedded_web3
+from fedledger.incentive.chain import connect, devnet_account
+from fedledger.incentive.ledger import LedgerClient
+from fedledger.incentive.rewards import from_fixed_point
+from fedledger.node.client import CoordinatorClient
+from fedledger.node.runner import NodeRunner
+from fedledger.node.training import TrainConfig
+from fedledger.tasks import Task, get_task
 
 TOKEN_UNIT = 10**18
 

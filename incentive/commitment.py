@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
-from .errors import CommitmentError
+from fedledger.incentive.errors import CommitmentError
 
 
 @dataclass(frozen=True)

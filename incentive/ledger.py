@@ -13,9 +13,9 @@ from web3 import Web3
 from web3.contract import Contract
 from web3.types import TxReceipt
 
-from ..contracts.compile import load_artifact
-from .chain import call_view, error_selectors, send_transaction
-from .errors import ChainError
+from fedledger.contracts.compile import load_artifact
+from fedledger.incentive.chain import call_view, error_selectors, send_transaction
+from fedledger.incentive.errors import ChainError
 
 ZERO_HASH = b"\x00" * 32
 

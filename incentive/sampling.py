@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .shapley import BatchUtility, ExactShapley, ShapleyResult, Valuator
+from fedledger.incentive.shapley import BatchUtility, ExactShapley, ShapleyResult, Valuator
 
 __all__ = [
     "GTGShapley",

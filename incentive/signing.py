@@ -11,7 +11,7 @@ from eth_account.messages import encode_typed_data
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
-from .errors import SignatureError
+from fedledger.incentive.errors import SignatureError
 
 DOMAIN_NAME = "fedledger"
 DOMAIN_VERSION = "1"

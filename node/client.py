@@ -6,7 +6,7 @@ from typing import Any
 
 import httpx
 
-from .. import wire
+from fedledger import wire
 
 
 class NodeError(Exception):

@@ -9,16 +9,21 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .. import wire
-from ..failpoints import NODE_AFTER_COMMIT, failpoint
-from ..incentive.commitment import commitment_of, decode_update, keccak, specs_of
-from ..incentive.errors import ChainError, ContractRevert
-from ..incentive.ledger import LedgerClient, RoundState
-from ..incentive.merkle import SettlementLeaf, verify
-from ..incentive.signing import UploadAuthorization, sign_upload
-from ..tasks import Task
-from .client import CoordinatorClient, CoordinatorRejected, CoordinatorUnavailable, NodeError
-from .training import TrainConfig, train_local
+from fedledger import wire
+from fedledger.failpoints import NODE_AFTER_COMMIT, failpoint
+from fedledger.incentive.commitment import commitment_of, decode_update, keccak, specs_of
+from fedledger.incentive.errors import ChainError, ContractRevert
+from fedledger.incentive.ledger import LedgerClient, RoundState
+from fedledger.incentive.merkle import SettlementLeaf, verify
+from fedledger.incentive.signing import UploadAuthorization, sign_upload
+from fedledger.node.client import (
+    CoordinatorClient,
+    CoordinatorRejected,
+    CoordinatorUnavailable,
+    NodeError,
+)
+from fedledger.node.training import TrainConfig, train_local
+from fedledger.tasks import Task
 
 log = logging.getLogger("fedledger.node")
 

@@ -15,8 +15,7 @@ import torch
 from fedledger.coordinator.pricing import Flag, PricingPolicy, flag_names, price_round
 from fedledger.incentive.commitment import commitment_of
 from fedledger.incentive.valuation import flatten
-from fedledger.tasks import get_task
-from fedsim import (
+from fedledger.simulation import (
     BUDGET,
     Attack,
     Federation,
@@ -27,6 +26,7 @@ from fedsim import (
     sign_flip,
     zero,
 )
+from fedledger.tasks import get_task
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""A small in-process federation on the digits task, priced round by round with ``price_round``.
+"""An in-process federation simulator on the digits task, priced round by round with ``price_round``.
 
 Organisations train for real (``train_local``, one epoch a round, seeds as the node derives
 them); some of them misbehave as told. No chain and no HTTP: this drives exactly the code the
