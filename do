@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# fedledger's task script: ./do install | demo | test | lint | compile | bench
+# fedledger's task script: ./do install | demo | test | lint | docs | compile | bench
 # Everything goes into ./.venv and devnet/node_modules; nothing is installed system-wide.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -31,10 +31,11 @@ case "$cmd" in
     "$VENV/bin/ruff" format --check .
     "$VENV/bin/mypy" -p fedledger
     ;;
+  docs) exec "$VENV/bin/python" -m fedledger.errors "$@" ;;
   compile) exec "$VENV/bin/python" -m fedledger.contracts.compile "$@" ;;
   bench) exec "$VENV/bin/python" bench/run.py "$@" ;;
   *)
-    echo "usage: ./do install | demo [ARGS] | test [PYTEST ARGS] | lint | compile [--check] | bench [NAME ...] [--quick]" >&2
+    echo "usage: ./do install | demo [ARGS] | test [PYTEST ARGS] | lint | docs [--check] | compile [--check] | bench [NAME ...] [--quick]" >&2
     exit 2
     ;;
 esac

@@ -5,7 +5,7 @@ averaged by:
 
 - ``fedledger fedavg``: ``fedledger.coordinator.aggregation.fedavg``, the weighted sum itself;
 - ``fedledger aggregate``: ``aggregate("fedavg", ...)`` from the same module, the entry point
-  the coordinator's pricing calls: it also takes every update's L2 norm (in float64) first;
+  the coordinator's books call (the books measure the norms once, before; it takes none);
 - ``blocked``: the same weighted sum computed in cache-sized blocks of the parameter vector (a
   reference for what the accumulation order alone is worth; not fedledger code);
 - ``torch.stack``: ``torch.stack(updates).mean(0)`` per tensor, the one-liner baseline;
@@ -279,8 +279,8 @@ def _measure(
         timed("fedledger fedavg", lambda: fedavg(base, updates, num_samples, device=device)),
         timed(
             "fedledger aggregate",
-            lambda: aggregate("fedavg", base, updates, num_samples, device=device).params,
-            "fedavg + every update's float64 norm",
+            lambda: aggregate("fedavg", base, updates, num_samples, device=device),
+            "the books' entry point (rule dispatch + checks)",
         ),
         timed(
             "blocked (reference)",

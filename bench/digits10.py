@@ -270,8 +270,9 @@ def accuracy_series(
 
 def install_timers() -> None:
     """Time the functions fedledger's coordinator and nodes call, in this process only."""
-    from fedledger.coordinator import pricing, rounds
-    from fedledger.coordinator.rounds import RoundService
+    from fedledger.coordinator import books, rounds
+    from fedledger.coordinator.rounds import RoundMachine
+    from fedledger.coordinator.service import RoundService
     from fedledger.coordinator.store import Store
     from fedledger.incentive.ledger import LedgerClient
     from fedledger.incentive.shapley import ExactShapley
@@ -279,7 +280,7 @@ def install_timers() -> None:
     from fedledger.node.client import CoordinatorClient
 
     _wrap(runner, "train_local", "training")
-    _wrap(runner, "commitment_of", "serialise + hash update")
+    _wrap(runner, "encode_tensors", "serialise + hash update")
     _wrap(runner, "sign_upload", "sign upload (EIP-712)")
     _wrap(CoordinatorClient, "model", "HTTP: model download")
     _wrap(CoordinatorClient, "upload", "HTTP: upload (incl. verification)")
@@ -288,14 +289,14 @@ def install_timers() -> None:
     _wrap(LedgerClient, "_view", "chain: reads")
     _wrap(LedgerClient, "commit_order", "chain: commit-order log query")
     _wrap(RoundService, "accept_upload", "upload verification")
-    _wrap(rounds, "price_round", "pricing (screen, value, aggregate)")
-    _wrap(pricing, "aggregate", "aggregation")
+    _wrap(rounds, "close_books", "pricing (screen, value, aggregate)")
+    _wrap(books, "aggregate", "aggregation")
     _wrap(ExactShapley, "value", "Shapley valuation")
-    _wrap(rounds, "evaluate_params", "evaluation")
+    _wrap(books, "evaluate_params", "evaluation")
     _wrap(Store, "put_blob", "store writes")
-    _wrap(RoundService, "_close", "round close (all)")
-    _mark(RoundService, "_open_round", "open")
-    _mark(RoundService, "_close", "close")
+    _wrap(RoundMachine, "close", "round close (all)")
+    _mark(RoundMachine, "open_round", "open")
+    _mark(RoundMachine, "close", "close")
     _observe(Store, "set_round_status")
 
 

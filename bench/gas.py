@@ -33,13 +33,13 @@ from web3.types import TxReceipt
 from fedledger.devnet.embedded import embedded_web3
 from fedledger.incentive.chain import devnet_account
 from fedledger.incentive.commitment import keccak
-from fedledger.incentive.ledger import LedgerClient, Valuation
+from fedledger.incentive.ledger import LedgerClient, ValuationRecord
 from fedledger.incentive.merkle import SettlementLeaf, SettlementTree
+from fedledger.incentive.onchain import TOKEN_UNIT
 
 FULL_ORGS = (10, 50, 100)
 QUICK_ORGS = (3,)
-VALUATION = Valuation("exact:accuracy", seed=1, validation_hash=b"\x5a" * 32)
-TOKEN_UNIT = 10**18
+VALUATION = ValuationRecord("exact:accuracy", seed=1, validation_hash=b"\x5a" * 32)
 ROUND_S = 3600
 
 

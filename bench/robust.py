@@ -1,4 +1,4 @@
-"""Attacks against the model and the rewards, priced by the coordinator's own ``price_round``.
+"""Attacks against the model and the rewards, priced by the coordinator's own ``close_books``.
 
 Digits task, 10 organisations (Dirichlet(alpha) partition, seed 0), one local epoch of SGD a
 round, every round screened, clipped, valued (exact Shapley), aggregated and paid exactly as
@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from fedledger.coordinator.pricing import PricingPolicy
+from fedledger.coordinator.policy import PricingPolicy
 from fedledger.simulation import (
     Attack,
     copy_of,

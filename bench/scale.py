@@ -88,16 +88,16 @@ def register_task(hidden: int) -> None:
 
 def valuator_blocker(num_orgs: int) -> str | None:
     """Why the coordinator cannot value a round of ``num_orgs`` organisations, or None."""
-    from fedledger.coordinator.config import CoordinatorSettings
+    from fedledger.coordinator.policy import PricingPolicy
     from fedledger.incentive.sampling import choose_valuator
 
-    max_exact = CoordinatorSettings.model_fields["max_exact_players"].default
+    max_exact = PricingPolicy().max_exact_players
     try:
         choose_valuator(num_orgs, max_exact=max_exact)
     except ValueError as exc:
         sampling = importlib.util.find_spec("fedledger.incentive.sampling") is not None
         return (
-            f"coordinator.pricing.choose_valuator({num_orgs}, max_exact={max_exact}) raises "
+            f"incentive.sampling.choose_valuator({num_orgs}, max_exact={max_exact}) raises "
             f"ValueError: {exc}; fedledger.incentive.sampling "
             + ("exists but is not used by choose_valuator" if sampling else "does not exist yet")
         )
@@ -140,18 +140,20 @@ def coordinator_main(argv: Sequence[str]) -> int:
     import typer
 
     from fedledger.cli import app
-    from fedledger.coordinator import pricing, rounds
-    from fedledger.coordinator.rounds import RoundService
+    from fedledger.coordinator import books, rounds
+    from fedledger.coordinator.rounds import RoundMachine
+    from fedledger.coordinator.service import RoundService
+    from fedledger.coordinator.settlement import Settler
     from fedledger.incentive.ledger import LedgerClient
     from fedledger.incentive.shapley import ExactShapley
 
     _wrap(RoundService, "accept_upload", "upload verification (each)")
-    _wrap(RoundService, "_close", "round close (all)")
-    _wrap(rounds, "price_round", "pricing: screen, value, aggregate")
-    _wrap(pricing, "aggregate", "aggregation (FedAvg)")
+    _wrap(RoundMachine, "close", "round close (all)")
+    _wrap(rounds, "close_books", "pricing: screen, value, aggregate")
+    _wrap(books, "aggregate", "aggregation (FedAvg)")
     _wrap(ExactShapley, "value", "Shapley valuation")
-    _wrap(RoundService, "_settle", "settlement transaction")
-    _wrap(rounds, "evaluate_params", "evaluation")
+    _wrap(Settler, "settle", "settlement transaction")
+    _wrap(books, "evaluate_params", "evaluation")
     _wrap(LedgerClient, "_view", "chain reads")
     if importlib.util.find_spec("fedledger.incentive.sampling") is not None:
         from fedledger.incentive import sampling

@@ -3,7 +3,7 @@
 Part 1, ``--orgs`` (10) organisations, for a Dirichlet(0.5) label split and a label-skewed
 Dirichlet(0.1) one: ``--rounds`` (10) rounds of FedAvg from the digits MLP (one local epoch,
 SGD lr 0.05, batch 32; organisation k shuffles with seed k * 1,000,003 + r in round r, as
-``tests/fedsim.py`` does). Each round's game is the one the coordinator prices: the validation
+``fedledger/simulation.py`` does). Each round's game is the one the coordinator prices: the validation
 accuracy of w + the uniform average of a coalition's updates (``CoalitionUtility``, as with
 ``PricingPolicy()``'s defaults). Every round it is valued exactly (all 2**K coalitions) and by
 each sampled valuator with ``--seeds`` seeds; the new model is FedAvg of all the updates by
@@ -55,7 +55,7 @@ from fedledger.incentive.sampling import (
     default_evaluations,
 )
 from fedledger.incentive.shapley import ExactShapley, Valuator
-from fedledger.incentive.valuation import CoalitionUtility
+from fedledger.incentive.utility import CoalitionUtility
 from fedledger.node.training import TrainConfig, train_local
 from fedledger.tasks import get_task
 

@@ -389,8 +389,8 @@ contract FedLedger is AccessControlEnumerable {
         return (commitment.updateHash, commitment.numSamples);
     }
 
-    /// @notice `org`'s contribution score in round `roundId`, signed fixed point with 1e18 = 1.0.
-    function contributionOf(uint256 roundId, address org) external view returns (int256) {
+    /// @notice `org`'s score in round `roundId`: its Shapley value, signed fixed point with 1e18 = 1.0.
+    function scoreOf(uint256 roundId, address org) external view returns (int256) {
         return _settlements[roundId][org].score;
     }
 

@@ -14,6 +14,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from fedledger.errors import CompileError
+
 HERE = Path(__file__).resolve().parent
 BUILD_DIR = HERE / "build"
 SHIM = HERE / "solc-shim.js"
@@ -28,10 +30,6 @@ SETTINGS: dict[str, Any] = {
     "metadata": {"bytecodeHash": "none", "appendCBOR": False},
     "outputSelection": {"*": {"*": ["abi", "evm.bytecode.object", "evm.deployedBytecode.object"]}},
 }
-
-
-class CompileError(RuntimeError):
-    """The Solidity compiler reported errors or could not run."""
 
 
 def _standard_input() -> dict[str, Any]:

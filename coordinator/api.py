@@ -18,9 +18,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fedledger import wire
-from fedledger.coordinator.errors import ChainUnavailable, CoordinatorError, TooLarge
-from fedledger.coordinator.rounds import RoundService
-from fedledger.incentive.errors import ChainError
+from fedledger.coordinator.service import RoundService
+from fedledger.errors import ChainError, ChainUnavailable, CodedError, CoordinatorError, ErrorCode
 
 log = logging.getLogger("fedledger.coordinator.api")
 
@@ -42,11 +41,11 @@ async def read_limited_body(request: Request, limit_bytes: int) -> bytes:
             declared_bytes = int(declared)
         except ValueError:
             raise CoordinatorError(
-                "bad_content_length", "Content-Length is not an integer"
+                ErrorCode.BAD_CONTENT_LENGTH, "Content-Length is not an integer"
             ) from None
         if declared_bytes > limit_bytes:
-            raise TooLarge(
-                "too_large",
+            raise CoordinatorError(
+                ErrorCode.TOO_LARGE,
                 f"the body of {declared_bytes} bytes exceeds the limit of {limit_bytes} bytes",
                 limit_bytes=limit_bytes,
             )
@@ -55,8 +54,8 @@ async def read_limited_body(request: Request, limit_bytes: int) -> bytes:
     async for chunk in request.stream():
         received += len(chunk)
         if received > limit_bytes:
-            raise TooLarge(
-                "too_large",
+            raise CoordinatorError(
+                ErrorCode.TOO_LARGE,
                 f"the body exceeds the limit of {limit_bytes} bytes",
                 limit_bytes=limit_bytes,
             )
@@ -96,17 +95,16 @@ def create_app(service: RoundService, *, manage_service: bool = False) -> FastAP
 
     app.state.service = service
 
-    @app.exception_handler(CoordinatorError)
-    async def on_coordinator_error(_: Request, exc: CoordinatorError) -> JSONResponse:
+    @app.exception_handler(CodedError)
+    async def on_coded_error(_: Request, exc: CodedError) -> JSONResponse:
         response = _error(exc.status, exc.code, exc.message, **exc.details)
-        response.headers.update(exc.headers)
+        if isinstance(exc, CoordinatorError):
+            response.headers.update(exc.headers)
         return response
 
     @app.exception_handler(ChainError)
     async def on_chain_error(request: Request, exc: ChainError) -> JSONResponse:
-        return await on_coordinator_error(
-            request, ChainUnavailable(f"the chain is unavailable: {exc}")
-        )
+        return await on_coded_error(request, ChainUnavailable(f"the chain is unavailable: {exc}"))
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -115,12 +113,14 @@ def create_app(service: RoundService, *, manage_service: bool = False) -> FastAP
             {"loc": [str(p) for p in err.get("loc", ())], "msg": str(err.get("msg", ""))}
             for err in exc.errors()
         ]
-        return _error(422, "invalid_request", "the request is malformed", fields=fields)
+        code = ErrorCode.INVALID_REQUEST
+        return _error(code.status, code, "the request is malformed", fields=fields)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "not_found", 405: "method_not_allowed"}
-        return _error(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail))
+        codes = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}
+        code = codes.get(exc.status_code, ErrorCode.HTTP_ERROR)
+        return _error(exc.status_code, code, str(exc.detail))
 
     prefix = wire.API_PREFIX
 
@@ -147,7 +147,7 @@ def create_app(service: RoundService, *, manage_service: bool = False) -> FastAP
         seconds (at most 30)."""
         known = None
         if after_round is not None and after_status is not None:
-            known = (after_round, after_status.value)
+            known = (after_round, after_status)
         return svc.current_after(known, wait_s)
 
     @app.get(f"{prefix}/rounds/{{round_id}}", response_model=wire.RoundResult)

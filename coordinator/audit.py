@@ -17,16 +17,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from fedledger import wire
-from fedledger.coordinator.config import CoordinatorSettings
-from fedledger.coordinator.rounds import Books, close_books, hex32
+from fedledger.coordinator.books import Books, close_books
+from fedledger.coordinator.inputs import load_round_inputs
+from fedledger.coordinator.policy import PricingPolicy
 from fedledger.coordinator.store import Store
 from fedledger.incentive.commitment import keccak
-from fedledger.incentive.ledger import LedgerClient, RoundState
+from fedledger.incentive.ledger import LedgerClient, RoundRecord
+from fedledger.incentive.onchain import RoundState, hex32
 from fedledger.tasks import get_task
 
 
@@ -84,7 +85,7 @@ def audit_round(
 
 def _audit(
     report: AuditReport,
-    record: Any,
+    record: RoundRecord,
     ledger: LedgerClient,
     store: Store,
     device: torch.device,
@@ -127,22 +128,21 @@ def _audit(
     if not result.pricing:
         report.check("pricing settings recorded with the round", False, "none recorded")
         return
-    settings = CoordinatorSettings(data_dir=store.data_dir, **result.pricing)
-    task = get_task(settings.task)
+    policy = PricingPolicy.model_validate(result.pricing)
+    task = get_task(policy.task)
     x_val, y_val = task.validation_data()
     valuation = ledger.valuation_of(round_id)
 
     # Recompute the books exactly as the coordinator closes a round.
-    books = close_books(
-        round_id,
+    inputs = load_round_inputs(
         store,
+        round_id,
         ledger.commit_order(round_id),
-        task.build_model(seed=settings.model_seed),
+        task.build_model(seed=policy.model_seed),
         x_val,
         y_val,
-        settings,
-        device=device,
     )
+    books = close_books(inputs, policy, device=device)
     report.books = books
     validation_hash = books.valuation.validation_hash
     report.check(
@@ -161,11 +161,10 @@ def _audit(
         books.new_hash == hex32(record.new_model_hash),
         f"recomputed {books.new_hash}, on-chain {hex32(record.new_model_hash)}",
     )
-    priced = books.priced
     report.check(
         "total reward matches the chain",
-        sum(priced.rewards) == record.total_reward,
-        f"recomputed {sum(priced.rewards)}, on-chain {record.total_reward}",
+        sum(books.rewards) == record.total_reward,
+        f"recomputed {sum(books.rewards)}, on-chain {record.total_reward}",
     )
     if books.tree is not None:
         report.check(
@@ -175,19 +174,18 @@ def _audit(
         )
     elif record.by_claims:
         report.check("settlement mode matches the chain", False, "the chain settled by claims")
-    for k, update in enumerate(books.uploads):
-        org = update.organisation
-        expected = (priced.scores[k], priced.rewards[k], priced.flags[k])
+    for k, org in enumerate(books.organisations):
+        expected = (books.scores[k], books.rewards[k], books.flags[k])
         if books.tree is not None and not ledger.is_settled(round_id, org):
             # Unclaimed: only the flags are on-chain yet (posted with the root).
             report.check(
                 f"flags of {org} match the chain (reward not claimed yet)",
-                ledger.flags_of(round_id, org) == priced.flags[k],
-                f"recomputed {priced.flags[k]}",
+                ledger.flags_of(round_id, org) == books.flags[k],
+                f"recomputed {books.flags[k]}",
             )
             continue
         on_chain = (
-            ledger.contribution_of(round_id, org),
+            ledger.score_of(round_id, org),
             ledger.reward_of(round_id, org),
             ledger.flags_of(round_id, org),
         )

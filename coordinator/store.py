@@ -10,12 +10,13 @@ import json
 import os
 import sqlite3
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from fedledger.wire import RoundStatus
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -29,8 +30,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     extensions INTEGER NOT NULL DEFAULT 0,
     status TEXT NOT NULL,
     new_model_hash TEXT,
-    result_json TEXT,
-    opened_at REAL NOT NULL
+    result_json TEXT
 );
 CREATE TABLE IF NOT EXISTS updates (
     round_id INTEGER NOT NULL,
@@ -54,10 +54,9 @@ class StoredRound:
     round_id: int
     model_hash: str
     deadline: int
-    status: str
+    status: RoundStatus
     new_model_hash: str | None
     result: dict[str, Any] | None
-    opened_at: float
     extensions: int = 0
 
 
@@ -179,15 +178,15 @@ class Store:
     def add_round(self, round_id: int, model_hash: str, deadline: int) -> None:
         with self.transaction() as db:
             db.execute(
-                "INSERT OR IGNORE INTO rounds (round_id, model_hash, deadline, status, opened_at)"
-                " VALUES (?, ?, ?, 'open', ?)",
-                (round_id, model_hash, deadline, time.time()),
+                "INSERT OR IGNORE INTO rounds (round_id, model_hash, deadline, status)"
+                " VALUES (?, ?, ?, 'open')",
+                (round_id, model_hash, deadline),
             )
 
     def set_round_status(
         self,
         round_id: int,
-        status: str,
+        status: RoundStatus,
         *,
         new_model_hash: str | None = None,
         result: dict[str, Any] | None = None,
@@ -196,7 +195,12 @@ class Store:
             db.execute(
                 "UPDATE rounds SET status = ?, new_model_hash = COALESCE(?, new_model_hash),"
                 " result_json = COALESCE(?, result_json) WHERE round_id = ?",
-                (status, new_model_hash, None if result is None else json.dumps(result), round_id),
+                (
+                    status.value,
+                    new_model_hash,
+                    None if result is None else json.dumps(result),
+                    round_id,
+                ),
             )
 
     def set_deadline(self, round_id: int, deadline: int, *, extensions: int) -> None:
@@ -209,7 +213,7 @@ class Store:
     def get_round(self, round_id: int) -> StoredRound | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT round_id, model_hash, deadline, status, new_model_hash, result_json, opened_at,"
+                "SELECT round_id, model_hash, deadline, status, new_model_hash, result_json,"
                 " extensions"
                 " FROM rounds WHERE round_id = ?",
                 (round_id,),
@@ -228,7 +232,7 @@ class Store:
     def latest_round(self) -> StoredRound | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT round_id, model_hash, deadline, status, new_model_hash, result_json, opened_at,"
+                "SELECT round_id, model_hash, deadline, status, new_model_hash, result_json,"
                 " extensions"
                 " FROM rounds ORDER BY round_id DESC LIMIT 1"
             ).fetchone()
@@ -278,7 +282,8 @@ class Store:
         return None if row is None else StoredUpdate(*row)
 
     def updates_for(self, round_id: int) -> list[StoredUpdate]:
-        """The round's accepted updates, sorted by organisation address (the aggregation order)."""
+        """The round's accepted updates, sorted by organisation address (the books take them in
+        on-chain commit order: ``fedledger.coordinator.inputs``)."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT round_id, organisation, update_hash, num_samples, nonce, received_at"
@@ -296,14 +301,13 @@ class Store:
 
 
 def _round(row: tuple[Any, ...]) -> StoredRound:
-    round_id, model_hash, deadline, status, new_model_hash, result_json, opened_at, extensions = row
+    round_id, model_hash, deadline, status, new_model_hash, result_json, extensions = row
     return StoredRound(
         round_id=int(round_id),
         model_hash=str(model_hash),
         deadline=int(deadline),
-        status=str(status),
+        status=RoundStatus(status),
         new_model_hash=new_model_hash,
         result=None if result_json is None else json.loads(result_json),
-        opened_at=float(opened_at),
         extensions=int(extensions),
     )

@@ -11,14 +11,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedledger.errors import DevnetError
 from fedledger.incentive.chain import DEVNET_MNEMONIC, connect, wait_for_rpc
 
 DEVNET_DIR = Path(__file__).resolve().parent
 ANVIL_CHAIN_ID = 31337
-
-
-class AnvilError(RuntimeError):
-    """anvil could not be found, started or stopped."""
 
 
 def find_anvil() -> Path:
@@ -34,7 +31,7 @@ def find_anvil() -> Path:
     for candidate in candidates:
         if candidate.is_file() and os.access(candidate, os.X_OK):
             return candidate
-    raise AnvilError("anvil not found: run `npm install` in devnet/ or set FEDLEDGER_ANVIL")
+    raise DevnetError("anvil not found: run `npm install` in devnet/ or set FEDLEDGER_ANVIL")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -99,7 +96,7 @@ def start_anvil(
         wait_for_rpc(connect(rpc_url, timeout_s=2), timeout_s=timeout_s)
     except Exception as exc:
         process.kill()
-        raise AnvilError(f"anvil did not start on {rpc_url}: {exc}") from exc
+        raise DevnetError(f"anvil did not start on {rpc_url}: {exc}") from exc
     return AnvilProcess(pid=process.pid, rpc_url=rpc_url, process=None if detach else process)
 
 

@@ -33,7 +33,7 @@ def deploy(
     (only for devnet accounts, whose keys are public anyway).
     """
     coordinator_address = coordinator if isinstance(coordinator, str) else coordinator.address
-    ledger, receipt = LedgerClient.deploy(w3, admin, coordinator_address)
+    ledger, _ = LedgerClient.deploy(w3, admin, coordinator_address)
     org_entries: list[AccountEntry] = []
     for org in organisations:
         address = org if isinstance(org, str) else org.address
@@ -53,7 +53,6 @@ def deploy(
         rpc_url=rpc_url,
         ledger=ledger.address,
         token=ledger.token_address,
-        deploy_block=int(receipt["blockNumber"]),
         accounts=DeploymentAccounts(
             admin=_entry(admin, with_key=include_keys),
             coordinator=coordinator_entry,

@@ -1,5 +1,5 @@
 """``python -m fedledger`` runs the ``fedledger`` command."""
 
-from fedledger.cli import app
+from fedledger.cli import main
 
-app(prog_name="fedledger")
+main()

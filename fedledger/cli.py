@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from decimal import Decimal
@@ -11,6 +12,10 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from fedledger.coordinator.policy import PricingPolicy
+from fedledger.errors import FedledgerError
+from fedledger.incentive.onchain import TOKEN_UNIT
 
 if TYPE_CHECKING:
     from fedledger.incentive.deployment import Deployment
@@ -58,6 +63,36 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(code=1)
 
 
+def main() -> None:
+    """The ``fedledger`` command: any fedledger error ends it with its message and status 1."""
+    try:
+        app(prog_name="fedledger")
+    except FedledgerError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        raise SystemExit(1) from None
+
+
+_PRICING_KNOBS = tuple(PricingPolicy.model_fields)
+
+
+def _pricing_help(knob: str) -> str:
+    """An option's help: the knob's description in ``PricingPolicy``, where it is defined."""
+    return PricingPolicy.model_fields[knob].description or knob
+
+
+def _parse_knobs(pairs: list[str]) -> list[tuple[str, str]]:
+    """``KNOB=VALUE`` pairs of ``--set``, each knob checked against ``PricingPolicy``."""
+    parsed = []
+    for pair in pairs:
+        knob, sep, value = pair.partition("=")
+        if not sep or knob not in _PRICING_KNOBS:
+            raise _fail(
+                f"--set {pair!r}: expected KNOB=VALUE with KNOB one of {', '.join(_PRICING_KNOBS)}"
+            )
+        parsed.append((knob, value))
+    return parsed
+
+
 def _logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
@@ -69,9 +104,9 @@ def _ledger(
     deployment_file: Path, rpc: str | None, key: str | None
 ) -> tuple[LedgerClient, Deployment]:
     """The ledger client for a deployment file, checked against the chain it names."""
+    from fedledger.errors import ChainError
     from fedledger.incentive.chain import account_from_key, connect, wait_for_rpc
     from fedledger.incentive.deployment import Deployment
-    from fedledger.incentive.errors import ChainError
     from fedledger.incentive.ledger import LedgerClient
 
     try:
@@ -90,10 +125,7 @@ def _ledger(
         raise _fail(
             f"{url} is chain {w3.eth.chain_id}, the deployment is on chain {deployment.chain_id}"
         )
-    try:
-        account = account_from_key(key) if key else None
-    except ChainError as exc:
-        raise _fail(str(exc)) from exc
+    account = account_from_key(key) if key else None
     return LedgerClient(w3, deployment.ledger, account), deployment
 
 
@@ -140,7 +172,7 @@ def devnet_up(
     ] = DEFAULT_STATE_DIR / "devnet",
 ) -> None:
     """Start anvil on loopback, deploy the contracts and write `deployment.json`."""
-    from fedledger.devnet.anvil import AnvilError, start_anvil
+    from fedledger.devnet.anvil import start_anvil
     from fedledger.devnet.deploy import deploy_devnet
     from fedledger.incentive.chain import connect
 
@@ -150,10 +182,7 @@ def devnet_up(
         raise _fail(
             f"a devnet is already up (pid file {pid_file}); run `fedledger devnet down` first"
         )
-    try:
-        anvil = start_anvil(port=port, accounts=organisations + 2, detach=True)
-    except AnvilError as exc:
-        raise _fail(str(exc)) from exc
+    anvil = start_anvil(port=port, accounts=organisations + 2, detach=True)
     pid_file.write_text(str(anvil.pid))
     deployment = deploy_devnet(connect(anvil.rpc_url), organisations, rpc_url=anvil.rpc_url)
     out = state_dir / "deployment.json"
@@ -202,18 +231,14 @@ def deploy(
     """Deploy the ledger and token to any EVM chain from the admin key, and register organisations."""
     from fedledger.devnet.deploy import deploy as deploy_contracts
     from fedledger.incentive.chain import account_from_key, connect, wait_for_rpc
-    from fedledger.incentive.errors import ChainError
 
     if not key:
         raise _fail("the admin's key is required: --key or FEDLEDGER_KEY")
     w3 = connect(rpc)
-    try:
-        wait_for_rpc(w3, timeout_s=10)
-        deployment = deploy_contracts(
-            w3, account_from_key(key), coordinator, organisation or [], rpc_url=rpc
-        )
-    except ChainError as exc:
-        raise _fail(str(exc)) from exc
+    wait_for_rpc(w3, timeout_s=10)
+    deployment = deploy_contracts(
+        w3, account_from_key(key), coordinator, organisation or [], rpc_url=rpc
+    )
     deployment.save(out)
     console.print(
         f"ledger {deployment.ledger}, token {deployment.token} on chain {deployment.chain_id}"
@@ -229,13 +254,8 @@ def register(
     key: KeyOpt = None,
 ) -> None:
     """Register an organisation on the ledger (admin key)."""
-    from fedledger.incentive.errors import ChainError
-
     ledger, _ = _ledger(deployment, rpc, key)
-    try:
-        ledger.register_organisation(organisation)
-    except ChainError as exc:
-        raise _fail(str(exc)) from exc
+    ledger.register_organisation(organisation)
     console.print(f"registered {organisation}")
 
 
@@ -265,30 +285,33 @@ def coordinator_serve(
     max_extensions: Annotated[
         int, typer.Option(min=0, help="Extensions before a short round fails anyway.")
     ] = 1,
-    reward_per_round: Annotated[float, typer.Option(help="Tokens paid per round.")] = 1000.0,
     max_upload_mb: Annotated[float, typer.Option(help="Upload size limit in MiB.")] = 64.0,
-    task: Annotated[str, typer.Option(help="Learning task.")] = "digits",
-    aggregation: Annotated[
-        str, typer.Option(help="Aggregation rule: `fedavg`, `median` or `trimmed_mean`.")
-    ] = "fedavg",
-    trim_fraction: Annotated[
-        float, typer.Option(help="Trimmed mean: share of updates cut on each side.")
-    ] = 0.2,
-    clip_multiplier: Annotated[
-        float,
-        typer.Option(help="Clip updates above this x the round's median norm (0: never clip)."),
-    ] = 3.0,
-    max_exact: Annotated[
-        int, typer.Option(help="Exact Shapley up to this many organisations, sampled above.")
-    ] = 10,
-    valuation_budget: Annotated[
-        int | None,
-        typer.Option(help="Utility evaluations of the sampled valuator (default: 40 a player)."),
+    reward_per_round: Annotated[
+        float | None, typer.Option(help="Tokens paid per round (pricing: reward_per_round / 1e18).")
     ] = None,
-    claims_above: Annotated[
-        int,
-        typer.Option(help="Settle by Merkle root and claims above this many paid organisations."),
-    ] = 16,
+    task: Annotated[str | None, typer.Option(help=_pricing_help("task"))] = None,
+    aggregation: Annotated[str | None, typer.Option(help=_pricing_help("aggregation"))] = None,
+    trim_fraction: Annotated[
+        float | None, typer.Option(help=_pricing_help("trim_fraction"))
+    ] = None,
+    clip_multiplier: Annotated[
+        float | None, typer.Option(help=_pricing_help("clip_multiplier") + " 0: never.")
+    ] = None,
+    max_exact: Annotated[int | None, typer.Option(help=_pricing_help("max_exact_players"))] = None,
+    valuation_budget: Annotated[
+        int | None, typer.Option(help=_pricing_help("valuation_budget"))
+    ] = None,
+    claims_above: Annotated[int | None, typer.Option(help=_pricing_help("claims_above"))] = None,
+    pricing: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            metavar="KNOB=VALUE",
+            help="Set any pricing knob (repeatable): "
+            + ", ".join(_PRICING_KNOBS)
+            + ". Recorded with every round.",
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Serve the coordinator API (uvicorn) and run the rounds."""
@@ -296,9 +319,8 @@ def coordinator_serve(
     from pydantic import ValidationError
 
     from fedledger.coordinator.api import create_app
-    from fedledger.coordinator.config import TOKEN_UNIT, CoordinatorSettings
-    from fedledger.coordinator.errors import CoordinatorError
-    from fedledger.coordinator.rounds import RoundService
+    from fedledger.coordinator.config import CoordinatorSettings
+    from fedledger.coordinator.service import RoundService
 
     _logging(verbose)
     if not key:
@@ -306,31 +328,37 @@ def coordinator_serve(
     ledger, _ = _ledger(deployment, rpc, key)
     if quorum_policy not in ("fail", "extend"):
         raise _fail("--quorum-policy must be `fail` or `extend`")
+    knobs: dict[str, object] = dict(_parse_knobs(pricing or []))
+    named = {
+        "task": task,
+        "aggregation": aggregation,
+        "trim_fraction": trim_fraction,
+        "clip_multiplier": None if clip_multiplier is None else (clip_multiplier or "none"),
+        "max_exact_players": max_exact,
+        "valuation_budget": valuation_budget,
+        "claims_above": claims_above,
+        "reward_per_round": None
+        if reward_per_round is None
+        else int(Decimal(str(reward_per_round)) * TOKEN_UNIT),
+    }
+    knobs.update({k: v for k, v in named.items() if v is not None})
     try:
         settings = CoordinatorSettings(
             data_dir=data_dir,
-            task=task,
+            pricing=PricingPolicy.model_validate(
+                {k: None if v == "none" else v for k, v in knobs.items()}
+            ),
             total_rounds=rounds,
             round_timeout_s=round_timeout,
             quorum=quorum,
             quorum_policy=quorum_policy,
             max_extensions=max_extensions,
-            reward_per_round=int(Decimal(str(reward_per_round)) * TOKEN_UNIT),
             max_upload_bytes=int(max_upload_mb * 2**20),
-            aggregation=aggregation,
-            trim_fraction=trim_fraction,
-            clip_multiplier=clip_multiplier or None,
-            max_exact_players=max_exact,
-            valuation_budget=valuation_budget,
-            claims_above=claims_above,
         )
     except ValidationError as exc:
         raise _fail(f"invalid coordinator settings: {exc}") from exc
     service = RoundService(settings, ledger)
-    try:
-        service.start()
-    except CoordinatorError as exc:
-        raise _fail(exc.message) from exc
+    service.start()
     console.print(
         f"coordinator for ledger {ledger.address} on http://{host}:{port} (docs at /docs)"
     )
@@ -425,6 +453,23 @@ def node_run(
 # ------------------------------------------------------------------------ rewards
 
 
+@dataclasses.dataclass(frozen=True)
+class RewardRow:
+    """One organisation in one round, as ``fedledger rewards`` reads it from the ledger."""
+
+    round: int
+    state: str
+    settlement: str
+    organisation: str
+    committed: str | None
+    settled: bool
+    payment: str
+    score: str  # scoreOf: the Shapley value in fixed point (1e18 = 1.0), as a decimal string
+    value: float  # the same score as a float
+    reward: int  # token units
+    flags: list[str]
+
+
 @app.command()
 def rewards(
     deployment: DeploymentOpt = DEFAULT_STATE_DIR / "devnet" / "deployment.json",
@@ -435,14 +480,12 @@ def rewards(
     """Per-round contribution scores, rewards and token balances, read from the contract."""
     from web3 import Web3
 
-    from fedledger.coordinator.pricing import flag_names
-    from fedledger.incentive.ledger import RoundState
-    from fedledger.incentive.rewards import from_fixed_point
+    from fedledger.incentive.onchain import RoundState, flag_names, from_fixed_point
 
     ledger, _ = _ledger(deployment, rpc, None)
     orgs = [Web3.to_checksum_address(org)] if org else ledger.organisations()
     rounds = ledger.round_count()
-    rows = []
+    rows: list[RewardRow] = []
     for round_id in range(1, rounds + 1):
         record = ledger.get_round(round_id)
         for address in orgs:
@@ -454,45 +497,54 @@ def rewards(
                 payment = "paid" if settled else "-"
             else:
                 payment = "claimed" if settled else "unclaimed"
+            score = ledger.score_of(round_id, address)
             rows.append(
-                {
-                    "round": round_id,
-                    "state": record.state.name.lower(),
-                    "settlement": "claims" if record.by_claims else "direct",
-                    "organisation": address,
-                    "committed": None if committed is None else "0x" + committed.update_hash.hex(),
-                    "settled": settled,
-                    "payment": payment,
-                    "score": from_fixed_point(ledger.contribution_of(round_id, address)),
-                    "reward": ledger.reward_of(round_id, address),
-                    "flags": flag_names(ledger.flags_of(round_id, address)),
-                }
+                RewardRow(
+                    round=round_id,
+                    state=record.state.name.lower(),
+                    settlement="claims" if record.by_claims else "direct",
+                    organisation=address,
+                    committed=None if committed is None else "0x" + committed.update_hash.hex(),
+                    settled=settled,
+                    payment=payment,
+                    score=str(score),
+                    value=from_fixed_point(score),
+                    reward=ledger.reward_of(round_id, address),
+                    flags=flag_names(ledger.flags_of(round_id, address)),
+                )
             )
     balances = {address: ledger.balance_of(address) for address in orgs}
     if as_json:
         print(
-            json.dumps({"ledger": ledger.address, "rounds": rows, "balances": balances}, indent=2)
+            json.dumps(
+                {
+                    "ledger": ledger.address,
+                    "rounds": [dataclasses.asdict(row) for row in rows],
+                    "balances": balances,
+                },
+                indent=2,
+            )
         )
         return
     table = Table(title=f"Rewards on ledger {ledger.address} ({rounds} rounds)")
-    right = ("round", "score", "reward (FLR)")
-    for column in ("round", "state", "organisation", "committed", "score", "reward (FLR)"):
+    right = ("round", "value", "reward (FLR)")
+    for column in ("round", "state", "organisation", "committed", "value", "reward (FLR)"):
         table.add_column(column, justify="right" if column in right else "left")
     table.add_column("payment")
     table.add_column("flags")
     for row in rows:
         table.add_row(
-            str(row["round"]),
-            str(row["state"]),
-            str(row["organisation"]),
-            "-" if row["committed"] is None else str(row["committed"])[:18] + "…",
-            f"{row['score']:+.4f}" if row["settled"] else "-",
-            f"{int(row['reward']) / 10**18:,.4f}" if row["settled"] else "-",  # type: ignore[call-overload]
-            str(row["payment"]),
-            ", ".join(row["flags"]) or "-",  # type: ignore[arg-type]
+            str(row.round),
+            row.state,
+            row.organisation,
+            "-" if row.committed is None else row.committed[:18] + "…",
+            f"{row.value:+.4f}" if row.settled else "-",
+            f"{row.reward / TOKEN_UNIT:,.4f}" if row.settled else "-",
+            row.payment,
+            ", ".join(row.flags) or "-",
         )
     console.print(table)
-    unclaimed = sum(row["payment"] == "unclaimed" for row in rows)
+    unclaimed = sum(row.payment == "unclaimed" for row in rows)
     if unclaimed:
         console.print(
             f"{unclaimed} reward(s) settled by Merkle root are not claimed yet: a node claims "
@@ -502,7 +554,7 @@ def rewards(
     totals.add_column("organisation")
     totals.add_column("balance (FLR)", justify="right")
     for address, balance in balances.items():
-        totals.add_row(address, f"{balance / 10**18:,.4f}")
+        totals.add_row(address, f"{balance / TOKEN_UNIT:,.4f}")
     console.print(totals)
 
 

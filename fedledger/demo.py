@@ -21,26 +21,25 @@ from web3 import Web3
 from fedledger import wire
 from fedledger.coordinator.api import create_app
 from fedledger.coordinator.config import CoordinatorSettings
-from fedledger.coordinator.rounds import RoundService
+from fedledger.coordinator.policy import PricingPolicy
+from fedledger.coordinator.service import RoundService
 from fedledger.devnet.anvil import free_port, start_anvil
 from fedledger.devnet.deploy import deploy_devnet
 from fedledger.devnet.embedded import embedded_web3
 from fedledger.incentive.chain import connect, devnet_account
 from fedledger.incentive.ledger import LedgerClient
-from fedledger.incentive.rewards import from_fixed_point
+from fedledger.incentive.onchain import TOKEN_UNIT, from_fixed_point
 from fedledger.node.client import CoordinatorClient
 from fedledger.node.runner import NodeRunner
 from fedledger.node.training import TrainConfig
 from fedledger.tasks import Task, get_task
-
-TOKEN_UNIT = 10**18
 
 
 @dataclass(frozen=True)
 class OrganisationSummary:
     address: str
     num_samples: int
-    contribution: float  # summed Shapley value over rounds, read from the contract
+    value: float  # summed Shapley value over rounds, read from the contract
     reward: int  # summed token units over rounds, read from the contract
     balance: int  # token balance, read from the contract
 
@@ -118,7 +117,7 @@ def run_demo(
                 total_rounds=rounds,
                 round_timeout_s=120,
                 quorum=max(1, (organisations + 1) // 2),
-                model_seed=seed,
+                pricing=PricingPolicy(model_seed=seed),
             )
             service = RoundService(
                 settings, LedgerClient(make_w3(), deployment.ledger, devnet_account(1))
@@ -238,9 +237,8 @@ def _summarise(
             OrganisationSummary(
                 address=address,
                 num_samples=len(task.partition(k, organisations, alpha=alpha, seed=seed)[1]),
-                contribution=sum(
-                    from_fixed_point(reader.contribution_of(r, address))
-                    for r in range(1, rounds + 1)
+                value=sum(
+                    from_fixed_point(reader.score_of(r, address)) for r in range(1, rounds + 1)
                 ),
                 reward=sum(reader.reward_of(r, address) for r in range(1, rounds + 1)),
                 balance=reader.balance_of(address),
@@ -260,7 +258,7 @@ def _print_summary(console: Console, result: DemoResult) -> None:
         table.add_row(
             f"{org.address[:8]}…{org.address[-6:]}",
             str(org.num_samples),
-            f"{org.contribution:+.4f}",
+            f"{org.value:+.4f}",
             f"{org.reward / TOKEN_UNIT:,.2f}",
             f"{org.balance / TOKEN_UNIT:,.2f}",
         )

@@ -1,4 +1,5 @@
-"""An in-process federation simulator on the digits task, priced round by round with ``price_round``.
+"""An in-process federation simulator on the digits task, its books closed round by round with
+``close_books``.
 
 Organisations train for real (``train_local``, one epoch a round, seeds as the node derives
 them); some of them misbehave as told. No chain and no HTTP: this drives exactly the code the
@@ -13,9 +14,10 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
-from fedledger.coordinator.pricing import PricingPolicy, RoundPricing, price_round
-from fedledger.incentive.commitment import commitment_of
-from fedledger.incentive.valuation import evaluate_params
+from fedledger.coordinator.books import Books, RoundInputs, UpdateInput, close_books
+from fedledger.coordinator.policy import PricingPolicy
+from fedledger.incentive.commitment import encode_tensors
+from fedledger.incentive.utility import evaluate_params
 from fedledger.node.training import TrainConfig, train_local
 from fedledger.tasks import get_task
 
@@ -57,7 +59,7 @@ def copy_of(victim: int, factor: float = 1.0) -> Attack:
 
 @dataclass
 class Federation:
-    rounds: list[RoundPricing] = field(default_factory=list)
+    rounds: list[Books] = field(default_factory=list)
     accuracy: float = 0.0
     num_samples: list[int] = field(default_factory=list)
 
@@ -69,6 +71,11 @@ class Federation:
     def flagged(self, org: int, flag: int) -> int:
         """In how many rounds ``org`` carried ``flag``."""
         return sum(bool(r.flags[org] & flag) for r in self.rounds)
+
+
+def address_of(k: int) -> str:
+    """Organisation k's stand-in address (the books settle by address)."""
+    return "0x" + f"{k + 1:040x}"
 
 
 def run_federation(
@@ -84,7 +91,7 @@ def run_federation(
     declares ``declared[k]`` samples instead of its true count, where given."""
     attacks = attacks or {}
     declared = declared or {}
-    policy = policy or PricingPolicy()
+    policy = (policy or PricingPolicy()).model_copy(update={"reward_per_round": BUDGET})
     # Subnormals make CPU training several times slower; the flag is process-wide, so it is
     # put back afterwards (other tests, hypothesis among them, need IEEE subnormals).
     torch.set_flush_denormal(True)
@@ -121,23 +128,26 @@ def _run(
             if k in attacks:
                 delta = attacks[k](delta, deltas, rng)
             deltas.append(delta)
-        hashes = ["0x" + commitment_of(d)[1].hex() for d in deltas]
-        priced = price_round(
-            model,
-            params,
-            deltas,
-            counts,
-            hashes,
-            x_val,
-            y_val,
-            policy=policy,
-            budget=BUDGET,
-            previous=previous,
-            seed=round_id,
-            device=cpu,
+        inputs = RoundInputs(
+            round_id=round_id,
+            model=model,
+            base=params,
+            updates=[
+                UpdateInput(
+                    organisation=address_of(k),
+                    update_hash="0x" + encode_tensors(delta)[1].hex(),
+                    num_samples=counts[k],
+                    delta=delta,
+                    previous=previous[k],
+                )
+                for k, delta in enumerate(deltas)
+            ],
+            x_val=x_val,
+            y_val=y_val,
         )
+        books = close_books(inputs, policy, device=cpu)
         previous = list(deltas)
-        federation.rounds.append(priced)
-        params = priced.params
+        federation.rounds.append(books)
+        params = books.params
     federation.accuracy = evaluate_params(model, params, x_val, y_val, "accuracy")
     return federation

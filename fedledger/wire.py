@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from web3 import Web3
+
+from fedledger.errors import CoordinatorError, ErrorCode
+from fedledger.incentive.signing import UploadAuthorization
 
 API_PREFIX = "/v1"
 
@@ -28,6 +34,68 @@ UPLOAD_HEADERS = (
     H_EXPIRY,
     H_SIGNATURE,
 )
+
+
+@dataclass(frozen=True)
+class SignedUpload:
+    """An upload's EIP-712 authorisation and its signature, as carried in the headers."""
+
+    auth: UploadAuthorization
+    signature: str
+
+
+def upload_headers(auth: UploadAuthorization, signature: str) -> dict[str, str]:
+    """The headers that carry ``auth`` and its ``signature`` with an upload."""
+    return {
+        H_ORGANISATION: auth.organisation,
+        H_ROUND: str(auth.round_id),
+        H_UPDATE_HASH: "0x" + auth.update_hash.hex(),
+        H_NUM_SAMPLES: str(auth.num_samples),
+        H_NONCE: str(auth.nonce),
+        H_EXPIRY: str(auth.expiry),
+        H_SIGNATURE: signature,
+    }
+
+
+def _uint(text: str, name: str) -> int:
+    # Digits only: int() would also take "+1", " 1", "1_0" and "٣" for the same number.
+    if not (text.isascii() and text.isdigit()):
+        raise ValueError(f"{name} must be a decimal integer, got {text[:40]!r}")
+    return int(text)
+
+
+def read_upload_headers(headers: Mapping[str, str]) -> SignedUpload:
+    """The inverse of ``upload_headers``: ``unsigned`` when a header is missing,
+    ``malformed_authorization`` when one does not parse."""
+    missing = [h for h in UPLOAD_HEADERS if not headers.get(h)]
+    if missing:
+        raise CoordinatorError(
+            ErrorCode.UNSIGNED,
+            f"the upload is not signed: missing header(s) {', '.join(missing)}",
+            missing=missing,
+        )
+    try:
+        return _parse_upload_headers(headers)
+    except ValueError as exc:
+        raise CoordinatorError(
+            ErrorCode.MALFORMED_AUTHORIZATION, f"an upload header is malformed: {exc}"
+        ) from exc
+
+
+def _parse_upload_headers(headers: Mapping[str, str]) -> SignedUpload:
+    digest = headers[H_UPDATE_HASH]
+    raw = bytes.fromhex(digest[2:] if digest.startswith("0x") else digest)
+    if len(raw) != 32:
+        raise ValueError(f"{H_UPDATE_HASH} must be a 32-byte hash, got {len(raw)} bytes")
+    auth = UploadAuthorization(
+        organisation=Web3.to_checksum_address(headers[H_ORGANISATION]),
+        round_id=_uint(headers[H_ROUND], H_ROUND),
+        update_hash=raw,
+        num_samples=_uint(headers[H_NUM_SAMPLES], H_NUM_SAMPLES),
+        nonce=_uint(headers[H_NONCE], H_NONCE),
+        expiry=_uint(headers[H_EXPIRY], H_EXPIRY),
+    )
+    return SignedUpload(auth=auth, signature=headers[H_SIGNATURE])
 
 
 class _Schema(BaseModel):
@@ -81,8 +149,8 @@ class OrganisationResult(_Schema):
     status: UploadStatus
     update_hash: str | None = None
     num_samples: int = 0
-    score: float = 0.0  # Shapley value of the validation metric
-    score_fixed: str = "0"  # on-chain signed fixed point (1e18 = 1.0), as a decimal string
+    value: float = 0.0  # Shapley value of the validation metric
+    score: str = "0"  # the value as the on-chain score (scoreOf): fixed point, 1e18 = 1.0
     reward: str = "0"  # token units, as a decimal string
     flags: int = 0  # bit set recorded on-chain (flagsOf); see flag_reasons
     flag_reasons: list[str] = Field(default_factory=list)  # e.g. ["norm_clipped"]
@@ -118,7 +186,7 @@ class ClaimTicket(_Schema):
 
     round_id: int
     organisation: str
-    score_fixed: str
+    score: str
     reward: str
     flags: int
     proof: list[str]  # 0x-hex sibling hashes, leaf to root

@@ -17,7 +17,7 @@ from web3.contract.contract import ContractConstructor, ContractFunction
 from web3.exceptions import ContractCustomError, ContractLogicError, Web3Exception
 from web3.types import TxReceipt
 
-from fedledger.incentive.errors import ChainError, ContractRevert
+from fedledger.errors import ChainError, ContractRevert
 
 T = TypeVar("T")
 

@@ -6,7 +6,6 @@ byte for byte. Decoding never unpickles: safetensors is a JSON header plus raw b
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -16,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
-from fedledger.incentive.errors import CommitmentError
+from fedledger.errors import CommitmentError, ErrorCode
 
 
 @dataclass(frozen=True)
@@ -51,8 +50,9 @@ def canonical_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:
     return data
 
 
-def commitment_of(tensors: Mapping[str, torch.Tensor]) -> tuple[bytes, bytes]:
-    """``(canonical bytes, keccak256 of them)`` for a tensor mapping."""
+def encode_tensors(tensors: Mapping[str, torch.Tensor]) -> tuple[bytes, bytes]:
+    """``(canonical bytes, keccak256 of them)`` for a tensor mapping: what a node uploads and
+    what it commits on-chain (the ledger's ``commitmentOf`` is what it committed)."""
     data = canonical_bytes(tensors)
     return data, keccak(data)
 
@@ -69,7 +69,7 @@ def decode_tensors(data: bytes) -> dict[str, torch.Tensor]:
     except (SafetensorError, ValueError, RuntimeError, OverflowError, KeyError, TypeError) as exc:
         # KeyError: a safetensors dtype torch cannot represent (F4, F6_*, F8_E8M0, ...)
         raise CommitmentError(
-            "not_safetensors",
+            ErrorCode.NOT_SAFETENSORS,
             "the body is not a safetensors tensor file (pickled or other formats are refused)",
         ) from exc
 
@@ -98,12 +98,6 @@ def non_finite_tensors(tensors: Mapping[str, torch.Tensor]) -> list[str]:
     ]
 
 
-def l2_norm(tensors: Mapping[str, torch.Tensor]) -> float:
-    """The global L2 norm over every tensor (float64 accumulation)."""
-    total = sum(float(t.double().pow(2).sum()) for t in tensors.values())
-    return math.sqrt(total)
-
-
 def decode_update(data: bytes, expected: Mapping[str, TensorSpec]) -> dict[str, torch.Tensor]:
     """Decode an uploaded update and check it against the model's tensor specs.
 
@@ -113,11 +107,11 @@ def decode_update(data: bytes, expected: Mapping[str, TensorSpec]) -> dict[str, 
     problems = spec_differences(tensors, expected)
     if problems:
         raise CommitmentError(
-            "tensor_mismatch", "update does not match the model: " + "; ".join(problems)
+            ErrorCode.TENSOR_MISMATCH, "update does not match the model: " + "; ".join(problems)
         )
     bad = non_finite_tensors(tensors)
     if bad:
         raise CommitmentError(
-            "non_finite", f"update has NaN or infinite values in {', '.join(bad)}"
+            ErrorCode.NON_FINITE, f"update has NaN or infinite values in {', '.join(bad)}"
         )
     return tensors

@@ -35,7 +35,6 @@ class Deployment(BaseModel):
     rpc_url: str | None = None
     ledger: str
     token: str
-    deploy_block: int = 0
     accounts: DeploymentAccounts | None = None
 
     def save(self, path: Path) -> None:

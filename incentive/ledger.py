@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -14,18 +13,11 @@ from web3.contract import Contract
 from web3.types import TxReceipt
 
 from fedledger.contracts.compile import load_artifact
+from fedledger.errors import ChainError
 from fedledger.incentive.chain import call_view, error_selectors, send_transaction
-from fedledger.incentive.errors import ChainError
+from fedledger.incentive.onchain import RoundState, decode_method, encode_method
 
 ZERO_HASH = b"\x00" * 32
-
-
-class RoundState(enum.IntEnum):
-    """Mirror of ``FedLedger.RoundState``."""
-
-    NONE = 0
-    OPEN = 1
-    FINALIZED = 2
 
 
 @dataclass(frozen=True)
@@ -49,7 +41,7 @@ class RoundRecord:
 
 
 @dataclass(frozen=True)
-class Valuation:
+class ValuationRecord:
     """How a round's scores were computed: recorded on-chain next to them (``valuationOf``)."""
 
     method: str  # ASCII, at most 32 bytes, e.g. "exact:accuracy"
@@ -57,30 +49,28 @@ class Valuation:
     validation_hash: bytes = ZERO_HASH
 
     def __post_init__(self) -> None:
-        raw = self.method.encode("ascii")
-        if not raw or len(raw) > 32:
-            raise ValueError(f"valuation method must be 1 to 32 ASCII bytes, got {self.method!r}")
+        encode_method(self.method)  # refuses what does not fit a bytes32
         if not 0 <= self.seed < 2**256:
             raise ValueError(f"valuation seed must be a uint256, got {self.seed}")
         if len(self.validation_hash) != 32:
             raise ValueError("validation_hash must be 32 bytes")
 
     def as_abi(self) -> tuple[bytes, int, bytes]:
-        return (self.method.encode("ascii").ljust(32, b"\x00"), self.seed, self.validation_hash)
+        return (encode_method(self.method), self.seed, self.validation_hash)
 
     @classmethod
-    def from_abi(cls, raw: Sequence[Any]) -> Valuation | None:
+    def from_abi(cls, raw: Sequence[Any]) -> ValuationRecord | None:
         method, seed, validation_hash = raw
         if bytes(method) == ZERO_HASH:
             return None
         return cls(
-            method=bytes(method).rstrip(b"\x00").decode("ascii"),
+            method=decode_method(bytes(method)),
             seed=int(seed),
             validation_hash=bytes(validation_hash),
         )
 
 
-NO_VALUATION = Valuation("none")
+NO_VALUATION = ValuationRecord("none")
 """Recorded for a round closed without scores (one that failed its quorum)."""
 
 
@@ -163,12 +153,6 @@ class LedgerClient:
             self.contract.functions.registerOrganisation(Web3.to_checksum_address(org))
         )
 
-    def grant_coordinator(self, account: str) -> TxReceipt:
-        role = self.contract.functions.COORDINATOR_ROLE().call()
-        return self._send(
-            self.contract.functions.grantRole(role, Web3.to_checksum_address(account))
-        )
-
     def open_round(self, round_id: int, model_hash: bytes, deadline: int) -> TxReceipt:
         return self._send(self.contract.functions.openRound(round_id, model_hash, deadline))
 
@@ -187,7 +171,7 @@ class LedgerClient:
         rewards: Sequence[int],
         *,
         flags: Sequence[int] | None = None,
-        valuation: Valuation = NO_VALUATION,
+        valuation: ValuationRecord = NO_VALUATION,
     ) -> TxReceipt:
         """Settle directly: every organisation's score, reward and flags in one transaction."""
         return self._send(
@@ -211,7 +195,7 @@ class LedgerClient:
         num_organisations: int,
         *,
         flagged: Mapping[str, int] | None = None,
-        valuation: Valuation = NO_VALUATION,
+        valuation: ValuationRecord = NO_VALUATION,
     ) -> TxReceipt:
         """Settle by claims: post the Merkle root of the round's leaves and announce the flagged."""
         flagged = dict(flagged or {})
@@ -287,11 +271,10 @@ class LedgerClient:
             return None
         return CommitmentRecord(update_hash=bytes(update_hash), num_samples=int(num_samples))
 
-    def contribution_of(self, round_id: int, org: str) -> int:
+    def score_of(self, round_id: int, org: str) -> int:
+        """The organisation's score in the round: its Shapley value in fixed point (1e18 = 1.0)."""
         return int(
-            self._view(
-                self.contract.functions.contributionOf(round_id, Web3.to_checksum_address(org))
-            )
+            self._view(self.contract.functions.scoreOf(round_id, Web3.to_checksum_address(org)))
         )
 
     def reward_of(self, round_id: int, org: str) -> int:
@@ -308,9 +291,9 @@ class LedgerClient:
             self._view(self.contract.functions.flagsOf(round_id, Web3.to_checksum_address(org)))
         )
 
-    def valuation_of(self, round_id: int) -> Valuation | None:
+    def valuation_of(self, round_id: int) -> ValuationRecord | None:
         """How the round was valued, or None before it is finalized."""
-        return Valuation.from_abi(self._view(self.contract.functions.valuationOf(round_id)))
+        return ValuationRecord.from_abi(self._view(self.contract.functions.valuationOf(round_id)))
 
     def is_settled(self, round_id: int, org: str) -> bool:
         return bool(

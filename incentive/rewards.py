@@ -1,13 +1,10 @@
-"""Integer reward split of a round's token budget, and the fixed-point encoding of scores on-chain."""
+"""Integer reward split of a round's token budget."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 from fractions import Fraction
-
-FIXED_POINT_ONE = 10**18
-"""The fixed-point integer that stands for 1.0 (18 decimals, like ERC-20 token units)."""
 
 
 def split_rewards(budget: int, scores: Sequence[float]) -> list[int]:
@@ -38,15 +35,3 @@ def split_rewards(budget: int, scores: Sequence[float]) -> list[int]:
     for i in by_remainder[:left]:
         amounts[i] += 1
     return amounts
-
-
-def to_fixed_point(score: float) -> int:
-    """round(score * 10**18) computed exactly (ties to even), the signed integer stored on-chain."""
-    if not math.isfinite(score):
-        raise ValueError(f"cannot encode non-finite score {score} as fixed point")
-    return round(Fraction(score) * FIXED_POINT_ONE)
-
-
-def from_fixed_point(value: int) -> float:
-    """The float nearest value / 10**18 (the inverse of ``to_fixed_point`` up to float rounding)."""
-    return float(Fraction(value, FIXED_POINT_ONE))

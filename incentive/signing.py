@@ -11,7 +11,7 @@ from eth_account.messages import encode_typed_data
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
-from fedledger.incentive.errors import SignatureError
+from fedledger.errors import ErrorCode, SignatureError
 
 DOMAIN_NAME = "fedledger"
 DOMAIN_VERSION = "1"
@@ -93,5 +93,7 @@ def recover_signer(auth: UploadAuthorization, signature: str, *, chain_id: int, 
         )
         signer: str = Account.recover_message(signable, signature=raw)
     except Exception as exc:  # eth-keys raises several types for a malformed signature
-        raise SignatureError("bad_signature", f"the signature does not verify: {exc}") from exc
+        raise SignatureError(
+            ErrorCode.BAD_SIGNATURE, f"the signature does not verify: {exc}"
+        ) from exc
     return Web3.to_checksum_address(signer)

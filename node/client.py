@@ -7,29 +7,7 @@ from typing import Any
 import httpx
 
 from fedledger import wire
-
-
-class NodeError(Exception):
-    """Root of the node's errors."""
-
-
-class CoordinatorRejected(NodeError):
-    """The coordinator answered with an error body (stable ``code``, actionable ``message``)."""
-
-    def __init__(self, status: int, code: str, message: str, details: dict[str, Any]) -> None:
-        super().__init__(f"coordinator refused ({status} {code}): {message}")
-        self.status = status
-        self.code = code
-        self.message = message
-        self.details = details
-
-
-class CoordinatorUnavailable(NodeError):
-    """The coordinator could not be reached or answered 5xx; retry later."""
-
-    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
+from fedledger.errors import CoordinatorRejected, CoordinatorUnavailable
 
 
 class CoordinatorClient:

@@ -10,26 +10,24 @@ from dataclasses import dataclass, replace
 import torch
 
 from fedledger import wire
-from fedledger.failpoints import NODE_AFTER_COMMIT, failpoint
-from fedledger.incentive.commitment import commitment_of, decode_update, keccak, specs_of
-from fedledger.incentive.errors import ChainError, ContractRevert
-from fedledger.incentive.ledger import LedgerClient, RoundState
-from fedledger.incentive.merkle import SettlementLeaf, verify
-from fedledger.incentive.signing import UploadAuthorization, sign_upload
-from fedledger.node.client import (
-    CoordinatorClient,
+from fedledger.errors import (
+    ChainError,
+    ContractRevert,
     CoordinatorRejected,
     CoordinatorUnavailable,
-    NodeError,
+    ModelVerificationError,
 )
+from fedledger.failpoints import NODE_AFTER_COMMIT, failpoint
+from fedledger.incentive.commitment import decode_update, encode_tensors, keccak, specs_of
+from fedledger.incentive.ledger import LedgerClient
+from fedledger.incentive.merkle import SettlementLeaf, verify
+from fedledger.incentive.onchain import RoundState
+from fedledger.incentive.signing import UploadAuthorization, sign_upload
+from fedledger.node.client import CoordinatorClient
 from fedledger.node.training import TrainConfig, train_local
 from fedledger.tasks import Task
 
 log = logging.getLogger("fedledger.node")
-
-
-class ModelVerificationError(NodeError):
-    """The global model served by the coordinator does not match its on-chain hash."""
 
 
 @dataclass(frozen=True)
@@ -157,7 +155,7 @@ class NodeRunner:
         # The seed depends on the round, so a restarted node reproduces its own update exactly.
         config = replace(self.train_config, seed=self.train_config.seed * 1_000_003 + round_id)
         result = train_local(self._model, params, self.x, self.y, config, device=self.device)
-        body, digest = commitment_of(result.delta)
+        body, digest = encode_tensors(result.delta)
 
         committed = self.ledger.commitment_of(round_id, self.account.address)
         if committed is None:
@@ -189,15 +187,7 @@ class NodeRunner:
         signature = sign_upload(
             self.account, auth, chain_id=self._chain_id, ledger=self.ledger.address
         )
-        headers = {
-            wire.H_ORGANISATION: auth.organisation,
-            wire.H_ROUND: str(auth.round_id),
-            wire.H_UPDATE_HASH: "0x" + digest.hex(),
-            wire.H_NUM_SAMPLES: str(auth.num_samples),
-            wire.H_NONCE: str(auth.nonce),
-            wire.H_EXPIRY: str(auth.expiry),
-            wire.H_SIGNATURE: signature,
-        }
+        headers = wire.upload_headers(auth, signature)
         try:
             receipt = self._upload_with_retry(round_id, body, headers)
         except CoordinatorRejected as exc:
@@ -266,9 +256,7 @@ class NodeRunner:
         except CoordinatorRejected as exc:
             log.warning("round %d: no claim ticket: %s", round_id, exc)
             return None
-        leaf = SettlementLeaf(
-            round_id, me, int(ticket.score_fixed), int(ticket.reward), ticket.flags
-        )
+        leaf = SettlementLeaf(round_id, me, int(ticket.score), int(ticket.reward), ticket.flags)
         proof = [bytes.fromhex(p.removeprefix("0x")) for p in ticket.proof]
         if not verify(proof, root, leaf):
             log.error(

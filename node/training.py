@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from fedledger.devices import resolve_device
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -51,7 +53,7 @@ def train_local(
         raise ValueError("this organisation has no training samples; nothing to train on")
     if config.epochs < 1 or config.batch_size < 1 or config.lr <= 0 or config.prox_mu < 0:
         raise ValueError(f"invalid training configuration {config}")
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
     names = list(model.state_dict())
     if set(names) != set(global_params):
         raise ValueError("the global model's tensors do not match the task's model")

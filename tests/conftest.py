@@ -18,7 +18,7 @@ def make_harness(tmp_path: Path) -> Iterator[Callable[..., Harness]]:
 
     from fedledger.coordinator.api import create_app
     from fedledger.coordinator.config import CoordinatorSettings
-    from fedledger.coordinator.rounds import RoundService
+    from fedledger.coordinator.service import RoundService
     from fedledger.devnet.deploy import deploy_devnet
     from fedledger.devnet.embedded import embedded_web3
     from fedledger.incentive.chain import devnet_account

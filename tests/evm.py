@@ -9,7 +9,7 @@ from web3.contract import Contract
 from web3.logs import DISCARD
 from web3.types import TxReceipt
 
-from fedledger.incentive.errors import ContractRevert
+from fedledger.errors import ContractRevert
 
 ONE = 10**18  # fixed point 1.0
 

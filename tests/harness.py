@@ -9,8 +9,8 @@ from eth_account.signers.local import LocalAccount
 from fastapi.testclient import TestClient
 
 from fedledger import wire
-from fedledger.coordinator.rounds import RoundService
-from fedledger.incentive.commitment import commitment_of
+from fedledger.coordinator.service import RoundService
+from fedledger.incentive.commitment import encode_tensors
 from fedledger.incentive.ledger import LedgerClient
 from fedledger.incentive.signing import UploadAuthorization, sign_upload
 
@@ -74,7 +74,7 @@ class Harness:
         """An upload by ``account`` (committed on-chain unless ``commit=False``), signed by ``signer``."""
         round_id = round_id if round_id is not None else self.service.current().round_id
         if body is None:
-            body, digest = commitment_of(tensors if tensors is not None else self.delta(seed=seed))
+            body, digest = encode_tensors(tensors if tensors is not None else self.delta(seed=seed))
         else:
             from fedledger.incentive.commitment import keccak
 
@@ -95,15 +95,7 @@ class Harness:
             chain_id=chain_id if chain_id is not None else self.ledger.chain_id(),
             ledger=ledger_address or self.ledger.address,
         )
-        headers = {
-            wire.H_ORGANISATION: auth.organisation,
-            wire.H_ROUND: str(round_id),
-            wire.H_UPDATE_HASH: "0x" + digest.hex(),
-            wire.H_NUM_SAMPLES: str(num_samples),
-            wire.H_NONCE: str(auth.nonce),
-            wire.H_EXPIRY: str(auth.expiry),
-            wire.H_SIGNATURE: signature,
-        }
+        headers = wire.upload_headers(auth, signature)
         return Upload(round_id=round_id, body=body, headers=headers, digest=digest)
 
     def post(self, upload: Upload, **overrides: str) -> object:

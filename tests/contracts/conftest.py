@@ -12,9 +12,9 @@ from web3 import Web3
 
 from fedledger.devnet.deploy import deploy_devnet
 from fedledger.devnet.embedded import embedded_web3
+from fedledger.errors import ContractRevert
 from fedledger.incentive.chain import devnet_account
 from fedledger.incentive.deployment import Deployment
-from fedledger.incentive.errors import ContractRevert
 from fedledger.incentive.ledger import LedgerClient
 
 NUM_ORGANISATIONS = 3
@@ -192,7 +192,7 @@ def ledger_state(chain: Chain, ledger: LedgerClient) -> Callable[[], dict[str, A
                 "rounds": [
                     (
                         ledger.commitment_of(r, address),
-                        ledger.contribution_of(r, address),
+                        ledger.score_of(r, address),
                         ledger.reward_of(r, address),
                         ledger.is_settled(r, address),
                     )

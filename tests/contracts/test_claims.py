@@ -16,14 +16,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from evm import ONE, ExpectRevert, OpenRound, events
-from fedledger.incentive.ledger import NO_VALUATION, LedgerClient, RoundState, Valuation
+from fedledger.incentive.ledger import NO_VALUATION, LedgerClient, ValuationRecord
 from fedledger.incentive.merkle import SettlementLeaf, SettlementTree, verify
+from fedledger.incentive.onchain import RoundState
 
 if TYPE_CHECKING:
     from tests.contracts.conftest import Chain
 
 NEW_MODEL = b"\x22" * 32
-VALUATION = Valuation("exact:accuracy", seed=7, validation_hash=b"\x5a" * 32)
+VALUATION = ValuationRecord("exact:accuracy", seed=7, validation_hash=b"\x5a" * 32)
 PHANTOMS = [Account.create(f"phantom {i}").address for i in range(8)]  # never on-chain
 
 
@@ -141,7 +142,7 @@ def test_python_proofs_verify_with_openzeppelin_at_every_tree_shape(
             {"roundId": round_id, "org": org, "score": leaf.score, "reward": leaf.reward}
         ]
         assert ledger.balance_of(org) == leaf.reward
-        assert ledger.contribution_of(round_id, org) == leaf.score
+        assert ledger.score_of(round_id, org) == leaf.score
         assert ledger.reward_of(round_id, org) == leaf.reward
         assert ledger.flags_of(round_id, org) == leaf.flags
         assert ledger.is_settled(round_id, org)
@@ -373,7 +374,7 @@ def test_a_round_closed_without_scores_records_no_valuation(
 
 def test_valuation_method_must_fit_bytes32() -> None:
     with pytest.raises(ValueError, match="1 to 32 ASCII"):
-        Valuation("x" * 33)
+        ValuationRecord("x" * 33)
     with pytest.raises(ValueError, match="1 to 32 ASCII"):
-        Valuation("")
-    assert Valuation.from_abi(VALUATION.as_abi()) == VALUATION
+        ValuationRecord("")
+    assert ValuationRecord.from_abi(VALUATION.as_abi()) == VALUATION

@@ -31,8 +31,8 @@ from web3.types import TxReceipt
 
 from fedledger.devnet.deploy import deploy_devnet
 from fedledger.devnet.embedded import embedded_web3
+from fedledger.errors import ContractRevert
 from fedledger.incentive.chain import devnet_account, send_transaction
-from fedledger.incentive.errors import ContractRevert
 from fedledger.incentive.ledger import (
     NO_VALUATION,
     CommitmentRecord,
@@ -702,7 +702,7 @@ class LedgerMachine(RuleBasedStateMachine):
             if full or rnd.state is RoundState.FINALIZED:
                 score, reward = rnd.settlements.get(address, (0, 0))
                 assert ledger.is_settled(round_id, address) == (address in rnd.settlements)
-                assert ledger.contribution_of(round_id, address) == score
+                assert ledger.score_of(round_id, address) == score
                 assert ledger.reward_of(round_id, address) == reward
         # committersOf lists exactly the successful commits, in the order they were made.
         assert ledger.commit_order(round_id) == list(rnd.commits)

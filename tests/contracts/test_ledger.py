@@ -12,9 +12,10 @@ from hypothesis import strategies as st
 from web3 import Web3
 
 from evm import ONE, ExpectRevert, OpenRound, events
+from fedledger.errors import ContractRevert
 from fedledger.incentive.chain import send_transaction
-from fedledger.incentive.errors import ContractRevert
-from fedledger.incentive.ledger import CommitmentRecord, LedgerClient, RoundRecord, RoundState
+from fedledger.incentive.ledger import CommitmentRecord, LedgerClient, RoundRecord
+from fedledger.incentive.onchain import RoundState
 
 if TYPE_CHECKING:
     from tests.contracts.conftest import Chain
@@ -433,7 +434,7 @@ def test_finalize_records_scores_and_mints_rewards(
         claimed_reward=700 * ONE + 5,
     )
     for address, score, reward in zip(addresses, scores, rewards, strict=True):
-        assert ledger.contribution_of(1, address) == score
+        assert ledger.score_of(1, address) == score
         assert ledger.reward_of(1, address) == reward
         assert ledger.is_settled(1, address)
         assert ledger.balance_of(address) == reward
@@ -451,7 +452,7 @@ def test_finalize_may_settle_only_some_committers(
     open_round()
     commit_all(org_ledgers, 1)
     coordinator_ledger.finalize_round(1, NEW_MODEL, [chain.orgs[1].address], [INT256_MAX], [9])
-    assert ledger.contribution_of(1, chain.orgs[1].address) == INT256_MAX
+    assert ledger.score_of(1, chain.orgs[1].address) == INT256_MAX
     assert not ledger.is_settled(1, chain.orgs[0].address)
     assert ledger.reward_of(1, chain.orgs[0].address) == 0
     assert ledger.total_supply() == 9

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
-from fedledger.coordinator.aggregation import fedavg, flatten, unflatten
+from fedledger.coordinator.aggregation import fedavg
 
 CPU = torch.device("cpu")
 
@@ -164,10 +164,3 @@ def test_non_positive_sample_counts_raise(bad: list[int]) -> None:
 def test_length_mismatch_raises() -> None:
     with pytest.raises(ValueError, match="sample counts"):
         fedavg(random_state(0), [random_state(1)], [1, 2], device=CPU)
-
-
-def test_flatten_is_reexported_and_round_trips() -> None:
-    state = random_state(4)
-    back = unflatten(flatten(state), state)
-    for name in state:
-        assert torch.equal(back[name], state[name])

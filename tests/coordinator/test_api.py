@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedledger.coordinator.pricing import Flag
 from fedledger.incentive.commitment import canonical_bytes
-from fedledger.incentive.ledger import RoundState
+from fedledger.incentive.onchain import Flag, RoundState
 from harness import Harness
 
 
@@ -245,15 +244,15 @@ def test_full_round_aggregates_prices_and_pays_on_chain(harness: Harness) -> Non
     result = harness.client.get("/v1/rounds/1").json()
     assert result["status"] == "finalized"
     rewards = [int(o["reward"]) for o in result["organisations"]]
-    positive = [o for o in result["organisations"] if o["score"] > 0]
-    budget = harness.service.settings.reward_per_round
+    positive = [o for o in result["organisations"] if o["value"] > 0]
+    budget = harness.service.settings.pricing.reward_per_round
     assert sum(rewards) == (budget if positive else 0)
     record = harness.ledger.get_round(1)
     assert record.state == RoundState.FINALIZED
     assert "0x" + record.new_model_hash.hex() == result["new_model_hash"]
     for entry in result["organisations"]:
         assert harness.ledger.balance_of(entry["organisation"]) == int(entry["reward"])
-        assert harness.ledger.contribution_of(1, entry["organisation"]) == int(entry["score_fixed"])
+        assert harness.ledger.score_of(1, entry["organisation"]) == int(entry["score"])
     harness.service.step()  # opens round 2 on the new model
     current = harness.client.get("/v1/rounds/current").json()
     assert current["round_id"] == 2
@@ -310,7 +309,7 @@ def test_absent_organisation_is_missing_with_zero_score_and_reward(
     assert result["status"] == "finalized"
     by_org = {o["organisation"]: o for o in result["organisations"]}
     assert by_org[absent.address]["status"] == "missing"
-    assert by_org[absent.address]["score"] == 0 and by_org[absent.address]["reward"] == "0"
+    assert by_org[absent.address]["value"] == 0 and by_org[absent.address]["reward"] == "0"
     assert harness.ledger.reward_of(1, absent.address) == 0
     assert not harness.ledger.is_settled(1, absent.address)
     assert all(harness.ledger.is_settled(1, org.address) for org in present)
@@ -358,7 +357,8 @@ def test_a_copied_update_is_flagged_in_the_api_and_on_chain(harness: Harness) ->
     assert cheat["reward"] == "0" and not cheat["aggregated"]
     assert all(by_org[o.address]["flags"] == 0 for o in harness.orgs[:2])
     assert (
-        sum(int(o["reward"]) for o in by_org.values()) == harness.service.settings.reward_per_round
+        sum(int(o["reward"]) for o in by_org.values())
+        == harness.service.settings.pricing.reward_per_round
     )
 
     ledger = harness.ledger

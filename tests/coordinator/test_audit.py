@@ -10,6 +10,7 @@ from collections.abc import Callable
 import pytest
 
 from fedledger.coordinator.audit import AuditReport, audit_round
+from fedledger.coordinator.policy import PricingPolicy
 from fedledger.incentive.commitment import canonical_bytes
 from harness import Harness
 
@@ -32,7 +33,7 @@ def _audit(harness: Harness) -> AuditReport:
 def test_an_honest_round_passes_every_check(
     make_harness: Callable[..., Harness], claims_above: int
 ) -> None:
-    harness = _finished_round(make_harness, claims_above=claims_above)
+    harness = _finished_round(make_harness, pricing=PricingPolicy(claims_above=claims_above))
     report = _audit(harness)
     assert report.ok, report.mismatches
     checked = " | ".join(c.what for c in report.checks)
@@ -41,7 +42,7 @@ def test_an_honest_round_passes_every_check(
     assert "aggregate matches the on-chain new model hash" in checked
     assert ("Merkle root" in checked) == (claims_above == 0)
     assert report.books is not None
-    assert sum(report.books.priced.rewards) == harness.service.settings.reward_per_round
+    assert sum(report.books.rewards) == harness.service.settings.pricing.reward_per_round
 
 
 def test_a_tampered_update_is_reported(make_harness: Callable[..., Harness]) -> None:

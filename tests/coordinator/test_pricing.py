@@ -12,13 +12,16 @@ import functools
 import pytest
 import torch
 
-from fedledger.coordinator.pricing import Flag, PricingPolicy, flag_names, price_round
-from fedledger.incentive.commitment import commitment_of
-from fedledger.incentive.valuation import flatten
+from fedledger.coordinator.books import RoundInputs, UpdateInput, close_books
+from fedledger.coordinator.policy import PricingPolicy
+from fedledger.incentive.commitment import encode_tensors
+from fedledger.incentive.onchain import Flag, flag_names
+from fedledger.incentive.tensors import flatten
 from fedledger.simulation import (
     BUDGET,
     Attack,
     Federation,
+    address_of,
     copy_of,
     noise,
     run_federation,
@@ -97,15 +100,18 @@ def test_a_boosted_update_is_clipped_flagged_and_moves_the_model_at_most_the_bou
         for _ in range(6)
     ]
     deltas[2] = {n: 100.0 * t for n, t in deltas[2].items()}
-    hashes = ["0x" + commitment_of(d)[1].hex() for d in deltas]
+    hashes = ["0x" + encode_tensors(d)[1].hex() for d in deltas]
+
+    updates = [
+        UpdateInput(address_of(k), digest, 50, delta)
+        for k, (digest, delta) in enumerate(zip(hashes, deltas, strict=True))
+    ]
+    inputs = RoundInputs(1, model, base, updates, x_val, y_val)
 
     def moved(policy: PricingPolicy) -> tuple[float, float | None, list[int]]:
-        priced = price_round(
-            model, base, deltas, [50] * 6, hashes, x_val, y_val,
-            policy=policy, budget=BUDGET, seed=1, device=torch.device("cpu"),
-        )  # fmt: skip
-        step = float((flatten(priced.params) - flatten(base)).norm())
-        return step, priced.norm_bound, priced.flags
+        books = close_books(inputs, policy, device=torch.device("cpu"))
+        step = float((flatten(books.params) - flatten(base)).norm())
+        return step, books.norm_bound, books.flags
 
     step, bound, flags = moved(PricingPolicy())
     assert bound is not None

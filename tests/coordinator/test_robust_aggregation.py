@@ -1,4 +1,6 @@
-"""Robust aggregation: hand-computed median and trimmed mean, norm clipping, outliers, refusals."""
+"""Robust aggregation and norm clipping as the books run them: hand-computed median and trimmed
+mean, ``clip_by_norm``, the books' ``clip`` step (bound from the round's median norm), outliers,
+refusals."""
 
 from __future__ import annotations
 
@@ -12,15 +14,15 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 from fedledger.coordinator.aggregation import (
-    AggregationResult,
     aggregate,
     clip_by_norm,
     coordinate_median,
     fedavg,
-    median_norm_bound,
     trimmed_mean,
 )
-from fedledger.incentive.commitment import l2_norm
+from fedledger.coordinator.books import clip
+from fedledger.coordinator.policy import PricingPolicy
+from fedledger.incentive.tensors import l2_norm
 
 CPU = torch.device("cpu")
 SHAPES = {"w": (2, 3), "b": (3,)}
@@ -92,22 +94,19 @@ def test_sample_counts_do_not_weight_the_robust_methods() -> None:
     for method in ("median", "trimmed_mean"):
         light = aggregate(method, base, deltas, [1, 1, 1], trim_fraction=0.0, device=CPU)
         heavy = aggregate(method, base, deltas, [1000, 1, 1], trim_fraction=0.0, device=CPU)
-        assert torch.equal(light.params["x"], heavy.params["x"])
+        assert torch.equal(light["x"], heavy["x"])
     # FedAvg does weight them: (1000 * 0 + 1 + 10) / 1002.
-    weighted = aggregate("fedavg", base, deltas, [1000, 1, 1], device=CPU).params["x"]
+    weighted = aggregate("fedavg", base, deltas, [1000, 1, 1], device=CPU)["x"]
     assert weighted.item() == pytest.approx(11 / 1002)
 
 
-def test_aggregate_fedavg_without_clipping_is_fedavg() -> None:
+def test_aggregate_fedavg_is_fedavg() -> None:
     base = random_state(0)
     deltas = [random_state(k + 1) for k in range(4)]
     result = aggregate("fedavg", base, deltas, [5, 1, 9, 3], eta=0.7, device=CPU)
     expected = fedavg(base, deltas, [5, 1, 9, 3], eta=0.7, device=CPU)
-    assert isinstance(result, AggregationResult)
-    assert result.clipped == []
     for name in base:
-        assert torch.equal(result.params[name], expected[name])
-    assert result.norms == pytest.approx([l2_norm(d) for d in deltas], rel=1e-12)
+        assert torch.equal(result[name], expected[name])
 
 
 def test_dtypes_shapes_and_layout_preserved() -> None:
@@ -125,7 +124,7 @@ def test_dtypes_shapes_and_layout_preserved() -> None:
         for k in (1, 2, 3)
     ]
     for method in ("fedavg", "median", "trimmed_mean"):
-        out = aggregate(method, base, deltas, [1, 1, 1], device=CPU).params
+        out = aggregate(method, base, deltas, [1, 1, 1], device=CPU)
         assert list(out) == sorted(base)
         for name, ref in base.items():
             assert out[name].dtype == ref.dtype
@@ -141,7 +140,8 @@ def test_inputs_are_not_modified() -> None:
     deltas = [random_state(1), random_state(2, scale=100.0), random_state(3)]
     before = [{k: v.clone() for k, v in d.items()} for d in [base, *deltas]]
     for method in ("fedavg", "median", "trimmed_mean"):
-        aggregate(method, base, deltas, [1, 2, 3], clip_norm=1.0, device=CPU)
+        aggregate(method, base, deltas, [1, 2, 3], device=CPU)
+    clip(deltas, [l2_norm(d) for d in deltas], [0, 1, 2], PricingPolicy(clip_multiplier=1.0))
     for original, kept in zip([base, *deltas], before, strict=True):
         for name in original:
             assert torch.equal(original[name], kept[name])
@@ -154,8 +154,8 @@ def test_inputs_are_not_modified() -> None:
 @given(flat_delta, st.floats(min_value=1e-3, max_value=1e4))
 def test_clipping_bounds_the_norm_and_keeps_small_deltas(values: list[float], bound: float) -> None:
     delta = from_flat(values)
-    clipped, norm = clip_by_norm(delta, bound)
-    assert norm == pytest.approx(l2_norm(delta), rel=1e-12)
+    clipped, norm = clip_by_norm(delta, bound), l2_norm(delta)
+    assert clip_by_norm(delta, bound, norm=norm).keys() == clipped.keys()
     assert l2_norm(clipped) <= bound * (1 + 1e-6)
     if norm <= bound:
         assert all(clipped[name] is delta[name] for name in delta)
@@ -169,21 +169,31 @@ def test_clipping_bounds_the_norm_and_keeps_small_deltas(values: list[float], bo
 
 def test_clipping_a_zero_delta_is_a_no_op() -> None:
     zero = {"x": torch.zeros(3)}
-    clipped, norm = clip_by_norm(zero, 1.0)
-    assert norm == 0.0
-    assert torch.equal(clipped["x"], zero["x"])
+    assert torch.equal(clip_by_norm(zero, 1.0)["x"], zero["x"])
 
 
-def test_median_norm_bound_hand_computed_and_robust() -> None:
+def test_clip_bound_is_the_multiple_of_the_kept_median_norm_and_robust() -> None:
     norms = [3.0, 1.0, 2.0, 4.0]  # median (2 + 3) / 2 = 2.5
     deltas = [{"x": torch.tensor([n])} for n in norms]
-    assert median_norm_bound(deltas, 2.0) == 5.0
+    clipping = clip(deltas, norms, [0, 1, 2, 3], PricingPolicy(clip_multiplier=2.0))
+    assert clipping.bound == 5.0 and clipping.clipped == []
+    # Only the kept (screened-in) updates set the bound: without the 1.0 and the 2.0 it is 7.
+    clipping = clip(deltas, norms, [0, 3], PricingPolicy(clip_multiplier=2.0))
+    assert clipping.bound == 7.0 and set(clipping.inputs) == {0, 3}
     # Two of five updates boosted a million-fold cannot move the bound beyond the honest norms.
     honest = [random_state(k) for k in range(3)]
     boosted = [random_state(10, scale=1e6), random_state(11, scale=1e6)]
+    everyone = [*honest, *boosted]
     honest_norms = [l2_norm(d) for d in honest]
-    bound = median_norm_bound([*honest, *boosted], 1.0)
-    assert min(honest_norms) <= bound <= max(honest_norms)
+    clipping = clip(
+        everyone, [l2_norm(d) for d in everyone], range(5), PricingPolicy(clip_multiplier=1.0)
+    )
+    assert clipping.bound is not None
+    assert min(honest_norms) <= clipping.bound <= max(honest_norms)
+    assert set(clipping.clipped) >= {3, 4}
+    for k in clipping.clipped:
+        assert l2_norm(clipping.inputs[k]) == pytest.approx(clipping.bound, rel=1e-6)
+    assert clip(everyone, [1.0] * 5, range(5), PricingPolicy(clip_multiplier=None)).bound is None
 
 
 # ------------------------------------------------------------------ order invariance
@@ -202,29 +212,33 @@ def test_order_invariance(
     base = random_state(0)
     deltas = [from_flat(v) for v in flat]
     num_samples = [rng.randint(1, 100) for _ in deltas]
-    bound = median_norm_bound(deltas, 1.0) or 1.0
+    norms = [l2_norm(d) for d in deltas]
     order = list(range(len(deltas)))
     rng.shuffle(order)
-    kwargs = {"trim_fraction": trim_fraction, "clip_norm": bound, "device": CPU}
-    out = aggregate(method, base, deltas, num_samples, **kwargs)  # type: ignore[arg-type]
+    policy = PricingPolicy(clip_multiplier=1.0)
+    clipping = clip(deltas, norms, range(len(deltas)), policy)
+    reordered = clip(
+        [deltas[i] for i in order], [norms[i] for i in order], range(len(deltas)), policy
+    )
+    assert reordered.bound == clipping.bound
+    assert sorted(order[i] for i in reordered.clipped) == clipping.clipped
+    kwargs = {"trim_fraction": trim_fraction, "device": CPU}
+    inputs = [clipping.inputs[k] for k in range(len(deltas))]
+    out = aggregate(method, base, inputs, num_samples, **kwargs)  # type: ignore[arg-type]
     shuffled = aggregate(
         method,  # type: ignore[arg-type]
         base,
-        [deltas[i] for i in order],
+        [reordered.inputs[k] for k in range(len(deltas))],
         [num_samples[i] for i in order],
         **kwargs,  # type: ignore[arg-type]
     )
-    assert sorted(order[i] for i in shuffled.clipped) == out.clipped
-    assert [shuffled.norms[order.index(k)] for k in range(len(deltas))] == out.norms
     # float32 sums depend on order (sorting does not): allow rounding relative to the terms.
     scale = max(1.0, *(float(t.abs().max()) for d in [base, *deltas] for t in d.values()))
     for name in base:
         if method == "fedavg":
-            torch.testing.assert_close(
-                out.params[name], shuffled.params[name], rtol=1e-5, atol=1e-6 * scale
-            )
+            torch.testing.assert_close(out[name], shuffled[name], rtol=1e-5, atol=1e-6 * scale)
         else:
-            assert torch.equal(out.params[name], shuffled.params[name])
+            assert torch.equal(out[name], shuffled[name])
 
 
 # ------------------------------------------------------------------ attacks
@@ -238,22 +252,24 @@ def test_model_replacement_is_clipped_flagged_and_bounded(eta: float) -> None:
     attacker = {name: 100.0 * t for name, t in random_state(9, scale=0.01).items()}
     deltas = [honest[0], honest[1], attacker, honest[2], honest[3]]
     num_samples = [10, 20, 30, 40, 50]
-    bound = median_norm_bound(deltas, 2.0)
-
-    result = aggregate("fedavg", base, deltas, num_samples, eta=eta, clip_norm=bound, device=CPU)
-    assert result.clipped == [2]
-    assert result.norms[2] > 50 * bound  # the attack was two orders of magnitude over the bound
+    norms = [l2_norm(d) for d in deltas]
+    clipping = clip(deltas, norms, range(5), PricingPolicy(clip_multiplier=2.0))
+    bound = clipping.bound
+    assert bound is not None and clipping.clipped == [2]
+    assert norms[2] > 50 * bound  # the attack was two orders of magnitude over the bound
+    clipped = [clipping.inputs[k] for k in range(5)]
+    params = aggregate("fedavg", base, clipped, num_samples, eta=eta, device=CPU)
 
     # Without the attacker's contribution (its delta zeroed, the weights unchanged), the model
     # differs by eta * w_a * clip(delta_a), whose norm is at most eta * w_a * bound.
     zeroed = [*deltas[:2], {n: torch.zeros_like(t) for n, t in attacker.items()}, *deltas[3:]]
     without = fedavg(base, zeroed, num_samples, eta=eta, device=CPU)
     share = 30 / sum(num_samples)
-    attack_move = l2_norm(diff(result.params, without))
+    attack_move = l2_norm(diff(params, without))
     assert attack_move <= eta * share * bound * (1 + 1e-5)
     assert attack_move == pytest.approx(eta * share * bound, rel=1e-4)
     # Every clipped or unclipped delta has norm <= bound, so the whole step is <= eta * bound.
-    assert l2_norm(diff(result.params, base)) <= eta * bound * (1 + 1e-5)
+    assert l2_norm(diff(params, base)) <= eta * bound * (1 + 1e-5)
     # Unclipped, the same attack moves the model far more.
     plain = fedavg(base, deltas, num_samples, eta=eta, device=CPU)
     assert l2_norm(diff(plain, base)) > 10 * eta * bound
@@ -299,7 +315,7 @@ def test_median_ignores_sign_flipped_and_scaled_minorities() -> None:
     honest = [random_state(1, scale=0.01) for _ in range(3)]  # identical honest updates
     flipped = {n: -10.0 * t for n, t in honest[0].items()}
     deltas = [honest[0], flipped, honest[1], flipped, honest[2]]
-    out = aggregate("median", base, deltas, [1] * 5, device=CPU).params
+    out = aggregate("median", base, deltas, [1] * 5, device=CPU)
     expected = fedavg(base, honest, [1, 1, 1], device=CPU)
     for name in base:
         torch.testing.assert_close(out[name], expected[name])
@@ -323,8 +339,6 @@ def test_empty_input_raises() -> None:
         coordinate_median(base, [], device=CPU)
     with pytest.raises(ValueError, match="at least one update"):
         trimmed_mean(base, [], trim_fraction=0.2, device=CPU)
-    with pytest.raises(ValueError, match="at least one update"):
-        median_norm_bound([], 2.0)
     for method in ("fedavg", "median", "trimmed_mean"):
         with pytest.raises(ValueError, match="at least one update"):
             aggregate(method, base, [], [], device=CPU)
@@ -340,15 +354,9 @@ def test_other_refusals() -> None:
     with pytest.raises(ValueError, match="num_samples"):
         aggregate("median", base, deltas, [1, 0], device=CPU)
     for bound in (0.0, -1.0, float("inf"), float("nan")):
-        with pytest.raises(ValueError, match="clip_norm"):
-            aggregate("fedavg", base, deltas, [1, 1], clip_norm=bound, device=CPU)
         with pytest.raises(ValueError, match="max_norm"):
             clip_by_norm(deltas[0], bound)
-        with pytest.raises(ValueError, match="multiplier"):
-            median_norm_bound(deltas, bound)
     poisoned = {"b": torch.tensor([1.0, float("nan"), 0.0]), "w": torch.zeros(2, 3)}
-    with pytest.raises(ValueError, match=r"update\(s\) \[1\]"):
-        aggregate("median", base, [deltas[0], poisoned], [1, 1], device=CPU)
     with pytest.raises(ValueError, match="finite"):
         clip_by_norm(poisoned, 1.0)
     wrong = random_state(1) | {"extra": torch.zeros(1)}
@@ -362,9 +370,8 @@ def test_default_device_matches_cpu() -> None:
     base = random_state(0)
     deltas = [random_state(k + 1) for k in range(5)]
     for method in ("fedavg", "median", "trimmed_mean"):
-        cpu = aggregate(method, base, deltas, [1, 2, 3, 4, 5], clip_norm=3.0, device=CPU)
-        default = aggregate(method, base, deltas, [1, 2, 3, 4, 5], clip_norm=3.0)
-        assert default.clipped == cpu.clipped
+        cpu = aggregate(method, base, deltas, [1, 2, 3, 4, 5], device=CPU)
+        default = aggregate(method, base, deltas, [1, 2, 3, 4, 5])
         for name in base:
-            assert default.params[name].device.type == "cpu"
-            torch.testing.assert_close(default.params[name], cpu.params[name])
+            assert default[name].device.type == "cpu"
+            torch.testing.assert_close(default[name], cpu[name])

@@ -15,13 +15,14 @@ from fastapi.testclient import TestClient
 
 from fedledger.coordinator.api import create_app
 from fedledger.coordinator.config import CoordinatorSettings
-from fedledger.coordinator.rounds import RoundService
+from fedledger.coordinator.service import RoundService
 from fedledger.demo import serve_in_thread
 from fedledger.devnet.anvil import AnvilProcess, start_anvil
 from fedledger.devnet.deploy import deploy_devnet
 from fedledger.incentive.chain import connect, devnet_account
-from fedledger.incentive.commitment import commitment_of
-from fedledger.incentive.ledger import LedgerClient, RoundState
+from fedledger.incentive.commitment import encode_tensors
+from fedledger.incentive.ledger import LedgerClient
+from fedledger.incentive.onchain import RoundState
 from fedledger.node.client import CoordinatorClient
 from fedledger.node.runner import NodeRunner
 from fedledger.node.training import TrainConfig
@@ -64,7 +65,7 @@ def test_coordinator_answers_503_while_the_chain_is_down(
 ) -> None:
     org = devnet_account(2)
     chain = LedgerClient(connect(anvil.rpc_url), service.ledger.address)
-    body, digest = commitment_of(
+    body, digest = encode_tensors(
         {n: t * 0 + 0.01 for n, t in get_task("digits").build_model().state_dict().items()}
     )
     chain.with_account(org).commit_update(1, digest, 10)

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from fedledger.coordinator.pricing import Flag
 from fedledger.devnet.anvil import free_port
 from fedledger.incentive.chain import account_from_key, connect, devnet_account
 from fedledger.incentive.deployment import Deployment
 from fedledger.incentive.ledger import LedgerClient
 from fedledger.incentive.merkle import SettlementLeaf, SettlementTree
+from fedledger.incentive.onchain import Flag
 
 pytestmark = [pytest.mark.e2e]
 
@@ -134,7 +134,8 @@ def test_devnet_up_register_rewards_down(tmp_path: Path) -> None:
         rows = {r["organisation"]: r for r in json.loads(shown.stdout)["rounds"]}
         claimed, flagged = rows[orgs[0].address], rows[orgs[1].address]
         assert (claimed["settlement"], claimed["payment"]) == ("claims", "claimed")
-        assert (claimed["reward"], claimed["score"], claimed["flags"]) == (7 * 10**18, 0.5, [])
+        assert (claimed["reward"], claimed["value"], claimed["flags"]) == (7 * 10**18, 0.5, [])
+        assert claimed["score"] == str(10**18 // 2)
         assert (flagged["payment"], flagged["flags"]) == ("unclaimed", ["copied_update"])
         table = fedledger("rewards", "--deployment", str(state / "deployment.json"), cwd=tmp_path)
         assert table.returncode == 0 and "not claimed yet" in table.stdout

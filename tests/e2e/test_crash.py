@@ -22,10 +22,11 @@ import pytest
 import torch
 
 from fedledger import wire
+from fedledger.coordinator.books import RoundInputs, UpdateInput, close_books
 from fedledger.coordinator.config import CoordinatorSettings
-from fedledger.coordinator.pricing import price_round
 from fedledger.devnet.anvil import AnvilProcess, free_port, start_anvil
 from fedledger.devnet.deploy import deploy_devnet
+from fedledger.errors import ContractRevert
 from fedledger.failpoints import (
     CLOSE_AFTER_AGGREGATE,
     CLOSE_AFTER_FINALIZE_TX,
@@ -34,10 +35,10 @@ from fedledger.failpoints import (
     UPLOAD_AFTER_BLOB,
 )
 from fedledger.incentive.chain import account_from_key, connect
-from fedledger.incentive.commitment import canonical_bytes, commitment_of, decode_tensors, keccak
+from fedledger.incentive.commitment import canonical_bytes, decode_tensors, encode_tensors, keccak
 from fedledger.incentive.deployment import Deployment
-from fedledger.incentive.errors import ContractRevert
-from fedledger.incentive.ledger import LedgerClient, RoundState
+from fedledger.incentive.ledger import LedgerClient
+from fedledger.incentive.onchain import RoundState
 from fedledger.incentive.signing import UploadAuthorization, sign_upload
 from fedledger.node.training import TrainConfig, train_local
 from fedledger.tasks import get_task
@@ -175,7 +176,7 @@ def prepare(fed: Federation, k: int, round_id: int, *, commit: bool = True) -> S
     """Organisation k's update for the round: committed on-chain, signed for the coordinator."""
     ledger = fed.org_ledger(k)
     assert ledger.account is not None
-    body, digest = commitment_of(make_delta(k, round_id))
+    body, digest = encode_tensors(make_delta(k, round_id))
     num_samples = 50 * (k + 1)
     if commit:
         ledger.commit_update(round_id, digest, num_samples)
@@ -188,15 +189,7 @@ def prepare(fed: Federation, k: int, round_id: int, *, commit: bool = True) -> S
         expiry=int(time.time()) + 600,
     )
     signature = sign_upload(ledger.account, auth, chain_id=ledger.chain_id(), ledger=ledger.address)
-    headers = {
-        wire.H_ORGANISATION: auth.organisation,
-        wire.H_ROUND: str(round_id),
-        wire.H_UPDATE_HASH: "0x" + digest.hex(),
-        wire.H_NUM_SAMPLES: str(num_samples),
-        wire.H_NONCE: str(auth.nonce),
-        wire.H_EXPIRY: str(auth.expiry),
-        wire.H_SIGNATURE: signature,
-    }
+    headers = wire.upload_headers(auth, signature)
     return SignedUpload(round_id, body, headers, num_samples)
 
 
@@ -216,24 +209,25 @@ def expected_model_hash(fed: Federation, base_hash: str, uploads: list[SignedUpl
     round_id = uploads[0].round_id
     by_org = {u.headers[wire.H_ORGANISATION].lower(): u for u in uploads}
     ordered = [by_org[o.lower()] for o in fed.ledger.commit_order(round_id)]
-    settings = CoordinatorSettings(data_dir=fed.data_dir)
-    task = get_task(settings.task)
+    policy = CoordinatorSettings(data_dir=fed.data_dir).pricing
+    task = get_task(policy.task)
     x_val, y_val = task.validation_data()
-    priced = price_round(
-        task.build_model(seed=settings.model_seed),
-        base,
-        [decode_tensors(u.body) for u in ordered],
-        [u.num_samples for u in ordered],
-        [u.headers[wire.H_UPDATE_HASH] for u in ordered],
-        x_val,
-        y_val,
-        policy=settings.pricing_policy(),
-        budget=settings.reward_per_round,
-        seed=round_id,
-        device=torch.device("cpu"),
+    updates = [
+        UpdateInput(
+            organisation=u.headers[wire.H_ORGANISATION],
+            update_hash=u.headers[wire.H_UPDATE_HASH],
+            num_samples=u.num_samples,
+            delta=decode_tensors(u.body),
+        )
+        for u in ordered
+    ]
+    inputs = RoundInputs(
+        round_id, task.build_model(seed=policy.model_seed), base, updates, x_val, y_val
     )
-    assert priced.aggregated, "the test's updates should make it into the model"
-    return "0x" + keccak(canonical_bytes(priced.params)).hex()
+    books = close_books(inputs, policy, device=torch.device("cpu"))
+    assert books.aggregated, "the test's updates should make it into the model"
+    assert books.new_hash == "0x" + keccak(canonical_bytes(books.params)).hex()
+    return books.new_hash
 
 
 def blob_names(fed: Federation) -> set[str]:

@@ -18,7 +18,8 @@ from fedledger.devnet.deploy import deploy_devnet
 from fedledger.incentive.chain import connect
 from fedledger.incentive.commitment import keccak
 from fedledger.incentive.deployment import Deployment
-from fedledger.incentive.ledger import LedgerClient, RoundState
+from fedledger.incentive.ledger import LedgerClient
+from fedledger.incentive.onchain import RoundState
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -182,9 +183,7 @@ def _check_chain(deployment: Deployment, results: list[dict], model_1: bytes) ->
             assert "0x" + commitment.update_hash.hex() == entry["update_hash"]
             assert commitment.num_samples == entry["num_samples"]
             assert ledger.reward_of(round_id, entry["organisation"]) == int(entry["reward"])
-            assert ledger.contribution_of(round_id, entry["organisation"]) == int(
-                entry["score_fixed"]
-            )
+            assert ledger.score_of(round_id, entry["organisation"]) == int(entry["score"])
             total_rewards[entry["organisation"]] += int(entry["reward"])
         assert record.total_reward == sum(int(o["reward"]) for o in accepted)
     # round r+1 trains on exactly the model round r produced

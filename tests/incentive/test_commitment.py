@@ -17,16 +17,16 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from web3 import Web3
 
+from fedledger.errors import CommitmentError
 from fedledger.incentive.commitment import (
     TensorSpec,
     canonical_bytes,
-    commitment_of,
     decode_tensors,
     decode_update,
+    encode_tensors,
     keccak,
     specs_of,
 )
-from fedledger.incentive.errors import CommitmentError
 
 DTYPES = [
     torch.float32,
@@ -143,7 +143,7 @@ def test_changing_one_value_changes_the_commitment(
     flat[0] = ~flat[0] if flat.dtype == torch.bool else flat[0] + 1
     assume(not torch.equal(flat[0], tensors[name].reshape(-1)[0]))  # e.g. 1e8 + 1 in float16
     changed[name] = flat.reshape(tensors[name].shape)
-    assert commitment_of(changed)[1] != commitment_of(tensors)[1]
+    assert encode_tensors(changed)[1] != encode_tensors(tensors)[1]
 
 
 # ------------------------------------------------------------------ keccak
@@ -160,7 +160,7 @@ def test_keccak_equals_web3_keccak(data: bytes) -> None:
 
 @given(tensor_dicts)
 def test_commitment_is_keccak_of_canonical_bytes(tensors: TensorDict) -> None:
-    data, digest = commitment_of(tensors)
+    data, digest = encode_tensors(tensors)
     assert data == canonical_bytes(tensors)
     assert digest == bytes(Web3.keccak(data))
     assert len(digest) == 32

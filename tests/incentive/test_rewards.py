@@ -9,12 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedledger.incentive.rewards import (
-    FIXED_POINT_ONE,
-    from_fixed_point,
-    split_rewards,
-    to_fixed_point,
-)
+from fedledger.incentive.onchain import FIXED_POINT_ONE, from_fixed_point, to_fixed_point
+from fedledger.incentive.rewards import split_rewards
 
 budgets = st.integers(min_value=0, max_value=10**27)
 scores_lists = st.lists(

@@ -20,7 +20,7 @@ from fedledger.incentive.sampling import (
     default_evaluations,
 )
 from fedledger.incentive.shapley import BatchUtility, ExactShapley, ShapleyResult, Valuator
-from fedledger.incentive.valuation import CoalitionUtility
+from fedledger.incentive.utility import CoalitionUtility
 from fedledger.node.training import TrainConfig, train_local
 from fedledger.tasks import get_task
 

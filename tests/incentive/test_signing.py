@@ -9,8 +9,8 @@ from eth_account.signers.local import LocalAccount
 from hypothesis import given
 from hypothesis import strategies as st
 
+from fedledger.errors import SignatureError
 from fedledger.incentive.chain import devnet_account
-from fedledger.incentive.errors import SignatureError
 from fedledger.incentive.signing import UploadAuthorization, recover_signer, sign_upload
 
 ANVIL_CHAIN_ID = 31337

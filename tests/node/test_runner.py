@@ -8,11 +8,13 @@ from collections.abc import Callable
 import pytest
 
 from fedledger.coordinator.api import create_app
+from fedledger.coordinator.policy import PricingPolicy
 from fedledger.demo import serve_in_thread
+from fedledger.errors import ModelVerificationError
 from fedledger.incentive.commitment import keccak
-from fedledger.incentive.ledger import RoundState
+from fedledger.incentive.onchain import RoundState
 from fedledger.node.client import CoordinatorClient
-from fedledger.node.runner import ModelVerificationError, NodeRunner
+from fedledger.node.runner import NodeRunner
 from fedledger.node.training import TrainConfig
 from harness import Harness
 
@@ -69,7 +71,7 @@ def test_nodes_claim_their_rewards_in_rounds_settled_by_root(
     make_harness: Callable[..., Harness],
 ) -> None:
     """With claims_above=0 every round settles by Merkle root; each node claims its own."""
-    harness = make_harness(total_rounds=2, claims_above=0)
+    harness = make_harness(total_rounds=2, pricing=PricingPolicy(claims_above=0))
     harness.service.start_driver()
     with serve_in_thread(create_app(harness.service)) as url:
         runners = _run_all(harness, url)

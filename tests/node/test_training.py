@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedledger.incentive.commitment import l2_norm
+from fedledger.incentive.tensors import l2_norm
 from fedledger.node.training import TrainConfig, train_local
 from fedledger.tasks import get_task
 

@@ -12,12 +12,10 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from fedledger.incentive.shapley import ExactShapley, all_coalitions
-from fedledger.incentive.valuation import (
+from fedledger.incentive.utility import (
     CoalitionUtility,
     coalition_weights,
     evaluate_params,
-    flatten,
-    unflatten,
 )
 
 K = 4
@@ -250,19 +248,6 @@ def test_coalition_weights_refuse_bad_input() -> None:
         coalition_weights(np.ones((1, 2)), [1, 1])
 
 
-def test_flatten_round_trip() -> None:
-    params = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.tensor([7.0]), "c": torch.tensor(2)}
-    flat = flatten(params)
-    assert flat.tolist() == [7.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 2.0]  # sorted names: a, b, c
-    back = unflatten(flat, params)
-    assert list(back) == ["a", "b", "c"]
-    for name, tensor in params.items():
-        assert back[name].dtype == tensor.dtype
-        assert torch.equal(back[name], tensor)
-    with pytest.raises(ValueError, match="shape"):
-        unflatten(flat[:-1], params)
-
-
 def test_mismatched_delta_is_refused(
     setup: tuple[nn.Module, dict[str, Tensor], list[dict[str, Tensor]], Tensor, Tensor],
 ) -> None:
@@ -276,7 +261,7 @@ def test_mismatched_delta_is_refused(
 
 
 def test_large_models_are_scored_in_smaller_batches() -> None:
-    from fedledger.incentive.valuation import MAX_BATCH_FLOATS, default_max_batch
+    from fedledger.incentive.utility import MAX_BATCH_FLOATS, default_max_batch
 
     assert default_max_batch(2410) == 256  # the digits MLP: every game of 8 players in one call
     assert default_max_batch(1_000_000) == MAX_BATCH_FLOATS // 1_000_000 == 67

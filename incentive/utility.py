@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Literal
 
 import numpy as np
 import torch
@@ -12,40 +11,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call, vmap
 
-Metric = Literal["accuracy", "neg_log_loss"]
-
-
-def flatten(params: Mapping[str, Tensor], *, dtype: torch.dtype = torch.float32) -> Tensor:
-    """All tensors of ``params`` as one 1-D ``dtype`` vector, concatenated in sorted-name order."""
-    if not params:
-        return torch.zeros(0, dtype=dtype)
-    return torch.cat([params[name].detach().reshape(-1).to(dtype) for name in sorted(params)])
-
-
-def unflatten(flat: Tensor, like: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """The inverse of ``flatten``: tensors shaped and typed like ``like``, on ``flat``'s device."""
-    return _unflatten_batched(flat, like, batch_shape=())
-
-
-def _unflatten_batched(
-    flat: Tensor, like: Mapping[str, Tensor], *, batch_shape: tuple[int, ...]
-) -> dict[str, Tensor]:
-    total = sum(like[name].numel() for name in like)
-    if tuple(flat.shape) != (*batch_shape, total):
-        raise ValueError(
-            f"flat vector has shape {tuple(flat.shape)}; expected {(*batch_shape, total)} "
-            f"for {len(like)} tensors"
-        )
-    out: dict[str, Tensor] = {}
-    offset = 0
-    for name in sorted(like):
-        ref = like[name]
-        piece = flat[..., offset : offset + ref.numel()].reshape((*batch_shape, *ref.shape))
-        if not ref.dtype.is_floating_point and piece.dtype.is_floating_point:
-            piece = piece.round()
-        out[name] = piece.to(ref.dtype)
-        offset += ref.numel()
-    return out
+from fedledger.devices import resolve_device
+from fedledger.incentive.onchain import Metric
+from fedledger.incentive.tensors import flatten, unflatten_batched
 
 
 def coalition_weights(masks: np.ndarray, num_samples: Sequence[int]) -> Tensor:
@@ -116,10 +84,6 @@ def evaluate_params(
         return float(_score(logits, y.to(x.device), metric))
 
 
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 MAX_BATCH_FLOATS = 1 << 26
 """Parameters of the coalition models scored in one batch, at most (256 MiB of float32):
 a batch's forward pass holds activations of every model at once, so large models go in
@@ -167,7 +131,7 @@ class CoalitionUtility:
         self.num_samples = list(num_samples)
         self.eta = float(eta)
         self.metric: Metric = metric
-        self.device = device if device is not None else _default_device()
+        self.device = resolve_device(device)
         num_params = sum(t.numel() for t in base.values())
         self.max_batch = max_batch if max_batch is not None else default_max_batch(num_params)
         self.evaluations = 0
@@ -208,7 +172,7 @@ class CoalitionUtility:
             flat = torch.addmm(
                 self._base_flat.expand(count, -1), weights, self._deltas, alpha=self.eta
             )
-            params = _unflatten_batched(flat, self._like, batch_shape=(count,))
+            params = unflatten_batched(flat, self._like, batch_shape=(count,))
 
             def utility_of(p: dict[str, Tensor]) -> Tensor:
                 logits = functional_call(self.model, p, (self._x,))

@@ -1,0 +1,71 @@
+"""Load a round's books inputs: its stored model and updates, in the chain's commit order.
+
+The one place that turns the data directory (and the ledger's ``committersOf``) into
+``RoundInputs``; the coordinator and ``fedledger audit`` both call it, so they close the books on
+the same inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedledger.coordinator.books import RoundInputs, UpdateInput
+from fedledger.coordinator.store import Store
+from fedledger.errors import CoordinatorError, ErrorCode
+from fedledger.incentive.commitment import decode_tensors
+
+
+def load_tensors(store: Store, digest_hex: str) -> dict[str, torch.Tensor]:
+    """The tensors stored under ``digest_hex`` (an update or a global model)."""
+    data = store.get_blob(digest_hex)
+    if data is None:
+        raise CoordinatorError(
+            ErrorCode.MISSING_BLOB, f"stored tensors {digest_hex} are missing from {store.data_dir}"
+        )
+    return decode_tensors(data)
+
+
+def load_round_inputs(
+    store: Store,
+    round_id: int,
+    commit_order: list[str],
+    model: torch.nn.Module,
+    x_val: torch.Tensor,
+    y_val: torch.Tensor,
+) -> RoundInputs:
+    """Round ``round_id``'s inputs from ``store``; reads only.
+
+    ``commit_order`` is the chain's order of the round's commitments (``committersOf``): it
+    decides who is the original of a copied update, so the updates come in that order.
+    """
+    stored = store.get_round(round_id)
+    if stored is None:
+        raise CoordinatorError(
+            ErrorCode.MISSING_ROUND, f"round {round_id} is not in the store at {store.data_dir}"
+        )
+    order = {org.lower(): i for i, org in enumerate(commit_order)}
+    uploads = sorted(
+        store.updates_for(round_id), key=lambda u: order.get(u.organisation.lower(), len(order))
+    )
+
+    def previous(org: str) -> dict[str, torch.Tensor] | None:
+        earlier = store.get_update(round_id - 1, org) if round_id > 1 else None
+        return None if earlier is None else load_tensors(store, earlier.update_hash)
+
+    return RoundInputs(
+        round_id=round_id,
+        model=model,
+        base=load_tensors(store, stored.model_hash),
+        updates=[
+            UpdateInput(
+                organisation=u.organisation,
+                update_hash=u.update_hash,
+                num_samples=u.num_samples,
+                delta=load_tensors(store, u.update_hash),
+                previous=previous(u.organisation),
+            )
+            for u in uploads
+        ],
+        x_val=x_val,
+        y_val=y_val,
+    )

@@ -1,0 +1,74 @@
+"""The pricing policy: every setting a round's books depend on, defined once.
+
+A knob is a field here, with its default, its bounds and its description; the coordinator's
+settings hold one ``PricingPolicy``, the CLI's options are built from these fields, and each
+round's result records ``policy.record()`` so that ``fedledger audit`` closes the books again
+under exactly the policy the coordinator used. Torch-free: the CLI reads it to describe its
+options.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from fedledger.incentive.onchain import TOKEN_UNIT, Metric
+
+AggregationMethod = Literal["fedavg", "median", "trimmed_mean"]
+
+
+class PricingPolicy(BaseModel):
+    """How a coordinator screens, clips, values, aggregates and pays a round."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # The game: which model, scored how.
+    task: str = Field("digits", description="Learning task (its model and validation set).")
+    model_seed: int = Field(0, description="Seed of the task model's initial parameters.")
+    metric: Metric = Field("accuracy", description="Validation metric of the coalition game.")
+    eta: float = Field(1.0, gt=0, description="Server learning rate: w + eta * aggregate.")
+    valuation_weights: Literal["uniform", "samples"] = Field(
+        "uniform", description="Coalition models average updates uniformly or by sample count."
+    )
+    max_exact_players: int = Field(
+        10, ge=1, le=20, description="Exact Shapley up to this many organisations, sampled above."
+    )
+    valuation_budget: int | None = Field(
+        None,
+        ge=1,
+        description="Utility evaluations of the sampled valuator (default: 40 a player).",
+    )
+    # Screens and defences.
+    copy_cosine: float = Field(
+        0.999, gt=0, le=1, description="|cosine| with an earlier update from which it is a copy."
+    )
+    zero_tolerance: float = Field(
+        1e-6, ge=0, description="An update with norm <= this x the median norm counts as zero."
+    )
+    noise_sigmas: float = Field(
+        4.0, ge=0, description="|z| below which an update is as unaligned as random noise."
+    )
+    clip_multiplier: float | None = Field(
+        3.0, gt=0, description="Clip updates above this x the round's median norm (None: never)."
+    )
+    exclude_negative: bool = Field(
+        True, description="Leave updates with a negative contribution out of the new model."
+    )
+    aggregation: AggregationMethod = Field(
+        "fedavg", description="Aggregation rule: fedavg, median or trimmed_mean."
+    )
+    trim_fraction: float = Field(
+        0.2, ge=0, lt=0.5, description="Trimmed mean: share of updates cut on each side."
+    )
+    # Payment.
+    reward_per_round: int = Field(
+        1000 * TOKEN_UNIT, ge=0, description="Token units paid out per round."
+    )
+    claims_above: int = Field(
+        16, ge=0, description="Settle by Merkle root and claims above this many organisations."
+    )
+
+    def record(self) -> dict[str, Any]:
+        """The policy as recorded with each round's result (JSON-safe)."""
+        return self.model_dump(mode="json")

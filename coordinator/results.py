@@ -1,0 +1,148 @@
+"""A round's public result (``GET /v1/rounds/{id}``) and claim tickets, built from its records.
+
+Pure: every function takes what the store and the books hold and returns wire schemas, so the
+coordinator answers the same thing before and after a restart, and an auditor rebuilds a
+settlement tree from a recorded result alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from fedledger import wire
+from fedledger.coordinator.books import Books
+from fedledger.coordinator.policy import PricingPolicy
+from fedledger.coordinator.store import StoredRound, StoredUpdate
+from fedledger.errors import CoordinatorError, ErrorCode
+from fedledger.incentive.merkle import SettlementLeaf, SettlementTree
+from fedledger.incentive.onchain import flag_names, hex32
+
+
+def _missing(organisations: Sequence[str]) -> list[wire.OrganisationResult]:
+    return [
+        wire.OrganisationResult(organisation=o, status=wire.UploadStatus.MISSING)
+        for o in organisations
+    ]
+
+
+def pending_result(stored: StoredRound, uploads: Sequence[StoredUpdate]) -> wire.RoundResult:
+    """A round still open or closing: who has uploaded so far."""
+    return wire.RoundResult(
+        round_id=stored.round_id,
+        status=stored.status,
+        model_hash=stored.model_hash,
+        deadline=stored.deadline,
+        organisations=[
+            wire.OrganisationResult(
+                organisation=u.organisation,
+                status=wire.UploadStatus.ACCEPTED,
+                update_hash=u.update_hash,
+                num_samples=u.num_samples,
+            )
+            for u in uploads
+        ],
+    )
+
+
+def failed_result(
+    stored: StoredRound, expected: Sequence[str], reason: str, finalize_tx: str | None
+) -> wire.RoundResult:
+    """A round closed without aggregation (quorum not met): model unchanged, nothing paid."""
+    return wire.RoundResult(
+        round_id=stored.round_id,
+        status=wire.RoundStatus.FAILED,
+        model_hash=stored.model_hash,
+        new_model_hash=stored.model_hash,
+        deadline=stored.deadline,
+        reason=reason,
+        finalize_tx=finalize_tx,
+        organisations=_missing(expected),
+    )
+
+
+def finalized_result(
+    stored: StoredRound,
+    books: Books,
+    expected: Sequence[str],
+    policy: PricingPolicy,
+    finalize_tx: str | None,
+) -> wire.RoundResult:
+    """A settled round: every expected organisation, with its value, score, reward and flags."""
+    by_org = {org.lower(): i for i, org in enumerate(books.organisations)}
+    organisations: list[wire.OrganisationResult] = []
+    for org in sorted(set(expected) | set(books.organisations), key=str.lower):
+        i = by_org.get(org.lower())
+        if i is None:
+            organisations += _missing([org])
+            continue
+        organisations.append(
+            wire.OrganisationResult(
+                organisation=books.organisations[i],
+                status=wire.UploadStatus.ACCEPTED,
+                update_hash=books.update_hashes[i],
+                num_samples=books.num_samples[i],
+                value=books.values[i],
+                score=str(books.scores[i]),
+                reward=str(books.rewards[i]),
+                flags=books.flags[i],
+                flag_reasons=flag_names(books.flags[i]),
+                note=books.notes.get(i),
+                norm=books.norms[i],
+                aggregated=i in books.aggregated,
+            )
+        )
+    return wire.RoundResult(
+        round_id=stored.round_id,
+        status=wire.RoundStatus.FINALIZED,
+        model_hash=stored.model_hash,
+        new_model_hash=books.new_hash,
+        deadline=stored.deadline,
+        validation_accuracy=books.accuracy,
+        finalize_tx=finalize_tx,
+        valuation_method=books.valuation.method,
+        valuation_seed=books.valuation.seed,
+        validation_hash=hex32(books.valuation.validation_hash),
+        evaluations=books.evaluations,
+        norm_bound=books.norm_bound,
+        settlement="claims" if books.tree is not None else "direct",
+        rewards_root=hex32(books.tree.root) if books.tree is not None else None,
+        pricing=policy.record(),
+        organisations=organisations,
+    )
+
+
+def settlement_tree(result: wire.RoundResult) -> SettlementTree:
+    """The Merkle tree of a round's settlement, rebuilt from its recorded result."""
+    return SettlementTree.build(
+        [
+            SettlementLeaf(result.round_id, o.organisation, int(o.score), int(o.reward), o.flags)
+            for o in result.organisations
+            if o.status == wire.UploadStatus.ACCEPTED
+        ]
+    )
+
+
+def claim_ticket(result: wire.RoundResult, organisation: str) -> wire.ClaimTicket:
+    """What ``organisation`` sends to ``claimReward`` for a round settled by claims."""
+    if result.settlement != "claims":
+        raise CoordinatorError(
+            ErrorCode.NOT_CLAIMABLE,
+            f"round {result.round_id} was not settled by claims"
+            + (" (it paid everyone directly)" if result.settlement == "direct" else ""),
+        )
+    tree = settlement_tree(result)
+    try:
+        leaf = tree.leaf_of(organisation)
+    except KeyError as exc:
+        raise CoordinatorError(
+            ErrorCode.NO_CLAIM, f"{organisation} has nothing to claim in round {result.round_id}"
+        ) from exc
+    return wire.ClaimTicket(
+        round_id=result.round_id,
+        organisation=leaf.organisation,
+        score=str(leaf.score),
+        reward=str(leaf.reward),
+        flags=leaf.flags,
+        proof=[hex32(p) for p in tree.proof(organisation)],
+        root=hex32(tree.root),
+    )

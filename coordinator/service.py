@@ -1,0 +1,307 @@
+"""The coordinator service: the round driver thread, uploads, long polls and queries.
+
+A thin shell over the parts: ``UploadVerifier`` checks an upload, ``Store`` keeps it,
+``RoundMachine`` moves rounds on and ``Settler`` writes to the ledger. The constructor only
+keeps its arguments; ``start`` opens the data directory, loads the task and talks to the chain.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+
+import torch
+
+from fedledger import wire
+from fedledger.coordinator.config import CoordinatorSettings
+from fedledger.coordinator.results import claim_ticket, pending_result
+from fedledger.coordinator.rounds import Game, RoundMachine
+from fedledger.coordinator.store import Store, StoredUpdate
+from fedledger.coordinator.uploads import UploadVerifier
+from fedledger.devices import default_device
+from fedledger.errors import CoordinatorError, ErrorCode, FedledgerError
+from fedledger.failpoints import UPLOAD_AFTER_BLOB, failpoint
+from fedledger.incentive.commitment import encode_tensors, specs_of
+from fedledger.incentive.ledger import LedgerClient, as_bytes32
+from fedledger.incentive.onchain import hex32
+from fedledger.tasks import Task, get_task
+
+log = logging.getLogger("fedledger.coordinator")
+
+MAX_LONG_POLL_S = 30.0
+"""The longest ``GET /v1/rounds/current`` holds a request waiting for a change."""
+
+
+class RoundService:
+    """Runs the federation for one ledger from one data directory."""
+
+    def __init__(
+        self,
+        settings: CoordinatorSettings,
+        ledger: LedgerClient,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if ledger.account is None:
+            raise ValueError("the coordinator's ledger client needs the coordinator's key")
+        self.settings = settings
+        self.ledger = ledger
+        self.clock = clock
+        self.last_error: str | None = None
+        self._lock = threading.RLock()  # guards upload acceptance against round transitions
+        self._wake = threading.Event()
+        self._changed = threading.Condition()  # notified when the latest round's state changes
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._parts: tuple[Store, Task, RoundMachine, UploadVerifier] | None = None
+
+    # -------------------------------------------------------------- lifecycle
+
+    def start(self, *, background: bool = True) -> None:
+        """Check the role and the data directory, reconcile with the chain, open round 1 if needed."""
+        account = self.ledger.account
+        assert account is not None
+        if not self.ledger.has_coordinator_role(account.address):
+            raise CoordinatorError(
+                ErrorCode.NOT_COORDINATOR,
+                f"{account.address} lacks COORDINATOR_ROLE on ledger {self.ledger.address}",
+            )
+        settings = self.settings
+        task = get_task(settings.pricing.task)
+        model = task.build_model(seed=settings.pricing.model_seed)
+        x_val, y_val = task.validation_data()
+        device = torch.device(settings.device) if settings.device else default_device()
+        store = Store(settings.data_dir)
+        machine = RoundMachine(
+            settings,
+            store,
+            self.ledger,
+            Game(model, x_val, y_val),
+            clock=self.clock,
+            device=device,
+            lock=self._lock,
+        )
+        verifier = UploadVerifier(
+            settings,
+            self.ledger,
+            chain_id=self.ledger.chain_id(),
+            specs=specs_of(model.state_dict()),
+            clock=self.clock,
+        )
+        self._parts = (store, task, machine, verifier)
+        machine.settler.check_data_dir(store)
+        data, digest = encode_tensors(model.state_dict())
+        if not machine.settler.reconcile(store, hex32(digest)):
+            store.put_blob(hex32(digest), data)
+            machine.open_round(1, hex32(digest))
+        if background:
+            self.start_driver()
+
+    def _started(self) -> tuple[Store, Task, RoundMachine, UploadVerifier]:
+        if self._parts is None:
+            raise RuntimeError("RoundService used before start()")
+        return self._parts
+
+    @property
+    def store(self) -> Store:
+        return self._started()[0]
+
+    @property
+    def task(self) -> Task:
+        return self._started()[1]
+
+    @property
+    def machine(self) -> RoundMachine:
+        return self._started()[2]
+
+    def start_driver(self) -> None:
+        """Run the round state machine in a background thread (polls, and wakes on uploads)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="round-driver", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        with self._changed:
+            self._changed.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        if self._parts is not None:
+            self.store.close()
+
+    def _run(self) -> None:
+        backoff_s = 1.0
+        while not self._stop.is_set():
+            self._wake.wait(self.settings.poll_interval_s)
+            self._wake.clear()
+            try:
+                if self.step():
+                    self._wake.set()  # take the next transition at once (open after close)
+                self.last_error = None
+                backoff_s = 1.0
+            except FedledgerError as exc:
+                self.last_error = str(exc)
+                log.warning("round driver: %s (retrying)", exc)
+                self._stop.wait(1.0)
+            except Exception as exc:  # a bug must not kill the driver while /health says ok
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("round driver failed; retrying in %.0f s", backoff_s)
+                self._stop.wait(backoff_s)
+                backoff_s = min(2 * backoff_s, 60.0)
+
+    def step(self) -> bool:
+        """Advance the round state machine by at most one transition; whether it made one.
+
+        Requests long-polling the current round are answered as soon as it changes.
+        """
+        before = self._round_state()
+        try:
+            self.machine.step()
+        finally:
+            changed = self._round_state() != before
+            if changed:
+                with self._changed:
+                    self._changed.notify_all()
+        return changed
+
+    # ------------------------------------------------------------------ reads
+
+    def _round_state(self) -> tuple[int, wire.RoundStatus] | None:
+        latest = self.store.latest_round()
+        return None if latest is None else (latest.round_id, latest.status)
+
+    def training_status(self) -> wire.TrainingStatus:
+        current = self.store.latest_round()
+        if (
+            current is not None
+            and current.round_id >= self.settings.total_rounds
+            and current.status in (wire.RoundStatus.FINALIZED, wire.RoundStatus.FAILED)
+        ):
+            return wire.TrainingStatus.DONE
+        return wire.TrainingStatus.RUNNING
+
+    def current_after(
+        self, known: tuple[int, wire.RoundStatus] | None, wait_s: float
+    ) -> wire.CurrentRound:
+        """The current round once its (round, status) differs from ``known``, or after
+        ``wait_s`` seconds: a long poll, so that nodes learn of a new round at once."""
+        deadline = time.monotonic() + min(max(wait_s, 0.0), MAX_LONG_POLL_S)
+        with self._changed:
+            while (
+                known is not None
+                and self._round_state() == known
+                and not self._stop.is_set()
+                and (left := deadline - time.monotonic()) > 0
+            ):
+                self._changed.wait(left)
+        return self.current()
+
+    def current(self) -> wire.CurrentRound:
+        current = self.store.latest_round()
+        if current is None:
+            raise CoordinatorError(ErrorCode.NO_ROUND, "no round has been opened yet")
+        return wire.CurrentRound(
+            training=self.training_status(),
+            round_id=current.round_id,
+            status=current.status,
+            model_hash=current.model_hash,
+            deadline=current.deadline,
+            total_rounds=self.settings.total_rounds,
+            task=self.settings.pricing.task,
+            organisations_expected=len(self.machine.expected_organisations(current.round_id)),
+            uploads_received=len(self.store.updates_for(current.round_id)),
+        )
+
+    def round_result(self, round_id: int) -> wire.RoundResult:
+        stored = self.store.get_round(round_id)
+        if stored is None:
+            raise CoordinatorError(ErrorCode.UNKNOWN_ROUND, f"round {round_id} does not exist")
+        if stored.result is not None:
+            return wire.RoundResult.model_validate(stored.result)
+        return pending_result(stored, self.store.updates_for(round_id))
+
+    def claim_ticket(self, round_id: int, organisation: str) -> wire.ClaimTicket:
+        """What ``organisation`` sends to ``claimReward`` for a round settled by claims."""
+        return claim_ticket(self.round_result(round_id), organisation)
+
+    def model_bytes(self, model_hash: str) -> bytes:
+        try:
+            digest = hex32(as_bytes32(model_hash))
+        except ValueError as exc:
+            raise CoordinatorError(
+                ErrorCode.UNKNOWN_MODEL, f"{model_hash!r} is not a 32-byte hash"
+            ) from exc
+        # Only global models: individual updates are for the coordinator's eyes (and its
+        # auditors', from its data directory), never served to other members.
+        store = self.store
+        data = store.get_blob(digest) if store.is_global_model(digest) else None
+        if data is None:
+            raise CoordinatorError(ErrorCode.UNKNOWN_MODEL, f"no global model with hash {digest}")
+        return data
+
+    # ----------------------------------------------------------------- uploads
+
+    def accept_upload(
+        self, path_round_id: int, headers: Mapping[str, str], body: bytes
+    ) -> tuple[wire.UploadReceipt, bool]:
+        """Verify an upload against its signature and on-chain commitment, then store it durably.
+
+        Returns the receipt and whether it was newly stored (False for an identical re-upload).
+        """
+        store, _, _, verifier = self._started()
+        upload = verifier.authenticate(headers, path_round_id, body)
+        signer = upload.signer
+        with self._lock:
+            current = verifier.check_round(upload, store.latest_round())
+            existing = store.get_update(current.round_id, signer)
+            if existing is not None:
+                verifier.check_same_bytes(existing, upload.body_hash)
+                return _receipt(existing, duplicate=True), False
+            verifier.check_open(current)
+            verifier.check_nonce(upload, store.nonce_used(signer, str(upload.auth.nonce)))
+        verifier.check_commitment(upload)
+        verifier.check_content(body)
+
+        store.put_blob(upload.body_hash, body)
+        failpoint(UPLOAD_AFTER_BLOB)
+        with self._lock:
+            latest = store.latest_round()
+            if (
+                latest is None
+                or latest.round_id != current.round_id
+                or latest.status != wire.RoundStatus.OPEN
+            ):
+                raise CoordinatorError(
+                    ErrorCode.ROUND_CLOSED,
+                    f"round {current.round_id} closed while the upload was verified",
+                    current_round=latest.round_id if latest else 0,
+                )
+            stored, created = store.insert_update(
+                StoredUpdate(
+                    round_id=current.round_id,
+                    organisation=signer,
+                    update_hash=upload.body_hash,
+                    num_samples=upload.auth.num_samples,
+                    nonce=str(upload.auth.nonce),
+                    received_at=self.clock(),
+                )
+            )
+        if not created:  # a concurrent request for the same organisation and round won
+            verifier.check_same_bytes(stored, upload.body_hash)
+            return _receipt(stored, duplicate=True), False
+        self._wake.set()
+        return _receipt(stored), True
+
+
+def _receipt(update: StoredUpdate, *, duplicate: bool = False) -> wire.UploadReceipt:
+    return wire.UploadReceipt(
+        round_id=update.round_id,
+        organisation=update.organisation,
+        update_hash=update.update_hash,
+        num_samples=update.num_samples,
+        received_at=update.received_at,
+        duplicate=duplicate,
+    )

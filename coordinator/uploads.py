@@ -1,0 +1,227 @@
+"""Upload verification: who signed it, whether the round takes it, whether the chain committed it,
+whether its tensors fit the model. One small check per rule, run in the order docs/errors.md
+lists them; the service stores what passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from fedledger import wire
+from fedledger.coordinator.config import CoordinatorSettings
+from fedledger.coordinator.store import StoredRound, StoredUpdate
+from fedledger.errors import (
+    ChainError,
+    ChainUnavailable,
+    CodedError,
+    CoordinatorError,
+    ErrorCode,
+    SignatureError,
+)
+from fedledger.incentive.commitment import TensorSpec, decode_update, keccak
+from fedledger.incentive.ledger import LedgerClient
+from fedledger.incentive.onchain import hex32
+from fedledger.incentive.signing import UploadAuthorization, recover_signer
+from fedledger.incentive.tensors import l2_norm
+
+
+@dataclass(frozen=True)
+class AuthenticatedUpload:
+    """An upload whose signature, signer and body hash check out; not yet admitted to a round."""
+
+    auth: UploadAuthorization
+    signer: str  # checksummed; equals auth.organisation
+    body_hash: str  # 0x-hex keccak256 of the body
+
+
+def read_authorization(headers: Mapping[str, str], path_round_id: int) -> wire.SignedUpload:
+    """The EIP-712 authorisation from the upload headers (``unsigned``/``malformed_authorization``)."""
+    signed = wire.read_upload_headers(headers)
+    auth = signed.auth
+    if auth.round_id != path_round_id:
+        raise CoordinatorError(
+            ErrorCode.MALFORMED_AUTHORIZATION,
+            f"the signed round {auth.round_id} differs from the URL's round {path_round_id}",
+        )
+    if auth.num_samples <= 0 or auth.nonce < 0 or auth.expiry < 0:
+        raise CoordinatorError(
+            ErrorCode.MALFORMED_AUTHORIZATION, "sample count, nonce and expiry must be positive"
+        )
+    return signed
+
+
+class UploadVerifier:
+    """The coordinator's checks on an upload, each a method that raises a ``CoordinatorError``."""
+
+    def __init__(
+        self,
+        settings: CoordinatorSettings,
+        ledger: LedgerClient,
+        *,
+        chain_id: int,
+        specs: Mapping[str, TensorSpec],
+        clock: Callable[[], float],
+    ) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.chain_id = chain_id
+        self.specs = specs
+        self.clock = clock
+
+    # -------------------------------------------------- before the round is looked at
+
+    def authenticate(
+        self, headers: Mapping[str, str], path_round_id: int, body: bytes
+    ) -> AuthenticatedUpload:
+        """Signature, signer's registration, expiry and body hash: the request's own checks."""
+        signed = read_authorization(headers, path_round_id)
+        signer = self.recover(signed)
+        self.check_signer(signer, signed.auth.organisation)
+        self.check_expiry(signed.auth)
+        return AuthenticatedUpload(signed.auth, signer, self.check_body_hash(signed.auth, body))
+
+    def recover(self, signed: wire.SignedUpload) -> str:
+        try:
+            return recover_signer(
+                signed.auth, signed.signature, chain_id=self.chain_id, ledger=self.ledger.address
+            )
+        except SignatureError as exc:
+            raise CoordinatorError(exc.code, exc.message) from exc
+
+    def check_signer(self, signer: str, organisation: str) -> None:
+        try:
+            registered = self.ledger.is_organisation(signer)
+        except ChainError as exc:
+            raise ChainUnavailable(f"cannot verify the signer on-chain: {exc}") from exc
+        if signer != organisation:
+            if registered:
+                raise CoordinatorError(
+                    ErrorCode.IMPERSONATION,
+                    f"organisation {signer} signed an upload on behalf of {organisation}",
+                    signer=signer,
+                )
+            raise CoordinatorError(
+                ErrorCode.BAD_SIGNATURE,
+                "the signature does not match the upload (wrong key, chain id, ledger or field)",
+            )
+        if not registered:
+            raise CoordinatorError(
+                ErrorCode.UNREGISTERED_SIGNER,
+                f"{signer} is not a registered organisation on ledger {self.ledger.address}",
+            )
+
+    def check_expiry(self, auth: UploadAuthorization) -> None:
+        now = self.clock()
+        if auth.expiry < now:
+            raise CoordinatorError(
+                ErrorCode.EXPIRED, f"the upload authorisation expired at {auth.expiry}"
+            )
+        if auth.expiry > now + self.settings.max_expiry_s:
+            raise CoordinatorError(
+                ErrorCode.EXPIRY_TOO_FAR,
+                f"the authorisation must expire within {self.settings.max_expiry_s} s",
+            )
+
+    @staticmethod
+    def check_body_hash(auth: UploadAuthorization, body: bytes) -> str:
+        body_hash = hex32(keccak(body))
+        if body_hash != hex32(auth.update_hash):
+            raise CoordinatorError(
+                ErrorCode.BODY_HASH_MISMATCH,
+                f"the body hashes to {body_hash}, the signed hash is {hex32(auth.update_hash)}",
+            )
+        return body_hash
+
+    # -------------------------------------------------- against the round (under the lock)
+
+    def check_round(self, upload: AuthenticatedUpload, current: StoredRound | None) -> StoredRound:
+        """The upload is for the current round (``wrong_round``); returns that round."""
+        if current is None or upload.auth.round_id != current.round_id:
+            raise CoordinatorError(
+                ErrorCode.WRONG_ROUND,
+                f"update for round {upload.auth.round_id} rejected: round "
+                f"{current.round_id if current else 0} is current",
+                current_round=current.round_id if current else 0,
+            )
+        return current
+
+    def check_open(self, current: StoredRound) -> None:
+        """The current round still takes uploads (``round_closed``, ``deadline_passed``)."""
+        if current.status != wire.RoundStatus.OPEN:
+            raise CoordinatorError(
+                ErrorCode.ROUND_CLOSED,
+                f"round {current.round_id} is {current.status} and takes no more uploads",
+                current_round=current.round_id,
+            )
+        if self.clock() > current.deadline + self.settings.upload_grace_s:
+            raise CoordinatorError(
+                ErrorCode.DEADLINE_PASSED,
+                f"round {current.round_id} closed for uploads at {current.deadline}",
+                current_round=current.round_id,
+            )
+
+    @staticmethod
+    def check_nonce(upload: AuthenticatedUpload, used: bool) -> None:
+        if used:
+            raise CoordinatorError(
+                ErrorCode.REPLAYED,
+                f"nonce {upload.auth.nonce} was already used by {upload.signer}",
+            )
+
+    @staticmethod
+    def check_same_bytes(existing: StoredUpdate, body_hash: str) -> None:
+        """A second upload for an organisation and round must be the accepted bytes again."""
+        if existing.update_hash != body_hash:
+            raise CoordinatorError(
+                ErrorCode.ALREADY_SUBMITTED,
+                f"{existing.organisation} already submitted {existing.update_hash} for round "
+                f"{existing.round_id}; an update is final",
+                update_hash=existing.update_hash,
+            )
+
+    # -------------------------------------------------- against the chain and the model
+
+    def check_commitment(self, upload: AuthenticatedUpload) -> None:
+        auth, signer = upload.auth, upload.signer
+        try:
+            commitment = self.ledger.commitment_of(auth.round_id, signer)
+        except ChainError as exc:
+            raise ChainUnavailable(f"cannot read the on-chain commitment: {exc}") from exc
+        if commitment is None:
+            raise CoordinatorError(
+                ErrorCode.NOT_COMMITTED,
+                f"{signer} has not committed an update for round {auth.round_id} on-chain; "
+                "call commitUpdate first",
+            )
+        if hex32(commitment.update_hash) != upload.body_hash:
+            raise CoordinatorError(
+                ErrorCode.COMMITMENT_MISMATCH,
+                f"the body hashes to {upload.body_hash} but {signer} committed "
+                f"{hex32(commitment.update_hash)} for round {auth.round_id}",
+            )
+        if commitment.num_samples != auth.num_samples:
+            raise CoordinatorError(
+                ErrorCode.SAMPLES_MISMATCH,
+                f"signed sample count {auth.num_samples} differs from the committed "
+                f"{commitment.num_samples}",
+            )
+
+    def check_content(self, body: bytes) -> dict[str, torch.Tensor]:
+        """The body decodes to the model's tensors, all finite, within the norm bound."""
+        try:
+            tensors = decode_update(body, self.specs)
+        except CodedError as exc:
+            raise CoordinatorError(exc.code, exc.message) from exc
+        bound = self.settings.max_update_norm
+        if bound is not None:
+            norm = l2_norm(tensors)
+            if norm > bound:
+                raise CoordinatorError(
+                    ErrorCode.NORM_EXCEEDED,
+                    f"update L2 norm {norm:.4g} exceeds the bound {bound:.4g}",
+                    norm=norm,
+                )
+        return tensors

@@ -1,0 +1,587 @@
+"""fedledger's one exception family and its stable error codes (docs/errors.md is generated here).
+
+Every error fedledger raises on purpose derives from ``FedledgerError``; each role has its own
+subclass (``IncentiveError``, ``CoordinatorError``, ``NodeError``, ``DevnetError``,
+``CompileError``), so a caller catches one root or one role. A refusal the coordinator answers
+over HTTP carries an ``ErrorCode``: the code's HTTP status, when it happens and what to do about
+it are written once, below, and ``render_markdown`` turns them into docs/errors.md.
+
+Torch-free and web3-free: the CLI and the node import it without either.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class Area(enum.StrEnum):
+    """Where a code is answered; docs/errors.md has one table per area."""
+
+    UPLOAD = "Uploads: `POST /v1/rounds/{round_id}/updates`"
+    READ = "Other endpoints"
+    SERVICE = "The coordinator service (start-up, the round driver, the audit)"
+
+
+@dataclass(frozen=True)
+class CodeSpec:
+    status: int
+    area: Area
+    when: str
+    fix: str
+
+
+class ErrorCode(enum.StrEnum):
+    """Every stable, machine-readable code fedledger answers a refusal with."""
+
+    spec: CodeSpec
+
+    def __new__(cls, value: str, spec: CodeSpec) -> ErrorCode:
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member.spec = spec
+        return member
+
+    @property
+    def status(self) -> int:
+        return self.spec.status
+
+    # Uploads, in the order the coordinator checks them.
+    BAD_CONTENT_LENGTH = (
+        "bad_content_length",
+        CodeSpec(
+            400, Area.UPLOAD, "`Content-Length` is not an integer", "send a valid length (or none)"
+        ),
+    )
+    TOO_LARGE = (
+        "too_large",
+        CodeSpec(
+            413,
+            Area.UPLOAD,
+            "the body exceeds the limit (declared, streamed or chunked)",
+            "send a smaller update",
+        ),
+    )
+    UNSIGNED = (
+        "unsigned",
+        CodeSpec(
+            401,
+            Area.UPLOAD,
+            "an `X-Fedledger-*` authorisation header is missing (`details.missing` lists them)",
+            "sign the upload (EIP-712, see `incentive/signing.py`)",
+        ),
+    )
+    MALFORMED_AUTHORIZATION = (
+        "malformed_authorization",
+        CodeSpec(
+            401,
+            Area.UPLOAD,
+            "a header is not a valid address, integer or 32-byte hash, or the signed round differs "
+            "from the URL",
+            "fix the header",
+        ),
+    )
+    BAD_SIGNATURE = (
+        "bad_signature",
+        CodeSpec(
+            401,
+            Area.UPLOAD,
+            "the signature does not recover to the claimed organisation: wrong key, another chain "
+            "id or ledger, or an altered field",
+            "sign with the organisation's key for this chain and ledger",
+        ),
+    )
+    UNREGISTERED_SIGNER = (
+        "unregistered_signer",
+        CodeSpec(
+            401,
+            Area.UPLOAD,
+            "the signer is not a registered organisation on the ledger",
+            "ask the consortium admin to register the account",
+        ),
+    )
+    IMPERSONATION = (
+        "impersonation",
+        CodeSpec(
+            403,
+            Area.UPLOAD,
+            "a registered organisation signed an upload on behalf of another",
+            "each organisation uploads for itself",
+        ),
+    )
+    EXPIRED = (
+        "expired",
+        CodeSpec(
+            401, Area.UPLOAD, "the authorisation's expiry has passed", "sign a fresh authorisation"
+        ),
+    )
+    EXPIRY_TOO_FAR = (
+        "expiry_too_far",
+        CodeSpec(
+            401,
+            Area.UPLOAD,
+            "the expiry is further ahead than the coordinator allows",
+            "use a shorter expiry",
+        ),
+    )
+    BODY_HASH_MISMATCH = (
+        "body_hash_mismatch",
+        CodeSpec(
+            401,
+            Area.UPLOAD,
+            "the body's keccak256 differs from the signed update hash",
+            "send the bytes you signed",
+        ),
+    )
+    WRONG_ROUND = (
+        "wrong_round",
+        CodeSpec(
+            409,
+            Area.UPLOAD,
+            "the round is not the current one (`details.current_round`)",
+            "take part in the current round",
+        ),
+    )
+    ROUND_CLOSED = (
+        "round_closed",
+        CodeSpec(
+            409, Area.UPLOAD, "the round is aggregating or settled", "wait for the next round"
+        ),
+    )
+    DEADLINE_PASSED = (
+        "deadline_passed",
+        CodeSpec(409, Area.UPLOAD, "the round stopped taking uploads", "wait for the next round"),
+    )
+    REPLAYED = (
+        "replayed",
+        CodeSpec(
+            401, Area.UPLOAD, "this organisation already used the nonce", "use a fresh random nonce"
+        ),
+    )
+    ALREADY_SUBMITTED = (
+        "already_submitted",
+        CodeSpec(
+            409,
+            Area.UPLOAD,
+            "different bytes were already accepted for this organisation and round",
+            "nothing: an update is final",
+        ),
+    )
+    NOT_COMMITTED = (
+        "not_committed",
+        CodeSpec(
+            409,
+            Area.UPLOAD,
+            "no on-chain commitment for this organisation and round",
+            "call `commitUpdate` first",
+        ),
+    )
+    COMMITMENT_MISMATCH = (
+        "commitment_mismatch",
+        CodeSpec(
+            409,
+            Area.UPLOAD,
+            "the body's hash differs from the on-chain commitment",
+            "upload exactly the committed bytes",
+        ),
+    )
+    SAMPLES_MISMATCH = (
+        "samples_mismatch",
+        CodeSpec(
+            409,
+            Area.UPLOAD,
+            "the signed sample count differs from the committed one",
+            "sign the committed count",
+        ),
+    )
+    NOT_SAFETENSORS = (
+        "not_safetensors",
+        CodeSpec(
+            422,
+            Area.UPLOAD,
+            "the body is not a safetensors file (pickles are refused unread)",
+            "send canonical safetensors bytes",
+        ),
+    )
+    TENSOR_MISMATCH = (
+        "tensor_mismatch",
+        CodeSpec(
+            422,
+            Area.UPLOAD,
+            "tensor names, shapes or dtypes differ from the model (each difference listed)",
+            "train the round's model",
+        ),
+    )
+    NON_FINITE = (
+        "non_finite",
+        CodeSpec(422, Area.UPLOAD, "a tensor holds NaN or infinity (named)", "fix training"),
+    )
+    NORM_EXCEEDED = (
+        "norm_exceeded",
+        CodeSpec(
+            422,
+            Area.UPLOAD,
+            "the update's L2 norm is over the configured bound",
+            "clip the update",
+        ),
+    )
+    CHAIN_UNAVAILABLE = (
+        "chain_unavailable",
+        CodeSpec(
+            503,
+            Area.UPLOAD,
+            "the chain could not be read, so nothing was verified (`Retry-After` set)",
+            "retry after the given seconds",
+        ),
+    )
+
+    # Reads.
+    NO_ROUND = (
+        "no_round",
+        CodeSpec(
+            404,
+            Area.READ,
+            "`GET /v1/rounds/current` or `/v1/health` before the first round is open",
+            "wait for the coordinator to open round 1",
+        ),
+    )
+    UNKNOWN_ROUND = (
+        "unknown_round",
+        CodeSpec(
+            404,
+            Area.READ,
+            "`GET /v1/rounds/{id}` for a round that does not exist",
+            "ask for a round up to the current one",
+        ),
+    )
+    UNKNOWN_MODEL = (
+        "unknown_model",
+        CodeSpec(
+            404,
+            Area.READ,
+            "`GET /v1/models/{hash}` for a hash that is not a round's global model (individual "
+            "updates are never served)",
+            "take the model hash from the ledger or `GET /v1/rounds/current`",
+        ),
+    )
+    NOT_CLAIMABLE = (
+        "not_claimable",
+        CodeSpec(
+            404,
+            Area.READ,
+            "`GET /v1/rounds/{id}/claims/{org}` for a round that paid everyone directly (or is "
+            "not settled)",
+            "nothing to claim: a direct settlement already paid",
+        ),
+    )
+    NO_CLAIM = (
+        "no_claim",
+        CodeSpec(
+            404,
+            Area.READ,
+            "`GET /v1/rounds/{id}/claims/{org}` for an organisation with no leaf in the round's "
+            "settlement",
+            "nothing to claim: the organisation had no accepted update in the round",
+        ),
+    )
+    NOT_FOUND = "not_found", CodeSpec(404, Area.READ, "no such path", "see `/docs`")
+    METHOD_NOT_ALLOWED = (
+        "method_not_allowed",
+        CodeSpec(405, Area.READ, "the path exists but not with this method", "see `/docs`"),
+    )
+    INVALID_REQUEST = (
+        "invalid_request",
+        CodeSpec(
+            422,
+            Area.READ,
+            "a path or query parameter is malformed (`details.fields` gives locations; the input "
+            "is never echoed)",
+            "fix the parameter",
+        ),
+    )
+    HTTP_ERROR = (
+        "http_error",
+        CodeSpec(
+            400, Area.READ, "any other HTTP-level refusal (the status says which)", "see `/docs`"
+        ),
+    )
+
+    # The service itself: start-up checks and failures of the round driver or the audit.
+    NOT_COORDINATOR = (
+        "not_coordinator",
+        CodeSpec(
+            500,
+            Area.SERVICE,
+            "the coordinator's key lacks `COORDINATOR_ROLE` on the ledger",
+            "start with the key the ledger was deployed for, or have the admin grant the role",
+        ),
+    )
+    WRONG_DATA_DIR = (
+        "wrong_data_dir",
+        CodeSpec(
+            500,
+            Area.SERVICE,
+            "the data directory belongs to another ledger, or is empty while the ledger has rounds",
+            "start on the data directory that ran this ledger's rounds",
+        ),
+    )
+    CHAIN_MISMATCH = (
+        "chain_mismatch",
+        CodeSpec(
+            500,
+            Area.SERVICE,
+            "a round on-chain records another model hash than the coordinator's store",
+            "the chain or the data directory was changed by hand; restore the data directory",
+        ),
+    )
+    MISSING_ROUND = (
+        "missing_round",
+        CodeSpec(
+            500,
+            Area.SERVICE,
+            "the store has no record of a round the books are asked for",
+            "audit a round the coordinator has closed, from its data directory",
+        ),
+    )
+    MISSING_BLOB = (
+        "missing_blob",
+        CodeSpec(
+            500,
+            Area.SERVICE,
+            "a stored update or model file is missing from the data directory",
+            "restore the data directory's `blobs/` from a backup",
+        ),
+    )
+
+
+class FedledgerError(Exception):
+    """Root of every error fedledger raises on purpose; ``message`` says what to do."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class CodedError(FedledgerError):
+    """An error with a stable code (and HTTP status) that the API and the CLI report as is."""
+
+    def __init__(self, code: ErrorCode, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.code = code
+        self.details = details
+
+    @property
+    def status(self) -> int:
+        return self.code.status
+
+
+# ------------------------------------------------------------------ roles
+
+
+class IncentiveError(FedledgerError):
+    """Raised by ``fedledger.incentive``: commitments, signatures, the chain."""
+
+
+class CommitmentError(IncentiveError, CodedError):
+    """Bytes that are not a well-formed canonical update (not safetensors, wrong tensors, non-finite)."""
+
+
+class SignatureError(IncentiveError, CodedError):
+    """A signed request that does not verify."""
+
+
+class ChainError(IncentiveError):
+    """The chain could not be reached or answered something unexpected."""
+
+
+class ContractRevert(ChainError):
+    """A contract call reverted; ``error`` is the custom error's name and ``args`` its arguments."""
+
+    def __init__(self, error: str, args: tuple[object, ...] = (), raw: str = "") -> None:
+        shown = f"{error}({', '.join(map(str, args))})" if error else raw or "reverted"
+        super().__init__(f"contract reverted: {shown}")
+        self.error = error
+        self.error_args = args
+        self.raw = raw
+
+
+class CoordinatorError(CodedError):
+    """A request the coordinator refuses, or a failure it reports; mapped to HTTP in one place."""
+
+    headers: dict[str, str]
+
+    def __init__(self, code: ErrorCode, message: str, **details: Any) -> None:
+        super().__init__(code, message, **details)
+        self.headers = {}
+
+
+class ChainUnavailable(CoordinatorError):
+    """The chain could not be read, so nothing can be verified now; retry later (503)."""
+
+    def __init__(self, message: str, *, retry_after_s: int = 5) -> None:
+        super().__init__(ErrorCode.CHAIN_UNAVAILABLE, message)
+        self.headers = {"Retry-After": str(retry_after_s)}
+
+
+class NodeError(FedledgerError):
+    """Raised by an organisation's node."""
+
+
+class CoordinatorRejected(NodeError):
+    """The coordinator answered with an error body (stable ``code``, actionable ``message``)."""
+
+    def __init__(self, status: int, code: str, message: str, details: dict[str, Any]) -> None:
+        super().__init__(f"coordinator refused ({status} {code}): {message}")
+        self.status = status
+        self.code = code
+        self.message = message  # the coordinator's own words, without the status
+        self.details = details
+
+
+class CoordinatorUnavailable(NodeError):
+    """The coordinator could not be reached or answered 5xx; retry later."""
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class ModelVerificationError(NodeError):
+    """The global model served by the coordinator does not match its on-chain hash."""
+
+
+class DevnetError(FedledgerError):
+    """anvil could not be found, started or stopped, or a deployment failed."""
+
+
+class CompileError(FedledgerError):
+    """The Solidity compiler reported errors or could not run."""
+
+
+# ------------------------------------------------------------------ docs/errors.md
+
+_OPENZEPPELIN_ERRORS = {
+    "AccessControlUnauthorizedAccount(address account, bytes32 neededRole)": (
+        "FedLedger",
+        "a call without the role it needs (AccessControl)",
+    ),
+    "AccessControlBadConfirmation()": (
+        "FedLedger",
+        "`renounceRole` for an account other than the caller (AccessControl)",
+    ),
+    "OwnableUnauthorizedAccount(address account)": (
+        "RewardToken",
+        "minting other than through the ledger, its owner (Ownable)",
+    ),
+    "OwnableInvalidOwner(address owner)": ("RewardToken", "ownership given to the zero address"),
+    "ERC20InsufficientBalance(address sender, uint256 balance, uint256 needed)": (
+        "RewardToken",
+        "a transfer of more tokens than the sender holds (ERC20)",
+    ),
+    "ERC20InsufficientAllowance(address spender, uint256 allowance, uint256 needed)": (
+        "RewardToken",
+        "a `transferFrom` beyond the allowance (ERC20)",
+    ),
+    "ERC20InvalidSender(address sender)": ("RewardToken", "a transfer from the zero address"),
+    "ERC20InvalidReceiver(address receiver)": ("RewardToken", "a transfer to the zero address"),
+    "ERC20InvalidApprover(address approver)": ("RewardToken", "an approval by the zero address"),
+    "ERC20InvalidSpender(address spender)": ("RewardToken", "an approval of the zero address"),
+}
+"""The errors the contracts inherit from OpenZeppelin 5, whose NatSpec lives in its sources."""
+_NATSPEC_ERROR = re.compile(
+    r"///\s*@notice\s+(?P<notice>.+?)\n\s*error\s+(?P<signature>\w+\([^)]*\));"
+)
+
+
+def contract_errors(source: str) -> list[tuple[str, str]]:
+    """(``Name(type arg, ...)``, its NatSpec notice) for each custom error in a Solidity source."""
+    return [(m["signature"], m["notice"].strip()) for m in _NATSPEC_ERROR.finditer(source)]
+
+
+def contract_sources() -> list[Path]:
+    """The Solidity sources whose custom errors docs/errors.md lists."""
+    from fedledger.contracts.compile import HERE, SOURCES
+
+    return [HERE / name for name in SOURCES]
+
+
+def render_markdown(contract_sources: list[Path]) -> str:
+    """docs/errors.md: every ``ErrorCode`` by area, then every custom error of the contracts."""
+    lines = [
+        "# Error codes",
+        "",
+        "<!-- Generated from fedledger/errors.py and the contracts' NatSpec by",
+        "     `./do docs`; a test fails when this file is stale. Do not edit by hand. -->",
+        "",
+        'Every refusal by the coordinator is a JSON body `{"code": ..., "message": ..., '
+        '"details": {...}}`',
+        "with a stable `code` and a message that says what to do. Nothing already accepted is "
+        "changed by",
+        "a refused request. In Python every one of them is a `fedledger.errors.FedledgerError`.",
+        "",
+    ]
+    for area in Area:
+        lines += [f"## {area.value}", ""]
+        if area is Area.UPLOAD:
+            lines += [
+                "Checked in this order; the first that fails answers.",
+                "",
+                "| status | code | when | what to do |",
+                "|---|---|---|---|",
+                "| 201 | (receipt) | the update is verified and durably stored (fsync'd file, "
+                "committed database row) | nothing |",
+                "| 200 | (receipt, `duplicate: true`) | the same bytes were already accepted for "
+                "this organisation and round | nothing: this is the original receipt |",
+            ]
+        else:
+            lines += ["| status | code | when | what to do |", "|---|---|---|---|"]
+        for code in ErrorCode:
+            if code.spec.area is area:
+                lines.append(
+                    f"| {code.spec.status} | `{code.value}` | {code.spec.when} | {code.spec.fix} |"
+                )
+        lines.append("")
+    lines += [
+        "## Contract reverts",
+        "",
+        "The ledger reverts with custom errors; the Python client raises `ContractRevert` with the",
+        "error's name and arguments, and the CLI prints them. Any Ethereum tool decodes them "
+        "from the ABI.",
+        "",
+        "| contract | error | when |",
+        "|---|---|---|",
+    ]
+    for path in contract_sources:
+        for signature, notice in contract_errors(path.read_text()):
+            lines.append(f"| {path.stem} | `{signature}` | {notice} |")
+    for signature, (contract, when) in _OPENZEPPELIN_ERRORS.items():
+        lines.append(f"| {contract} (OpenZeppelin) | `{signature}` | {when} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fedledger.errors [--check] [PATH]``: write (or check) docs/errors.md."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("path", nargs="?", type=Path, default=Path("docs/errors.md"))
+    parser.add_argument("--check", action="store_true", help="exit 1 if PATH is stale")
+    args = parser.parse_args(argv)
+    text = render_markdown(contract_sources())
+    if args.check:
+        current = args.path.read_text() if args.path.exists() else ""
+        if current != text:
+            print(f"{args.path} is stale: run ./do docs")
+            return 1
+        return 0
+    args.path.write_text(text)
+    print(f"wrote {args.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
