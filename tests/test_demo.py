@@ -3,32 +3,100 @@
 from __future__ import annotations
 
 import io
+import re
+from typing import Any
 
 import pytest
 from rich.console import Console
+from web3 import Web3
 
+from fedledger.coordinator.policy import PricingPolicy
 from fedledger.demo import run_demo
-from fedledger.node.training import TrainConfig
+from fedledger.devnet.embedded import embedded_web3
+from fedledger.incentive.ledger import LedgerClient
+from fedledger.incentive.onchain import TOKEN_UNIT, RoundState, from_fixed_point
 
 pytestmark = pytest.mark.slow
 
+ORGANISATIONS = 3
+ROUNDS = 2
+BUDGET = PricingPolicy().reward_per_round  # the default the demo keeps
+CHANCE = 0.1  # digits has ten classes
+FINAL_ACCURACY = 0.75  # chance is 0.1; two rounds of the demo's training reach about 0.88
 
-def test_demo_runs_rounds_and_pays_from_the_contract() -> None:
+
+def test_demo_learns_and_its_table_is_what_the_contract_pays(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    chains: list[Web3] = []
+
+    def keep_the_chain(*args: Any, **kwargs: Any) -> Web3:
+        w3 = embedded_web3(*args, **kwargs)
+        chains.append(w3)
+        return w3
+
+    monkeypatch.setattr("fedledger.demo.embedded_web3", keep_the_chain)  # to read it after the demo
     out = io.StringIO()
-    result = run_demo(
-        organisations=3,
-        rounds=2,
-        train_config=TrainConfig(epochs=1),
-        console=Console(file=out, width=200),
+    result = run_demo(  # the demo's own training settings, fewer organisations and rounds
+        organisations=ORGANISATIONS, rounds=ROUNDS, console=Console(file=out, width=200)
     )
-    assert len(result.accuracies) == 2
-    assert all(0.0 <= a <= 1.0 for a in result.accuracies)
-    assert len(result.organisations) == 3
+
+    # It learns: every round's model is far above chance, and the last one well above that.
+    assert len(result.accuracies) == ROUNDS
+    assert all(a > 3 * CHANCE for a in result.accuracies), result.accuracies
+    assert result.accuracies[-1] >= FINAL_ACCURACY, result.accuracies
+
+    # Every round was finalized on-chain and paid exactly its budget, by the README's rule:
+    # reward_k = budget * max(phi_k, 0) / sum_j max(phi_j, 0), nothing to a flagged one.
+    [w3] = chains
+    ledger = LedgerClient(w3, result.ledger)
+    addresses = [org.address for org in result.organisations]
+    assert ledger.round_count() == ROUNDS
+    assert sorted(addresses) == sorted(ledger.organisations())
+    for round_id in range(1, ROUNDS + 1):
+        record = ledger.get_round(round_id)
+        assert record.state == RoundState.FINALIZED
+        assert record.total_reward == record.claimed_reward == BUDGET
+        rewards = [ledger.reward_of(round_id, a) for a in addresses]
+        scores = [
+            0.0
+            if ledger.flags_of(round_id, a)
+            else max(from_fixed_point(ledger.score_of(round_id, a)), 0.0)
+            for a in addresses
+        ]
+        assert sum(rewards) == BUDGET
+        assert sum(scores) > 0
+        for reward, score in zip(rewards, scores, strict=True):
+            assert reward == pytest.approx(BUDGET * score / sum(scores), rel=1e-9)
+            assert (reward == 0) == (score == 0)
+
+    # The summary is the chain's: summed rewards and contributions, and balances equal to
+    # them (tokens come only from round rewards).
+    assert ledger.total_supply() == ROUNDS * BUDGET
     for org in result.organisations:
-        assert org.balance == org.reward  # tokens come only from round rewards
+        assert org.reward == sum(ledger.reward_of(r, org.address) for r in range(1, ROUNDS + 1))
+        assert org.balance == ledger.balance_of(org.address) == org.reward
+        assert org.value == pytest.approx(
+            sum(from_fixed_point(ledger.score_of(r, org.address)) for r in range(1, ROUNDS + 1))
+        )
         assert org.num_samples > 0
-    paid = sum(org.reward for org in result.organisations)
-    assert paid % (1000 * 10**18) == 0 and paid > 0  # whole budgets: exact split, per round
+    assert sum(org.reward for org in result.organisations) == ROUNDS * BUDGET
+
+    # And the printed table shows those numbers, one row per organisation.
     printed = out.getvalue()
-    assert "round  2: validation accuracy" in printed
     assert result.ledger in printed
+    for round_id, accuracy in enumerate(result.accuracies, start=1):
+        assert f"round {round_id:>2}: validation accuracy {accuracy:.1%}" in printed
+    rows = re.findall(
+        r"│ (0x\w+)…(\w+) │ +(\d+) │ +([+-][\d.]+) │ +([\d,.]+) │ +([\d,.]+) │", printed
+    )
+    assert len(rows) == ORGANISATIONS
+    for org, (head, tail, samples, contribution, reward, balance) in zip(
+        result.organisations, rows, strict=True
+    ):
+        assert org.address.startswith(head) and org.address.endswith(tail)
+        assert int(samples) == org.num_samples
+        assert contribution == f"{org.value:+.4f}"
+        assert reward == f"{org.reward / TOKEN_UNIT:,.2f}"
+        assert balance == f"{org.balance / TOKEN_UNIT:,.2f}"
+    assert f"final validation accuracy {result.accuracies[-1]:.1%}" in printed

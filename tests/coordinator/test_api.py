@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import pickle
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
 
+import httpx
 import pytest
 import torch
 
@@ -402,31 +406,120 @@ def test_an_unexpected_error_in_the_round_driver_shows_in_health_and_is_retried(
         time.sleep(0.05)
 
 
-def test_a_long_poll_answers_when_the_round_changes(harness: Harness) -> None:
-    """GET /v1/rounds/current with after_round/after_status waits for a change, then answers."""
-    import threading
+def _polls_held_in(current_after: Callable[..., object]) -> list[int]:
+    """The threads now blocked in a ``threading.Condition.wait`` made (at any depth) by
+    ``current_after``: requests the service is holding, not ones still on their way in."""
+    target = current_after.__code__
+    wait = threading.Condition.wait.__code__
+    held = []
+    for ident, frame in sys._current_frames().items():
+        if frame.f_code is not wait:
+            continue
+        caller: FrameType | None = frame
+        while caller is not None and caller.f_code is not target:
+            caller = caller.f_back
+        if caller is not None:
+            held.append(ident)
+    return held
 
+
+def _wait_for(condition: Callable[[], object], what: str, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout_s:.0f} s waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_a_long_poll_is_held_until_the_round_changes_then_answers_with_it(
+    harness: Harness,
+) -> None:
+    """GET /v1/rounds/current?after_round&after_status&wait_s is held while the round is the
+    one the caller knows, and answered with the new state as soon as the round changes."""
+    current_after = type(harness.service).current_after
     current = harness.client.get("/v1/rounds/current").json()
-    known = {"after_round": current["round_id"], "after_status": current["status"]}
+    assert (current["round_id"], current["status"]) == (1, "open")
+    known = {"after_round": 1, "after_status": "open"}
+    assert _polls_held_in(current_after) == []
 
-    started = time.monotonic()
-    timed_out = harness.client.get("/v1/rounds/current", params={**known, "wait_s": 0.3})
-    assert timed_out.json()["status"] == "open"
-    assert time.monotonic() - started >= 0.3  # nothing changed: it waited the whole time
+    wait_s = 25.0
+    answers: list[tuple[float, httpx.Response]] = []
 
-    answers: list[dict[str, object]] = []
-    waiter = threading.Thread(
-        target=lambda: answers.append(
-            harness.client.get("/v1/rounds/current", params={**known, "wait_s": 20}).json()
-        )
-    )
+    def poll() -> None:
+        response = harness.client.get("/v1/rounds/current", params={**known, "wait_s": wait_s})
+        answers.append((time.monotonic(), response))
+
+    asked_at = time.monotonic()
+    waiter = threading.Thread(target=poll, name="long-poll", daemon=True)
     waiter.start()
-    time.sleep(0.2)
-    assert answers == []  # still waiting
+    _wait_for(lambda: _polls_held_in(current_after) or answers, "the poll to be held")
+    assert answers == [], "a poll for the current state was answered without a change"
+    assert len(_polls_held_in(current_after)) == 1
+
+    # Uploads change the round's counts, not its (round, status): the poll stays held.
     for k, org in enumerate(harness.orgs):
         assert harness.post(harness.make_upload(org, seed=k)).status_code == 201
-    started = time.monotonic()
-    harness.service.step()  # round 1 closes
+    assert waiter.is_alive() and answers == []
+
+    changed_at = time.monotonic()
+    assert harness.service.step()  # all in: round 1 closes
     waiter.join(timeout=20)
-    assert answers and answers[0]["round_id"] == 1 and answers[0]["status"] != "open"
-    assert time.monotonic() - started < 10  # answered at the change, not at the timeout
+    assert not waiter.is_alive(), "the poll was not answered after the round changed"
+    answered_at, response = answers[0]
+    assert response.status_code == 200
+    answer = response.json()
+    # It was answered after the change, with the new state, and long before its wait_s.
+    assert answered_at >= changed_at
+    assert answered_at < asked_at + wait_s - 5
+    assert answer["round_id"] == 1 and answer["status"] in ("closing", "finalized")
+    now = harness.client.get("/v1/rounds/current").json()
+    assert now["status"] == "finalized"
+    assert {**answer, "status": None} == {**now, "status": None}
+    assert _polls_held_in(current_after) == []
+
+
+def test_a_long_poll_answers_a_stale_state_at_once_and_waits_at_most_the_cap(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for k, org in enumerate(harness.orgs):
+        assert harness.post(harness.make_upload(org, seed=k)).status_code == 201
+    assert harness.service.step()  # round 1 closes
+    assert harness.service.step()  # round 2 opens
+    current = harness.client.get("/v1/rounds/current").json()
+    assert (current["round_id"], current["status"]) == (2, "open")
+
+    # A caller that knows an older state is answered at once, whatever wait_s it asks.
+    for stale_round, stale_status in [(1, "open"), (1, "finalized"), (2, "closing"), (0, "open")]:
+        started = time.monotonic()
+        response = harness.client.get(
+            "/v1/rounds/current",
+            params={"after_round": stale_round, "after_status": stale_status, "wait_s": 25},
+        )
+        assert time.monotonic() - started < 10, (stale_round, stale_status)
+        assert response.json() == current
+
+    # Nothing changes: the poll answers the same state once wait_s has passed.
+    known = {"after_round": 2, "after_status": "open"}
+    started = time.monotonic()
+    response = harness.client.get("/v1/rounds/current", params={**known, "wait_s": 0.3})
+    assert time.monotonic() - started >= 0.3
+    assert response.json() == current
+
+    # wait_s is capped by MAX_LONG_POLL_S (here lowered to 0.5 s, so the test need not wait 30).
+    service_module = sys.modules[type(harness.service).current_after.__module__]
+    monkeypatch.setattr(service_module, "MAX_LONG_POLL_S", 0.5)
+    capped: list[tuple[float, httpx.Response]] = []
+
+    def poll() -> None:
+        response = harness.client.get("/v1/rounds/current", params={**known, "wait_s": 1e6})
+        capped.append((time.monotonic() - started, response))
+
+    started = time.monotonic()
+    # In a thread, so that an uncapped wait fails the test instead of hanging it; the
+    # fixture's service.stop() releases a poll still waiting.
+    waiter = threading.Thread(target=poll, name="capped-poll", daemon=True)
+    waiter.start()
+    waiter.join(timeout=15)
+    assert capped, "wait_s=1e6 was not capped by MAX_LONG_POLL_S"
+    elapsed, response = capped[0]
+    assert elapsed >= 0.5
+    assert response.json() == current

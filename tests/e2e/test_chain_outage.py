@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -24,7 +25,7 @@ from fedledger.incentive.commitment import encode_tensors
 from fedledger.incentive.ledger import LedgerClient
 from fedledger.incentive.onchain import RoundState
 from fedledger.node.client import CoordinatorClient
-from fedledger.node.runner import NodeRunner
+from fedledger.node.runner import NodeRunner, RoundOutcome
 from fedledger.node.training import TrainConfig
 from fedledger.tasks import get_task
 from harness import Harness
@@ -88,31 +89,76 @@ def test_coordinator_answers_503_while_the_chain_is_down(
     assert response.status_code == 201  # type: ignore[attr-defined]
 
 
+class _Retries(logging.Handler):
+    """The delays of the node's "...; retrying in X s" warnings, as they are logged."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.delays_s: list[float] = []
+        self._logged = threading.Condition()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        match = re.search(r"retrying in ([0-9.]+) s", record.getMessage())
+        if match:
+            with self._logged:
+                self.delays_s.append(float(match.group(1)))
+                self._logged.notify_all()
+
+    def wait_for(self, count: int, timeout_s: float) -> bool:
+        with self._logged:
+            return self._logged.wait_for(lambda: len(self.delays_s) >= count, timeout_s)
+
+
 def test_node_retries_with_backoff_until_the_chain_returns(
     anvil: AnvilProcess, service: RoundService, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """While the chain is down the node keeps retrying, each time waiting longer, and uploads
+    nothing; once the chain is back it takes part in the round, which is settled on-chain."""
     service.start_driver()
     task = get_task("digits")
+    org = devnet_account(2)
+    retries = _Retries()
+    node_log = logging.getLogger("fedledger.node")
     with serve_in_thread(create_app(service)) as url:
         runner = NodeRunner(
             CoordinatorClient(url),
-            LedgerClient(
-                connect(anvil.rpc_url, timeout_s=1), service.ledger.address, devnet_account(2)
-            ),
+            LedgerClient(connect(anvil.rpc_url, timeout_s=1), service.ledger.address, org),
             task,
             task.partition(0, 1),
             TrainConfig(epochs=1),
             poll_interval_s=0.1,
         )
-        freeze(anvil)
-        outcomes: list[object] = []
+        outcomes: list[RoundOutcome] = []
+        worker = threading.Thread(target=lambda: outcomes.extend(runner.run()), daemon=True)
         with caplog.at_level(logging.WARNING, logger="fedledger.node"):
-            worker = threading.Thread(target=lambda: outcomes.extend(runner.run()))
-            worker.start()
-            time.sleep(4)
-            thaw(anvil)
-            worker.join(timeout=120)
-    assert not worker.is_alive()
-    assert any("retrying" in record.getMessage() for record in caplog.records)
-    assert len(outcomes) == 1
-    assert service.ledger.get_round(1).state == RoundState.FINALIZED
+            node_log.addHandler(retries)
+            try:
+                freeze(anvil)
+                try:
+                    worker.start()
+                    # Three failed attempts against the frozen chain, however long they take.
+                    assert retries.wait_for(3, timeout_s=60), retries.delays_s
+                    assert worker.is_alive() and outcomes == []
+                    assert service.store.updates_for(1) == []  # nothing got through
+                finally:
+                    thaw(anvil)
+                worker.join(timeout=120)
+            finally:
+                node_log.removeHandler(retries)
+    assert not worker.is_alive(), "the node did not finish once the chain was back"
+    first = retries.delays_s[:3]
+    assert first[0] < first[1] < first[2], f"no backoff: {first}"
+    assert first[0] == pytest.approx(0.1)  # starts at the poll interval
+
+    [outcome] = outcomes
+    assert outcome.round_id == 1
+    stored = service.store.updates_for(1)
+    assert [(u.organisation.lower(), u.update_hash) for u in stored] == [
+        (org.address.lower(), outcome.update_hash)
+    ]
+    committed = service.ledger.commitment_of(1, org.address)
+    assert committed is not None
+    assert "0x" + committed.update_hash.hex() == outcome.update_hash
+    record = service.ledger.get_round(1)
+    assert record.state == RoundState.FINALIZED
+    assert service.ledger.reward_of(1, org.address) == record.total_reward > 0
