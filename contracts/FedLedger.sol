@@ -400,6 +400,9 @@ contract FedLedger is AccessControlEnumerable {
     }
 
     /// @notice The flag bits the coordinator recorded for `org` in round `roundId` (0: none).
+    /// @dev Bits: 1 norm_clipped, 2 zero_update, 4 duplicate_update, 8 copied_update,
+    /// 16 negative_contribution, 32 unaligned_update; every one of them forfeits the round's
+    /// reward (fedledger.incentive.onchain.Flag, docs/architecture.md).
     function flagsOf(uint256 roundId, address org) external view returns (uint256) {
         return _settlements[roundId][org].flags;
     }

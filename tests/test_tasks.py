@@ -59,6 +59,23 @@ def test_features_are_standardised_on_the_training_part() -> None:
     )
 
 
+def test_a_pixel_constant_in_training_keeps_scale_one_so_log_loss_means_something() -> None:
+    """With std + 1e-8, a validation sample with ink on a pixel blank in every training image
+    came out ~1e8 and the log-loss ~1e4; a constant pixel keeps scale 1 instead."""
+    from fedledger.incentive.utility import evaluate_params
+
+    task = DigitsTask()
+    train = torch.cat([task.partition(k, 4)[0] for k in range(4)])
+    x_val, y_val = task.validation_data()
+    constant = train.std(0) == 0
+    assert bool(constant.any())  # the digits split has such pixels (the image border)
+    assert float(train[:, constant].abs().max()) == 0.0  # centred, not blown up
+    assert float(x_val.abs().max()) < 100.0
+    model = task.build_model(seed=0)
+    loss = -evaluate_params(model, model.state_dict(), x_val, y_val, "neg_log_loss")
+    assert 1.0 < loss < 5.0  # an untrained 10-class model: about log(10) = 2.3
+
+
 def test_model_is_the_64_32_10_mlp_and_deterministic() -> None:
     task = get_task("digits")
     state = task.build_model(seed=3).state_dict()

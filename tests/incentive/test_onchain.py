@@ -26,6 +26,17 @@ def test_flag_bits_are_the_ones_documented_for_auditors() -> None:
     assert sum(Flag) == FORFEITING  # every flag costs the round's reward today
 
 
+def test_flag_bits_are_documented_on_the_ledger_for_readers_of_the_contract_alone() -> None:
+    source = (ARCHITECTURE.parents[1] / "contracts" / "FedLedger.sol").read_text()
+    natspec = " ".join(
+        line.strip().removeprefix("/// @dev").removeprefix("///").strip()
+        for line in source.split("function flagsOf(")[0].splitlines()[-4:-1]
+    )
+    assert natspec.startswith(
+        "Bits: " + ", ".join(f"{int(f)} {f.name.lower()}" for f in Flag if f.name)
+    )
+
+
 def test_flag_names_lowest_bit_first() -> None:
     assert flag_names(int(Flag.COPIED_UPDATE | Flag.NORM_CLIPPED)) == [
         "norm_clipped",
