@@ -250,7 +250,9 @@ def value(
     )
     if valuator is None:
         valuator = choose_valuator(
-            len(kept), max_exact=policy.max_exact_players, max_evaluations=policy.valuation_budget
+            len(kept),
+            max_exact=policy.max_exact_players,
+            max_evaluations=policy.valuation_budget_for(len(kept)),
         )
     result = valuator.value(utility, len(kept), seed=inputs.round_id)
     for i, k in enumerate(kept):

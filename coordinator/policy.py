@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fedledger.incentive.onchain import TOKEN_UNIT, Metric
 
@@ -68,6 +68,33 @@ class PricingPolicy(BaseModel):
     claims_above: int = Field(
         16, ge=0, description="Settle by Merkle root and claims above this many organisations."
     )
+
+    @model_validator(mode="after")
+    def _sampled_valuation_is_possible(self) -> PricingPolicy:
+        if self.valuation_budget is not None:
+            needed = self.valuation_budget_needed(self.max_exact_players + 1)
+            if self.valuation_budget < needed:
+                raise ValueError(
+                    f"valuation_budget={self.valuation_budget} cannot value the smallest round "
+                    f"the sampled valuator prices ({self.max_exact_players + 1} organisations, "
+                    f"max_exact_players + 1): it needs at least {needed} evaluations"
+                )
+        return self
+
+    @staticmethod
+    def valuation_budget_needed(num_players: int) -> int:
+        """The fewest evaluations the sampled valuator values ``num_players`` organisations with."""
+        from fedledger.incentive.sampling import min_kernel_evaluations
+
+        return min_kernel_evaluations(num_players)
+
+    def valuation_budget_for(self, num_players: int) -> int | None:
+        """The sampled valuator's budget for a round of ``num_players`` screened organisations:
+        the policy's, raised to the valuator's minimum when more organisations joined than it
+        can value (so that a round is always priced; the result records the evaluations)."""
+        if self.valuation_budget is None:
+            return None
+        return max(self.valuation_budget, self.valuation_budget_needed(num_players))
 
     def record(self) -> dict[str, Any]:
         """The policy as recorded with each round's result (JSON-safe)."""

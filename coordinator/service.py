@@ -69,6 +69,7 @@ class RoundService:
                 f"{account.address} lacks COORDINATOR_ROLE on ledger {self.ledger.address}",
             )
         settings = self.settings
+        self._check_valuation_budget(len(self.ledger.organisations()))
         task = get_task(settings.pricing.task)
         model = task.build_model(seed=settings.pricing.model_seed)
         x_val, y_val = task.validation_data()
@@ -98,6 +99,20 @@ class RoundService:
             machine.open_round(1, hex32(digest))
         if background:
             self.start_driver()
+
+    def _check_valuation_budget(self, num_organisations: int) -> None:
+        """Refuse a sampled-valuation budget too small for the consortium registered now."""
+        policy = self.settings.pricing
+        if policy.valuation_budget is None or num_organisations <= policy.max_exact_players:
+            return
+        needed = policy.valuation_budget_needed(num_organisations)
+        if policy.valuation_budget < needed:
+            raise CoordinatorError(
+                ErrorCode.INVALID_POLICY,
+                f"valuation_budget={policy.valuation_budget} cannot value a round of the "
+                f"{num_organisations} registered organisations: the sampled valuator needs at "
+                f"least {needed} evaluations (2K + 2); raise --valuation-budget",
+            )
 
     def _started(self) -> tuple[Store, Task, RoundMachine, UploadVerifier]:
         if self._parts is None:

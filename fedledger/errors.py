@@ -337,6 +337,16 @@ class ErrorCode(enum.StrEnum):
             "the chain or the data directory was changed by hand; restore the data directory",
         ),
     )
+    INVALID_POLICY = (
+        "invalid_policy",
+        CodeSpec(
+            500,
+            Area.SERVICE,
+            "the pricing policy cannot price the consortium (a sampled-valuation budget below "
+            "the valuator's minimum for the registered organisations)",
+            "raise `--valuation-budget` to the figure the message gives, or leave it unset",
+        ),
+    )
     MISSING_ROUND = (
         "missing_round",
         CodeSpec(

@@ -453,8 +453,9 @@ def _stratified_mean(records: list[np.ndarray], firsts: list[int], num_players: 
     return result
 
 
-def _min_kernel_evaluations(num_players: int) -> int:
-    """U(empty), U(N) and every coalition of 1 and of K - 1 players (all 2**K when fewer)."""
+def min_kernel_evaluations(num_players: int) -> int:
+    """The fewest utility evaluations ``StratifiedKernelShapley`` values ``num_players`` with:
+    U(empty), U(N) and every coalition of 1 and of K - 1 players (all 2**K when fewer)."""
     if num_players <= 2:
         return 1 << num_players
     return 2 * num_players + 2
@@ -524,7 +525,7 @@ class StratifiedKernelShapley:
         _check_num_players(num_players)
         if num_players == 0:
             return _no_players(self.method)
-        needed = _min_kernel_evaluations(num_players)
+        needed = min_kernel_evaluations(num_players)
         if self.max_evaluations < needed:
             raise ValueError(
                 f"{type(self).__name__} needs at least {needed} evaluations for {num_players} "
@@ -562,7 +563,7 @@ def _kernel_design(
         strata[1].append(np.eye(k, dtype=bool))
         if k > 2:
             strata[k - 1].append(~np.eye(k, dtype=bool))
-    spare_pairs = (max_evaluations - _min_kernel_evaluations(k)) // 2
+    spare_pairs = (max_evaluations - min_kernel_evaluations(k)) // 2
     sizes = list(range(2, k // 2 + 1))
     if sizes and spare_pairs > 0:
         # A pair is a coalition and its complement; for s = K/2 both have size s.
@@ -699,7 +700,7 @@ def default_evaluations(num_players: int) -> int:
     than two 300-permutation ones are to each other.
     """
     _check_num_players(num_players)
-    budget = max(40 * num_players, _min_kernel_evaluations(num_players))
+    budget = max(40 * num_players, min_kernel_evaluations(num_players))
     return min(budget, 1 << num_players)
 
 
@@ -716,7 +717,7 @@ def choose_valuator(
     if num_players <= max_exact:
         return ExactShapley()
     budget = default_evaluations(num_players) if max_evaluations is None else max_evaluations
-    needed = _min_kernel_evaluations(num_players)
+    needed = min_kernel_evaluations(num_players)
     if budget < needed:
         raise ValueError(
             f"max_evaluations={budget} is too small for {num_players} players: the sampled "
