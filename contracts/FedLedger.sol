@@ -68,6 +68,7 @@ contract FedLedger is AccessControlEnumerable {
     mapping(uint256 roundId => mapping(address org => Settlement)) private _settlements;
     mapping(uint256 roundId => Valuation) private _valuations;
     mapping(uint256 roundId => address[] orgs) private _committers;
+    uint256 private _roundBudget;
 
     /// @notice The zero address was given where an account is required.
     error ZeroAddress();
@@ -107,6 +108,8 @@ contract FedLedger is AccessControlEnumerable {
     error NotCommitted(uint256 roundId, address org);
     /// @notice `org` appears twice in round `roundId`'s settlement.
     error DuplicateSettlement(uint256 roundId, address org);
+    /// @notice Round `roundId` would pay `totalReward` token units, more than the per-round budget `budget`.
+    error RoundBudgetExceeded(uint256 roundId, uint256 totalReward, uint256 budget);
 
     /// @notice The admin registered `org` as a consortium organisation.
     event OrganisationRegistered(address indexed org);
@@ -128,6 +131,8 @@ contract FedLedger is AccessControlEnumerable {
     event RewardsRootPosted(uint256 indexed roundId, bytes32 root);
     /// @notice `org` claimed `reward` token units for round `roundId`.
     event RewardClaimed(uint256 indexed roundId, address indexed org, uint256 reward);
+    /// @notice The admin changed the most one round may pay from `previousBudget` to `budget` token units.
+    event RoundBudgetSet(uint256 previousBudget, uint256 budget);
 
     /// @param admin The consortium admin: registers organisations and manages roles.
     /// @param coordinator The account of the coordinator service.
@@ -149,6 +154,17 @@ contract FedLedger is AccessControlEnumerable {
         if (org == address(0)) revert ZeroAddress();
         if (!_grantRole(ORGANISATION_ROLE, org)) revert OrganisationAlreadyRegistered(org);
         emit OrganisationRegistered(org);
+    }
+
+    /// @notice Sets the most one round may pay out in all, in token units: a settlement above
+    /// it reverts with RoundBudgetExceeded, so the coordinator cannot mint more than the
+    /// consortium agreed. Zero until the admin sets it (nothing can be paid before).
+    /// @dev Admin only. Applies to rounds finalized from now on.
+    /// @param budget Token units (18 decimals).
+    function setRoundBudget(uint256 budget) external onlyRole(DEFAULT_ADMIN_ROLE) {
+        uint256 previous = _roundBudget;
+        _roundBudget = budget;
+        emit RoundBudgetSet(previous, budget);
     }
 
     // ------------------------------------------------------------ coordinator
@@ -292,6 +308,7 @@ contract FedLedger is AccessControlEnumerable {
         uint256 totalReward,
         uint256 numOrganisations
     ) private returns (Round storage round) {
+        if (totalReward > _roundBudget) revert RoundBudgetExceeded(roundId, totalReward, _roundBudget);
         round = _rounds[roundId];
         round.newModelHash = newModelHash;
         round.state = RoundState.Finalized;
@@ -397,6 +414,11 @@ contract FedLedger is AccessControlEnumerable {
     /// @notice Token units paid to `org` for round `roundId`.
     function rewardOf(uint256 roundId, address org) external view returns (uint256) {
         return _settlements[roundId][org].reward;
+    }
+
+    /// @notice The most one round may pay out in all, in token units (setRoundBudget).
+    function roundBudget() external view returns (uint256) {
+        return _roundBudget;
     }
 
     /// @notice The flag bits the coordinator recorded for `org` in round `roundId` (0: none).

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from fedledger.incentive.onchain import TOKEN_UNIT, Metric
+from fedledger.incentive.onchain import DEFAULT_ROUND_BUDGET, Metric
 
 AggregationMethod = Literal["fedavg", "median", "trimmed_mean"]
 
@@ -63,7 +63,9 @@ class PricingPolicy(BaseModel):
     )
     # Payment.
     reward_per_round: int = Field(
-        1000 * TOKEN_UNIT, ge=0, description="Token units paid out per round."
+        DEFAULT_ROUND_BUDGET,
+        ge=0,
+        description="Token units paid out per round (at most the ledger's roundBudget).",
     )
     claims_above: int = Field(
         16, ge=0, description="Settle by Merkle root and claims above this many organisations."

@@ -70,6 +70,7 @@ class RoundService:
             )
         settings = self.settings
         self._check_valuation_budget(len(self.ledger.organisations()))
+        self._check_round_budget(self.ledger.round_budget())
         task = get_task(settings.pricing.task)
         model = task.build_model(seed=settings.pricing.model_seed)
         x_val, y_val = task.validation_data()
@@ -99,6 +100,19 @@ class RoundService:
             machine.open_round(1, hex32(digest))
         if background:
             self.start_driver()
+
+    def _check_round_budget(self, round_budget: int) -> None:
+        """Refuse to pay more a round than the ledger lets a round pay (``setRoundBudget``)."""
+        reward = self.settings.pricing.reward_per_round
+        if reward > round_budget:
+            raise CoordinatorError(
+                ErrorCode.OVER_BUDGET,
+                f"reward_per_round {reward} exceeds the ledger's round budget {round_budget} "
+                f"(token units, set by the admin with setRoundBudget): every settlement would "
+                "revert; lower --reward-per-round or have the admin raise the budget",
+                reward_per_round=reward,
+                round_budget=round_budget,
+            )
 
     def _check_valuation_budget(self, num_organisations: int) -> None:
         """Refuse a sampled-valuation budget too small for the consortium registered now."""

@@ -10,6 +10,7 @@ from web3 import Web3
 from fedledger.incentive.chain import devnet_account
 from fedledger.incentive.deployment import AccountEntry, Deployment, DeploymentAccounts
 from fedledger.incentive.ledger import LedgerClient
+from fedledger.incentive.onchain import DEFAULT_ROUND_BUDGET
 
 
 def _entry(account: LocalAccount, *, with_key: bool) -> AccountEntry:
@@ -26,6 +27,7 @@ def deploy(
     *,
     rpc_url: str | None = None,
     include_keys: bool = False,
+    round_budget: int = DEFAULT_ROUND_BUDGET,
 ) -> Deployment:
     """Deploy a ledger + token from ``admin``, grant ``coordinator`` its role, register organisations.
 
@@ -33,7 +35,7 @@ def deploy(
     (only for devnet accounts, whose keys are public anyway).
     """
     coordinator_address = coordinator if isinstance(coordinator, str) else coordinator.address
-    ledger, _ = LedgerClient.deploy(w3, admin, coordinator_address)
+    ledger, _ = LedgerClient.deploy(w3, admin, coordinator_address, round_budget=round_budget)
     org_entries: list[AccountEntry] = []
     for org in organisations:
         address = org if isinstance(org, str) else org.address
@@ -61,8 +63,16 @@ def deploy(
     )
 
 
-def deploy_devnet(w3: Web3, num_organisations: int, *, rpc_url: str | None = None) -> Deployment:
+def deploy_devnet(
+    w3: Web3,
+    num_organisations: int,
+    *,
+    rpc_url: str | None = None,
+    round_budget: int = DEFAULT_ROUND_BUDGET,
+) -> Deployment:
     """Deploy on a devnet whose accounts come from the devnet mnemonic: 0 admin, 1 coordinator, 2.. organisations."""
     admin, coordinator = devnet_account(0), devnet_account(1)
     orgs = [devnet_account(2 + i) for i in range(num_organisations)]
-    return deploy(w3, admin, coordinator, orgs, rpc_url=rpc_url, include_keys=True)
+    return deploy(
+        w3, admin, coordinator, orgs, rpc_url=rpc_url, include_keys=True, round_budget=round_budget
+    )

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from fedledger.coordinator.policy import PricingPolicy
 from fedledger.errors import FedledgerError
-from fedledger.incentive.onchain import TOKEN_UNIT
+from fedledger.incentive.onchain import DEFAULT_ROUND_BUDGET, TOKEN_UNIT
 
 if TYPE_CHECKING:
     from fedledger.incentive.deployment import Deployment
@@ -56,6 +56,19 @@ KeyOpt = Annotated[
         show_default=False,
     ),
 ]
+
+
+RoundBudgetOpt = Annotated[
+    float,
+    typer.Option(
+        help="The most one round may pay out, in tokens; the ledger refuses settlements above it."
+    ),
+]
+
+
+def _token_units(tokens: float) -> int:
+    """Tokens as given on the command line, in exact token units (18 decimals)."""
+    return int(Decimal(str(tokens)) * TOKEN_UNIT)
 
 
 def _fail(message: str) -> typer.Exit:
@@ -170,6 +183,7 @@ def devnet_up(
     state_dir: Annotated[
         Path, typer.Option(help="Where the pid, chain state and deployment go.")
     ] = DEFAULT_STATE_DIR / "devnet",
+    round_budget: RoundBudgetOpt = DEFAULT_ROUND_BUDGET / TOKEN_UNIT,
 ) -> None:
     """Start anvil on loopback, deploy the contracts and write `deployment.json`."""
     from fedledger.devnet.anvil import start_anvil
@@ -184,7 +198,12 @@ def devnet_up(
         )
     anvil = start_anvil(port=port, accounts=organisations + 2, detach=True)
     pid_file.write_text(str(anvil.pid))
-    deployment = deploy_devnet(connect(anvil.rpc_url), organisations, rpc_url=anvil.rpc_url)
+    deployment = deploy_devnet(
+        connect(anvil.rpc_url),
+        organisations,
+        rpc_url=anvil.rpc_url,
+        round_budget=_token_units(round_budget),
+    )
     out = state_dir / "deployment.json"
     deployment.save(out)
     console.print(f"anvil (pid {anvil.pid}) on {anvil.rpc_url}, chain id {deployment.chain_id}")
@@ -226,6 +245,7 @@ def deploy(
         list[str] | None,
         typer.Option("--organisation", help="Organisation address to register (repeatable)."),
     ] = None,
+    round_budget: RoundBudgetOpt = DEFAULT_ROUND_BUDGET / TOKEN_UNIT,
     key: KeyOpt = None,
 ) -> None:
     """Deploy the ledger and token to any EVM chain from the admin key, and register organisations."""
@@ -237,7 +257,12 @@ def deploy(
     w3 = connect(rpc)
     wait_for_rpc(w3, timeout_s=10)
     deployment = deploy_contracts(
-        w3, account_from_key(key), coordinator, organisation or [], rpc_url=rpc
+        w3,
+        account_from_key(key),
+        coordinator,
+        organisation or [],
+        rpc_url=rpc,
+        round_budget=_token_units(round_budget),
     )
     deployment.save(out)
     console.print(
@@ -257,6 +282,24 @@ def register(
     ledger, _ = _ledger(deployment, rpc, key)
     ledger.register_organisation(organisation)
     console.print(f"registered {organisation}")
+
+
+@app.command("round-budget")
+def round_budget_command(
+    tokens: Annotated[
+        float | None,
+        typer.Argument(help="New budget in tokens (admin key); omit to show the current one."),
+    ] = None,
+    deployment: DeploymentOpt = DEFAULT_STATE_DIR / "devnet" / "deployment.json",
+    rpc: RpcOpt = None,
+    key: KeyOpt = None,
+) -> None:
+    """Show or set the most one round may pay out (the ledger's roundBudget)."""
+    ledger, _ = _ledger(deployment, rpc, key if tokens is not None else None)
+    if tokens is not None:
+        ledger.set_round_budget(_token_units(tokens))
+    budget = ledger.round_budget()
+    console.print(f"round budget {budget / TOKEN_UNIT:,.4f} FLR ({budget} token units)")
 
 
 # -------------------------------------------------------------------- coordinator
@@ -337,9 +380,7 @@ def coordinator_serve(
         "max_exact_players": max_exact,
         "valuation_budget": valuation_budget,
         "claims_above": claims_above,
-        "reward_per_round": None
-        if reward_per_round is None
-        else int(Decimal(str(reward_per_round)) * TOKEN_UNIT),
+        "reward_per_round": None if reward_per_round is None else _token_units(reward_per_round),
     }
     knobs.update({k: v for k, v in named.items() if v is not None})
     try:

@@ -337,6 +337,16 @@ class ErrorCode(enum.StrEnum):
             "the chain or the data directory was changed by hand; restore the data directory",
         ),
     )
+    OVER_BUDGET = (
+        "over_budget",
+        CodeSpec(
+            500,
+            Area.SERVICE,
+            "the coordinator's `reward_per_round` is above the ledger's `roundBudget`",
+            "lower `--reward-per-round`, or have the admin raise the budget "
+            "(`fedledger round-budget TOKENS`)",
+        ),
+    )
     INVALID_POLICY = (
         "invalid_policy",
         CodeSpec(

@@ -15,7 +15,12 @@ from web3.types import TxReceipt
 from fedledger.contracts.compile import load_artifact
 from fedledger.errors import ChainError
 from fedledger.incentive.chain import call_view, error_selectors, send_transaction
-from fedledger.incentive.onchain import RoundState, decode_method, encode_method
+from fedledger.incentive.onchain import (
+    DEFAULT_ROUND_BUDGET,
+    RoundState,
+    decode_method,
+    encode_method,
+)
 
 ZERO_HASH = b"\x00" * 32
 
@@ -121,8 +126,10 @@ class LedgerClient:
         *,
         token_name: str = "fedledger Reward",
         token_symbol: str = "FLR",
+        round_budget: int = DEFAULT_ROUND_BUDGET,
     ) -> tuple[LedgerClient, TxReceipt]:
-        """Deploy a new ledger (which deploys its reward token) from ``admin``'s key."""
+        """Deploy a new ledger (which deploys its reward token) from ``admin``'s key, and set the
+        most a round may pay (``round_budget`` token units; 0 leaves it at 0: nothing paid)."""
         artifact = load_artifact("FedLedger")
         factory = w3.eth.contract(abi=artifact["abi"], bytecode=artifact["bytecode"])
         selectors = error_selectors(_abis())
@@ -135,7 +142,10 @@ class LedgerClient:
         address = receipt["contractAddress"]
         if address is None:
             raise ChainError("deployment receipt has no contract address")
-        return cls(w3, address, admin), receipt
+        client = cls(w3, address, admin)
+        if round_budget:
+            client.set_round_budget(round_budget)
+        return client, receipt
 
     def with_account(self, account: LocalAccount) -> LedgerClient:
         """The same ledger, writing as ``account``."""
@@ -152,6 +162,10 @@ class LedgerClient:
         return self._send(
             self.contract.functions.registerOrganisation(Web3.to_checksum_address(org))
         )
+
+    def set_round_budget(self, budget: int) -> TxReceipt:
+        """Set the most one round may pay out, in token units (admin key)."""
+        return self._send(self.contract.functions.setRoundBudget(budget))
 
     def open_round(self, round_id: int, model_hash: bytes, deadline: int) -> TxReceipt:
         return self._send(self.contract.functions.openRound(round_id, model_hash, deadline))
@@ -241,6 +255,10 @@ class LedgerClient:
 
     def block_timestamp(self) -> int:
         return int(self.w3.eth.get_block("latest")["timestamp"])
+
+    def round_budget(self) -> int:
+        """The most one round may pay out, in token units (``roundBudget``)."""
+        return int(self._view(self.contract.functions.roundBudget()))
 
     def round_count(self) -> int:
         return int(self._view(self.contract.functions.roundCount()))

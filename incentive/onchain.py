@@ -16,6 +16,10 @@ from typing import Literal
 TOKEN_UNIT = 10**18
 """Token units in one reward token (FLR): the ERC-20 has 18 decimals."""
 
+DEFAULT_ROUND_BUDGET = 1000 * TOKEN_UNIT
+"""The most a round may pay unless the deployment says otherwise (``setRoundBudget``); also the
+coordinator's default ``reward_per_round``."""
+
 FIXED_POINT_ONE = 10**18
 """The integer that stands for 1.0 in a score (``scoreOf``, ``ContributionRecorded``)."""
 

@@ -182,6 +182,7 @@ def ledger_state(chain: Chain, ledger: LedgerClient) -> Callable[[], dict[str, A
             "coordinators": members(coordinator_role).call(),
             "admins": members(admin_role).call(),
             "total_supply": ledger.total_supply(),
+            "round_budget": ledger.round_budget(),
         }
         for account in (chain.admin, chain.coordinator):
             state[account.address] = ledger.balance_of(account.address)

@@ -162,7 +162,10 @@ class LedgerMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.w3 = embedded_web3(num_accounts=NUM_ACCOUNTS)
-        deployment = deploy_devnet(self.w3, num_organisations=len(INITIAL_ORGS))
+        # No budget limit here: the model predicts settlements, the budget has its own tests.
+        deployment = deploy_devnet(
+            self.w3, num_organisations=len(INITIAL_ORGS), round_budget=2**256 - 1
+        )
         self.tester: Any = self.w3.provider.ethereum_tester  # type: ignore[attr-defined]
         self.tester.time_travel(START_TIME)
         self.ledger = LedgerClient(self.w3, deployment.ledger)

@@ -1,4 +1,4 @@
-"""The operator's commands as a user runs them: devnet up/down, register, rewards."""
+"""The operator's commands as a user runs them: devnet up/down, register, round-budget, rewards."""
 
 from __future__ import annotations
 
@@ -97,6 +97,24 @@ def test_devnet_up_register_rewards_down(tmp_path: Path) -> None:
             cwd=tmp_path,
         )
         assert twice.returncode == 1 and "OrganisationAlreadyRegistered" in twice.stdout
+
+        # The round budget: the deployment's default, shown; set by the admin only.
+        deployment_file = str(state / "deployment.json")
+        shown_budget = fedledger("round-budget", "--deployment", deployment_file, cwd=tmp_path)
+        assert shown_budget.returncode == 0 and "1,000.0000 FLR" in shown_budget.stdout
+        set_budget = fedledger(
+            "round-budget", "2500.5", "--deployment", deployment_file, "--key", admin_key,
+            cwd=tmp_path,
+        )  # fmt: skip
+        assert set_budget.returncode == 0, set_budget.stdout + set_budget.stderr
+        assert ledger.round_budget() == 2500 * 10**18 + 5 * 10**17
+        org_key = deployment.accounts.organisations[0].private_key
+        assert org_key is not None
+        refused = fedledger(
+            "round-budget", "1", "--deployment", deployment_file, "--key", org_key, cwd=tmp_path
+        )
+        assert refused.returncode == 1 and "AccessControlUnauthorizedAccount" in refused.stdout
+        assert ledger.round_budget() == 2500 * 10**18 + 5 * 10**17
 
         shown = fedledger(
             "rewards", "--deployment", str(state / "deployment.json"), "--json", cwd=tmp_path
