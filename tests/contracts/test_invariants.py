@@ -1,14 +1,16 @@
 """A stateful property test of FedLedger + RewardToken against a Python model, on the in-process EVM.
 
-Hypothesis drives random sequences of ledger calls (open, commit, advance time, finalize, register,
-mint) on one fresh chain per example. A plain-Python model predicts every call's outcome: either the
-call succeeds, emits exactly the predicted events and moves the ledger to the model's next state, or
-it reverts with the custom error (and arguments) the model names and mines nothing. After every
-step the chain is compared with the model and with invariants derived from the chain's own history.
+Hypothesis drives random sequences of ledger calls (open, commit, advance time, finalize directly or
+by a Merkle root, claim, register, mint) on one fresh chain per example. A plain-Python model
+predicts every call's outcome: either the call succeeds, emits exactly the predicted events and
+moves the ledger to the model's next state, or it reverts with the custom error (and arguments) the
+model names and mines nothing. After every step the chain is compared with the model and with
+invariants derived from the chain's own history.
 """
 
 from __future__ import annotations
 
+import string
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,8 +40,10 @@ from fedledger.incentive.ledger import (
     CommitmentRecord,
     LedgerClient,
     RoundRecord,
-    RoundState,
+    ValuationRecord,
 )
+from fedledger.incentive.merkle import SettlementLeaf, SettlementTree, verify
+from fedledger.incentive.onchain import RoundState
 
 ZERO = b"\x00" * 32
 ZERO_ADDRESS = "0x" + "00" * 20
@@ -73,6 +77,28 @@ rewards = st.one_of(st.just(0), st.integers(1, 10**30))
 any_uint256 = st.integers(0, UINT256_MAX)
 well_formed = st.sampled_from([True, True, False])  # two calls in three follow the protocol
 FLAWS = ("orgs", "orgs", "overflow", "lengths", "hash", "round", "caller", "chaos")
+huge_rewards = st.integers(2**255, UINT256_MAX)
+flag_bits = st.one_of(st.just(0), st.just(0), st.integers(1, 255), any_uint256)
+valuations = st.one_of(
+    st.just(NO_VALUATION),
+    st.builds(
+        ValuationRecord,
+        method=st.text(string.ascii_letters + string.digits + ":-_", min_size=1, max_size=32),
+        seed=st.one_of(st.just(0), any_uint256),
+        validation_hash=some_hash,
+    ),
+)
+# How a settlement by root goes wrong: the flagged list (duplicates, silent organisations, outsiders,
+# zero flags, flags other than the leaves'), its lengths, the announced total (less than the leaves
+# add up to: the last claims fail) and count, a zero hash or root, the round, the caller, leaves of
+# another round or a root no tree has, rewards near 2**256, or all at once.
+ROOT_FLAWS = (
+    *("flagged", "flagged", "flagged", "total", "total", "total", "lengths", "hash"),
+    *("round", "caller", "stale", "overflow", "chaos"),
+)
+# How a claim goes wrong: a leaf with a changed field, a broken proof, another organisation's leaf
+# and proof, any account replaying a leaf, or a round that was not settled by root.
+CLAIMS = ("own", "own", "own", "tampered", "proof", "other", "caller", "round")
 
 
 # ------------------------------------------------------------------ model
@@ -85,8 +111,18 @@ class ModelRound:
     state: RoundState = RoundState.OPEN
     new_model_hash: bytes = ZERO
     commits: dict[str, tuple[bytes, int]] = field(default_factory=dict)
-    settlements: dict[str, tuple[int, int]] = field(default_factory=dict)  # org -> (score, reward)
-    total_reward: int = 0
+    # org -> (score, reward): paid by the direct settlement, or claimed under the root
+    settlements: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # org -> flagsOf: a direct settlement's (all zero: the client sends no flags), or those the
+    # root's flagged list announced, then (once the organisation claims) its leaf's
+    flags: dict[str, int] = field(default_factory=dict)
+    total_reward: int = 0  # announced (by root) or paid (directly)
+    claimed_reward: int = 0
+    rewards_root: bytes = ZERO
+    # The tree the coordinator built when it settled by root (its root is usually rewards_root;
+    # for a "stale" settlement it is not): claims draw their leaves and proofs from it.
+    tree: SettlementTree | None = None
+    valuation: ValuationRecord | None = None
     finalized_by: str | None = None
 
 
@@ -120,7 +156,8 @@ class Model:
             rnd.state,
             len(rnd.commits),
             rnd.total_reward,
-            claimed_reward=rnd.total_reward,
+            rewards_root=rnd.rewards_root,
+            claimed_reward=rnd.claimed_reward,
         )
 
 
@@ -162,7 +199,7 @@ class LedgerMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.w3 = embedded_web3(num_accounts=NUM_ACCOUNTS)
-        # No budget limit here: the model predicts settlements, the budget has its own tests.
+        # No budget limit here: the model predicts settlements; the budget has its own tests.
         deployment = deploy_devnet(
             self.w3, num_organisations=len(INITIAL_ORGS), round_budget=2**256 - 1
         )
@@ -182,7 +219,13 @@ class LedgerMachine(RuleBasedStateMachine):
         self.log_commits: dict[tuple[int, str], int] = {}  # (round, org) -> block timestamp
         self.log_settled: dict[tuple[int, str], int] = {}  # (round, org) -> reward
         self.log_finalized: dict[int, str] = {}  # round -> sender
+        self.log_totals: dict[int, int] = {}  # round -> RoundFinalized's totalReward
+        self.log_roots: dict[int, bytes] = {}  # round -> RewardsRootPosted's root
+        self.log_scores: dict[tuple[int, str], int] = {}  # (round, org) -> recorded score
+        self.log_claimed: dict[int, int] = {}  # round -> sum of its RewardClaimed rewards
         self.log_minted = 0
+        # Every tree whose root a settlement by root posted, by root: the only leaves claims may pay.
+        self.trees: dict[bytes, SettlementTree] = {}
 
     # ----------------------------------------------------------- helpers
 
@@ -249,18 +292,27 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def protocol_step(self, data: st.DataObject) -> None:
         """The protocol moving on (whichever other rules an example runs): the coordinator opens
-        the next round; or organisations commit, time passes, or the coordinator settles."""
+        the next round; or organisations commit, time passes, or the coordinator settles
+        (directly or by root); and organisations claim what a posted root owes them."""
+        unclaimed = bool(self._unclaimed())
         if self.model.state_of(self.model.round_count) is not RoundState.OPEN:
-            self._open_next_round(data)
+            if unclaimed and data.draw(well_formed, label="claim_first"):
+                self._claim_own(data)
+            else:
+                self._open_next_round(data)
             return
         rnd = self.model.rounds[self.model.round_count]
         late = self._pending_time() > rnd.deadline
         actions = ["finalize", "finalize", "commit"] if late else ["commit", "advance", "finalize"]
-        action = data.draw(st.sampled_from(actions), label="action")
-        if action == "commit":
+        action = data.draw(st.sampled_from(actions + ["claim"] * unclaimed), label="action")
+        if action == "claim":
+            self._claim_own(data)
+        elif action == "commit":
             self._commit_as_organisations(data)
         elif action == "advance":
             self._advance_time(data)
+        elif data.draw(st.booleans(), label="by_root"):
+            self._settle_by_root(data)
         else:
             self._finalize_committers(data, caller=COORDINATOR)
 
@@ -573,7 +625,8 @@ class LedgerMachine(RuleBasedStateMachine):
             rnd.settlements = {
                 o: (s, r) for o, s, r in zip(orgs, org_scores, org_rewards, strict=True)
             }
-            rnd.total_reward = sum(org_rewards)
+            rnd.total_reward = rnd.claimed_reward = sum(org_rewards)
+            rnd.valuation = NO_VALUATION
             for org, reward in zip(orgs, org_rewards, strict=True):
                 self.model.balances[org] = self.model.balances.get(org, 0) + reward
             self.dirty_rounds.add(round_id)
@@ -649,16 +702,474 @@ class LedgerMachine(RuleBasedStateMachine):
         )
         round_id = data.draw(st.sampled_from(finalized), label="round_id")
         rnd = self.model.rounds[round_id]
+        before = self.model.record(round_id)
         orgs = sorted(rnd.commits)
-        self._finalize(
-            COORDINATOR,
-            round_id,
-            data.draw(nonzero_hash, label="new_hash"),
-            orgs,
-            [0] * len(orgs),
-            data.draw(st.lists(rewards, min_size=len(orgs), max_size=len(orgs))),
+        new_hash = data.draw(nonzero_hash, label="new_hash")
+        if data.draw(st.booleans(), label="by_root"):
+            leaves = [SettlementLeaf(round_id, o, 0, 1, 0) for o in orgs] or [
+                SettlementLeaf(round_id, ZERO_ADDRESS, 0, 1, 0)
+            ]
+            tree = SettlementTree.build(leaves)
+            flagged = {o: 1 for o in orgs}
+            self._post_root(
+                COORDINATOR,
+                round_id,
+                new_hash,
+                NO_VALUATION,
+                tree,
+                tree.root,
+                tree.total_reward,
+                len(leaves),
+                list(flagged),
+                list(flagged.values()),
+            )
+        else:
+            self._finalize(
+                COORDINATOR,
+                round_id,
+                new_hash,
+                orgs,
+                [0] * len(orgs),
+                data.draw(st.lists(rewards, min_size=len(orgs), max_size=len(orgs))),
+            )
+        assert self.model.record(round_id) == before
+
+    # ----------------------------------------------------------- rules: settling by root
+
+    @rule(data=st.data())
+    def finalize_round_with_root(self, data: st.DataObject) -> None:
+        """Half the time the coordinator settling the open round by the root of its committers'
+        leaves; otherwise one of ROOT_FLAWS (protocol_step settles by root as the protocol does).
+        With no round open, mostly the next one is opened and committed to first, so that most
+        attempts reach past RoundNotOpen."""
+        open_now = self.model.state_of(self.model.round_count) is RoundState.OPEN
+        if not open_now and data.draw(well_formed, label="reopen"):
+            self._open_next_round(data)
+            self._commit_as_organisations(data)
+            open_now = True
+        if open_now and data.draw(st.booleans(), label="well_formed"):
+            self._settle_by_root(data)
+        else:
+            self._settle_by_root(data, flaw=data.draw(st.sampled_from(ROOT_FLAWS), label="flaw"))
+
+    def _settle_by_root(self, data: st.DataObject, flaw: str | None = None) -> None:
+        """Build a tree over leaves for some of the round's committers (and maybe a few accounts
+        that did not commit: their leaves prove, but they cannot claim) and post its root,
+        announcing the flagged committers; ``flaw`` (one of ROOT_FLAWS) spoils one part, or all."""
+        chaos = flaw == "chaos"
+        caller = COORDINATOR
+        if flaw in ("caller", "chaos"):
+            caller = data.draw(account_index, label="caller")
+        round_id = self.model.round_count
+        if flaw in ("round", "chaos"):
+            round_id = self._round_id(data, "round_id")
+        rnd = self.model.rounds.get(round_id)
+        committers = sorted(rnd.commits) if rnd is not None else []
+        silent = [a for a in WATCHED if a not in committers]
+        paid = (
+            data.draw(
+                st.lists(st.sampled_from(committers), unique=True, min_size=1),
+                label="paid",
+            )
+            if committers
+            else []
         )
-        assert self.model.rounds[round_id].state is RoundState.FINALIZED
+        extra = data.draw(st.lists(st.sampled_from(silent), unique=True, max_size=2), label="extra")
+        leaf_orgs = paid + extra or [data.draw(st.sampled_from(WATCHED), label="leaf_org")]
+        leaf_round = round_id
+        if flaw in ("stale", "chaos") and data.draw(st.booleans(), label="other_round"):
+            leaf_round = (round_id + data.draw(st.integers(1, 3), label="by")) % 2**256
+        reward = st.one_of(huge_rewards, rewards) if flaw in ("overflow", "chaos") else rewards
+        tree = SettlementTree.build(
+            [
+                SettlementLeaf(
+                    leaf_round,
+                    org,
+                    data.draw(scores, label="score"),
+                    data.draw(reward, label="reward"),
+                    data.draw(flag_bits, label="flags"),
+                )
+                for org in leaf_orgs
+            ]
+        )
+        root = tree.root
+        if flaw in ("stale", "chaos") and data.draw(st.booleans(), label="other_root"):
+            root = data.draw(nonzero_hash, label="root")  # a root of no tree anyone built
+        new_hash = data.draw(nonzero_hash, label="new_hash")
+        if flaw == "hash":
+            zero = data.draw(st.sampled_from(["model", "root", "both"]), label="zero")
+            new_hash = ZERO if zero != "root" else new_hash
+            root = ZERO if zero != "model" else root
+        elif chaos:
+            new_hash = data.draw(some_hash, label="new_hash")
+            root = data.draw(st.sampled_from([root, root, ZERO]), label="root")
+        total = min(tree.total_reward, UINT256_MAX)
+        num_orgs = len(tree.leaves)
+        # The announced total and count are never checked when the root is posted, so they can go
+        # wrong along with any other flaw without hiding it; they bite only when claims come.
+        if flaw in ("total", "chaos") or (flaw and data.draw(st.booleans(), label="bad_total")):
+            total = data.draw(
+                st.one_of(
+                    st.integers(0, total),  # less than the leaves promise: late claims fail
+                    st.integers(0, total),
+                    st.just(min(total + 1, UINT256_MAX)),
+                    any_uint256,
+                ),
+                label="total",
+            )
+            num_orgs = data.draw(st.one_of(st.integers(0, 10), any_uint256), label="num_orgs")
+        elif flaw == "overflow":
+            total = data.draw(st.sampled_from([total, UINT256_MAX]), label="total")
+        pairs = [
+            (f.organisation, f.flags)
+            for f in tree.leaves
+            if f.flags and f.organisation in committers
+        ]
+        flagged = [o for o, _ in pairs]
+        words = [w for _, w in pairs]
+        if flaw in ("flagged", "chaos"):
+            how = data.draw(st.sampled_from(["any", "again", "other_flags"]), label="how")
+            if how == "any" or not committers:  # anyone, any word: outsiders, 0x0, duplicates
+                candidates = st.sampled_from([*committers, *committers, *committers, *WATCHED])
+                flagged = data.draw(st.lists(candidates, max_size=5), label="flagged")
+                words = data.draw(
+                    st.lists(flag_bits, min_size=len(flagged), max_size=len(flagged)),
+                    label="words",
+                )
+            elif how == "again":  # the right list, and one of them once more (maybe with 0)
+                flagged.append(data.draw(st.sampled_from(flagged or committers), label="again"))
+                words.append(data.draw(flag_bits, label="word"))
+            else:  # committers announced with any flags, whatever their leaves carry
+                flagged = data.draw(
+                    st.lists(st.sampled_from(committers), unique=True, min_size=1), label="flagged"
+                )
+                words = data.draw(
+                    st.lists(flag_bits, min_size=len(flagged), max_size=len(flagged)),
+                    label="words",
+                )
+        if flaw in ("lengths", "chaos"):
+            n_words = data.draw(st.integers(0, 6), label="n_words")
+            words = (words + data.draw(st.lists(flag_bits, min_size=6, max_size=6)))[:n_words]
+        valuation = data.draw(valuations, label="valuation")
+        self._post_root(
+            caller, round_id, new_hash, valuation, tree, root, total, num_orgs, flagged, words
+        )
+
+    def _root_outcome(
+        self,
+        caller: int,
+        round_id: int,
+        new_hash: bytes,
+        valuation: ValuationRecord,
+        root: bytes,
+        total: int,
+        num_orgs: int,
+        flagged: list[str],
+        words: list[int],
+    ) -> Outcome:
+        if caller != COORDINATOR:
+            return unauthorized(caller, COORDINATOR_ROLE)
+        rnd = self.model.rounds.get(round_id)
+        if rnd is None or rnd.state is not RoundState.OPEN:
+            return Revert("RoundNotOpen", (round_id, self.model.state_of(round_id)))
+        if len(flagged) != len(words):
+            return Revert("LengthMismatch", (len(flagged), len(words), len(words), len(words)))
+        if new_hash == ZERO or root == ZERO:
+            return Revert("ZeroHash")
+        for org in flagged:
+            if org not in rnd.commits:
+                return Revert("NotCommitted", (round_id, org))
+        # No DuplicateSettlement here: an organisation flagged twice is announced twice, and
+        # the last of its flag words (even a zero) is the one recorded.
+        ledger: str = self.ledger.address
+        method, seed, validation_hash = valuation.as_abi()
+        return Success(
+            [
+                (ledger, "OrganisationFlagged", {"roundId": round_id, "org": o, "flags": w})
+                for o, w in zip(flagged, words, strict=True)
+                if w != 0
+            ]
+            + [
+                (ledger, "RewardsRootPosted", {"roundId": round_id, "root": root}),
+                (
+                    ledger,
+                    "RoundValued",
+                    {
+                        "roundId": round_id,
+                        "method": method,
+                        "seed": seed,
+                        "validationHash": validation_hash,
+                    },
+                ),
+                (
+                    ledger,
+                    "RoundFinalized",
+                    {
+                        "roundId": round_id,
+                        "newModelHash": new_hash,
+                        "totalReward": total,
+                        "organisations": num_orgs,
+                    },
+                ),
+            ]
+        )
+
+    def _post_root(
+        self,
+        caller: int,
+        round_id: int,
+        new_hash: bytes,
+        valuation: ValuationRecord,
+        tree: SettlementTree,
+        root: bytes,
+        total: int,
+        num_orgs: int,
+        flagged: list[str],
+        words: list[int],
+    ) -> None:
+        outcome = self._root_outcome(
+            caller, round_id, new_hash, valuation, root, total, num_orgs, flagged, words
+        )
+        if len(set(flagged)) == len(flagged) == len(words):
+            # What the client can say (a mapping: one flag word per distinct organisation).
+            mapping = dict(zip(flagged, words, strict=True))
+            self._expect(
+                caller,
+                lambda: self.clients[caller].finalize_round_with_root(
+                    round_id, new_hash, root, total, num_orgs, flagged=mapping, valuation=valuation
+                ),
+                outcome,
+            )
+        else:
+            # Duplicates or mismatched lengths: only a raw call can send them.
+            call = self.ledger.contract.functions.finalizeRoundWithRoot(
+                round_id,
+                new_hash,
+                valuation.as_abi(),
+                root,
+                total,
+                num_orgs,
+                [Web3.to_checksum_address(o) for o in flagged],
+                words,
+            )
+            self._expect(
+                caller,
+                lambda: send_transaction(self.w3, ACCOUNTS[caller], call, self.ledger.selectors),
+                outcome,
+            )
+        if isinstance(outcome, Success):
+            rnd = self.model.rounds[round_id]
+            assert caller == COORDINATOR
+            rnd.state = RoundState.FINALIZED
+            rnd.new_model_hash = new_hash
+            rnd.finalized_by = ADDRESSES[caller]
+            rnd.valuation = valuation
+            rnd.rewards_root = root
+            rnd.tree = tree
+            rnd.total_reward = total
+            rnd.claimed_reward = 0
+            for org, word in zip(flagged, words, strict=True):
+                rnd.flags[org] = word
+            if root == tree.root:
+                self.trees[root] = tree
+            self.dirty_rounds.add(round_id)
+            self.checked_head = None
+
+    # ----------------------------------------------------------- rules: claims
+
+    def _unclaimed(self) -> list[tuple[int, SettlementLeaf]]:
+        """The leaves a committer could claim now (in a round settled by the root of their tree)."""
+        return [
+            (i, leaf)
+            for i, r in self.model.rounds.items()
+            if r.tree is not None and r.tree.root == r.rewards_root
+            for leaf in r.tree.leaves
+            if leaf.round_id == i
+            and leaf.organisation in r.commits
+            and leaf.organisation not in r.settlements
+        ]
+
+    def _claim_own(self, data: st.DataObject) -> None:
+        """Some of the committers with a leaf under a posted root claim it, with its proof."""
+        claims = data.draw(
+            st.lists(st.sampled_from(self._unclaimed()), min_size=1, max_size=3, unique=True),
+            label="leaves",
+        )
+        for round_id, leaf in claims:
+            tree = self.model.rounds[round_id].tree
+            assert tree is not None
+            self._claim(
+                ADDRESSES.index(leaf.organisation),
+                round_id,
+                leaf.score,
+                leaf.reward,
+                leaf.flags,
+                tree.proof(leaf.organisation),
+            )
+
+    @precondition(lambda self: any(r.tree is not None for r in self.model.rounds.values()))
+    @rule(data=st.data())
+    def claim_reward(self, data: st.DataObject) -> None:
+        """One to three claims: mostly an organisation claiming its own leaf of a round settled by
+        root, with its proof (some twice, some past the announced total); otherwise one of
+        CLAIMS."""
+        by_root = [i for i, r in self.model.rounds.items() if r.tree is not None]
+        for _ in range(data.draw(st.integers(1, 3), label="claims")):
+            self._claim_attempt(data, by_root)
+
+    def _claim_attempt(self, data: st.DataObject, by_root: list[int]) -> None:
+        kind = data.draw(st.sampled_from(CLAIMS), label="kind")
+        if kind == "round":
+            round_id = self._round_id(data, "round_id")
+            rnd = self.model.rounds.get(round_id)
+            caller = data.draw(account_index, label="caller")
+            if rnd is not None and rnd.tree is not None and data.draw(st.booleans()):
+                leaf = data.draw(st.sampled_from(rnd.tree.leaves), label="leaf")
+                proof = rnd.tree.proof(leaf.organisation)
+                values = (leaf.score, leaf.reward, leaf.flags)
+            else:
+                values = (data.draw(scores), data.draw(rewards), data.draw(flag_bits))
+                proof = data.draw(st.lists(nonzero_hash, max_size=3), label="proof")
+            self._claim(caller, round_id, *values, proof)
+            return
+        rounds = sorted({i for i, _ in self._unclaimed()})  # those still owing someone
+        if not rounds or not data.draw(well_formed, label="owing"):
+            rounds = by_root
+        round_id = data.draw(st.sampled_from(rounds), label="round_id")
+        tree = self.model.rounds[round_id].tree
+        assert tree is not None
+        pool = [leaf for i, leaf in self._unclaimed() if i == round_id]
+        if not pool or not data.draw(well_formed, label="unclaimed"):
+            pool = list(tree.leaves)
+        leaf = data.draw(st.sampled_from(pool), label="leaf")
+        owner = leaf.organisation
+        caller = (
+            ADDRESSES.index(owner)
+            if owner in ADDRESSES
+            else data.draw(account_index, label="caller")
+        )
+        score, reward, flags = leaf.score, leaf.reward, leaf.flags
+        proof = tree.proof(owner)
+        if kind == "caller":
+            caller = data.draw(account_index, label="caller")
+        elif kind == "other" and len(tree.leaves) > 1:
+            other = data.draw(
+                st.sampled_from([f for f in tree.leaves if f.organisation != owner]), label="other"
+            )
+            score, reward, flags = other.score, other.reward, other.flags
+            proof = tree.proof(other.organisation)
+        elif kind == "tampered":
+            changed = data.draw(st.sampled_from(["score", "reward", "flags"]), label="changed")
+            if changed == "score":
+                score = data.draw(scores.filter(lambda v: v != leaf.score), label="score")
+            elif changed == "reward":
+                near = [v for v in (reward - 1, reward + 1) if 0 <= v <= UINT256_MAX]
+                reward = data.draw(
+                    st.one_of(st.sampled_from(near), any_uint256).filter(
+                        lambda v: v != leaf.reward
+                    ),
+                    label="reward",
+                )
+            else:
+                flags = data.draw(flag_bits.filter(lambda v: v != leaf.flags), label="flags")
+        elif kind == "proof":
+            proof = self._broken(data, proof)
+        self._claim(caller, round_id, score, reward, flags, proof)
+
+    @staticmethod
+    def _broken(data: st.DataObject, proof: list[bytes]) -> list[bytes]:
+        """A proof that differs from ``proof``: truncated, extended, reordered or a sibling changed."""
+        options = ["extended", "zeros"]
+        if proof:
+            options += ["truncated", "sibling", "empty"]
+        if len(set(proof)) > 1:
+            options.append("reversed")
+        how = data.draw(st.sampled_from(options), label="broken")
+        if how == "truncated":
+            return proof[:-1]
+        if how == "extended":
+            return [*proof, data.draw(nonzero_hash, label="sibling")]
+        if how == "zeros":
+            return [ZERO] * (len(proof) or 1)
+        if how == "empty":
+            return []
+        if how == "reversed":
+            return proof[::-1]
+        i = data.draw(st.integers(0, len(proof) - 1), label="at")
+        sibling = data.draw(nonzero_hash.filter(lambda h: h != proof[i]), label="sibling")
+        return [*proof[:i], sibling, *proof[i + 1 :]]
+
+    def _claim_outcome(
+        self, caller: int, round_id: int, score: int, reward: int, flags: int, proof: list[bytes]
+    ) -> Outcome:
+        org = ADDRESSES[caller]
+        rnd = self.model.rounds.get(round_id)
+        if rnd is None or rnd.rewards_root == ZERO:
+            return Revert("NotClaimable", (round_id,))
+        if org in rnd.settlements:
+            return Revert("AlreadyClaimed", (round_id, org))
+        if org not in rnd.commits:
+            return Revert("NotCommitted", (round_id, org))
+        # The model's notion of a valid proof: the claimed leaf is one of the tree's whose root
+        # was posted, and the proof is that tree's proof of it, sibling for sibling.
+        leaf = SettlementLeaf(round_id, org, score, reward, flags)
+        tree = rnd.tree
+        valid = (
+            tree is not None
+            and tree.root == rnd.rewards_root
+            and leaf in tree.leaves
+            and proof == tree.proof(org)
+        )
+        # ... which the Python verifier (what the coordinator's tools trust) must agree with.
+        assert verify(proof, rnd.rewards_root, leaf) == valid
+        if not valid:
+            return Revert("InvalidProof", (round_id, org))
+        remaining = rnd.total_reward - rnd.claimed_reward
+        if reward > remaining:
+            return Revert("ClaimExceedsTotal", (round_id, reward, remaining))
+        if self.model.supply + reward > UINT256_MAX:
+            return Revert("")  # Panic(0x11): the token's total supply would overflow
+        ledger = self.ledger.address
+        return Success(
+            [
+                (
+                    ledger,
+                    "ContributionRecorded",
+                    {"roundId": round_id, "org": org, "score": score, "reward": reward},
+                ),
+                (ledger, "RewardClaimed", {"roundId": round_id, "org": org, "reward": reward}),
+            ]
+            + (
+                [
+                    (
+                        self.token_address,
+                        "Transfer",
+                        {"from": ZERO_ADDRESS, "to": org, "value": reward},
+                    )
+                ]
+                if reward != 0
+                else []
+            )
+        )
+
+    def _claim(
+        self, caller: int, round_id: int, score: int, reward: int, flags: int, proof: list[bytes]
+    ) -> None:
+        outcome = self._claim_outcome(caller, round_id, score, reward, flags, proof)
+        self._expect(
+            caller,
+            lambda: self.clients[caller].claim_reward(round_id, score, reward, flags, proof),
+            outcome,
+        )
+        if isinstance(outcome, Success):
+            org = ADDRESSES[caller]
+            rnd = self.model.rounds[round_id]
+            rnd.settlements[org] = (score, reward)
+            rnd.flags[org] = flags
+            rnd.claimed_reward += reward
+            self.model.balances[org] = self.model.balances.get(org, 0) + reward
+            self.dirty_rounds.add(round_id)
+            self.checked_head = None
 
     # ----------------------------------------------------------- invariants
 
@@ -674,16 +1185,23 @@ class LedgerMachine(RuleBasedStateMachine):
         assert ledger.round_count() == count
         records = [ledger.get_round(r) for r in range(count + 2)]  # 0 and count + 1 stay empty
         assert records == [model.record(r) for r in range(count + 2)]
+        for record in records:
+            if record.by_claims:  # claims never pay past the root's announced total
+                assert record.claimed_reward <= record.total_reward
+                assert record.state is RoundState.FINALIZED
+            else:  # a direct settlement pays its total at once; an open round nothing
+                assert record.claimed_reward == record.total_reward
         assert ledger.organisations() == model.registered
         for round_id in sorted(self.dirty_rounds):
             self._check_round_records(round_id)
         self.dirty_rounds.clear()
-        self._check_supply(recorded=sum(record.total_reward for record in records))
+        self._check_supply(recorded=sum(record.claimed_reward for record in records))
         self._scan_logs(int(head["number"]))
         self.checked_head = head["hash"]
 
     def _check_supply(self, recorded: int) -> None:
-        """Total supply == sum of all recorded rewards == sum of the organisations' balances."""
+        """Total supply == sum of all rewards paid (directly or claimed) == sum of the
+        organisations' balances."""
         model, ledger = self.model, self.ledger
         supply = ledger.total_supply()
         settled = sum(r for rnd in model.rounds.values() for _, r in rnd.settlements.values())
@@ -695,18 +1213,38 @@ class LedgerMachine(RuleBasedStateMachine):
 
     def _check_round_records(self, round_id: int, *, full: bool = False) -> None:
         """Every watched address's commitment (and, once the round is finalized or ``full``, its
-        settlement) in ``round_id`` is the model's. Only a finalization writes settlements."""
+        settlement and flags) in ``round_id`` is the model's. Only a finalization or a claim
+        writes settlements."""
         rnd = self.model.rounds[round_id]
         ledger = self.ledger
+        paid = 0
         for address in WATCHED:
             commit = rnd.commits.get(address)
             expected = None if commit is None else CommitmentRecord(*commit)
             assert ledger.commitment_of(round_id, address) == expected
-            if full or rnd.state is RoundState.FINALIZED:
-                score, reward = rnd.settlements.get(address, (0, 0))
-                assert ledger.is_settled(round_id, address) == (address in rnd.settlements)
-                assert ledger.score_of(round_id, address) == score
-                assert ledger.reward_of(round_id, address) == reward
+            if not (full or rnd.state is RoundState.FINALIZED):
+                continue
+            score, reward = rnd.settlements.get(address, (0, 0))
+            settled = ledger.is_settled(round_id, address)
+            onchain = SettlementLeaf(
+                round_id,
+                address,
+                ledger.score_of(round_id, address),
+                ledger.reward_of(round_id, address),
+                ledger.flags_of(round_id, address),
+            )
+            assert settled == (address in rnd.settlements)
+            assert onchain == SettlementLeaf(
+                round_id, address, score, reward, rnd.flags.get(address, 0)
+            )
+            paid += onchain.reward
+            if settled and rnd.rewards_root != ZERO:
+                # A claimed settlement is the claimant's own leaf of the posted tree, word for word.
+                assert self.trees[rnd.rewards_root].leaf_of(address) == onchain
+        if full or rnd.state is RoundState.FINALIZED:
+            # The round's paid total is what its payees' records add up to (all are watched).
+            assert ledger.get_round(round_id).claimed_reward == paid
+            assert ledger.valuation_of(round_id) == rnd.valuation
         # committersOf lists exactly the successful commits, in the order they were made.
         assert ledger.commit_order(round_id) == list(rnd.commits)
         # Every recorded score/reward belongs to an organisation that committed in this round.
@@ -745,7 +1283,37 @@ class LedgerMachine(RuleBasedStateMachine):
                 key = (args["roundId"], args["org"])
                 assert key in self.log_commits  # only committers are scored and paid
                 assert key not in self.log_settled
+                # Paid in the direct settlement (before its RoundFinalized), or by a claim on a
+                # round closed by root: never after a direct settlement, never on an open round.
+                assert (args["roundId"] in self.log_roots) == (
+                    args["roundId"] in self.log_finalized
+                )
                 self.log_settled[key] = args["reward"]
+                self.log_scores[key] = args["score"]
+            elif name == "OrganisationFlagged":
+                assert (args["roundId"], args["org"]) in self.log_commits
+                assert args["flags"] != 0
+            elif name == "RewardsRootPosted":
+                round_id = args["roundId"]
+                assert round_id in self.log_deadlines
+                assert round_id not in self.log_finalized and round_id not in self.log_roots
+                assert args["root"] != ZERO
+                self.log_roots[round_id] = args["root"]
+            elif name == "RewardClaimed":
+                round_id, org = args["roundId"], args["org"]
+                assert round_id in self.log_roots and round_id in self.log_finalized
+                assert self.log_settled[(round_id, org)] == args["reward"]
+                claimed = self.log_claimed.get(round_id, 0) + args["reward"]
+                assert claimed <= self.log_totals[round_id]
+                self.log_claimed[round_id] = claimed
+                # Only a leaf of a tree the coordinator built pays, and only its own organisation.
+                tree = self.trees[self.log_roots[round_id]]
+                leaf = tree.leaf_of(org)
+                assert (leaf.round_id, leaf.score, leaf.reward) == (
+                    round_id,
+                    self.log_scores[(round_id, org)],
+                    args["reward"],
+                )
             elif name == "RoundFinalized":
                 round_id = args["roundId"]
                 assert round_id in self.log_deadlines
@@ -753,6 +1321,7 @@ class LedgerMachine(RuleBasedStateMachine):
                 sender = self.w3.eth.get_transaction(log["transactionHash"])["from"]
                 assert sender == ADDRESSES[COORDINATOR]  # only the coordinator's took effect
                 self.log_finalized[round_id] = sender
+                self.log_totals[round_id] = args["totalReward"]
             elif name == "Transfer":
                 assert args["from"] == ZERO_ADDRESS  # nothing but mints happen here
                 self.log_minted += args["value"]
@@ -771,6 +1340,13 @@ class LedgerMachine(RuleBasedStateMachine):
             (i, o): rw for i, r in self.model.rounds.items() for o, (_, rw) in r.settlements.items()
         }
         assert self.log_settled == model_settled
+        model_roots = {
+            i: r.rewards_root for i, r in self.model.rounds.items() if r.rewards_root != ZERO
+        }
+        assert self.log_roots == model_roots
+        assert {i: self.log_claimed.get(i, 0) for i in self.log_roots} == {
+            i: self.model.rounds[i].claimed_reward for i in model_roots
+        }
 
     def teardown(self) -> None:
         """A last full sweep: every round's every record, for every watched address."""
