@@ -397,7 +397,11 @@ def coordinator_serve(
             max_upload_bytes=int(max_upload_mb * 2**20),
         )
     except ValidationError as exc:
-        raise _fail(f"invalid coordinator settings: {exc}") from exc
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in error['loc']) or 'settings'}: {error['msg']}"
+            for error in exc.errors()
+        )
+        raise _fail(f"invalid coordinator settings: {problems}") from exc
     service = RoundService(settings, ledger)
     service.start()
     console.print(

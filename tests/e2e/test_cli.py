@@ -116,6 +116,22 @@ def test_devnet_up_register_rewards_down(tmp_path: Path) -> None:
         assert refused.returncode == 1 and "AccessControlUnauthorizedAccount" in refused.stdout
         assert ledger.round_budget() == 2500 * 10**18 + 5 * 10**17
 
+        # Pricing knobs are checked before anything is served, and say what is wrong.
+        coordinator_key = deployment.accounts.coordinator.private_key
+        assert coordinator_key is not None
+        for knob, expected in (
+            ("bogus=1", "expected KNOB=VALUE with KNOB one of task, model_seed"),
+            ("valuation_budget=3", "it needs at least 24 evaluations"),
+        ):
+            served = fedledger(
+                "coordinator", "serve", "--deployment", deployment_file, "--key", coordinator_key,
+                "--data-dir", str(tmp_path / "never"), "--set", knob, cwd=tmp_path,
+            )  # fmt: skip
+            assert served.returncode == 1, served.stdout + served.stderr
+            assert expected in " ".join(served.stdout.split()), served.stdout
+            assert "Traceback" not in served.stdout + served.stderr
+            assert not (tmp_path / "never").exists()
+
         shown = fedledger(
             "rewards", "--deployment", str(state / "deployment.json"), "--json", cwd=tmp_path
         )
