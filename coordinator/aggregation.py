@@ -28,8 +28,12 @@ def fedavg(
     *,
     eta: float = 1.0,
     device: torch.device | None = None,
+    max_share: float | None = None,
 ) -> dict[str, Tensor]:
     """w + eta * sum_k (n_k / n) delta_k with n = sum_k n_k: the new global model.
+
+    With ``max_share``, the weights are ``capped_weights(num_samples, max_share)`` instead of
+    n_k / n: no declared sample count, however large, makes one update more than that share.
 
     FedAvg, McMahan et al. (2017), "Communication-Efficient Learning of Deep Networks from
     Decentralized Data", eq. (1) written on updates delta_k = w_k - w, with the server learning
@@ -46,8 +50,7 @@ def fedavg(
     """
     _validate(base, deltas, num_samples, eta)
     dev = resolve_device(device)
-    total = sum(int(n) for n in num_samples)
-    weights = [int(n) / total for n in num_samples]
+    weights = capped_weights(num_samples, 1.0 if max_share is None else max_share)
     out: dict[str, Tensor] = {}
     for name in sorted(base):
         ref = base[name]
@@ -58,6 +61,32 @@ def fedavg(
             acc.add_(delta[name].detach().to(dev, dtype), alpha=weight)
         out[name] = _step_from(ref, acc, eta)
     return out
+
+
+def capped_weights(num_samples: Sequence[int], max_share: float) -> list[float]:
+    """FedAvg's weights n_k / n, none above ``max_share``: water-filling.
+
+    The updates whose share would pass the cap get exactly ``max_share``; the others share
+    what is left in proportion to their counts, repeated until no share passes the cap (at
+    most K rounds). A cap below 1/K cannot be met and gives the uniform 1/K. The weights sum
+    to 1 (up to float rounding), keep the counts' order, and equal n_k / n when nobody is
+    above the cap. A declared count is the organisation's own word (the ledger takes any
+    positive number): the cap bounds what a false one buys.
+    """
+    if not (0 < max_share <= 1) or math.isnan(max_share):
+        raise ValueError(f"max_share must be in (0, 1], got {max_share!r}")
+    count = len(num_samples)
+    cap = max(max_share, 1.0 / count) if count else max_share
+    capped: set[int] = set()
+    while True:
+        free = [k for k in range(count) if k not in capped]
+        left = 1.0 - cap * len(capped)
+        free_total = sum(int(num_samples[k]) for k in free)
+        over = [k for k in free if left * int(num_samples[k]) > cap * free_total]
+        if not over:
+            break
+        capped.update(over)
+    return [cap if k in capped else left * int(num_samples[k]) / free_total for k in range(count)]
 
 
 def _validate(
@@ -184,8 +213,9 @@ def aggregate(
     eta: float = 1.0,
     device: torch.device | None = None,
     trim_fraction: float = 0.2,
+    max_share: float | None = None,
 ) -> dict[str, Tensor]:
-    """The new global model by ``method``.
+    """The new global model by ``method`` (``max_share`` caps FedAvg's weights).
 
     ``"fedavg"`` is the sample-weighted ``fedavg``; ``"median"`` and ``"trimmed_mean"`` are the
     unweighted ``coordinate_median`` and ``trimmed_mean`` (with ``trim_fraction``). Clipping is
@@ -199,7 +229,7 @@ def aggregate(
         raise ValueError(f"{method} aggregation needs at least one update; got none")
     _validate(base, deltas, num_samples, eta)  # fedavg's refusals, sample counts included
     if method == "fedavg":
-        return fedavg(base, deltas, num_samples, eta=eta, device=device)
+        return fedavg(base, deltas, num_samples, eta=eta, device=device, max_share=max_share)
     if method == "median":
         return coordinate_median(base, deltas, eta=eta, device=device)
     return trimmed_mean(base, deltas, trim_fraction=trim_fraction, eta=eta, device=device)

@@ -23,7 +23,9 @@ books, bit for bit, on any machine with the same torch.
 4. **Aggregate** (``aggregate_round``). With ``exclude_negative``, organisations whose value is
    negative (their update made the model worse on the validation set: sign flips, noise) are
    left out; the rest are aggregated by the policy's rule (FedAvg by sample counts, median or
-   trimmed mean; the updates already left out count towards the trimmed mean's trim).
+   trimmed mean; the updates already left out count towards the trimmed mean's trim). FedAvg's
+   weights are capped at ``max_weight_multiple`` / K: a declared sample count is the
+   organisation's own word, and without a cap one declaring 10^12 samples is the new model.
 5. **Pay** (``pay``). The budget is split pro rata to positive values, in exact integer units;
    a flagged organisation is paid nothing.
 """
@@ -284,6 +286,9 @@ def aggregate_round(
         eta=policy.eta,
         device=device,
         trim_fraction=trim / len(members),
+        max_share=None
+        if policy.max_weight_multiple is None
+        else min(1.0, policy.max_weight_multiple / len(members)),
     )
 
 

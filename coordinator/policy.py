@@ -61,6 +61,12 @@ class PricingPolicy(BaseModel):
     trim_fraction: float = Field(
         0.2, ge=0, lt=0.5, description="Trimmed mean: share of updates cut on each side."
     )
+    max_weight_multiple: float | None = Field(
+        3.0,
+        ge=1,
+        description="Most a FedAvg weight may be, as a multiple of the uniform 1/K: a declared "
+        "sample count buys no more (None: no cap).",
+    )
     # Payment.
     reward_per_round: int = Field(
         DEFAULT_ROUND_BUDGET,

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from fedledger.coordinator.aggregation import (
     aggregate,
+    capped_weights,
     clip_by_norm,
     coordinate_median,
     fedavg,
@@ -375,3 +376,49 @@ def test_default_device_matches_cpu() -> None:
         for name in base:
             assert default[name].device.type == "cpu"
             torch.testing.assert_close(default[name], cpu[name])
+
+
+# ------------------------------------------------------------------ capped FedAvg weights
+
+
+def test_capped_weights_hand_computed() -> None:
+    assert capped_weights([1, 1, 10**12], 0.5) == [0.25, 0.25, 0.5]
+    assert capped_weights([10**12, 10**12, 1, 1], 0.3) == pytest.approx([0.3, 0.3, 0.2, 0.2])
+    assert capped_weights([3, 1], 0.1) == [0.5, 0.5]  # below 1/K: uniform
+    assert capped_weights([5, 3, 2], 1.0) == [0.5, 0.3, 0.2]  # no cap: n_k / n exactly
+    for bad in (0.0, -0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="max_share"):
+            capped_weights([1, 2], bad)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.integers(1, 10**15), min_size=1, max_size=12),
+    st.floats(min_value=0.01, max_value=1.0),
+)
+def test_capped_weights_sum_to_one_respect_the_cap_and_keep_the_order(
+    counts: list[int], cap: float
+) -> None:
+    weights = capped_weights(counts, cap)
+    assert sum(weights) == pytest.approx(1.0, abs=1e-9)
+    bound = max(cap, 1 / len(counts))
+    assert max(weights) <= bound * (1 + 1e-12)
+    for i in range(len(counts)):
+        for j in range(len(counts)):
+            if counts[i] < counts[j]:
+                assert weights[i] <= weights[j] * (1 + 1e-12)
+    plain = [c / sum(counts) for c in counts]
+    if max(plain) <= bound:
+        assert weights == pytest.approx(plain, rel=1e-12)
+
+
+def test_a_huge_declared_count_moves_fedavg_at_most_its_capped_share() -> None:
+    base = {"x": torch.zeros(1)}
+    deltas = [{"x": torch.tensor([1.0])}, {"x": torch.tensor([1.0])}, {"x": torch.tensor([-9.0])}]
+    liar = [10, 10, 10**12]
+    uncapped = fedavg(base, deltas, liar, device=CPU)["x"].item()
+    capped = fedavg(base, deltas, liar, device=CPU, max_share=0.5)["x"].item()
+    assert uncapped == pytest.approx(-9.0, abs=1e-6)  # the liar is the model
+    assert capped == pytest.approx(0.5 * 1.0 + 0.5 * -9.0)
+    via_rule = aggregate("fedavg", base, deltas, liar, device=CPU, max_share=0.5)["x"].item()
+    assert via_rule == capped
