@@ -33,9 +33,9 @@ from web3.types import TxReceipt
 from fedledger.devnet.embedded import embedded_web3
 from fedledger.incentive.chain import devnet_account
 from fedledger.incentive.commitment import keccak
-from fedledger.incentive.ledger import LedgerClient, ValuationRecord
+from fedledger.incentive.ledger import LedgerClient
 from fedledger.incentive.merkle import SettlementLeaf, SettlementTree
-from fedledger.incentive.onchain import TOKEN_UNIT
+from fedledger.incentive.onchain import TOKEN_UNIT, ValuationRecord
 
 FULL_ORGS = (10, 50, 100)
 QUICK_ORGS = (3,)

@@ -43,9 +43,8 @@ from torch import Tensor
 from fedledger.coordinator.aggregation import aggregate, clip_by_norm
 from fedledger.coordinator.policy import PricingPolicy
 from fedledger.incentive.commitment import canonical_bytes, keccak
-from fedledger.incentive.ledger import ValuationRecord
 from fedledger.incentive.merkle import SettlementLeaf, SettlementTree
-from fedledger.incentive.onchain import FORFEITING, Flag, hex32, to_fixed_point
+from fedledger.incentive.onchain import FORFEITING, Flag, ValuationRecord, hex32, to_fixed_point
 from fedledger.incentive.rewards import split_rewards
 from fedledger.incentive.sampling import choose_valuator
 from fedledger.incentive.shapley import Valuator

@@ -14,8 +14,8 @@ from fedledger.coordinator.books import Books
 from fedledger.coordinator.store import Store
 from fedledger.errors import CoordinatorError, ErrorCode
 from fedledger.failpoints import CLOSE_AFTER_FINALIZE_TX, failpoint
-from fedledger.incentive.ledger import NO_VALUATION, LedgerClient, as_bytes32
-from fedledger.incentive.onchain import RoundState, hex32
+from fedledger.incentive.ledger import LedgerClient, as_bytes32
+from fedledger.incentive.onchain import NO_VALUATION, RoundState, hex32
 
 log = logging.getLogger("fedledger.coordinator")
 

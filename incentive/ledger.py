@@ -17,12 +17,11 @@ from fedledger.errors import ChainError
 from fedledger.incentive.chain import call_view, error_selectors, send_transaction
 from fedledger.incentive.onchain import (
     DEFAULT_ROUND_BUDGET,
+    NO_VALUATION,
+    ZERO_HASH,
     RoundState,
-    decode_method,
-    encode_method,
+    ValuationRecord,
 )
-
-ZERO_HASH = b"\x00" * 32
 
 
 @dataclass(frozen=True)
@@ -43,40 +42,6 @@ class RoundRecord:
     def by_claims(self) -> bool:
         """Whether the round settles by Merkle claims (finalizeRoundWithRoot)."""
         return self.rewards_root != ZERO_HASH
-
-
-@dataclass(frozen=True)
-class ValuationRecord:
-    """How a round's scores were computed: recorded on-chain next to them (``valuationOf``)."""
-
-    method: str  # ASCII, at most 32 bytes, e.g. "exact:accuracy"
-    seed: int = 0
-    validation_hash: bytes = ZERO_HASH
-
-    def __post_init__(self) -> None:
-        encode_method(self.method)  # refuses what does not fit a bytes32
-        if not 0 <= self.seed < 2**256:
-            raise ValueError(f"valuation seed must be a uint256, got {self.seed}")
-        if len(self.validation_hash) != 32:
-            raise ValueError("validation_hash must be 32 bytes")
-
-    def as_abi(self) -> tuple[bytes, int, bytes]:
-        return (encode_method(self.method), self.seed, self.validation_hash)
-
-    @classmethod
-    def from_abi(cls, raw: Sequence[Any]) -> ValuationRecord | None:
-        method, seed, validation_hash = raw
-        if bytes(method) == ZERO_HASH:
-            return None
-        return cls(
-            method=decode_method(bytes(method)),
-            seed=int(seed),
-            validation_hash=bytes(validation_hash),
-        )
-
-
-NO_VALUATION = ValuationRecord("none")
-"""Recorded for a round closed without scores (one that failed its quorum)."""
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from fractions import Fraction
-from typing import Literal
+from typing import Any, Literal
 
 TOKEN_UNIT = 10**18
 """Token units in one reward token (FLR): the ERC-20 has 18 decimals."""
@@ -19,6 +21,9 @@ TOKEN_UNIT = 10**18
 DEFAULT_ROUND_BUDGET = 1000 * TOKEN_UNIT
 """The most a round may pay unless the deployment says otherwise (``setRoundBudget``); also the
 coordinator's default ``reward_per_round``."""
+
+ZERO_HASH = b"\x00" * 32
+"""The zero bytes32: an unset hash, root or method on the ledger."""
 
 FIXED_POINT_ONE = 10**18
 """The integer that stands for 1.0 in a score (``scoreOf``, ``ContributionRecorded``)."""
@@ -92,3 +97,37 @@ def encode_method(method: str) -> bytes:
 def decode_method(raw: bytes) -> str:
     """The inverse of ``encode_method`` ('' for the zero word: no valuation recorded)."""
     return bytes(raw).rstrip(b"\x00").decode("ascii")
+
+
+@dataclass(frozen=True)
+class ValuationRecord:
+    """How a round's scores were computed: recorded on-chain next to them (``valuationOf``)."""
+
+    method: str  # ASCII, at most 32 bytes, e.g. "exact:accuracy"
+    seed: int = 0
+    validation_hash: bytes = ZERO_HASH
+
+    def __post_init__(self) -> None:
+        encode_method(self.method)  # refuses what does not fit a bytes32
+        if not 0 <= self.seed < 2**256:
+            raise ValueError(f"valuation seed must be a uint256, got {self.seed}")
+        if len(self.validation_hash) != 32:
+            raise ValueError("validation_hash must be 32 bytes")
+
+    def as_abi(self) -> tuple[bytes, int, bytes]:
+        return (encode_method(self.method), self.seed, self.validation_hash)
+
+    @classmethod
+    def from_abi(cls, raw: Sequence[Any]) -> ValuationRecord | None:
+        method, seed, validation_hash = raw
+        if bytes(method) == ZERO_HASH:
+            return None
+        return cls(
+            method=decode_method(bytes(method)),
+            seed=int(seed),
+            validation_hash=bytes(validation_hash),
+        )
+
+
+NO_VALUATION = ValuationRecord("none")
+"""Recorded for a round closed without scores (one that failed its quorum)."""

@@ -16,9 +16,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from evm import ONE, ExpectRevert, OpenRound, events
-from fedledger.incentive.ledger import NO_VALUATION, LedgerClient, ValuationRecord
+from fedledger.incentive.ledger import LedgerClient
 from fedledger.incentive.merkle import SettlementLeaf, SettlementTree, verify
-from fedledger.incentive.onchain import RoundState
+from fedledger.incentive.onchain import NO_VALUATION, RoundState, ValuationRecord
 
 if TYPE_CHECKING:
     from tests.contracts.conftest import Chain

@@ -71,3 +71,20 @@ def test_start_up_refuses_a_budget_too_small_for_the_registered_consortium(
     assert refused.value.code is ErrorCode.INVALID_POLICY
     assert "needs at least 8 evaluations" in refused.value.message
     assert not (tmp_path / "other").exists()  # refused before touching the data directory
+
+
+def test_the_books_import_no_chain_client() -> None:
+    """The books are maths: they build the on-chain records without web3 or a signing key."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import fedledger.coordinator.books, fedledger.coordinator.policy\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('web3', 'eth_account'))\n"
+        "assert not loaded, loaded[:5]\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
