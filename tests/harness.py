@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -103,3 +105,15 @@ class Harness:
         return self.client.post(
             f"/v1/rounds/{upload.round_id}/updates", content=upload.body, headers=headers
         )
+
+
+def modules_loaded_by(imports: str, top_level: tuple[str, ...]) -> list[str]:
+    """The modules under ``top_level`` that ``import <imports>`` loads, in a fresh interpreter."""
+    code = (
+        f"import sys\nimport {imports}\n"
+        f"print('\\n'.join(sorted(m for m in sys.modules if m.split('.')[0] in {top_level!r})))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    return done.stdout.split()
