@@ -131,6 +131,14 @@ class DigitsTask:
         _, y = _digits()
         return torch.from_numpy(x[indices].copy()), torch.from_numpy(y[indices].copy())
 
+    def training_data(self, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole training part (every partition's samples), in index order: for
+        benchmarks that deal organisations their own shares."""
+        train = np.asarray(sorted(make_split(1, 0.5, seed)["client_indices"][0]), dtype=np.int64)
+        x = _standardised(seed)
+        _, y = _digits()
+        return torch.from_numpy(x[train].copy()), torch.from_numpy(y[train].copy())
+
     def validation_data(self, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         test = np.asarray(make_split(1, 0.5, seed)["test"], dtype=np.int64)
         x = _standardised(seed)
