@@ -3,7 +3,8 @@
 Each benchmark is a script in this folder with ``main(argv) -> int``; ``--quick`` is passed on
 to each (a smoke run of seconds), and arguments after ``--`` go to a single named benchmark.
 
-Usage: python bench/run.py [digits10|aggregation|gas|scale|robust|shapley ...] [--quick] [-- ARGS]
+Usage: python bench/run.py [digits10|aggregation|gas|scale|robust|shapley|fairness ...]
+       [--quick] [-- ARGS]
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ BENCHMARKS = {
     "scale": "one round with 100 organisations and a 1e6-parameter model",
     "robust": "attacks on the model and the rewards, priced as the coordinator prices a round",
     "shapley": "sampled Shapley valuators against exact: rank correlation, evaluations, time",
+    "fairness": "each organisation's total reward against its Shapley value by retraining",
 }
 
 

@@ -3,15 +3,20 @@
 Part 1, ``--orgs`` (10) organisations, for a Dirichlet(0.5) label split and a label-skewed
 Dirichlet(0.1) one: ``--rounds`` (10) rounds of FedAvg from the digits MLP (one local epoch,
 SGD lr 0.05, batch 32; organisation k shuffles with seed k * 1,000,003 + r in round r, as
-``fedledger/simulation.py`` does). Each round's game is the one the coordinator prices: the validation
-accuracy of w + the uniform average of a coalition's updates (``CoalitionUtility``, as with
-``PricingPolicy()``'s defaults). Every round it is valued exactly (all 2**K coalitions) and by
-each sampled valuator with ``--seeds`` seeds; the new model is FedAvg of all the updates by
-sample count, so every valuator sees the same rounds. Per valuator:
+``fedledger/simulation.py`` does). Each round's game is the one the coordinator prices with
+``PricingPolicy()``'s defaults (``books.coalition_game``: minus the validation log-loss of w +
+the coalition's capped FedAvg step rescaled to the consortium's length). Every round it is
+valued exactly (all 2**K coalitions) and by each sampled valuator with ``--seeds`` seeds: the
+kernel estimator at its default budget (40 evaluations a player) and at 2x and 4x that, and
+the kernel estimator, TMC and GTG-Shapley at 10% of exact's evaluations (a valuator that
+refuses its budget, because it cannot complete one permutation, is reported as refused). The
+new model is FedAvg of all the updates by sample count, so every valuator sees the same
+rounds. Per valuator:
 
 - Spearman's rank correlation with the exact values, mean and worst over rounds x seeds (an
   estimate with every value equal carries no ranking and counts as 0);
-- the largest absolute error in a round (mean over rounds x seeds, and worst), in accuracy;
+- the largest absolute error in a round (mean over rounds x seeds, and worst), in the
+  game's utility (nats of log-loss), and as a share of the round's gain U(N) - U(empty);
 - evaluations: distinct coalition utilities per round, mean and worst, and the mean as a share
   of exact's 2**K;
 - seconds of valuation per round, and their share of the round's wall time: training every
@@ -23,12 +28,16 @@ are compared with the mean of two independent untruncated permutation Monte Carl
 ``--reference-permutations`` permutations each; the two references' own Spearman with each
 other is printed as the noise floor of that comparison.
 
+Part 3, exact Shapley as the coordinator runs it (the per-sample game, whose spread gives each
+value's standard error) for ``--exact-sizes`` (12 14 16) organisations, one round each: seconds
+and the process's peak resident memory after it, to choose ``max_exact_players``.
+
 One torch thread by default: on a small machine shared with other work two OpenMP threads
 spend most of their time waiting for each other.
 
 Usage: python bench/shapley.py [--quick] [--orgs 10] [--rounds 10] [--seeds 5]
-       [--large-orgs 50] [--large-rounds 3] [--reference-permutations 300] [--threads 1]
-       [--json FILE]
+       [--large-orgs 50] [--large-rounds 3] [--reference-permutations 300]
+       [--exact-sizes 12 14 16] [--threads 1] [--json FILE]
 """
 
 from __future__ import annotations
@@ -48,6 +57,8 @@ import torch
 from torch import Tensor
 
 from fedledger.coordinator.aggregation import fedavg
+from fedledger.coordinator.books import coalition_game
+from fedledger.coordinator.policy import PricingPolicy
 from fedledger.incentive.sampling import (
     GTGShapley,
     StratifiedKernelShapley,
@@ -61,6 +72,7 @@ from fedledger.tasks import get_task
 
 SPLITS = (("dirichlet-0.5", 0.5), ("dirichlet-0.1 (label-skewed)", 0.1))
 CPU = torch.device("cpu")
+POLICY = PricingPolicy()
 
 
 @dataclass(frozen=True)
@@ -76,6 +88,7 @@ class Row:
     spearman_min: float
     max_abs_error_mean: float
     max_abs_error_max: float
+    relative_error_max: float  # the worst max abs error as a share of its round's gain
     evaluations_mean: float
     evaluations_max: int
     evaluations_share: float | None  # of 2**K; None where 2**K is out of reach
@@ -89,6 +102,7 @@ class Round:
     """One round's game and what it cost to build, besides its valuation."""
 
     utility: CoalitionUtility
+    gain: float  # U(N) - U(empty) of the round's game
     train_s: float
     aggregate_s: float
 
@@ -126,13 +140,16 @@ def federation_rounds(num_orgs: int, rounds: int, alpha: float) -> Iterator[Roun
             seeded = replace(config, seed=k * 1_000_003 + round_id)
             deltas.append(train_local(model, params, x, y, seeded, device=CPU).delta)
         trained = time.perf_counter()
-        utility = CoalitionUtility(model, params, deltas, [1] * num_orgs, x_val, y_val, device=CPU)
-        utility(np.ones((utility.max_batch, num_orgs), dtype=bool))  # warm-up, not timed
+        utility = coalition_game(model, params, deltas, counts, x_val, y_val, POLICY, device=CPU)
+        ends = np.zeros((2, num_orgs), dtype=bool)
+        ends[1] = True
+        v_empty, v_full = utility(ends)  # also a warm-up, not timed
         aggregating = time.perf_counter()
         params = fedavg(params, deltas, counts, device=CPU)
         aggregated = time.perf_counter()
         yield Round(
             utility=utility,
+            gain=float(v_full - v_empty),
             train_s=trained - started,
             aggregate_s=aggregated - aggregating,
         )
@@ -146,8 +163,8 @@ def timed_value(
     return result.values, result.evaluations, time.perf_counter() - started
 
 
-Accuracy = tuple[float, float, int]
-"""(Spearman, max abs error, evaluations) of one valuation."""
+Accuracy = tuple[float, float, int, float]
+"""(Spearman, max abs error, evaluations, max abs error / the round's gain) of one valuation."""
 
 
 def summarise(
@@ -165,6 +182,7 @@ def summarise(
     rho = np.array([a[0] for a in accuracy])
     error = np.array([a[1] for a in accuracy])
     evals = np.array([a[2] for a in accuracy])
+    relative = np.array([a[3] for a in accuracy])
     valuation = float(np.mean(valuation_s))
     round_s = valuation + float(np.mean(other_s))
     return Row(
@@ -177,6 +195,7 @@ def summarise(
         spearman_min=float(rho.min()),
         max_abs_error_mean=float(error.mean()),
         max_abs_error_max=float(error.max()),
+        relative_error_max=float(relative.max()),
         evaluations_mean=float(evals.mean()),
         evaluations_max=int(evals.max()),
         evaluations_share=None if whole_game is None else float(evals.mean()) / whole_game,
@@ -187,20 +206,21 @@ def summarise(
 
 
 def sampled_valuators(num_orgs: int) -> dict[str, Valuator]:
-    """The contenders at 10% (and 5%) of exact's evaluations, and GTG as published."""
+    """The kernel estimator at its default budget and 2x and 4x it, and the contenders at 10%
+    of exact's evaluations."""
     whole = 1 << num_orgs
     minimum = 2 * num_orgs + 2  # the least StratifiedKernelShapley accepts
     tenth = max(whole // 10, minimum)
-    twentieth = max(whole // 20, minimum)
+    default = default_evaluations(num_orgs)
+    budgets = {default: f"kernel @{default} (default)"}
+    for budget in (min(2 * default, whole), min(4 * default, whole), tenth):
+        budgets.setdefault(budget, f"kernel @{budget}")
     valuators: dict[str, Valuator] = {
-        f"tmc @{tenth}": TMCShapley(num_permutations=None, max_evaluations=tenth),
-        f"gtg @{tenth}": GTGShapley(max_evaluations=tenth),
-        "gtg (converged)": GTGShapley(),
-        f"kernel @{tenth}": StratifiedKernelShapley(max_evaluations=tenth),
-        f"kernel unadjusted @{tenth}": StratifiedKernelShapley(max_evaluations=tenth, adjust=False),
+        name: StratifiedKernelShapley(max_evaluations=budget) for budget, name in budgets.items()
     }
-    if twentieth < tenth:
-        valuators[f"kernel @{twentieth}"] = StratifiedKernelShapley(max_evaluations=twentieth)
+    valuators[f"tmc @{tenth}"] = TMCShapley(num_permutations=None, max_evaluations=tenth)
+    valuators[f"gtg @{tenth}"] = GTGShapley(max_evaluations=tenth)
+    valuators["gtg (converged)"] = GTGShapley()
     return valuators
 
 
@@ -210,22 +230,33 @@ def exact_part(num_orgs: int, rounds: int, seeds: int) -> list[Row]:
         valuators: dict[str, Valuator] = {"exact": ExactShapley(), **sampled_valuators(num_orgs)}
         accuracy: dict[str, list[Accuracy]] = {name: [] for name in valuators}
         seconds: dict[str, list[float]] = {name: [] for name in valuators}
+        refused: dict[str, str] = {}
         other_s: list[float] = []
         for round_id, game in enumerate(federation_rounds(num_orgs, rounds, alpha), start=1):
             other_s.append(game.train_s + game.aggregate_s)
             exact, evaluations, exact_s = timed_value(ExactShapley(), game, num_orgs, 0)
             for name, valuator in valuators.items():
+                if name in refused:
+                    continue
                 for seed in range(1 if name == "exact" else seeds):
                     if name == "exact":
                         values, spent = exact, exact_s
                     else:
-                        values, evaluations, spent = timed_value(
-                            valuator, game, num_orgs, round_id * 1000 + seed
-                        )
+                        try:
+                            values, evaluations, spent = timed_value(
+                                valuator, game, num_orgs, round_id * 1000 + seed
+                            )
+                        except ValueError as exc:  # a budget it cannot value with
+                            refused[name] = str(exc)
+                            break
                     error = float(np.max(np.abs(values - exact)))
-                    accuracy[name].append((spearman(values, exact), error, evaluations))
+                    relative = error / max(abs(game.gain), 1e-300)
+                    accuracy[name].append((spearman(values, exact), error, evaluations, relative))
                     seconds[name].append(spent)
         for name in valuators:
+            if name in refused:
+                print(f"{split:<29} {num_orgs:>3} {name:<26} refused: {refused[name]}")
+                continue
             row = summarise(
                 "exact",
                 split,
@@ -239,6 +270,39 @@ def exact_part(num_orgs: int, rounds: int, seeds: int) -> list[Row]:
             rows.append(row)
             print_row(row)
         print()
+    return rows
+
+
+@dataclass(frozen=True)
+class ExactCost:
+    """What exact Shapley of one round costs the coordinator at K organisations."""
+
+    part: str
+    num_orgs: int
+    coalitions: int
+    valuation_s: float
+    peak_rss_mib: float  # the process's peak so far (sizes run in increasing order)
+
+
+def exact_cost_part(sizes: Sequence[int]) -> list[ExactCost]:
+    """Exact Shapley of round 1's per-sample game (as ``books.value`` prices it) at each size."""
+    import resource
+
+    rows: list[ExactCost] = []
+    print(f"{'K':>3} {'coalitions':>10} {'val s':>8} {'peak RSS MiB':>13}")
+    for num_orgs in sorted(sizes):
+        game = next(federation_rounds(num_orgs, 1, 0.5))
+        utility = game.utility
+        utility.per_sample = True
+        started = time.perf_counter()
+        result = ExactShapley().value(utility, num_orgs)
+        spent = time.perf_counter() - started
+        assert result.values.shape[0] == num_orgs
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        row = ExactCost("exact-cost", num_orgs, 1 << num_orgs, spent, peak)
+        rows.append(row)
+        print(f"{num_orgs:>3} {row.coalitions:>10} {spent:>8.2f} {peak:>13.0f}", flush=True)
+    print()
     return rows
 
 
@@ -275,7 +339,8 @@ def large_part(num_orgs: int, rounds: int, seeds: int, reference_permutations: i
         for seed in range(seeds):
             values, evaluations, _ = timed_value(valuator, last, num_orgs, 20_000 + seed)
             error = float(np.max(np.abs(values - reference)))
-            accuracy.append((spearman(values, reference), error, evaluations))
+            relative = error / max(abs(last.gain), 1e-300)
+            accuracy.append((spearman(values, reference), error, evaluations, relative))
         row = summarise(
             "large",
             "dirichlet-0.5",
@@ -294,7 +359,7 @@ def large_part(num_orgs: int, rounds: int, seeds: int, reference_permutations: i
 
 HEADER = (
     f"{'split':<29} {'K':>3} {'valuator':<26} {'rho mean':>8} {'rho min':>8} "
-    f"{'err mean':>8} {'err max':>8} {'evals':>7} {'max':>6} {'of 2^K':>7} "
+    f"{'err mean':>8} {'err max':>8} {'of gain':>7} {'evals':>7} {'max':>6} {'of 2^K':>7} "
     f"{'val s':>7} {'round s':>8} {'val %':>6}"
 )
 
@@ -304,6 +369,7 @@ def print_row(row: Row) -> None:
     print(
         f"{row.split:<29} {row.num_orgs:>3} {row.valuator:<26} {row.spearman_mean:>8.3f} "
         f"{row.spearman_min:>8.3f} {row.max_abs_error_mean:>8.4f} {row.max_abs_error_max:>8.4f} "
+        f"{100 * row.relative_error_max:>6.1f}% "
         f"{row.evaluations_mean:>7.1f} {row.evaluations_max:>6} {share:>7} "
         f"{row.valuation_s:>7.3f} {row.round_s:>8.3f} {100 * row.valuation_share:>5.1f}%",
         flush=True,
@@ -333,12 +399,14 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--large-orgs", type=int, default=50)
     parser.add_argument("--large-rounds", type=int, default=3)
     parser.add_argument("--reference-permutations", type=int, default=300)
+    parser.add_argument("--exact-sizes", type=int, nargs="*", default=[12, 14, 16])
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args(list(argv))
     if args.quick:
         args.orgs, args.rounds, args.seeds = 4, 2, 2
         args.large_orgs, args.large_rounds, args.reference_permutations = 12, 1, 40
+        args.exact_sizes = [6, 8]
     if min(args.orgs, args.rounds, args.seeds, args.large_orgs, args.large_rounds) < 1:
         parser.error("--orgs, --rounds, --seeds, --large-orgs and --large-rounds must be >= 1")
     if args.orgs > 16:
@@ -361,10 +429,12 @@ def main(argv: Sequence[str]) -> int:
         rows += large_part(
             args.large_orgs, args.large_rounds, args.seeds, args.reference_permutations
         )
+        print("Part 3: exact Shapley as the coordinator runs it, one round")
+        costs = exact_cost_part(args.exact_sizes)
     print(f"total {time.perf_counter() - started:.1f} s")
     if args.json:
         with open(args.json, "w") as out:
-            json.dump([asdict(r) for r in rows], out, indent=2)
+            json.dump([asdict(r) for r in [*rows, *costs]], out, indent=2)
     return 0
 
 

@@ -11,6 +11,7 @@ from torch import Tensor
 from fedledger.coordinator.policy import AggregationMethod
 from fedledger.devices import resolve_device
 from fedledger.incentive.tensors import l2_norm
+from fedledger.incentive.utility import capped_weights
 
 __all__ = [
     "aggregate",
@@ -61,32 +62,6 @@ def fedavg(
             acc.add_(delta[name].detach().to(dev, dtype), alpha=weight)
         out[name] = _step_from(ref, acc, eta)
     return out
-
-
-def capped_weights(num_samples: Sequence[int], max_share: float) -> list[float]:
-    """FedAvg's weights n_k / n, none above ``max_share``: water-filling.
-
-    The updates whose share would pass the cap get exactly ``max_share``; the others share
-    what is left in proportion to their counts, repeated until no share passes the cap (at
-    most K rounds). A cap below 1/K cannot be met and gives the uniform 1/K. The weights sum
-    to 1 (up to float rounding), keep the counts' order, and equal n_k / n when nobody is
-    above the cap. A declared count is the organisation's own word (the ledger takes any
-    positive number): the cap bounds what a false one buys.
-    """
-    if not (0 < max_share <= 1) or math.isnan(max_share):
-        raise ValueError(f"max_share must be in (0, 1], got {max_share!r}")
-    count = len(num_samples)
-    cap = max(max_share, 1.0 / count) if count else max_share
-    capped: set[int] = set()
-    while True:
-        free = [k for k in range(count) if k not in capped]
-        left = 1.0 - cap * len(capped)
-        free_total = sum(int(num_samples[k]) for k in free)
-        over = [k for k in free if left * int(num_samples[k]) > cap * free_total]
-        if not over:
-            break
-        capped.update(over)
-    return [cap if k in capped else left * int(num_samples[k]) / free_total for k in range(count)]
 
 
 def _validate(

@@ -17,17 +17,30 @@ books, bit for bit, on any machine with the same torch.
    scaled down to it and flagged ``norm_clipped`` (the model-replacement defence of Sun et al.,
    2019).
 3. **Value** (``value``). The Shapley value of each screened organisation in the game whose
-   utility is the validation metric of w + eta * (uniform average of the coalition's clipped
-   updates). Uniform, not sample-weighted: a declared sample count steers FedAvg but cannot buy
-   reward.
-4. **Aggregate** (``aggregate_round``). With ``exclude_negative``, organisations whose value is
-   negative (their update made the model worse on the validation set: sign flips, noise) are
+   utility is the validation metric of w + eta * (the coalition's FedAvg step: its clipped
+   updates averaged by sample count, capped as the aggregate caps them), the step rescaled to
+   the length of the whole consortium's (``coalition_steps``). Rescaled, because one local
+   epoch carries an organisation with four times the data four times as far, and a game that
+   moves each coalition only as far as its members' training went pays for that length
+   rather than for what the data says; measured against retraining every coalition from
+   scratch (``bench/fairness.py``), the largest organisation's share was 29-42 points too high
+   unrescaled and is within 4 rescaled. The metric is a mean over validation samples, so (Shapley being linear) each value
+   is the mean of the organisation's values in the per-sample games; their spread gives the
+   value's standard error, which says how much of it the validation set's luck could explain.
+   A value more than ``negative_sigmas`` standard errors below 0 is a ``negative_contribution``:
+   the harm is clear, not the noise of a finite validation set.
+4. **Aggregate** (``aggregate_round``). With ``exclude_negative``, organisations flagged
+   ``negative_contribution`` (their update made the model worse: sign flips, noise) are
    left out; the rest are aggregated by the policy's rule (FedAvg by sample counts, median or
    trimmed mean; the updates already left out count towards the trimmed mean's trim). FedAvg's
    weights are capped at ``max_weight_multiple`` / K: a declared sample count is the
    organisation's own word, and without a cap one declaring 10^12 samples is the new model.
-5. **Pay** (``pay``). The budget is split pro rata to positive values, in exact integer units;
-   a flagged organisation is paid nothing.
+5. **Pay** (``pay``). A round pays for what it measurably gained: ``reward_per_gain`` tokens per
+   1.0 of the metric's rise from the old model to the new one, split pro rata to positive
+   values, never more than ``reward_per_gain`` x an organisation's own value, nor than
+   ``reward_per_round`` in all. A round that improved nothing pays nothing, so nobody is paid a
+   round's budget for an estimate a hair above zero; over a run, the gains add up to the
+   final model's rise over the initial one. A flagged organisation is paid nothing.
 """
 
 from __future__ import annotations
@@ -37,6 +50,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -52,6 +66,19 @@ from fedledger.incentive.tensors import flatten, l2_norm
 from fedledger.incentive.utility import CoalitionUtility, evaluate_params
 
 Tensors = Mapping[str, Tensor]
+
+PUBLIC_STEPS = 2
+"""How many of the last global steps the screen treats as public information."""
+
+REPLAY_COSINE = 1 - 1e-9
+"""|cosine| with an update of the round before above which an update is a rescaled replay of
+it: honest updates of consecutive rounds on the same data (one organisation's, or two holding
+the same records) can be 0.999 alike, so the screen's ``copy_cosine`` would flag them; a
+replay, rescaled in float32, is 1 to ~1e-14."""
+
+NOISE_SHARE = 0.5
+"""An update more than this share of whose length the public global steps do not explain, and
+whose unexplained part is as unaligned as noise, is the public step dressed up with noise."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +102,9 @@ class RoundInputs:
     updates: Sequence[UpdateInput]  # in on-chain commit order (earliest first)
     x_val: Tensor
     y_val: Tensor
+    # Public: the last global steps w_r - w_{r-1}, w_{r-1} - w_{r-2} (newest first, at most
+    # PUBLIC_STEPS). Anyone can upload them without data, so they are worth nothing.
+    public_steps: Sequence[Tensors] = ()
 
     @property
     def validation_hash(self) -> bytes:
@@ -101,6 +131,7 @@ class Clipping:
 @dataclass(frozen=True)
 class Values:
     values: list[float]  # Shapley values; 0.0 for updates screened out of the game
+    errors: list[float]  # their standard errors over the validation samples (0.0 likewise)
     method: str  # the valuator's method name ("none" when nobody was valued)
     evaluations: int  # coalition utilities the valuation cost
 
@@ -114,8 +145,9 @@ class Books:
     update_hashes: list[str]
     num_samples: list[int]
     values: list[float]  # Shapley values (floats)
+    errors: list[float]  # the values' standard errors over the validation samples
     scores: list[int]  # the values as the on-chain fixed-point score
-    rewards: list[int]  # token units; they sum to the budget unless nobody earned anything
+    rewards: list[int]  # token units: what the round's measured gain earned, split by value
     flags: list[int]  # ``Flag`` bits
     norms: list[float]
     norm_bound: float | None
@@ -126,6 +158,8 @@ class Books:
     new_bytes: bytes  # its canonical bytes
     new_hash: str  # 0x-hex keccak256 of new_bytes
     accuracy: float  # validation accuracy of the new model
+    utility: float  # the new model's validation metric (the policy's)
+    gain: float  # how much the round raised it: utility - the old model's
     valuation: ValuationRecord  # method, seed and validation hash, as recorded on-chain
     tree: SettlementTree | None  # the Merkle settlement, when the round settles by claims
     notes: dict[int, str] = field(default_factory=dict)
@@ -140,14 +174,9 @@ class Books:
         return {o: f for o, f in zip(self.organisations, self.flags, strict=True) if f}
 
 
-def screen(
-    deltas: Sequence[Tensors],
-    update_hashes: Sequence[str],
-    norms: Sequence[float],
-    policy: PricingPolicy,
-    previous: Sequence[Tensors | None] | None = None,
-) -> Screening:
-    """Flag zero, duplicate, copied and noise updates, in commit order; keep the rest."""
+def screen(inputs: RoundInputs, norms: Sequence[float], policy: PricingPolicy) -> Screening:
+    """Flag zero, duplicate, copied, replayed and noise updates, in commit order; keep the rest."""
+    deltas = [u.delta for u in inputs.updates]
     count = len(deltas)
     flags = [0] * count
     notes: dict[int, str] = {}
@@ -155,24 +184,33 @@ def screen(
     unit = flat / torch.clamp(torch.tensor(norms, dtype=torch.float64), min=1e-300).unsqueeze(1)
     cosine = unit @ unit.T
     median_norm = statistics.median(norms)
+    public = _orthonormal([flatten(s, dtype=torch.float64) for s in inputs.public_steps])
     kept: list[int] = []
     for k in range(count):
         if norms[k] <= policy.zero_tolerance * median_norm or norms[k] == 0.0:
             flags[k] |= Flag.ZERO_UPDATE
             notes[k] = "the update changes nothing"
             continue
-        earlier = next((j for j in kept if update_hashes[j] == update_hashes[k]), None)
+        u_hash = inputs.updates[k].update_hash
+        earlier = next((j for j in kept if inputs.updates[j].update_hash == u_hash), None)
         if earlier is not None:
             flags[k] |= Flag.DUPLICATE_UPDATE
-            notes[k] = f"byte-identical to update {update_hashes[earlier]}, committed earlier"
+            notes[k] = (
+                f"byte-identical to update {inputs.updates[earlier].update_hash}, committed earlier"
+            )
             continue
         copied = next((j for j in kept if abs(float(cosine[k, j])) >= policy.copy_cosine), None)
         if copied is not None:
             flags[k] |= Flag.COPIED_UPDATE
             notes[k] = (
                 f"a rescaled copy (cosine {float(cosine[k, copied]):+.4f}) of update "
-                f"{update_hashes[copied]}, committed earlier"
+                f"{inputs.updates[copied].update_hash}, committed earlier"
             )
+            continue
+        replay = _replayed(inputs, k, unit[k], public, policy)
+        if replay is not None:
+            flags[k] |= Flag.COPIED_UPDATE
+            notes[k] = replay
             continue
         kept.append(k)
     # Pure noise: the cosine of a random direction with any fixed one is about N(0, 1/P), so
@@ -181,28 +219,107 @@ def screen(
     # no signal. Both, because honest updates on very different data can be unaligned with
     # the others in a round, but an organisation training on the same data keeps its direction
     # from one round to the next (z in the tens), while fresh noise does not.
+    previous = [
+        None if u.previous is None else flatten(u.previous, dtype=torch.float64)
+        for u in inputs.updates
+    ]
     if len(kept) > 1:
-        scale = math.sqrt(flat.shape[1])
-        total = unit[kept].sum(dim=0)
-        for k in kept:
-            z_others = scale * _cosine(unit[k], total - unit[k])
-            if abs(z_others) >= policy.noise_sigmas:
-                continue
-            own = previous[k] if previous is not None else None
-            z_self = None
-            if own is not None:
-                z_self = scale * _cosine(unit[k], flatten(own, dtype=torch.float64))
-                if abs(z_self) >= policy.noise_sigmas:
-                    continue
+        for k, (z_others, z_self) in _noise(flat, previous, kept, policy).items():
             flags[k] |= Flag.UNALIGNED_UPDATE
-            notes[k] = (
-                f"no more aligned than noise (|z| < {policy.noise_sigmas:g}) with the other "
-                f"updates (z {z_others:+.2f})"
-                + ("" if z_self is None else f" or with its own previous update (z {z_self:+.2f})")
-                + ": no signal"
-            )
+            notes[k] = _noise_note(z_others, z_self, policy)
+        kept = [k for k in kept if not flags[k] & Flag.UNALIGNED_UPDATE]
+    # The public step dressed up with noise: take the public global steps out of every update;
+    # one with more than NOISE_SHARE of its length left, all of it noise by the test above,
+    # added nothing but noise to what anyone could upload. Only then: an honest update in a
+    # federation of similar data is mostly the public direction too, and what is left of it is
+    # too small for its signal to show.
+    if len(kept) > 1 and public.shape[0]:
+        private = _residual(flat, public)
+        left = torch.linalg.vector_norm(private, dim=1) / torch.linalg.vector_norm(flat, dim=1)
+        own_private = [None if p is None else _residual(p[None], public)[0] for p in previous]
+        for k, (z_others, z_self) in _noise(private, own_private, kept, policy).items():
+            if float(left[k]) > NOISE_SHARE:
+                flags[k] |= Flag.UNALIGNED_UPDATE
+                notes[k] = (
+                    f"the public global steps leave {float(left[k]):.0%} of it, and that part is "
+                    + _noise_note(z_others, z_self, policy)
+                )
         kept = [k for k in kept if not flags[k] & Flag.UNALIGNED_UPDATE]
     return Screening(kept=kept, flags=flags, notes=notes)
+
+
+def _replayed(
+    inputs: RoundInputs, k: int, unit: Tensor, public: Tensor, policy: PricingPolicy
+) -> str | None:
+    """Why update k replays what came before (None if it does not): the public global steps
+    (or a combination of them, |cosine| >= ``copy_cosine``), or an update of the round before,
+    its own or another's (rescaled)."""
+    if public.shape[0]:
+        left = float(torch.linalg.vector_norm(_residual(unit[None], public)))
+        if left <= math.sqrt(max(0.0, 1 - policy.copy_cosine**2)):
+            return (
+                f"a replay of the public global steps of the last {public.shape[0]} round(s) "
+                f"(all but {left:.2g} of its direction): no data behind it"
+            )
+    for j, other in enumerate(inputs.updates):
+        if other.previous is None:
+            continue
+        c = _cosine(unit, flatten(other.previous, dtype=torch.float64))
+        if abs(c) >= REPLAY_COSINE:
+            whose = "its own update" if j == k else f"the update of {other.organisation}"
+            return f"a replay (cosine {c:+.4f}) of {whose} of the round before"
+    return None
+
+
+def _orthonormal(vectors: Sequence[Tensor]) -> Tensor:
+    """An orthonormal basis (rows) of the span of ``vectors`` (float64, shape (d, P))."""
+    if not vectors:
+        return torch.zeros(0, 0, dtype=torch.float64)
+    stacked = torch.stack(list(vectors))
+    q, r = torch.linalg.qr(stacked.T)
+    keep = torch.abs(torch.diagonal(r)) > 1e-12 * max(float(torch.abs(r).max()), 1e-300)
+    basis: Tensor = q.T[keep]
+    return basis
+
+
+def _residual(rows: Tensor, basis: Tensor) -> Tensor:
+    """``rows`` (n, P) with their components in the span of ``basis`` (d, P) removed."""
+    if basis.shape[0] == 0:
+        return rows
+    return rows - (rows @ basis.T) @ basis
+
+
+def _unit(rows: Tensor) -> Tensor:
+    return rows / torch.clamp(torch.linalg.vector_norm(rows, dim=1, keepdim=True), min=1e-300)
+
+
+def _noise(
+    flat: Tensor, previous: Sequence[Tensor | None], kept: Sequence[int], policy: PricingPolicy
+) -> dict[int, tuple[float, float | None]]:
+    """The kept updates within ``noise_sigmas`` of 0 against the sum of the other kept updates'
+    directions and against their own previous update (when they have one), with both z."""
+    scale = math.sqrt(flat.shape[1])
+    units = _unit(flat)
+    total = units[list(kept)].sum(dim=0)
+    found: dict[int, tuple[float, float | None]] = {}
+    for k in kept:
+        z_others = scale * _cosine(units[k], total - units[k])
+        own = previous[k]
+        z_self = None if own is None else scale * _cosine(units[k], own)
+        if abs(z_others) < policy.noise_sigmas and (
+            z_self is None or abs(z_self) < policy.noise_sigmas
+        ):
+            found[k] = (z_others, z_self)
+    return found
+
+
+def _noise_note(z_others: float, z_self: float | None, policy: PricingPolicy) -> str:
+    return (
+        f"no more aligned than noise (|z| < {policy.noise_sigmas:g}) with the other "
+        f"updates (z {z_others:+.2f})"
+        + ("" if z_self is None else f" or with its own previous update (z {z_self:+.2f})")
+        + ": no signal"
+    )
 
 
 def _cosine(unit: Tensor, other: Tensor) -> float:
@@ -224,6 +341,36 @@ def clip(
     return Clipping(inputs=inputs, bound=bound, clipped=clipped)
 
 
+def coalition_game(
+    model: torch.nn.Module,
+    base: Tensors,
+    deltas: Sequence[Tensors],
+    num_samples: Sequence[int],
+    x_val: Tensor,
+    y_val: Tensor,
+    policy: PricingPolicy,
+    *,
+    device: torch.device | None = None,
+    per_sample: bool = False,
+) -> CoalitionUtility:
+    """The coalition game ``value`` prices under ``policy`` (benchmarks price the same one)."""
+    uniform = policy.valuation_weights == "uniform"
+    return CoalitionUtility(
+        model,
+        base,
+        deltas,
+        [1] * len(deltas) if uniform else num_samples,
+        x_val,
+        y_val,
+        eta=policy.eta,
+        metric=policy.metric,
+        device=device,
+        per_sample=per_sample,
+        max_multiple=None if uniform else policy.max_weight_multiple,
+        rescale_steps=policy.coalition_steps == "rescaled",
+    )
+
+
 def value(
     inputs: RoundInputs,
     clipping: Clipping,
@@ -233,21 +380,22 @@ def value(
     valuator: Valuator | None = None,
     device: torch.device | None = None,
 ) -> Values:
-    """Each kept organisation's Shapley value in the round's coalition game (0 for the rest)."""
+    """Each kept organisation's Shapley value in the round's coalition game and its standard
+    error over the validation samples (0 for the rest)."""
     values = [0.0] * len(inputs.updates)
+    errors = [0.0] * len(inputs.updates)
     if not kept:
-        return Values(values=values, method="none", evaluations=0)
-    uniform = policy.valuation_weights == "uniform"
-    utility = CoalitionUtility(
+        return Values(values=values, errors=errors, method="none", evaluations=0)
+    utility = coalition_game(
         inputs.model,
         inputs.base,
         [clipping.inputs[k] for k in kept],
-        [1 if uniform else inputs.updates[k].num_samples for k in kept],
+        [inputs.updates[k].num_samples for k in kept],
         inputs.x_val,
         inputs.y_val,
-        eta=policy.eta,
-        metric=policy.metric,
+        policy,
         device=device,
+        per_sample=True,
     )
     if valuator is None:
         valuator = choose_valuator(
@@ -256,9 +404,20 @@ def value(
             max_evaluations=policy.valuation_budget_for(len(kept)),
         )
     result = valuator.value(utility, len(kept), seed=inputs.round_id)
+    per_sample = np.asarray(result.values, dtype=np.float64).reshape(len(kept), -1)  # (K, n)
+    samples = per_sample.shape[1]
+    spread = per_sample.std(axis=1, ddof=1) if samples > 1 else np.zeros(len(kept))
     for i, k in enumerate(kept):
-        values[k] = float(result.values[i])
-    return Values(values=values, method=result.method, evaluations=result.evaluations)
+        values[k] = float(per_sample[i].mean())
+        errors[k] = float(spread[i]) / math.sqrt(samples)
+    return Values(
+        values=values, errors=errors, method=result.method, evaluations=result.evaluations
+    )
+
+
+def clearly_negative(value: float, error: float, policy: PricingPolicy) -> bool:
+    """Whether a value is more than ``negative_sigmas`` standard errors below zero."""
+    return value + policy.negative_sigmas * error < 0
 
 
 def aggregate_round(
@@ -291,10 +450,26 @@ def aggregate_round(
     )
 
 
-def pay(budget: int, values: Sequence[float], flags: Sequence[int]) -> list[int]:
-    """``budget`` split pro rata to positive values in exact units; flagged organisations get 0."""
-    payable = [0.0 if f & FORFEITING else max(v, 0.0) for v, f in zip(values, flags, strict=True)]
-    return split_rewards(budget, payable)
+def payable_values(values: Sequence[float], flags: Sequence[int]) -> list[float]:
+    """The values a round pays for: positive ones of organisations that did not forfeit."""
+    return [0.0 if f & FORFEITING else max(v, 0.0) for v, f in zip(values, flags, strict=True)]
+
+
+def round_pool(
+    policy: PricingPolicy, values: Sequence[float], flags: Sequence[int], gain: float
+) -> int:
+    """Token units a round pays in all: ``reward_per_gain`` x its measured ``gain``, at most
+    ``reward_per_gain`` x the sum of the payable values (nobody is paid more than its own
+    value is worth) and at most ``reward_per_round``; 0 for a round that gained nothing."""
+    worth = min(max(gain, 0.0), math.fsum(payable_values(values, flags)))
+    return min(policy.reward_per_round, math.floor(policy.reward_per_gain * worth))
+
+
+def pay(
+    policy: PricingPolicy, values: Sequence[float], flags: Sequence[int], gain: float
+) -> list[int]:
+    """The round's pool (``round_pool``) split pro rata to payable values in exact units."""
+    return split_rewards(round_pool(policy, values, flags, gain), payable_values(values, flags))
 
 
 def close_books(
@@ -314,7 +489,7 @@ def close_books(
     if not all(math.isfinite(n) for n in norms):
         raise ValueError("updates must be finite to be priced")
 
-    screening = screen(deltas, hashes, norms, policy, [u.previous for u in updates])
+    screening = screen(inputs, norms, policy)
     flags, notes = list(screening.flags), dict(screening.notes)
     kept = screening.kept
     clipping = clip(deltas, norms, kept, policy)
@@ -323,14 +498,21 @@ def close_books(
         notes[k] = f"norm {norms[k]:.4g} above the round's bound {clipping.bound:.4g}: clipped"
     values = value(inputs, clipping, kept, policy, valuator=valuator, device=device)
     for k in kept:
-        if values.values[k] < 0:
+        v, error = values.values[k], values.errors[k]
+        if clearly_negative(v, error, policy):
             flags[k] |= Flag.NEGATIVE_CONTRIBUTION
-            notes.setdefault(k, f"contribution {values.values[k]:+.4g}: made the model worse")
+            notes.setdefault(
+                k,
+                f"contribution {v:+.4g} ± {error:.2g} (standard error), more than "
+                f"{policy.negative_sigmas:g} below zero: made the model worse",
+            )
     members = [
         k for k in kept if not (policy.exclude_negative and flags[k] & Flag.NEGATIVE_CONTRIBUTION)
     ]
     params = aggregate_round(inputs, clipping, members, policy, device=device)
-    rewards = pay(policy.reward_per_round, values.values, flags)
+    before = evaluate_params(inputs.model, inputs.base, inputs.x_val, inputs.y_val, policy.metric)
+    after = evaluate_params(inputs.model, params, inputs.x_val, inputs.y_val, policy.metric)
+    rewards = pay(policy, values.values, flags, after - before)
 
     scores = [to_fixed_point(v) for v in values.values]
     organisations = [u.organisation for u in updates]
@@ -351,6 +533,7 @@ def close_books(
         update_hashes=hashes,
         num_samples=[u.num_samples for u in updates],
         values=values.values,
+        errors=values.errors,
         scores=scores,
         rewards=rewards,
         flags=[int(f) for f in flags],
@@ -363,6 +546,8 @@ def close_books(
         new_bytes=new_bytes,
         new_hash=hex32(keccak(new_bytes)),
         accuracy=evaluate_params(inputs.model, params, inputs.x_val, inputs.y_val, "accuracy"),
+        utility=after,
+        gain=after - before,
         valuation=ValuationRecord(
             method=f"{values.method}:{policy.metric}",
             seed=inputs.round_id,

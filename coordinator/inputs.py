@@ -7,9 +7,11 @@ the same inputs.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
-from fedledger.coordinator.books import RoundInputs, UpdateInput
+from fedledger.coordinator.books import PUBLIC_STEPS, RoundInputs, UpdateInput
 from fedledger.coordinator.store import Store
 from fedledger.errors import CoordinatorError, ErrorCode
 from fedledger.incentive.commitment import decode_tensors
@@ -48,6 +50,8 @@ def load_round_inputs(
         store.updates_for(round_id), key=lambda u: order.get(u.organisation.lower(), len(order))
     )
 
+    base = load_tensors(store, stored.model_hash)
+
     def previous(org: str) -> dict[str, torch.Tensor] | None:
         earlier = store.get_update(round_id - 1, org) if round_id > 1 else None
         return None if earlier is None else load_tensors(store, earlier.update_hash)
@@ -55,7 +59,7 @@ def load_round_inputs(
     return RoundInputs(
         round_id=round_id,
         model=model,
-        base=load_tensors(store, stored.model_hash),
+        base=base,
         updates=[
             UpdateInput(
                 organisation=u.organisation,
@@ -68,4 +72,19 @@ def load_round_inputs(
         ],
         x_val=x_val,
         y_val=y_val,
+        public_steps=public_steps(store, round_id, base),
     )
+
+
+def public_steps(
+    store: Store, round_id: int, base: dict[str, torch.Tensor]
+) -> list[dict[str, torch.Tensor]]:
+    """The global steps that led to round ``round_id``'s model, newest first (``PUBLIC_STEPS``
+    at most): w_r - w_{r-1}, w_{r-1} - w_{r-2}, from the models the store served."""
+    models = [base]
+    for earlier in range(round_id - 1, max(0, round_id - 1 - PUBLIC_STEPS), -1):
+        stored = store.get_round(earlier)
+        if stored is None:
+            break
+        models.append(load_tensors(store, stored.model_hash))
+    return [{n: newer[n] - older[n] for n in newer} for newer, older in itertools.pairwise(models)]

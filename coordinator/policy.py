@@ -13,9 +13,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from fedledger.incentive.onchain import DEFAULT_ROUND_BUDGET, Metric
+from fedledger.incentive.onchain import DEFAULT_ROUND_BUDGET, TOKEN_UNIT, Metric
 
 AggregationMethod = Literal["fedavg", "median", "trimmed_mean"]
+
+DEFAULT_REWARD_PER_GAIN = 1000 * TOKEN_UNIT
+"""1,000 FLR for each 1.0 the validation metric rises (a nat of log-loss)."""
 
 
 class PricingPolicy(BaseModel):
@@ -26,10 +29,20 @@ class PricingPolicy(BaseModel):
     # The game: which model, scored how.
     task: str = Field("digits", description="Learning task (its model and validation set).")
     model_seed: int = Field(0, description="Seed of the task model's initial parameters.")
-    metric: Metric = Field("accuracy", description="Validation metric of the coalition game.")
+    metric: Metric = Field(
+        "neg_log_loss",
+        description="Validation metric of the coalition game (a proper scoring rule by default).",
+    )
     eta: float = Field(1.0, gt=0, description="Server learning rate: w + eta * aggregate.")
-    valuation_weights: Literal["uniform", "samples"] = Field(
-        "uniform", description="Coalition models average updates uniformly or by sample count."
+    valuation_weights: Literal["samples", "uniform"] = Field(
+        "samples",
+        description="Coalition models average updates by sample count, capped as the aggregate "
+        "is (max_weight_multiple), or uniformly.",
+    )
+    coalition_steps: Literal["rescaled", "average"] = Field(
+        "rescaled",
+        description="Each coalition's averaged update is rescaled to the length of the whole "
+        "consortium's (the game values directions), or taken as it is.",
     )
     max_exact_players: int = Field(
         10, ge=1, le=20, description="Exact Shapley up to this many organisations, sampled above."
@@ -41,7 +54,11 @@ class PricingPolicy(BaseModel):
     )
     # Screens and defences.
     copy_cosine: float = Field(
-        0.999, gt=0, le=1, description="|cosine| with an earlier update from which it is a copy."
+        0.99999,
+        gt=0,
+        le=1,
+        description="|cosine| with an earlier update from which it is a copy (two organisations "
+        "training on the same records reach 0.999).",
     )
     zero_tolerance: float = Field(
         1e-6, ge=0, description="An update with norm <= this x the median norm counts as zero."
@@ -52,8 +69,14 @@ class PricingPolicy(BaseModel):
     clip_multiplier: float | None = Field(
         3.0, gt=0, description="Clip updates above this x the round's median norm (None: never)."
     )
+    negative_sigmas: float = Field(
+        3.0,
+        ge=0,
+        description="A contribution this many standard errors below 0 made the model worse: "
+        "flagged negative_contribution, unpaid for the round.",
+    )
     exclude_negative: bool = Field(
-        True, description="Leave updates with a negative contribution out of the new model."
+        True, description="Leave updates flagged negative_contribution out of the new model."
     )
     aggregation: AggregationMethod = Field(
         "fedavg", description="Aggregation rule: fedavg, median or trimmed_mean."
@@ -67,11 +90,22 @@ class PricingPolicy(BaseModel):
         description="Most a FedAvg weight may be, as a multiple of the uniform 1/K: a declared "
         "sample count buys no more (None: no cap).",
     )
+    max_samples: int | None = Field(
+        None,
+        ge=1,
+        description="Most samples an organisation may declare; an upload above is refused "
+        "(None: no cap).",
+    )
     # Payment.
+    reward_per_gain: int = Field(
+        DEFAULT_REWARD_PER_GAIN,
+        ge=0,
+        description="Token units a round pays per 1.0 rise of the validation metric.",
+    )
     reward_per_round: int = Field(
         DEFAULT_ROUND_BUDGET,
         ge=0,
-        description="Token units paid out per round (at most the ledger's roundBudget).",
+        description="Most token units a round pays (at most the ledger's roundBudget).",
     )
     claims_above: int = Field(
         16, ge=0, description="Settle by Merkle root and claims above this many organisations."

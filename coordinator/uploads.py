@@ -81,6 +81,7 @@ class UploadVerifier:
         signer = self.recover(signed)
         self.check_signer(signer, signed.auth.organisation)
         self.check_expiry(signed.auth)
+        self.check_sample_count(signed.auth)
         return AuthenticatedUpload(signed.auth, signer, self.check_body_hash(signed.auth, body))
 
     def recover(self, signed: wire.SignedUpload) -> str:
@@ -123,6 +124,17 @@ class UploadVerifier:
             raise CoordinatorError(
                 ErrorCode.EXPIRY_TOO_FAR,
                 f"the authorisation must expire within {self.settings.max_expiry_s} s",
+            )
+
+    def check_sample_count(self, auth: UploadAuthorization) -> None:
+        """A declared count steers FedAvg (within its weight cap): the consortium's cap on it."""
+        cap = self.settings.pricing.max_samples
+        if cap is not None and auth.num_samples > cap:
+            raise CoordinatorError(
+                ErrorCode.TOO_MANY_SAMPLES,
+                f"the declared sample count {auth.num_samples} is above the consortium's cap of "
+                f"{cap} (max_samples)",
+                max_samples=cap,
             )
 
     @staticmethod

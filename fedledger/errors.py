@@ -188,6 +188,15 @@ class ErrorCode(enum.StrEnum):
             "upload exactly the committed bytes",
         ),
     )
+    TOO_MANY_SAMPLES = (
+        "too_many_samples",
+        CodeSpec(
+            422,
+            Area.UPLOAD,
+            "the declared sample count is above the consortium's max_samples",
+            "declare the number of records trained on; ask the operator if it is above the cap",
+        ),
+    )
     SAMPLES_MISMATCH = (
         "samples_mismatch",
         CodeSpec(

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
-from fedledger.coordinator.books import Books, RoundInputs, UpdateInput, close_books
+from fedledger.coordinator.books import PUBLIC_STEPS, Books, RoundInputs, UpdateInput, close_books
 from fedledger.coordinator.policy import PricingPolicy
 from fedledger.incentive.commitment import encode_tensors
 from fedledger.incentive.utility import evaluate_params
@@ -117,9 +117,9 @@ class Federation:
     num_samples: list[int] = field(default_factory=list)
 
     def paid_share(self, orgs: list[int]) -> float:
-        """The organisations' summed rewards over every round, as a share of the budgets."""
+        """The organisations' summed rewards over every round, as a share of all the run paid."""
         paid = sum(r.rewards[k] for r in self.rounds for k in orgs)
-        return paid / (BUDGET * len(self.rounds))
+        return paid / max(sum(sum(r.rewards) for r in self.rounds), 1)
 
     def totals(self) -> list[int]:
         """Each organisation's rewards summed over the run."""
@@ -152,7 +152,9 @@ def run_federation(
     Dirichlet(``alpha``) partition into ``num_orgs``."""
     attacks = attacks or {}
     declared = declared or {}
-    policy = (policy or PricingPolicy()).model_copy(update={"reward_per_round": BUDGET})
+    # BUDGET units per 1.0 of gain too, so the budget caps no round (gains are below 1).
+    budget = {"reward_per_round": BUDGET, "reward_per_gain": BUDGET}
+    policy = (policy or PricingPolicy()).model_copy(update=budget)
     if parts is None:
         task = get_task("digits")
         parts = [task.partition(k, num_orgs, alpha=alpha, seed=0) for k in range(num_orgs)]
@@ -253,6 +255,7 @@ def _run(
             ],
             x_val=x_val,
             y_val=y_val,
+            public_steps=global_steps[:PUBLIC_STEPS],
         )
         books = close_books(inputs, policy, device=cpu)
         previous = list(deltas)

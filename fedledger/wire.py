@@ -150,6 +150,7 @@ class OrganisationResult(_Schema):
     update_hash: str | None = None
     num_samples: int = 0
     value: float = 0.0  # Shapley value of the validation metric
+    value_stderr: float = 0.0  # its standard error over the validation samples
     score: str = "0"  # the value as the on-chain score (scoreOf): fixed point, 1e18 = 1.0
     reward: str = "0"  # token units, as a decimal string
     flags: int = 0  # bit set recorded on-chain (flagsOf); see flag_reasons
@@ -168,9 +169,13 @@ class RoundResult(_Schema):
     new_model_hash: str | None = None
     deadline: int
     validation_accuracy: float | None = None
+    validation_utility: float | None = None  # the new model's valuation metric (see pricing)
+    validation_gain: float | None = None  # its rise over the old model: what the round paid for
     reason: str | None = None
     finalize_tx: str | None = None
-    valuation_method: str | None = None  # as recorded on-chain (valuationOf), e.g. "exact:accuracy"
+    valuation_method: str | None = (
+        None  # as recorded on-chain (valuationOf), e.g. "exact:neg_log_loss"
+    )
     valuation_seed: int | None = None
     validation_hash: str | None = None
     evaluations: int | None = None  # coalition utilities the valuation cost

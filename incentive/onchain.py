@@ -13,7 +13,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 TOKEN_UNIT = 10**18
 """Token units in one reward token (FLR): the ERC-20 has 18 decimals."""
@@ -76,9 +76,13 @@ def from_fixed_point(score: int) -> float:
     return float(Fraction(score, FIXED_POINT_ONE))
 
 
-Metric = Literal["accuracy", "neg_log_loss"]
+Metric = Literal["neg_log_loss", "neg_brier", "accuracy"]
 """The validation metrics a round can be valued by; the recorded method name ends in one
-(``valuationOf(r).method``, e.g. ``exact:accuracy``)."""
+(``valuationOf(r).method``, e.g. ``exact:neg_log_loss``). Minus the mean cross-entropy and minus
+the mean Brier score are proper scoring rules: they move with every sample's predicted
+probabilities, while accuracy moves in steps of one validation sample."""
+
+METRICS: tuple[Metric, ...] = get_args(Metric)
 
 
 def hex32(digest: bytes) -> str:

@@ -49,13 +49,15 @@ class _Coalitions:
     """Coalition utilities evaluated so far, keyed by the coalition's packed bitmask.
 
     ``evaluate`` passes each coalition to the utility at most once, the new ones of a request
-    in as few calls as ``max_batch`` allows.
+    in as few calls as ``max_batch`` allows. Only a valuator that is linear in the utilities
+    sets ``vector``: the others decide what to evaluate next from scalar utilities.
     """
 
-    def __init__(self, utility: BatchUtility, max_batch: int) -> None:
+    def __init__(self, utility: BatchUtility, max_batch: int, *, vector: bool = False) -> None:
         self._utility = utility
         self._max_batch = max_batch
-        self._values: dict[bytes, float] = {}
+        self._vector = vector
+        self._values: dict[bytes, np.ndarray] = {}
 
     @property
     def evaluations(self) -> int:
@@ -83,16 +85,20 @@ class _Coalitions:
         for start in range(0, len(rows), self._max_batch):
             chunk = rows[start : start + self._max_batch]
             out = np.asarray(self._utility(masks[chunk]), dtype=np.float64)
-            if out.shape != (len(chunk),):
+            if out.shape[:1] != (len(chunk),) or out.ndim not in ((1, 2) if self._vector else (1,)):
+                expected = f"({len(chunk)},)" + (f" or ({len(chunk)}, m)" if self._vector else "")
                 raise ValueError(
                     f"utility returned shape {out.shape} for {len(chunk)} coalitions; "
-                    f"expected ({len(chunk)},)"
+                    f"expected {expected}"
+                    + ("" if self._vector else " (this valuator prices scalar games only)")
                 )
             if not np.all(np.isfinite(out)):
                 raise ValueError("utility returned a non-finite value")
-            for row, value in zip(chunk, out.tolist(), strict=True):
+            for row, value in zip(chunk, out, strict=True):
                 self._values[keys[row]] = value
-        return np.array([self._values[key] for key in keys], dtype=np.float64)
+        if not keys:
+            return np.zeros((0,), dtype=np.float64)
+        return np.stack([self._values[key] for key in keys]).astype(np.float64, copy=False)
 
 
 def _empty_and_full(coalitions: _Coalitions, num_players: int) -> tuple[float, float]:
@@ -200,6 +206,13 @@ def _one_player(
     )
 
 
+def _no_permutation(max_evaluations: int | None, num_players: int) -> ValueError:
+    return ValueError(
+        f"max_evaluations={max_evaluations} cannot complete one permutation of {num_players} "
+        "players: the values would be zeros, not estimates; raise the budget"
+    )
+
+
 def _no_players(method: str) -> ShapleyResult:
     return ShapleyResult(values=np.zeros(0, dtype=np.float64), evaluations=0, method=method)
 
@@ -211,9 +224,13 @@ class TMCShapley:
     Ghorbani & Zou (2019), "Data Shapley: Equitable Valuation of Data for Machine Learning",
     Algorithm 1: phi_i = E_pi[U(P_i^pi | {i}) - U(P_i^pi)] over uniform permutations pi, with
     P_i^pi the players before i. A permutation is truncated once its prefix is within
-    ``tolerance`` x |U(N)| of U(N): the marginals after that point count as 0. Every complete
-    permutation's marginals sum to U(prefix) - U(empty), so the values satisfy efficiency
-    within ``tolerance`` x |U(N)|, exactly with ``tolerance=0``.
+    ``tolerance`` x |U(N) - U(empty)| of U(N): the marginals after that point count as 0.
+    Relative to the round's gain, not to U(N) (the paper's rule, for accuracies of a model
+    trained from scratch): a late round's gain is a small part of its utility, and truncating
+    at a share of the utility would zero every value. Every complete permutation's marginals
+    sum to U(prefix) - U(empty), so the values satisfy efficiency within ``tolerance`` x
+    |U(N) - U(empty)|, exactly with ``tolerance=0``. A budget that cannot complete a single
+    permutation is refused (ValueError), never answered with zeros.
 
     The budget is ``num_permutations`` permutations, ``max_evaluations`` distinct coalition
     utilities, or whichever runs out first (with only ``max_evaluations``, sampling also stops
@@ -260,7 +277,7 @@ class TMCShapley:
         v_empty, v_full = _empty_and_full(coalitions, num_players)
         if num_players == 1:
             return _one_player(coalitions, v_empty, v_full, "tmc")
-        threshold = self.tolerance * abs(v_full)
+        threshold = self.tolerance * abs(v_full - v_empty)
         lookahead = self.lookahead or max(1, math.ceil(num_players / 4))
         budget = self.max_evaluations
         wanted = self.num_permutations
@@ -295,8 +312,9 @@ class TMCShapley:
                 break  # the budget ran out inside this block
             if wanted is None and spent == 0:
                 break  # nothing left to spend the budget on
-        values = total / done if done else np.zeros(num_players, dtype=np.float64)
-        return ShapleyResult(values=values, evaluations=coalitions.evaluations, method="tmc")
+        if not done:
+            raise _no_permutation(self.max_evaluations, num_players)
+        return ShapleyResult(values=total / done, evaluations=coalitions.evaluations, method="tmc")
 
 
 @dataclass(frozen=True)
@@ -308,9 +326,12 @@ class GTGShapley:
     (arXiv:2109.02053), Algorithm 1:
 
     - between-round truncation: if |U(N) - U(empty)| < ``between_tolerance`` the round
-      changed too little to be worth valuing, and every value is 0 (2 evaluations);
-    - within-round truncation: once |U(N) - U(prefix)| < ``within_tolerance``, the
-      permutation's remaining marginals count as 0;
+      changed too little to be worth valuing, and every value is 0 (2 evaluations); off by
+      default here (0): what a small gain is worth is for the payout rule to say, and zeros
+      for a round that did gain something are wrong values, not cheap ones;
+    - within-round truncation: once |U(N) - U(prefix)| < ``within_tolerance`` x
+      |U(N) - U(empty)|, the permutation's remaining marginals count as 0 (relative to the
+      round's gain, as ``TMCShapley`` truncates; the paper's is absolute);
     - guided sampling: permutations come in rounds of K, player k first in the k-th and the
       others in random order, so each player's first-position marginal U({k}) - U(empty)
       (the largest, usually) is sampled in every round;
@@ -319,17 +340,17 @@ class GTGShapley:
       ``convergence_tolerance`` of the latest, as the mean over players of
       |phi_t,i - phi_last,i| / (|phi_last,i| + 1e-12).
 
-    The defaults (tolerances 0.01 between rounds and 0.001 within, for utilities on [0, 1]
-    such as accuracy; at least max(30, K) permutations; a window of 10 and 5%) follow the
+    The other defaults (at least max(30, K) permutations; a window of 10 and 5%) follow the
     GTG-Shapley implementation in github.com/cyyever/distributed_learning_simulator.
     ``max_permutations`` and ``max_evaluations`` cap the work; a permutation that would
-    overrun ``max_evaluations`` is dropped. The values average the complete permutations
+    overrun ``max_evaluations`` is dropped, and a budget that completes none is refused
+    (ValueError). The values average the complete permutations
     with each first player's permutations weighted equally, which is the plain average
     whenever every round is complete. Under ``max_evaluations`` rounds are walked one at a
     time, ``lookahead`` prefixes per utility call (default: a quarter of the players).
     """
 
-    between_tolerance: float = 0.01
+    between_tolerance: float = 0.0
     within_tolerance: float = 0.001
     convergence_tolerance: float = 0.05
     min_permutations: int | None = None
@@ -401,7 +422,7 @@ class GTGShapley:
                 perms,
                 v_empty,
                 v_full,
-                threshold=self.within_tolerance,
+                threshold=self.within_tolerance * abs(v_full - v_empty),
                 lookahead=lookahead,
                 max_evaluations=self.max_evaluations,
             )
@@ -412,6 +433,8 @@ class GTGShapley:
             if self.max_permutations is None and coalitions.evaluations == spent_before:
                 break  # nothing left to spend the budget on
             rounds = 1
+        if not records:
+            raise _no_permutation(self.max_evaluations, num_players)
         values = _stratified_mean(records, firsts, num_players)
         return ShapleyResult(values=values, evaluations=coalitions.evaluations, method="gtg")
 
@@ -532,16 +555,21 @@ class StratifiedKernelShapley:
                 f"players (U(empty), U(N) and every coalition of 1 and of {num_players - 1}); "
                 f"max_evaluations is {self.max_evaluations}"
             )
-        coalitions = _Coalitions(utility, self.max_batch)
+        coalitions = _Coalitions(utility, self.max_batch, vector=True)
         if num_players == 1:
-            return _one_player(coalitions, *_empty_and_full(coalitions, 1), self.method)
+            v_empty, v_full = coalitions.evaluate(np.array([[False], [True]]))
+            return ShapleyResult(
+                values=np.asarray(v_full - v_empty)[None],
+                evaluations=coalitions.evaluations,
+                method=self.method,
+            )
         rng = np.random.default_rng(seed)
         strata = _kernel_design(num_players, self.max_evaluations, rng)
         ends = np.zeros((2, num_players), dtype=bool)
         ends[1] = True
         masks = np.concatenate([ends, *strata.values()])
         utilities = coalitions.evaluate(masks)
-        v_empty, v_full = float(utilities[0]), float(utilities[1])
+        v_empty, v_full = utilities[0], utilities[1]
         values_by_size: dict[int, np.ndarray] = {}
         start = 2
         for s, rows in strata.items():
@@ -647,21 +675,26 @@ def _kernel_estimate(
     k: int,
     strata: dict[int, np.ndarray],
     utilities: dict[int, np.ndarray],
-    v_empty: float,
-    v_full: float,
+    v_empty: np.ndarray,
+    v_full: np.ndarray,
     *,
     adjust: bool,
 ) -> np.ndarray:
-    """The size-stratified, constrained kernel regression, regression-adjusted if ``adjust``."""
+    """The size-stratified, constrained kernel regression, regression-adjusted if ``adjust``.
+
+    Linear in the utilities: for a vector-valued game (utilities (rows, m)) each column is
+    estimated as its own game would be, on the same design.
+    """
+    tail = np.shape(v_full)
     gram = np.zeros((k, k))
     gram_cv = np.zeros((2 * k, 2 * k))
-    moment_cv = np.zeros(2 * k)
+    moment_cv = np.zeros((2 * k, *tail))
     centred: list[tuple[float, int, np.ndarray, np.ndarray]] = []
     for s, masks in strata.items():
         x = masks.astype(np.float64)
         u = utilities[s]
         x_c = x - x.mean(axis=0)
-        u_c = u - u.mean()
+        u_c = u - u.mean(axis=0)
         weight = 1.0 / (s * (k - s) * x.shape[0])
         gram += weight * (x_c.T @ x_c)
         if adjust:
@@ -673,14 +706,14 @@ def _kernel_estimate(
     # ones ones^T makes it invertible and leaves the solution orthogonal to ones.
     ones = np.ones((k, k))
     scale = max(float(np.trace(gram)) / k, 1e-300)
-    theta: np.ndarray = np.zeros(2 * k)
+    theta: np.ndarray = np.zeros((2 * k, *tail))
     if adjust:
         both = np.zeros((2 * k, 2 * k))
         both[:k, :k] = ones
         both[k:, k:] = ones
         scale_cv = max(float(np.trace(gram_cv)) / (2 * k), 1e-300)
         theta = np.linalg.lstsq(gram_cv + scale_cv * both, moment_cv, rcond=None)[0]
-    moment = np.zeros(k)
+    moment = np.zeros((k, *tail))
     for weight, s, x_c, u_c in centred:
         fitted = x_c @ (theta[:k] + theta[k:] / s)
         moment += weight * (x_c.T @ (u_c - fitted))

@@ -10,7 +10,9 @@ from typing import Protocol
 import numpy as np
 
 BatchUtility = Callable[[np.ndarray], np.ndarray]
-"""Maps a bool array of coalition masks shaped (C, K) to float64 utilities shaped (C,)."""
+"""Maps a bool array of coalition masks shaped (C, K) to float64 utilities shaped (C,), or
+(C, m) for a vector-valued game (m games at once, e.g. one per validation sample), which the
+valuators that are linear in the utilities (exact, stratified kernel) value column by column."""
 
 MAX_EXACT_PLAYERS = 20
 """The largest game ``ExactShapley`` enumerates (2**20 coalitions)."""
@@ -20,7 +22,7 @@ MAX_EXACT_PLAYERS = 20
 class ShapleyResult:
     """Per-player Shapley values, how many coalition utilities they cost, and how they were found."""
 
-    values: np.ndarray  # float64, shape (K,)
+    values: np.ndarray  # float64, shape (K,), or (K, m) for a vector-valued game
     evaluations: int
     method: str
 
@@ -102,10 +104,10 @@ def _evaluate(utility: BatchUtility, masks: np.ndarray, max_batch: int) -> np.nd
     for start in range(0, masks.shape[0], max_batch):
         chunk = masks[start : start + max_batch]
         out = np.asarray(utility(chunk), dtype=np.float64)
-        if out.shape != (chunk.shape[0],):
+        if out.ndim not in (1, 2) or out.shape[0] != chunk.shape[0]:
             raise ValueError(
                 f"utility returned shape {out.shape} for {chunk.shape[0]} coalitions; "
-                f"expected ({chunk.shape[0]},)"
+                f"expected ({chunk.shape[0]},) or ({chunk.shape[0]}, m)"
             )
         if not np.all(np.isfinite(out)):
             raise ValueError("utility returned a non-finite value")
@@ -114,9 +116,10 @@ def _evaluate(utility: BatchUtility, masks: np.ndarray, max_batch: int) -> np.nd
 
 
 def shapley_from_utilities(utilities: np.ndarray, num_players: int) -> np.ndarray:
-    """Shapley values from U indexed by coalition bitmask (length 2**K), as float64 (K,)."""
+    """Shapley values from U indexed by coalition bitmask (length 2**K), as float64 (K,);
+    from utilities shaped (2**K, m), the values of each column's game, shaped (K, m)."""
     size = 1 << num_players
-    if utilities.shape != (size,):
+    if utilities.ndim not in (1, 2) or utilities.shape[0] != size:
         raise ValueError(
             f"expected {size} utilities for {num_players} players, got {utilities.shape}"
         )
@@ -125,11 +128,12 @@ def shapley_from_utilities(utilities: np.ndarray, num_players: int) -> np.ndarra
     for k in range(num_players):
         sizes += (bitmasks >> k) & 1
     weights = _shapley_weights(num_players)
-    values = np.empty(num_players, dtype=np.float64)
+    values = np.empty((num_players, *utilities.shape[1:]), dtype=np.float64)
     for i in range(num_players):
         bit = np.int64(1) << i
         without_i = bitmasks[(bitmasks & bit) == 0]
         marginal = utilities[without_i | bit] - utilities[without_i]
+        weight = weights[sizes[without_i]].reshape(-1, *([1] * (utilities.ndim - 1)))
         # np.sum uses pairwise summation: deterministic for a given input, unlike BLAS dot.
-        values[i] = np.sum(weights[sizes[without_i]] * marginal)
+        values[i] = np.sum(weight * marginal, axis=0)
     return values

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
@@ -12,14 +13,44 @@ from torch import Tensor
 from torch.func import functional_call, vmap
 
 from fedledger.devices import resolve_device
-from fedledger.incentive.onchain import Metric
+from fedledger.incentive.onchain import METRICS, Metric
 from fedledger.incentive.tensors import flatten, unflatten_batched
 
 
-def coalition_weights(masks: np.ndarray, num_samples: Sequence[int]) -> Tensor:
+def capped_weights(num_samples: Sequence[int], max_share: float) -> list[float]:
+    """FedAvg's weights n_k / n, none above ``max_share``: water-filling.
+
+    The updates whose share would pass the cap get exactly ``max_share``; the others share
+    what is left in proportion to their counts, repeated until no share passes the cap (at
+    most K rounds). A cap below 1/K cannot be met and gives the uniform 1/K. The weights sum
+    to 1 (up to float rounding), keep the counts' order, and equal n_k / n when nobody is
+    above the cap. A declared count is the organisation's own word (the ledger takes any
+    positive number): the cap bounds what a false one buys.
+    """
+    if not (0 < max_share <= 1) or math.isnan(max_share):
+        raise ValueError(f"max_share must be in (0, 1], got {max_share!r}")
+    count = len(num_samples)
+    cap = max(max_share, 1.0 / count) if count else max_share
+    capped: set[int] = set()
+    while True:
+        free = [k for k in range(count) if k not in capped]
+        left = 1.0 - cap * len(capped)
+        free_total = sum(int(num_samples[k]) for k in free)
+        over = [k for k in free if left * int(num_samples[k]) > cap * free_total]
+        if not over:
+            break
+        capped.update(over)
+    return [cap if k in capped else left * int(num_samples[k]) / free_total for k in range(count)]
+
+
+def coalition_weights(
+    masks: np.ndarray, num_samples: Sequence[int], max_multiple: float | None = None
+) -> Tensor:
     """a[S, k] = n_k / n_S for k in S, else 0 (float32, shape (C, K)); the empty coalition's row is 0.
 
-    These are the FedAvg weights of McMahan et al. (2017), eq. (1), restricted to coalition S.
+    These are the FedAvg weights of McMahan et al. (2017), eq. (1), restricted to coalition S;
+    with ``max_multiple``, capped in each coalition as the aggregate caps them
+    (``capped_weights`` with a share of at most ``max_multiple`` / |S|).
     """
     masks = np.asarray(masks)
     if masks.dtype != np.bool_ or masks.ndim != 2:
@@ -29,6 +60,15 @@ def coalition_weights(masks: np.ndarray, num_samples: Sequence[int]) -> Tensor:
             f"masks have {masks.shape[1]} players but {len(num_samples)} sample counts were given"
         )
     n = _sample_counts(num_samples)
+    if max_multiple is not None:
+        capped = np.zeros(masks.shape, dtype=np.float64)
+        for row, mask in enumerate(masks):
+            members = np.flatnonzero(mask)
+            if members.size:
+                share = min(1.0, max_multiple / members.size)
+                counts = [int(num_samples[int(k)]) for k in members]
+                capped[row, members] = capped_weights(counts, share)
+        return torch.from_numpy(capped.astype(np.float32))
     in_s = masks * n[None, :]
     n_s = in_s.sum(axis=1, keepdims=True)
     weights = np.divide(in_s, n_s, out=np.zeros_like(in_s), where=n_s > 0)
@@ -42,13 +82,29 @@ def _sample_counts(num_samples: Sequence[int]) -> np.ndarray:
     return np.asarray(num_samples, dtype=np.float64)
 
 
-def _score(logits: Tensor, y: Tensor, metric: Metric) -> Tensor:
-    """The utility of one model's validation logits: accuracy, or minus the mean cross-entropy."""
+def _check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; expected one of {', '.join(METRICS)}")
+
+
+def per_sample_scores(logits: Tensor, y: Tensor, metric: Metric) -> Tensor:
+    """Each validation sample's score (float64, shape (n,)); the utility is their mean.
+
+    accuracy: 1 if the sample is classified right; neg_log_loss: minus its cross-entropy;
+    neg_brier: minus the squared distance of its predicted probabilities from the one-hot label
+    (Brier 1950), in [-2, 0].
+    """
     if metric == "accuracy":
-        return (logits.argmax(dim=-1) == y).to(torch.float64).mean()
+        return (logits.argmax(dim=-1) == y).to(torch.float64)
+    logits = logits.to(torch.float64)
     if metric == "neg_log_loss":
-        return -F.cross_entropy(logits.to(torch.float64), y)
-    raise ValueError(f"unknown metric {metric!r}; expected 'accuracy' or 'neg_log_loss'")
+        return -F.cross_entropy(logits, y, reduction="none")
+    if metric == "neg_brier":
+        probabilities = torch.softmax(logits, dim=-1)
+        one_hot = F.one_hot(y, num_classes=logits.shape[-1]).to(torch.float64)
+        return -((probabilities - one_hot) ** 2).sum(dim=-1)
+    _check_metric(metric)
+    raise AssertionError("unreachable")
 
 
 @contextmanager
@@ -81,7 +137,7 @@ def evaluate_params(
     on_device = {name: t.to(x.device) for name, t in params.items()}
     with torch.no_grad(), _eval_mode(model):
         logits = functional_call(model, on_device, (x,))
-        return float(_score(logits, y.to(x.device), metric))
+        return float(per_sample_scores(logits, y.to(x.device), metric).mean())
 
 
 MAX_BATCH_FLOATS = 1 << 26
@@ -96,11 +152,18 @@ def default_max_batch(num_params: int) -> int:
 
 
 class CoalitionUtility:
-    """U(S) = metric of w_r + eta * sum_{k in S} (n_k / n_S) delta_k on the validation set.
+    """U(S) = metric of w_r + eta * sum_{k in S} a[S, k] delta_k on the validation set.
+
+    a[S, k] = n_k / n_S (``coalition_weights``), capped at ``max_multiple`` / |S| when given.
+    With ``rescale_steps`` each coalition's step sum_k a[S, k] delta_k is rescaled to the length
+    of the whole consortium's (S = N): the game then compares where the coalitions' data points
+    the model, not how far their local training happened to carry it.
 
     The empty coalition is the global model w_r. A call scores a chunk of ``max_batch``
     coalitions with one matrix product and one ``vmap``-ed forward pass; it is a
     ``BatchUtility`` for ``fedledger.incentive.shapley``. Model buffers come from ``base`` too.
+    With ``per_sample`` a call returns every validation sample's score, shape (C, n): the game
+    is then vector-valued, one game per validation sample, whose mean is the game above.
     """
 
     def __init__(
@@ -116,13 +179,15 @@ class CoalitionUtility:
         metric: Metric = "accuracy",
         device: torch.device | None = None,
         max_batch: int | None = None,
+        per_sample: bool = False,
+        max_multiple: float | None = None,
+        rescale_steps: bool = False,
     ) -> None:
         if len(deltas) != len(num_samples):
             raise ValueError(f"{len(deltas)} deltas but {len(num_samples)} sample counts")
         if max_batch is not None and max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        if metric not in ("accuracy", "neg_log_loss"):
-            raise ValueError(f"unknown metric {metric!r}; expected 'accuracy' or 'neg_log_loss'")
+        _check_metric(metric)
         _check_names(model, base, "base")
         for k, delta in enumerate(deltas):
             _check_like(base, delta, f"delta {k}")
@@ -131,6 +196,8 @@ class CoalitionUtility:
         self.num_samples = list(num_samples)
         self.eta = float(eta)
         self.metric: Metric = metric
+        self.per_sample = per_sample
+        self.max_multiple = max_multiple
         self.device = resolve_device(device)
         num_params = sum(t.numel() for t in base.values())
         self.max_batch = max_batch if max_batch is not None else default_max_batch(num_params)
@@ -145,19 +212,27 @@ class CoalitionUtility:
         )  # (K, P)
         self._x = x_val.to(self.device)
         self._y = y_val.to(self.device, torch.int64)
+        # With rescale_steps, every coalition's step has the whole consortium's length.
+        self._reference: Tensor | None = None
+        if rescale_steps and self.num_players:
+            everyone = np.ones((1, self.num_players), dtype=bool)
+            full = coalition_weights(everyone, self.num_samples, max_multiple).to(self.device)
+            self._reference = torch.linalg.vector_norm(full @ self._deltas)
 
     @property
     def num_players(self) -> int:
         return int(self._deltas.shape[0])
 
     def __call__(self, masks: np.ndarray) -> np.ndarray:
-        """U(S) for every row of ``masks`` (bool, shape (C, K)), as float64 shape (C,)."""
+        """U(S) for every row of ``masks`` (bool, shape (C, K)), as float64 shape (C,), or
+        (C, n) per validation sample with ``per_sample``."""
         masks = np.asarray(masks)
         if masks.ndim != 2 or masks.shape[1] != self.num_players:
             raise ValueError(
                 f"masks must have shape (C, {self.num_players}), got {tuple(masks.shape)}"
             )
-        out = np.empty(masks.shape[0], dtype=np.float64)
+        shape = (masks.shape[0], self._y.shape[0]) if self.per_sample else (masks.shape[0],)
+        out = np.empty(shape, dtype=np.float64)
         for start in range(0, masks.shape[0], self.max_batch):
             chunk = masks[start : start + self.max_batch]
             out[start : start + chunk.shape[0]] = self._evaluate_chunk(chunk)
@@ -165,18 +240,26 @@ class CoalitionUtility:
         return out
 
     def _evaluate_chunk(self, masks: np.ndarray) -> np.ndarray:
-        weights = coalition_weights(masks, self.num_samples).to(self.device)  # (c, K)
+        weights = coalition_weights(masks, self.num_samples, self.max_multiple)
+        weights = weights.to(self.device)  # (c, K)
         count = masks.shape[0]
         with torch.no_grad(), _eval_mode(self.model):
-            # Row S: w_r + eta * sum_k a[S, k] delta_k, all rows in one addmm.
-            flat = torch.addmm(
-                self._base_flat.expand(count, -1), weights, self._deltas, alpha=self.eta
-            )
+            if self._reference is None:
+                # Row S: w_r + eta * sum_k a[S, k] delta_k, all rows in one addmm.
+                flat = torch.addmm(
+                    self._base_flat.expand(count, -1), weights, self._deltas, alpha=self.eta
+                )
+            else:
+                steps = weights @ self._deltas  # (c, P)
+                lengths = torch.linalg.vector_norm(steps, dim=1, keepdim=True)
+                scale = torch.where(lengths > 0, self._reference / lengths.clamp(min=1e-30), 0.0)
+                flat = self._base_flat + self.eta * scale * steps
             params = unflatten_batched(flat, self._like, batch_shape=(count,))
 
             def utility_of(p: dict[str, Tensor]) -> Tensor:
                 logits = functional_call(self.model, p, (self._x,))
-                return _score(logits, self._y, self.metric)
+                scores = per_sample_scores(logits, self._y, self.metric)
+                return scores if self.per_sample else scores.mean()
 
             scores: Tensor = vmap(utility_of)(params)
         result: np.ndarray = scores.to("cpu", torch.float64).numpy()

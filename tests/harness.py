@@ -5,12 +5,15 @@ from __future__ import annotations
 import subprocess
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from eth_account.signers.local import LocalAccount
 from fastapi.testclient import TestClient
 
 from fedledger import wire
+from fedledger.coordinator.books import round_pool
+from fedledger.coordinator.policy import PricingPolicy
 from fedledger.coordinator.service import RoundService
 from fedledger.incentive.commitment import encode_tensors
 from fedledger.incentive.ledger import LedgerClient
@@ -46,8 +49,11 @@ class Harness:
         params = self.service.task.build_model(seed=0).state_dict()
         return {n: torch.randn(t.shape, generator=generator) * scale for n, t in params.items()}
 
-    def trained_delta(self, k: int) -> dict[str, torch.Tensor]:
-        """Organisation k's real update: one local epoch on its digits partition."""
+    def trained_delta(
+        self, k: int, base: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Organisation k's real update: one local epoch on its digits partition, from
+        ``base`` (default: the initial model)."""
         from fedledger.node.training import TrainConfig, train_local
 
         task = self.service.task
@@ -55,7 +61,34 @@ class Harness:
         x, y = task.partition(k, len(self.orgs), alpha=0.5, seed=0)
         config = TrainConfig(epochs=1, seed=k)
         cpu = torch.device("cpu")
-        return train_local(model, model.state_dict(), x, y, config, device=cpu).delta
+        start = base if base is not None else model.state_dict()
+        return train_local(model, start, x, y, config, device=cpu).delta
+
+    def round_with_cheat(
+        self, round_id: int, uploads: list[dict[str, torch.Tensor]], note: str
+    ) -> dict[str, Any]:
+        """Organisations 0 and 1 upload honestly and organisation 2 cheats (``uploads`` in
+        that order); the round closes; the cheat is flagged a copy with ``note`` in its note,
+        unpaid and left out, the honest ones unflagged. Returns the round's result."""
+        for org, tensors in zip(self.orgs, uploads, strict=True):
+            assert self.post(self.make_upload(org, tensors, round_id=round_id)).status_code == 201
+        self.service.step()
+        result: dict[str, Any] = self.client.get(f"/v1/rounds/{round_id}").json()
+        by_org = {o["organisation"]: o for o in result["organisations"]}
+        cheat = by_org[self.orgs[2].address]
+        assert cheat["flag_reasons"] == ["copied_update"]
+        assert note in cheat["note"]
+        assert cheat["reward"] == "0" and not cheat["aggregated"]
+        assert all(by_org[o.address]["flags"] == 0 for o in self.orgs[:2])
+        return result
+
+    def model(self, model_hash: str) -> dict[str, torch.Tensor]:
+        """The global model the coordinator serves under ``model_hash``."""
+        from fedledger.incentive.commitment import decode_tensors
+
+        response = self.client.get(f"/v1/models/{model_hash}")
+        assert response.status_code == 200
+        return decode_tensors(response.content)
 
     def make_upload(
         self,
@@ -117,3 +150,15 @@ def modules_loaded_by(imports: str, top_level: tuple[str, ...]) -> list[str]:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
     return done.stdout.split()
+
+
+def pool_of(result: dict[str, Any], policy: PricingPolicy) -> int:
+    """What a finalized round (its JSON result) should have paid in all, by the books' rule,
+    from the values, flags and gain it reports."""
+    accepted = [o for o in result["organisations"] if o["status"] == "accepted"]
+    return round_pool(
+        policy,
+        [o["value"] for o in accepted],
+        [o["flags"] for o in accepted],
+        result["validation_gain"],
+    )

@@ -37,14 +37,16 @@ def test_quick_run_reports_every_valuator(
     assert len(splits) == 2 and any("0.1" in s for s in splits)
     for split in splits:
         by_name = {r["valuator"]: r for r in exact_rows if r["split"] == split}
+        # K = 4: the default budget is all 16 coalitions; 10% of them is the kernel
+        # estimator's minimum, too few for GTG to finish a round of permutations.
         assert set(by_name) == {
             "exact",
-            "tmc @10",
-            "gtg @10",
-            "gtg (converged)",
+            "kernel @16 (default)",
             "kernel @10",
-            "kernel unadjusted @10",
+            "tmc @10",
+            "gtg (converged)",
         }
+        assert by_name["kernel @16 (default)"]["max_abs_error_max"] == pytest.approx(0, abs=1e-12)
         exact = by_name["exact"]
         assert exact["spearman_min"] == 1.0 and exact["max_abs_error_max"] == 0.0
         assert exact["evaluations_max"] == 16 and exact["evaluations_share"] == 1.0
@@ -67,3 +69,7 @@ def test_quick_run_reports_every_valuator(
         assert row["evaluations_max"] <= 480  # default_evaluations(12)
         assert -1.0 <= row["spearman_mean"] <= 1.0 and row["valuation_s"] > 0
     assert "reference: 2 x 40 untruncated permutations" in printed
+    assert printed.count("gtg @10") == printed.count("refused: max_evaluations=10 cannot") == 2
+    costs = [r for r in rows if r["part"] == "exact-cost"]
+    assert [(r["num_orgs"], r["coalitions"]) for r in costs] == [(6, 64), (8, 256)]
+    assert all(r["valuation_s"] > 0 and r["peak_rss_mib"] > 0 for r in costs)

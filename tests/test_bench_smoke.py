@@ -154,3 +154,59 @@ def test_robust_reports_accuracy_and_the_attackers_pay(tmp_path: Path) -> None:
         "zero", "noise", "byte-identical copy", "copy x3", "x100"
     }  # fmt: skip
     assert all(r["paid"] == 0.0 and r["flagged"] == 3 for r in riders)
+
+
+def test_fairness_prices_against_retrained_truth(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report = run_quick("fairness", tmp_path, "--variant", "nll=metric=neg_log_loss")
+    assert report["rounds"] == 4 and set(report["policies"]) == {"default", "nll"}
+    assert report["policies"]["nll"]["metric"] == "neg_log_loss"
+    federations = report["federations"]
+    assert {(s["kind"], s["variant"]) for s in federations} == {
+        (kind, variant) for kind in ("iid-sizes", "replay-update") for variant in ("default", "nll")
+    }
+    for s in federations:
+        orgs = [
+            r
+            for r in report["organisations"]
+            if (r["kind"], r["variant"]) == (s["kind"], s["variant"])
+        ]
+        assert len(orgs) == s["num_orgs"] == 4
+        assert sum(r["paid_share"] for r in orgs) == pytest.approx(1.0)
+        assert sum(r["true_share"] for r in orgs) == pytest.approx(1.0)
+        for r in orgs:
+            assert r["error_points"] == pytest.approx(100 * (r["paid_share"] - r["true_share"]))
+            assert 0 <= r["flagged_rounds"] <= 4
+        odd = orgs[-1]
+        assert odd["role"] == {"iid-sizes": "mislabelled", "replay-update": "replayer"}[s["kind"]]
+        if odd["role"] == "replayer":  # data-less: worth exactly nothing
+            assert odd["truth"] == 0.0 and odd["true_share"] == 0.0
+        assert s["odd_paid_share"] == pytest.approx(odd["paid_share"])
+        for rho in (s["spearman"], s["spearman_resolved"]):
+            assert rho is None or -1.0 <= rho <= 1.0
+        assert s["max_error_points"] >= s["mean_error_points"] >= 0
+        assert 0 <= s["honest_flagged"] <= s["honest_rounds"] == 3 * 4
+        assert 0.0 < s["floor"] <= 1.0 and 0.0 < s["accuracy"] <= 1.0
+        assert 0.0 <= s["zero_gain_max_paid"] <= 1.0
+        series = [
+            r
+            for r in report["round_series"]
+            if (r["kind"], r["variant"]) == (s["kind"], s["variant"])
+        ]
+        assert [r["round"] for r in series] == [1, 2, 3, 4]
+        assert all(0.0 <= r["paid_share"] <= 1.0 for r in series)
+        assert s["zero_gain_rounds"] == sum(r["gain"] <= 1e-6 for r in series)
+    # The truth is retrained once and shared by every policy.
+    by_org = {}
+    for r in report["organisations"]:
+        by_org.setdefault((r["kind"], r["org"]), set()).add(r["true_share"])
+    assert all(len(shares) == 1 for shares in by_org.values())
+    targets = report["targets"]
+    assert len(targets) == 2 * 7 and all(t["passed"] in (True, False, None) for t in targets)
+    assert "worst case over the federations" in capsys.readouterr().out
+
+    fairness = load("fairness")
+    with pytest.raises(SystemExit):
+        fairness.main(["--quick", "--set", "nonsense=1"])
+    assert "unknown pricing knob" in capsys.readouterr().err

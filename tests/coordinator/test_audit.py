@@ -10,6 +10,7 @@ from collections.abc import Callable
 import pytest
 
 from fedledger.coordinator.audit import AuditReport, audit_round
+from fedledger.coordinator.books import round_pool
 from fedledger.coordinator.policy import PricingPolicy
 from fedledger.incentive.commitment import canonical_bytes
 from harness import Harness
@@ -42,7 +43,29 @@ def test_an_honest_round_passes_every_check(
     assert "aggregate matches the on-chain new model hash" in checked
     assert ("Merkle root" in checked) == (claims_above == 0)
     assert report.books is not None
-    assert sum(report.books.rewards) == harness.service.settings.pricing.reward_per_round
+    policy = harness.service.settings.pricing
+    books = report.books
+    assert sum(books.rewards) == round_pool(policy, books.values, books.flags, books.gain) > 0
+
+
+def test_a_replay_of_the_public_global_step_is_flagged_and_the_audit_agrees(
+    make_harness: Callable[..., Harness],
+) -> None:
+    """Round 2: two organisations train from the round's model; the third, with no data,
+    uploads twice the public step from round 1's model to round 2's (both served to anyone).
+    It is flagged as a replay and paid nothing, and the audit, loading the same inputs from
+    the data directory, closes the books identically."""
+    harness = _finished_round(make_harness)
+    harness.service.step()  # opens round 2
+    current = harness.client.get("/v1/rounds/current").json()
+    assert current["round_id"] == 2
+    first = harness.client.get("/v1/rounds/1").json()
+    new, old = harness.model(current["model_hash"]), harness.model(first["model_hash"])
+    replay = {n: 2.0 * (new[n] - old[n]) for n in new}
+    uploads = [harness.trained_delta(0, new), harness.trained_delta(1, new), replay]
+    harness.round_with_cheat(2, uploads, "replay of the public global steps")
+    report = audit_round(2, harness.ledger, harness.service.settings.data_dir)
+    assert report.ok, report.mismatches
 
 
 def test_a_tampered_update_is_reported(make_harness: Callable[..., Harness]) -> None:
@@ -62,13 +85,13 @@ def test_a_tampered_update_is_reported(make_harness: Callable[..., Harness]) -> 
 def test_recorded_settings_that_differ_from_the_round_are_reported(
     make_harness: Callable[..., Harness],
 ) -> None:
-    """A coordinator that claims another budget than it paid: the totals disagree."""
+    """A coordinator that claims another rate than it paid by: the totals disagree."""
     harness = _finished_round(make_harness)
     database = harness.service.settings.data_dir / "state.sqlite3"
     with sqlite3.connect(database) as db:
         (raw,) = db.execute("SELECT result_json FROM rounds WHERE round_id = 1").fetchone()
         result = json.loads(raw)
-        result["pricing"]["reward_per_round"] = str(2 * int(result["pricing"]["reward_per_round"]))
+        result["pricing"]["reward_per_gain"] = str(2 * int(result["pricing"]["reward_per_gain"]))
         db.execute("UPDATE rounds SET result_json = ? WHERE round_id = 1", (json.dumps(result),))
     failed = [c.what for c in _audit(harness).mismatches]
     assert "total reward matches the chain" in failed

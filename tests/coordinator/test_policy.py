@@ -9,7 +9,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from fedledger.coordinator.books import RoundInputs, UpdateInput, close_books
+from fedledger.coordinator.books import RoundInputs, UpdateInput, close_books, round_pool
 from fedledger.coordinator.config import CoordinatorSettings
 from fedledger.coordinator.policy import PricingPolicy
 from fedledger.coordinator.service import RoundService
@@ -53,7 +53,7 @@ def test_more_organisations_than_the_budget_can_value_still_get_a_priced_round()
         updates.append(UpdateInput(address_of(k), "0x" + encode_tensors(delta)[1].hex(), 10, delta))
     books = close_books(RoundInputs(1, model, base, updates, x_val, y_val), policy)
     assert books.method == "stratified-kernel" and books.evaluations <= 14
-    assert sum(books.rewards) == policy.reward_per_round
+    assert sum(books.rewards) == round_pool(policy, books.values, books.flags, books.gain)
 
 
 def test_start_up_refuses_a_budget_too_small_for_the_registered_consortium(

@@ -18,12 +18,13 @@ from fedledger.incentive.commitment import encode_tensors
 from fedledger.incentive.onchain import Flag, flag_names
 from fedledger.incentive.tensors import flatten
 from fedledger.simulation import (
-    BUDGET,
     Attack,
     Federation,
     address_of,
     copy_of,
     noise,
+    replay_global_step,
+    replay_update,
     run_federation,
     scaled,
     sign_flip,
@@ -67,15 +68,44 @@ def test_free_riders_earn_at_most_one_percent_and_are_flagged(attack: Attack, fl
         assert flag.name is not None and flag.name.lower() in flag_names(priced.flags[FREE_RIDER])
         assert FREE_RIDER in priced.notes
         assert not any(priced.flags[k] & flag for k in range(10) if k != FREE_RIDER)
-    # The budget goes to the others, the copied organisation included.
+    # The rewards go to the others, the copied organisation included.
     assert fed.paid_share([k for k in range(10) if k != FREE_RIDER]) >= 0.99
     assert fed.paid_share([VICTIM]) > 0.0
 
 
+@pytest.mark.parametrize(
+    ("attack", "flag"),
+    [
+        (replay_global_step(), Flag.COPIED_UPDATE),
+        (replay_global_step(noise_ratio=1.0), Flag.UNALIGNED_UPDATE),
+        (replay_update(VICTIM), Flag.COPIED_UPDATE),
+        (replay_update(FREE_RIDER), Flag.COPIED_UPDATE),
+    ],
+    ids=["global-step", "global-step+noise", "another's-last-update", "own-last-update"],
+)
+def test_replaying_what_came_before_earns_nothing(attack: Attack, flag: Flag) -> None:
+    """A data-less organisation uploading the last public global step (as is, or with noise of
+    its own norm), or an update of the round before (another's, or its own), is flagged in
+    every round after the first (in the first it has nothing to replay and sends noise) and
+    paid under 1%; no honest organisation is taken for a replayer."""
+    rounds = 6
+    fed = run_federation(rounds=rounds, attacks={FREE_RIDER: attack})
+    assert fed.paid_share([FREE_RIDER]) <= 0.01
+    assert fed.flagged(FREE_RIDER, flag) >= rounds - 1
+    for priced in fed.rounds[1:]:
+        note = priced.notes[FREE_RIDER]
+        assert priced.flags[FREE_RIDER] & flag
+        assert "replay" in note or "the public global steps leave" in note
+        assert not any(priced.flags[k] for k in range(10) if k != FREE_RIDER)
+    assert fed.accuracy >= clean(rounds).accuracy - 0.01
+
+
 def test_declaring_a_trillion_samples_does_not_take_over_the_model() -> None:
-    """Uncapped, FedAvg would make the liar's update the new model every round; capped at 3x
-    the uniform weight (0.3 of ten), the model loses about a point (76.7% -> 75.6%, 8 rounds)
-    against 4.7 uncapped (71.9%)."""
+    """Two defences, each enough alone. Capped at 3x the uniform weight (0.3 of ten), the
+    liar's update cannot be the model. Uncapped, it is all of every coalition model it is in,
+    so the game sees what it does to the model: clearly harmful (its 72 samples are label-
+    skewed), flagged negative_contribution and left out. Either way the model stays within 2
+    points of the honest run."""
     rounds = 8
     honest = clean(rounds)
     liar = run_federation(rounds=rounds, declared={FREE_RIDER: 10**12})
@@ -83,7 +113,9 @@ def test_declaring_a_trillion_samples_does_not_take_over_the_model() -> None:
     uncapped = run_federation(
         rounds=rounds, declared={FREE_RIDER: 10**12}, policy=PricingPolicy(max_weight_multiple=None)
     )
-    assert uncapped.accuracy < liar.accuracy  # what the cap prevented
+    assert uncapped.accuracy >= honest.accuracy - 0.02
+    assert uncapped.flagged(FREE_RIDER, Flag.NEGATIVE_CONTRIBUTION) >= rounds // 2
+    assert uncapped.paid_share([FREE_RIDER]) <= 0.01
 
 
 def test_lying_about_the_sample_count_buys_at_most_a_few_percent() -> None:
@@ -166,7 +198,6 @@ def test_two_attackers_cost_under_two_points_and_earn_under_one_percent(
     assert baseline.accuracy >= 0.85
     assert fed.accuracy >= baseline.accuracy - 0.02
     assert fed.paid_share(ATTACKERS) <= 0.01
-    assert sum(fed.rounds[-1].rewards) == BUDGET
 
 
 # ------------------------------------------------------------------ above max_exact_players
@@ -195,4 +226,3 @@ def test_above_max_exact_the_sampled_valuator_prices_the_round() -> None:
     n = len(a)
     spearman = 1 - 6 * sum((x - y) ** 2 for x, y in zip(a, b, strict=True)) / (n * (n * n - 1))
     assert spearman >= 0.9
-    assert sum(first.rewards) == BUDGET

@@ -15,7 +15,6 @@ from torch import Tensor
 
 from fedledger.coordinator.aggregation import (
     aggregate,
-    capped_weights,
     clip_by_norm,
     coordinate_median,
     fedavg,
@@ -24,6 +23,7 @@ from fedledger.coordinator.aggregation import (
 from fedledger.coordinator.books import clip
 from fedledger.coordinator.policy import PricingPolicy
 from fedledger.incentive.tensors import l2_norm
+from fedledger.incentive.utility import capped_weights
 
 CPU = torch.device("cpu")
 SHAPES = {"w": (2, 3), "b": (3,)}
