@@ -64,7 +64,7 @@ class PricingPolicy(BaseModel):
         1e-6, ge=0, description="An update with norm <= this x the median norm counts as zero."
     )
     noise_sigmas: float = Field(
-        4.0, ge=0, description="|z| below which an update is as unaligned as random noise."
+        3.0, ge=0, description="|z| below which an update is as unaligned as random noise."
     )
     clip_multiplier: float | None = Field(
         3.0, gt=0, description="Clip updates above this x the round's median norm (None: never)."

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.func import functional_call, vmap
+from torch.func import functional_call, grad, vmap
 
 from fedledger.devices import resolve_device
 from fedledger.incentive.onchain import METRICS, Metric
@@ -138,6 +138,25 @@ def evaluate_params(
     with torch.no_grad(), _eval_mode(model):
         logits = functional_call(model, on_device, (x,))
         return float(per_sample_scores(logits, y.to(x.device), metric).mean())
+
+
+def descent_direction(
+    model: torch.nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Tensor
+) -> dict[str, Tensor]:
+    """Minus the gradient of the mean cross-entropy on (x, y) at ``params`` (eval mode): the
+    direction an update trained on data like (x, y) points in, to first order. Tensors that are
+    not floating point (counters, masks) get zeros."""
+    _check_names(model, params, "params")
+    floating = {n: t.detach() for n, t in params.items() if t.is_floating_point()}
+    fixed = {n: t for n, t in params.items() if not t.is_floating_point()}
+    labels = y.to(x.device, torch.int64)
+
+    def loss(p: dict[str, Tensor]) -> Tensor:
+        return F.cross_entropy(functional_call(model, {**fixed, **p}, (x,)), labels)
+
+    with _eval_mode(model):
+        gradient = grad(loss)(floating)
+    return {n: -gradient[n] if n in gradient else torch.zeros_like(t) for n, t in params.items()}
 
 
 MAX_BATCH_FLOATS = 1 << 26

@@ -21,7 +21,7 @@ from harness import Harness, modules_loaded_by
 
 
 def test_the_record_is_the_whole_policy_and_reads_back() -> None:
-    policy = PricingPolicy(metric="neg_log_loss", noise_sigmas=3.0, copy_cosine=0.99, eta=0.5)
+    policy = PricingPolicy(metric="accuracy", noise_sigmas=5.0, copy_cosine=0.99, eta=0.5)
     record = policy.record()
     assert set(record) == set(PricingPolicy.model_fields)  # every knob, the screens' included
     assert PricingPolicy.model_validate(record) == policy
