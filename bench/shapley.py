@@ -414,7 +414,7 @@ def main(argv: Sequence[str]) -> int:
     print("command: python bench/shapley.py " + " ".join(shlex.quote(a) for a in argv))
     print(
         f"torch {torch.__version__}, {args.threads} thread(s); rho: Spearman with exact (part "
-        f"1) or the reference (part 2); err: max |value - exact| in a round, in accuracy; "
+        f"1) or the reference (part 2); err: max |value - exact| in a round, in nats of log-loss; "
         f"val s: valuation seconds per round; round s: training + FedAvg + valuation\n"
     )
     started = time.perf_counter()

@@ -45,7 +45,11 @@ class PricingPolicy(BaseModel):
         "consortium's (the game values directions), or taken as it is.",
     )
     max_exact_players: int = Field(
-        10, ge=1, le=20, description="Exact Shapley up to this many organisations, sampled above."
+        14,
+        ge=1,
+        le=20,
+        description="Exact Shapley up to this many organisations (2^14 coalitions: 3.5 s a "
+        "digits round on one core), sampled above.",
     )
     valuation_budget: int | None = Field(
         None,
