@@ -76,10 +76,6 @@ it: honest updates of consecutive rounds on the same data (one organisation's, o
 the same records) can be 0.999 alike, so the screen's ``copy_cosine`` would flag them; a
 replay, rescaled in float32, is 1 to ~1e-14."""
 
-NOISE_SHARE = 0.5
-"""An update more than this share of whose length the public global steps do not explain, and
-whose unexplained part is as unaligned as noise, is the public step dressed up with noise."""
-
 
 @dataclass(frozen=True)
 class UpdateInput:
@@ -235,23 +231,22 @@ def screen(inputs: RoundInputs, norms: Sequence[float], policy: PricingPolicy) -
             flags[k] |= Flag.UNALIGNED_UPDATE
             notes[k] = _noise_note(z, policy)
         kept = [k for k in kept if not flags[k] & Flag.UNALIGNED_UPDATE]
-    # The public step dressed up with noise: take the public global steps out of every update;
-    # one with more than NOISE_SHARE of its length left, all of it noise by the test above,
-    # added nothing but noise to what anyone could upload. Only then: an honest update in a
-    # federation of similar data is mostly the public direction too, and what is left of it is
-    # too small for its signal to show.
+    # The public step dressed up with noise: take the public global steps out of every update
+    # (and out of the directions it is tested against); one whose remainder is noise by the
+    # test above added nothing to what anyone could upload, however small that noise. An
+    # honest update's remainder carries what its data says this round, which lines up with
+    # the others', with its own of the round before or with the validation set's descent.
     if len(kept) > 1 and public.shape[0]:
         private = _residual(flat, public)
         left = torch.linalg.vector_norm(private, dim=1) / torch.linalg.vector_norm(flat, dim=1)
         own_private = [None if p is None else _residual(p[None], public)[0] for p in previous]
         private_descent = _residual(descent[None], public)[0]
         for k, z in _noise(private, own_private, private_descent, kept, policy).items():
-            if float(left[k]) > NOISE_SHARE:
-                flags[k] |= Flag.UNALIGNED_UPDATE
-                notes[k] = (
-                    f"the public global steps leave {float(left[k]):.0%} of it, and that part is "
-                    + _noise_note(z, policy)
-                )
+            flags[k] |= Flag.UNALIGNED_UPDATE
+            notes[k] = (
+                f"the public global steps leave {float(left[k]):.0%} of it, and that part is "
+                + _noise_note(z, policy)
+            )
         kept = [k for k in kept if not flags[k] & Flag.UNALIGNED_UPDATE]
     return Screening(kept=kept, flags=flags, notes=notes)
 

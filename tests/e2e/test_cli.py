@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from fedledger.coordinator.policy import PricingPolicy
 from fedledger.devnet.anvil import free_port
 from fedledger.incentive.chain import account_from_key, connect, devnet_account
 from fedledger.incentive.deployment import Deployment
@@ -119,9 +120,11 @@ def test_devnet_up_register_rewards_down(tmp_path: Path) -> None:
         # Pricing knobs are checked before anything is served, and say what is wrong.
         coordinator_key = deployment.accounts.coordinator.private_key
         assert coordinator_key is not None
+        smallest_sampled = PricingPolicy().max_exact_players + 1
+        needed = PricingPolicy.valuation_budget_needed(smallest_sampled)  # 2 K + 2
         for knob, expected in (
             ("bogus=1", "expected KNOB=VALUE with KNOB one of task, model_seed"),
-            ("valuation_budget=3", "it needs at least 24 evaluations"),
+            ("valuation_budget=3", f"it needs at least {needed} evaluations"),
         ):
             served = fedledger(
                 "coordinator", "serve", "--deployment", deployment_file, "--key", coordinator_key,
