@@ -69,6 +69,7 @@ contract FedLedger is AccessControlEnumerable {
     mapping(uint256 roundId => Valuation) private _valuations;
     mapping(uint256 roundId => address[] orgs) private _committers;
     uint256 private _roundBudget;
+    mapping(address org => uint256 maxSamples) private _sampleCaps;
 
     /// @notice The zero address was given where an account is required.
     error ZeroAddress();
@@ -110,6 +111,8 @@ contract FedLedger is AccessControlEnumerable {
     error DuplicateSettlement(uint256 roundId, address org);
     /// @notice Round `roundId` would pay `totalReward` token units, more than the per-round budget `budget`.
     error RoundBudgetExceeded(uint256 roundId, uint256 totalReward, uint256 budget);
+    /// @notice `org` declared `numSamples` training samples, more than the `cap` the consortium registered for it.
+    error SamplesAboveCap(address org, uint256 numSamples, uint256 cap);
 
     /// @notice The admin registered `org` as a consortium organisation.
     event OrganisationRegistered(address indexed org);
@@ -133,6 +136,8 @@ contract FedLedger is AccessControlEnumerable {
     event RewardClaimed(uint256 indexed roundId, address indexed org, uint256 reward);
     /// @notice The admin changed the most one round may pay from `previousBudget` to `budget` token units.
     event RoundBudgetSet(uint256 previousBudget, uint256 budget);
+    /// @notice The admin changed the most samples `org` may declare from `previousCap` to `cap` (0: no cap).
+    event SampleCapSet(address indexed org, uint256 previousCap, uint256 cap);
 
     /// @param admin The consortium admin: registers organisations and manages roles.
     /// @param coordinator The account of the coordinator service.
@@ -165,6 +170,17 @@ contract FedLedger is AccessControlEnumerable {
         uint256 previous = _roundBudget;
         _roundBudget = budget;
         emit RoundBudgetSet(previous, budget);
+    }
+
+    /// @notice Sets the most training samples `org` may declare in a commitment, e.g. the size
+    /// of the dataset it brought to the consortium: a declared count steers FedAvg, and above
+    /// the cap commitUpdate reverts with SamplesAboveCap. 0 (the default) sets no cap.
+    /// @dev Admin only. Applies to commitments made from now on.
+    function setSampleCap(address org, uint256 cap) external onlyRole(DEFAULT_ADMIN_ROLE) {
+        if (!hasRole(ORGANISATION_ROLE, org)) revert OrganisationNotRegistered(org);
+        uint256 previous = _sampleCaps[org];
+        _sampleCaps[org] = cap;
+        emit SampleCapSet(org, previous, cap);
     }
 
     // ------------------------------------------------------------ coordinator
@@ -334,6 +350,8 @@ contract FedLedger is AccessControlEnumerable {
         }
         if (updateHash == bytes32(0)) revert ZeroHash();
         if (numSamples == 0) revert ZeroSamples();
+        uint256 cap = _sampleCaps[msg.sender];
+        if (cap != 0 && numSamples > cap) revert SamplesAboveCap(msg.sender, numSamples, cap);
         Commitment storage commitment = _commitments[roundId][msg.sender];
         if (commitment.updateHash != bytes32(0)) {
             revert AlreadyCommitted(roundId, msg.sender, commitment.updateHash);
@@ -419,6 +437,11 @@ contract FedLedger is AccessControlEnumerable {
     /// @notice The most one round may pay out in all, in token units (setRoundBudget).
     function roundBudget() external view returns (uint256) {
         return _roundBudget;
+    }
+
+    /// @notice The most training samples `org` may declare in a commitment (0: no cap; setSampleCap).
+    function sampleCapOf(address org) external view returns (uint256) {
+        return _sampleCaps[org];
     }
 
     /// @notice The flag bits the coordinator recorded for `org` in round `roundId` (0: none).

@@ -302,6 +302,27 @@ def round_budget_command(
     console.print(f"round budget {budget / TOKEN_UNIT:,.4f} FLR ({budget} token units)")
 
 
+@app.command("sample-cap")
+def sample_cap_command(
+    organisation: Annotated[str, typer.Argument(help="The organisation's address.")],
+    samples: Annotated[
+        int | None,
+        typer.Argument(
+            min=0, help="New cap (admin key; 0 removes it); omit to show the current one."
+        ),
+    ] = None,
+    deployment: DeploymentOpt = DEFAULT_STATE_DIR / "devnet" / "deployment.json",
+    rpc: RpcOpt = None,
+    key: KeyOpt = None,
+) -> None:
+    """Show or set the most samples an organisation may declare (the ledger's sampleCapOf)."""
+    ledger, _ = _ledger(deployment, rpc, key if samples is not None else None)
+    if samples is not None:
+        ledger.set_sample_cap(organisation, samples)
+    cap = ledger.sample_cap_of(organisation)
+    console.print(f"sample cap of {organisation}: {cap if cap else 'none'}")
+
+
 # -------------------------------------------------------------------- coordinator
 
 

@@ -132,6 +132,10 @@ class LedgerClient:
         """Set the most one round may pay out, in token units (admin key)."""
         return self._send(self.contract.functions.setRoundBudget(budget))
 
+    def set_sample_cap(self, organisation: str, cap: int) -> TxReceipt:
+        """Set the most samples ``organisation`` may declare in a commitment, 0 for none (admin key)."""
+        return self._send(self.contract.functions.setSampleCap(organisation, cap))
+
     def open_round(self, round_id: int, model_hash: bytes, deadline: int) -> TxReceipt:
         return self._send(self.contract.functions.openRound(round_id, model_hash, deadline))
 
@@ -224,6 +228,10 @@ class LedgerClient:
     def round_budget(self) -> int:
         """The most one round may pay out, in token units (``roundBudget``)."""
         return int(self._view(self.contract.functions.roundBudget()))
+
+    def sample_cap_of(self, organisation: str) -> int:
+        """The most samples ``organisation`` may declare in a commitment; 0: no cap (``sampleCapOf``)."""
+        return int(self._view(self.contract.functions.sampleCapOf(organisation)))
 
     def round_count(self) -> int:
         return int(self._view(self.contract.functions.roundCount()))

@@ -117,6 +117,22 @@ def test_devnet_up_register_rewards_down(tmp_path: Path) -> None:
         assert refused.returncode == 1 and "AccessControlUnauthorizedAccount" in refused.stdout
         assert ledger.round_budget() == 2500 * 10**18 + 5 * 10**17
 
+        # An organisation's sample cap: none until the admin sets one; not by the organisation.
+        org = deployment.accounts.organisations[0].address
+        no_cap = fedledger("sample-cap", org, "--deployment", deployment_file, cwd=tmp_path)
+        assert no_cap.returncode == 0 and f"sample cap of {org}: none" in no_cap.stdout
+        capped = fedledger(
+            "sample-cap", org, "5000", "--deployment", deployment_file, "--key", admin_key,
+            cwd=tmp_path,
+        )  # fmt: skip
+        assert capped.returncode == 0 and f"sample cap of {org}: 5000" in capped.stdout
+        own = fedledger(
+            "sample-cap", org, "0", "--deployment", deployment_file, "--key", org_key,
+            cwd=tmp_path,
+        )  # fmt: skip
+        assert own.returncode == 1 and "AccessControlUnauthorizedAccount" in own.stdout
+        assert ledger.sample_cap_of(org) == 5000
+
         # Pricing knobs are checked before anything is served, and say what is wrong.
         coordinator_key = deployment.accounts.coordinator.private_key
         assert coordinator_key is not None
