@@ -25,7 +25,8 @@ shift || true
 case "$cmd" in
   install) install ;;
   demo) install; exec "$VENV/bin/fedledger" demo "$@" ;;
-  test) install; exec "$VENV/bin/python" -m pytest "$@" ;;
+  # One worker a core (pytest-xdist): the suite is CPU-bound Python, tests are independent.
+  test) install; exec "$VENV/bin/python" -m pytest -n auto "$@" ;;
   lint)
     "$VENV/bin/ruff" check .
     "$VENV/bin/ruff" format --check .
