@@ -181,6 +181,10 @@ def screen(inputs: RoundInputs, norms: Sequence[float], policy: PricingPolicy) -
     cosine = unit @ unit.T
     median_norm = statistics.median(norms)
     public = _orthonormal([flatten(s, dtype=torch.float64) for s in inputs.public_steps])
+    previous = [
+        None if u.previous is None else flatten(u.previous, dtype=torch.float64)
+        for u in inputs.updates
+    ]
     kept: list[int] = []
     for k in range(count):
         if norms[k] <= policy.zero_tolerance * median_norm or norms[k] == 0.0:
@@ -203,7 +207,7 @@ def screen(inputs: RoundInputs, norms: Sequence[float], policy: PricingPolicy) -
                 f"{inputs.updates[copied].update_hash}, committed earlier"
             )
             continue
-        replay = _replayed(inputs, k, unit[k], public, policy)
+        replay = _replayed(inputs, previous, k, unit[k], public, policy)
         if replay is not None:
             flags[k] |= Flag.COPIED_UPDATE
             notes[k] = replay
@@ -222,12 +226,8 @@ def screen(inputs: RoundInputs, norms: Sequence[float], policy: PricingPolicy) -
         descent_direction(inputs.model, inputs.base, inputs.x_val, inputs.y_val),
         dtype=torch.float64,
     )
-    previous = [
-        None if u.previous is None else flatten(u.previous, dtype=torch.float64)
-        for u in inputs.updates
-    ]
     if len(kept) > 1:
-        for k, z in _noise(flat, previous, descent, kept, policy).items():
+        for k, z in _noise(unit, previous, descent, kept, policy).items():
             flags[k] |= Flag.UNALIGNED_UPDATE
             notes[k] = _noise_note(z, policy)
         kept = [k for k in kept if not flags[k] & Flag.UNALIGNED_UPDATE]
@@ -241,7 +241,7 @@ def screen(inputs: RoundInputs, norms: Sequence[float], policy: PricingPolicy) -
         left = torch.linalg.vector_norm(private, dim=1) / torch.linalg.vector_norm(flat, dim=1)
         own_private = [None if p is None else _residual(p[None], public)[0] for p in previous]
         private_descent = _residual(descent[None], public)[0]
-        for k, z in _noise(private, own_private, private_descent, kept, policy).items():
+        for k, z in _noise(_unit(private), own_private, private_descent, kept, policy).items():
             flags[k] |= Flag.UNALIGNED_UPDATE
             notes[k] = (
                 f"the public global steps leave {float(left[k]):.0%} of it, and that part is "
@@ -252,7 +252,12 @@ def screen(inputs: RoundInputs, norms: Sequence[float], policy: PricingPolicy) -
 
 
 def _replayed(
-    inputs: RoundInputs, k: int, unit: Tensor, public: Tensor, policy: PricingPolicy
+    inputs: RoundInputs,
+    previous: Sequence[Tensor | None],
+    k: int,
+    unit: Tensor,
+    public: Tensor,
+    policy: PricingPolicy,
 ) -> str | None:
     """Why update k replays what came before (None if it does not): the public global steps
     (or a combination of them, |cosine| >= ``copy_cosine``), or an update of the round before,
@@ -264,12 +269,14 @@ def _replayed(
                 f"a replay of the public global steps of the last {public.shape[0]} round(s) "
                 f"(all but {left:.2g} of its direction): no data behind it"
             )
-    for j, other in enumerate(inputs.updates):
-        if other.previous is None:
+    for j, earlier in enumerate(previous):
+        if earlier is None:
             continue
-        c = _cosine(unit, flatten(other.previous, dtype=torch.float64))
+        c = _cosine(unit, earlier)
         if abs(c) >= REPLAY_COSINE:
-            whose = "its own update" if j == k else f"the update of {other.organisation}"
+            whose = (
+                "its own update" if j == k else f"the update of {inputs.updates[j].organisation}"
+            )
             return f"a replay (cosine {c:+.4f}) of {whose} of the round before"
     return None
 
@@ -309,15 +316,15 @@ class _Alignment:
 
 
 def _noise(
-    flat: Tensor,
+    units: Tensor,
     previous: Sequence[Tensor | None],
     descent: Tensor,
     kept: Sequence[int],
     policy: PricingPolicy,
 ) -> dict[int, _Alignment]:
-    """The kept updates within ``noise_sigmas`` of 0 on every alignment, with their z."""
-    scale = math.sqrt(flat.shape[1])
-    units = _unit(flat)
+    """The kept updates (``units``: every update's direction) within ``noise_sigmas`` of 0 on
+    every alignment, with their z."""
+    scale = math.sqrt(units.shape[1])
     total = units[list(kept)].sum(dim=0)
     found: dict[int, _Alignment] = {}
     for k in kept:
