@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# fedledger's task script: ./do install | demo | test | lint | docs | compile | bench
+# fedledger's task script: ./do install | demo | example NAME | test | lint | docs | compile | bench
 # Everything goes into ./.venv and devnet/node_modules; nothing is installed system-wide.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -25,6 +25,8 @@ shift || true
 case "$cmd" in
   install) install ;;
   demo) install; exec "$VENV/bin/fedledger" demo "$@" ;;
+  # A consortium of separate processes on a local devnet: examples/NAME/run.sh.
+  example) install; PATH="$PWD/$VENV/bin:$PATH" exec "examples/${1:?usage: ./do example NAME}/run.sh" ;;
   # One worker a core (pytest-xdist): the suite is CPU-bound Python, tests are independent.
   test) install; exec "$VENV/bin/python" -m pytest -n auto "$@" ;;
   lint)
@@ -36,7 +38,7 @@ case "$cmd" in
   compile) exec "$VENV/bin/python" -m fedledger.contracts.compile "$@" ;;
   bench) exec "$VENV/bin/python" bench/run.py "$@" ;;
   *)
-    echo "usage: ./do install | demo [ARGS] | test [PYTEST ARGS] | lint | docs [--check] | compile [--check] | bench [NAME ...] [--quick]" >&2
+    echo "usage: ./do install | demo [ARGS] | example NAME | test [PYTEST ARGS] | lint | docs [--check] | compile [--check] | bench [NAME ...] [--quick]" >&2
     exit 2
     ;;
 esac

@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedledger.tasks import get_task
+from fedledger.tasks import DigitsTask
 
 SCRIPT = Path(__file__).resolve()
 VARIANTS = ("floor", "flwr", "embedded", "anvil")
@@ -68,6 +68,8 @@ SEED = 0
 LR = 0.05
 BATCH_SIZE = 32
 EPOCHS = 1
+SPEC = Path(__file__).with_name("digits10.toml")
+"""fedledger's spec of the same training (the digits task, EPOCHS local epochs, LR, BATCH_SIZE)."""
 ROUND_SEED_STRIDE = 1_000_003  # client k, round r: seed k * stride + r (fedledger's node runner)
 CHILD_ENV = {
     "OMP_NUM_THREADS": "1",
@@ -138,7 +140,7 @@ def run_floor(rounds: int, clients: int) -> VariantResult:
     """FedAvg with no framework: w <- sum_k (n_k / n) w_k over all clients, every round."""
     started = time.perf_counter()
     torch.set_num_threads(1)
-    task = get_task("digits")
+    task = DigitsTask()
     model = task.build_model(seed=SEED)
     data = [task.partition(k, clients, alpha=ALPHA, seed=SEED) for k in range(clients)]
     x_test, y_test = task.validation_data(seed=SEED)
@@ -278,8 +280,9 @@ def install_timers() -> None:
     from fedledger.incentive.shapley import ExactShapley
     from fedledger.node import runner
     from fedledger.node.client import CoordinatorClient
+    from fedledger.tasks import base
 
-    _wrap(runner, "train_local", "training")
+    _wrap(base, "train_local", "training")
     _wrap(runner, "encode_tensors", "serialise + hash update")
     _wrap(runner, "sign_upload", "sign upload (EIP-712)")
     _wrap(CoordinatorClient, "model", "HTTP: model download")
@@ -368,7 +371,6 @@ def run_embedded(rounds: int, clients: int) -> VariantResult:
     from rich.console import Console
 
     from fedledger.demo import run_demo
-    from fedledger.node.training import TrainConfig
 
     started = time.perf_counter()
     start_unix = time.time()
@@ -384,8 +386,7 @@ def run_embedded(rounds: int, clients: int) -> VariantResult:
                 organisations=clients,
                 rounds=rounds,
                 chain="embedded",
-                train_config=TrainConfig(epochs=EPOCHS, lr=LR, batch_size=BATCH_SIZE),
-                alpha=ALPHA,
+                spec=SPEC,
                 seed=SEED,
                 console=Console(file=io.StringIO()),
             )
@@ -484,13 +485,16 @@ def run_anvil(rounds: int, clients: int, workdir: Path) -> VariantResult:
     from fedledger.devnet.anvil import free_port, start_anvil
     from fedledger.devnet.deploy import deploy_devnet
     from fedledger.incentive.chain import connect
+    from fedledger.tasks import load_spec
 
     started = time.perf_counter()
     start_unix = time.time()
     anvil = start_anvil(accounts=clients + 2)
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        deployment = deploy_devnet(connect(anvil.rpc_url), clients, rpc_url=anvil.rpc_url)
+        deployment = deploy_devnet(
+            connect(anvil.rpc_url), clients, rpc_url=anvil.rpc_url, task_spec=load_spec(SPEC).hash
+        )
         deployment_file = workdir / "deployment.json"
         deployment.save(deployment_file)
         assert deployment.accounts is not None
@@ -507,6 +511,7 @@ def run_anvil(rounds: int, clients: int, workdir: Path) -> VariantResult:
                 "--deployment", str(deployment_file),
                 "--key", coordinator_key,
                 "--data-dir", str(workdir / "coordinator"),
+                "--spec", str(SPEC),
                 "--port", str(port),
                 "--rounds", str(rounds),
             ],
@@ -538,12 +543,9 @@ def run_anvil(rounds: int, clients: int, workdir: Path) -> VariantResult:
                         "--coordinator", url,
                         "--deployment", str(deployment_file),
                         "--key", org.private_key,
-                        "--partition", f"{k}/{clients}",
-                        "--alpha", str(ALPHA),
-                        "--seed", str(SEED),
-                        "--epochs", str(EPOCHS),
-                        "--lr", str(LR),
-                        "--batch-size", str(BATCH_SIZE),
+                        "--spec", str(SPEC),
+                        "--data", f"{k}/{clients}",
+                        "--seed", str(SEED * 1000 + k),
                     ],
                     log,
                     workdir / f"node{k}.json",
@@ -613,7 +615,7 @@ def run_flwr(rounds: int, clients: int, workdir: Path) -> VariantResult:
 
     started = time.perf_counter()
     torch.set_num_threads(1)
-    task = get_task("digits")
+    task = DigitsTask()
     model = task.build_model(seed=SEED)
     names = list(model.state_dict())
     x_test, y_test = task.validation_data(seed=SEED)
@@ -701,7 +703,7 @@ def flwr_client_main(args: Sequence[str]) -> int:
     parser.add_argument("--clients", type=int, required=True)
     opts = parser.parse_args(list(args))
     torch.set_num_threads(1)
-    task = get_task("digits")
+    task = DigitsTask()
     model = task.build_model(seed=SEED)
     names = list(model.state_dict())
     x, y = task.partition(opts.index, opts.clients, alpha=ALPHA, seed=SEED)

@@ -93,7 +93,7 @@ from fedledger.simulation import (
     run_federation,
     train_fedavg,
 )
-from fedledger.tasks import DigitsTask, dirichlet_partition, get_task
+from fedledger.tasks import DigitsTask, dirichlet_partition
 
 Data = tuple[Tensor, Tensor]
 Params = dict[str, Tensor]
@@ -344,7 +344,7 @@ def build(kind: str, seed: int, num_orgs: int) -> Setup:
 
 @cache
 def validation() -> Data:
-    return get_task("digits").validation_data()
+    return DigitsTask().validation_data()
 
 
 def shares_of(values: Sequence[float]) -> np.ndarray:
@@ -356,7 +356,7 @@ def shares_of(values: Sequence[float]) -> np.ndarray:
 def compute_truth(setup: Setup, rounds: int) -> Truth:
     """Exact Shapley values of the retrained final accuracy (and log loss) of every coalition."""
     started = time.perf_counter()
-    model = get_task("digits").build_model(seed=MODEL_SEED)
+    model = DigitsTask().build_model(seed=MODEL_SEED)
     x_val, y_val = validation()
     holders = setup.holders
     size = 1 << len(holders)
@@ -408,7 +408,7 @@ def tied_within(shares: np.ndarray, resolution: float) -> np.ndarray:
 
 
 def round_rows(setup: Setup, variant: Variant, federation: Federation) -> list[RoundRow]:
-    model = get_task("digits").build_model(seed=MODEL_SEED)
+    model = DigitsTask().build_model(seed=MODEL_SEED)
     x_val, y_val = validation()
     metric = variant.policy.metric
     before: Params = {n: t.detach().clone() for n, t in model.state_dict().items()}

@@ -9,8 +9,8 @@ signature and commitment, then closes the round: screens, values (Shapley), aggr
 settles on-chain. Reported: wall time of each phase, the coordinator's own time by part, and the
 coordinator process's peak memory (VmHWM).
 
-The coordinator has no setting for a custom model: the benchmark registers its task in
-``fedledger.tasks.TASKS`` inside the coordinator's process before serving. With more
+The wide model is a task plug-in (``WideDigitsTask`` below), named by the spec the benchmark
+writes and loaded by the coordinator and the nodes like any consortium's. With more
 organisations than ``max_exact_players`` (10) the coordinator needs a sampling valuator; until
 one exists (``fedledger.incentive.sampling``) the round cannot close and the script says so.
 
@@ -41,6 +41,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedledger.tasks import DigitsTask, TaskSpec, load_spec, load_task
+
 SCRIPT = Path(__file__).resolve()
 FULL_ORGS, FULL_HIDDEN = 100, 13_333  # 64 * H + H + 10 * H + 10 = 999,985 parameters
 QUICK_ORGS, QUICK_HIDDEN = 4, 256
@@ -50,40 +52,50 @@ TASK_NAME = "digits-wide"
 CHILD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-@dataclass(frozen=True)
-class WideDigitsTask:
-    """The digits task (same data and split) with a 64-H-10 MLP."""
+class WideDigitsTask(DigitsTask):
+    """The digits task (same data and split) with a 64-H-10 MLP: a task plug-in, named by the
+    spec ``write_spec`` writes (``[task.options] hidden = H``)."""
 
-    hidden: int
-    name: str = TASK_NAME
+    OPTIONS = DigitsTask.OPTIONS | {"hidden"}
+
+    def __init__(self, spec: TaskSpec | None = None) -> None:
+        super().__init__(spec)
+        self.hidden = int(self.spec.task.options.get("hidden", 32))
 
     def build_model(self, seed: int = 0) -> nn.Module:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return nn.Sequential(nn.Linear(64, self.hidden), nn.ReLU(), nn.Linear(self.hidden, 10))
 
-    def partition(
-        self, index: int, num_partitions: int, *, alpha: float = 0.5, seed: int = 0
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        from fedledger.tasks import get_task
-
-        return get_task("digits").partition(index, num_partitions, alpha=alpha, seed=seed)
-
-    def validation_data(self, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        from fedledger.tasks import get_task
-
-        return get_task("digits").validation_data(seed=seed)
-
 
 def num_params(hidden: int) -> int:
     return 64 * hidden + hidden + hidden * 10 + 10
 
 
-def register_task(hidden: int) -> None:
-    """Make ``TASK_NAME`` resolvable by ``get_task`` in this process (the only way in today)."""
-    from fedledger.tasks import TASKS
+def write_spec(workdir: Path, hidden: int) -> Path:
+    """The benchmark's task spec: the wide digits task, one local epoch a round."""
+    path = workdir / "spec.toml"
+    path.write_text(
+        f"""version = 1
 
-    TASKS[TASK_NAME] = WideDigitsTask(hidden)
+[task]
+name = "{TASK_NAME}"
+kind = "classification"
+plugin = "scale:WideDigitsTask"
+plugin_dir = "{SCRIPT.parent}"
+
+[task.options]
+alpha = {ALPHA}
+seed = {SEED}
+hidden = {hidden}
+
+[training]
+lr = 0.05
+epochs = 1
+batch_size = 32
+"""
+    )
+    return path
 
 
 def valuator_blocker(num_orgs: int) -> str | None:
@@ -128,15 +140,12 @@ def _wrap(owner: Any, attr: str, part: str) -> None:
 
 
 def coordinator_main(argv: Sequence[str]) -> int:
-    """The coordinator's process: register the wide task, time its parts, serve."""
+    """The coordinator's process: time its parts, serve."""
     parser = argparse.ArgumentParser()
-    parser.add_argument("--hidden", type=int, required=True)
     parser.add_argument("--timings", type=Path, required=True)
     parser.add_argument("rest", nargs=argparse.REMAINDER)
     opts = parser.parse_args(list(argv))
     rest = opts.rest[1:] if opts.rest[:1] == ["--"] else opts.rest
-    register_task(opts.hidden)
-
     import typer
 
     from fedledger.cli import app
@@ -242,21 +251,20 @@ def run(num_orgs: int, hidden: int, workdir: Path, *, close_timeout_s: float) ->
     from fedledger.devnet.deploy import deploy_devnet
     from fedledger.incentive.chain import connect, devnet_account
     from fedledger.incentive.ledger import LedgerClient
-    from fedledger.node import runner as node_runner
     from fedledger.node.client import CoordinatorClient
     from fedledger.node.runner import NodeRunner
-    from fedledger.node.training import TrainConfig
+    from fedledger.tasks import base as task_base
 
-    register_task(hidden)
     result = ScaleResult(num_orgs, num_params(hidden))
     result.blocker = valuator_blocker(num_orgs)
-    task = WideDigitsTask(hidden)
+    spec_file = write_spec(workdir, hidden)
+    task = load_task(load_spec(spec_file), "node")
 
     started = time.perf_counter()
     anvil = start_anvil(accounts=num_orgs + 2)
     try:
         w3 = connect(anvil.rpc_url)
-        deployment = deploy_devnet(w3, num_orgs, rpc_url=anvil.rpc_url)
+        deployment = deploy_devnet(w3, num_orgs, rpc_url=anvil.rpc_url, task_spec=task.spec.hash)
         deployment_file = workdir / "deployment.json"
         deployment.save(deployment_file)
         assert deployment.accounts is not None and deployment.accounts.coordinator.private_key
@@ -267,14 +275,14 @@ def run(num_orgs: int, hidden: int, workdir: Path, *, close_timeout_s: float) ->
         log = workdir / "coordinator.log"
         cmd = [
             sys.executable, str(SCRIPT), "--role", "coordinator",
-            "--hidden", str(hidden), "--timings", str(timings), "--",
+            "--timings", str(timings), "--",
             "coordinator", "serve",
             "--deployment", str(deployment_file),
             "--key", deployment.accounts.coordinator.private_key,
             "--data-dir", str(workdir / "coordinator"),
             "--port", str(port),
             "--rounds", "1",
-            "--task", TASK_NAME,
+            "--spec", str(spec_file),
             "--round-timeout", str(max(300.0, 3.0 * num_orgs)),
         ]  # fmt: skip
         with _process(cmd, log) as coordinator:
@@ -294,7 +302,7 @@ def run(num_orgs: int, hidden: int, workdir: Path, *, close_timeout_s: float) ->
             result.memory_mib["coordinator RSS, idle"] = _proc_status(coordinator.pid, "VmRSS") or 0
 
             node_times: dict[str, float] = {}
-            original_train = node_runner.train_local
+            original_train = task_base.train_local
 
             def timed_train(*args: Any, **kwargs: Any) -> Any:
                 t0 = time.perf_counter()
@@ -305,7 +313,7 @@ def run(num_orgs: int, hidden: int, workdir: Path, *, close_timeout_s: float) ->
                         time.perf_counter() - t0
                     )
 
-            node_runner.train_local = timed_train
+            task_base.train_local = timed_train  # type: ignore[assignment]
             torch.set_num_threads(1)
             phase = time.perf_counter()
             try:
@@ -315,13 +323,13 @@ def run(num_orgs: int, hidden: int, workdir: Path, *, close_timeout_s: float) ->
                         client,
                         LedgerClient(w3, deployment.ledger, devnet_account(2 + k)),
                         task,
-                        task.partition(k, num_orgs, alpha=ALPHA, seed=SEED),
-                        TrainConfig(epochs=1, lr=0.05, batch_size=32, seed=k),
+                        task.load_data(f"{k}/{num_orgs}"),
+                        seed=k,
                     )
                     if runner.take_part(current) is None:
                         raise RuntimeError(f"organisation {k} could not take part:\n{_tail(log)}")
             finally:
-                node_runner.train_local = original_train
+                task_base.train_local = original_train
             result.node_s = node_times
             result.phases_s[f"{num_orgs} organisations: train, commit, upload (sequential)"] = (
                 time.perf_counter() - phase

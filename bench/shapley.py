@@ -67,8 +67,8 @@ from fedledger.incentive.sampling import (
 )
 from fedledger.incentive.shapley import ExactShapley, Valuator
 from fedledger.incentive.utility import CoalitionUtility
-from fedledger.node.training import TrainConfig, train_local
-from fedledger.tasks import get_task
+from fedledger.tasks import DigitsTask
+from fedledger.tasks.training import TrainConfig, train_local
 
 SPLITS = (("dirichlet-0.5", 0.5), ("dirichlet-0.1 (label-skewed)", 0.1))
 CPU = torch.device("cpu")
@@ -123,7 +123,7 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 def federation_rounds(num_orgs: int, rounds: int, alpha: float) -> Iterator[Round]:
     """Each round's coalition game, the model moving on by FedAvg of every update."""
-    task = get_task("digits")
+    task = DigitsTask()
     model = task.build_model(seed=0)
     params = {n: t.detach().clone() for n, t in model.state_dict().items()}
     parts = [task.partition(k, num_orgs, alpha=alpha, seed=0) for k in range(num_orgs)]

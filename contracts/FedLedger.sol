@@ -70,6 +70,7 @@ contract FedLedger is AccessControlEnumerable {
     mapping(uint256 roundId => address[] orgs) private _committers;
     uint256 private _roundBudget;
     mapping(address org => uint256 maxSamples) private _sampleCaps;
+    bytes32 private _taskSpec;
 
     /// @notice The zero address was given where an account is required.
     error ZeroAddress();
@@ -113,6 +114,10 @@ contract FedLedger is AccessControlEnumerable {
     error RoundBudgetExceeded(uint256 roundId, uint256 totalReward, uint256 budget);
     /// @notice `org` declared `numSamples` training samples, more than the `cap` the consortium registered for it.
     error SamplesAboveCap(address org, uint256 numSamples, uint256 cap);
+    /// @notice The task spec is fixed once round 1 is open (`roundCount` rounds so far); deploy a new ledger for another task.
+    error TaskSpecFrozen(uint256 roundCount);
+    /// @notice No round can open before the admin records the consortium's task spec (setTaskSpec).
+    error TaskSpecUnset();
 
     /// @notice The admin registered `org` as a consortium organisation.
     event OrganisationRegistered(address indexed org);
@@ -138,6 +143,8 @@ contract FedLedger is AccessControlEnumerable {
     event RoundBudgetSet(uint256 previousBudget, uint256 budget);
     /// @notice The admin changed the most samples `org` may declare from `previousCap` to `cap` (0: no cap).
     event SampleCapSet(address indexed org, uint256 previousCap, uint256 cap);
+    /// @notice The admin recorded `specHash`, the keccak256 of the task spec file, in place of `previousSpecHash`.
+    event TaskSpecSet(bytes32 previousSpecHash, bytes32 specHash);
 
     /// @param admin The consortium admin: registers organisations and manages roles.
     /// @param coordinator The account of the coordinator service.
@@ -183,6 +190,19 @@ contract FedLedger is AccessControlEnumerable {
         emit SampleCapSet(org, previous, cap);
     }
 
+    /// @notice Records the consortium's task specification: the keccak256 of the spec file's
+    /// bytes (model, training, metric, data schema; `cast keccak "$(cat spec.toml)"`). Nodes
+    /// train only for a coordinator that serves this spec, and no round opens without one.
+    /// @dev Admin only, and only before round 1 opens (TaskSpecFrozen after).
+    /// @param specHash keccak256 of the spec file; must not be zero.
+    function setTaskSpec(bytes32 specHash) external onlyRole(DEFAULT_ADMIN_ROLE) {
+        if (_roundCount != 0) revert TaskSpecFrozen(_roundCount);
+        if (specHash == bytes32(0)) revert ZeroHash();
+        bytes32 previous = _taskSpec;
+        _taskSpec = specHash;
+        emit TaskSpecSet(previous, specHash);
+    }
+
     // ------------------------------------------------------------ coordinator
 
     /// @notice Opens round `roundId` on the global model `modelHash`, taking commitments until `deadline`.
@@ -196,6 +216,7 @@ contract FedLedger is AccessControlEnumerable {
         if (last != 0 && _rounds[last].state == RoundState.Open) revert PreviousRoundOpen(last);
         if (modelHash == bytes32(0)) revert ZeroHash();
         if (deadline <= block.timestamp) revert DeadlineInPast(deadline, block.timestamp);
+        if (_taskSpec == bytes32(0)) revert TaskSpecUnset();
 
         _roundCount = roundId;
         Round storage round = _rounds[roundId];
@@ -437,6 +458,11 @@ contract FedLedger is AccessControlEnumerable {
     /// @notice The most one round may pay out in all, in token units (setRoundBudget).
     function roundBudget() external view returns (uint256) {
         return _roundBudget;
+    }
+
+    /// @notice keccak256 of the consortium's task spec file (zero until setTaskSpec).
+    function taskSpec() external view returns (bytes32) {
+        return _taskSpec;
     }
 
     /// @notice The most training samples `org` may declare in a commitment (0: no cap; setSampleCap).

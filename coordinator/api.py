@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fedledger import wire
 from fedledger.coordinator.service import RoundService
 from fedledger.errors import ChainError, ChainUnavailable, CodedError, CoordinatorError, ErrorCode
+from fedledger.incentive.onchain import hex32
 
 log = logging.getLogger("fedledger.coordinator.api")
 
@@ -162,6 +163,23 @@ def create_app(service: RoundService, *, manage_service: bool = False) -> FastAP
     def claim_ticket(round_id: int, organisation: str, svc: Service) -> wire.ClaimTicket:
         """An organisation's leaf and Merkle proof in a round settled by claims."""
         return svc.claim_ticket(round_id, organisation)
+
+    @app.get(
+        f"{prefix}/task",
+        response_class=Response,
+        responses={200: {"content": {"application/toml": {}}}},
+    )
+    def task_spec(svc: Service) -> Response:
+        """The task spec file the coordinator runs, byte for byte (its keccak256 is the
+        ledger's ``taskSpec()``)."""
+        spec = svc.spec
+        if spec is None:
+            raise CoordinatorError(ErrorCode.NO_ROUND, "the coordinator has not started yet")
+        return Response(
+            content=spec.raw,
+            media_type="application/toml",
+            headers={wire.H_SPEC_HASH: hex32(spec.hash)},
+        )
 
     @app.get(
         f"{prefix}/models/{{model_hash}}",

@@ -7,6 +7,7 @@ ledger records for the round is recomputed with the same code the coordinator cl
 
 - each stored update hashes to the organisation's on-chain commitment, with its sample count;
 - the round's start model hashes to the on-chain model hash;
+- the task spec hashes to the ledger's ``taskSpec()`` and to the one the round was priced with;
 - the validation set hashes to the ``validationHash`` recorded with the scores;
 - the recomputed aggregate hashes to the on-chain new model hash;
 - the recomputed scores, rewards and flags equal the on-chain settlement (each organisation's
@@ -25,10 +26,22 @@ from fedledger.coordinator.books import Books, close_books
 from fedledger.coordinator.inputs import load_round_inputs
 from fedledger.coordinator.policy import PricingPolicy
 from fedledger.coordinator.store import Store
-from fedledger.incentive.commitment import keccak
+from fedledger.incentive.commitment import decode_tensors, keccak
 from fedledger.incentive.ledger import LedgerClient, RoundRecord
 from fedledger.incentive.onchain import RoundState, hex32
-from fedledger.tasks import get_task
+from fedledger.tasks import TaskSpec, load_spec, load_task, parse_spec
+
+
+def _spec(store: Store, policy: PricingPolicy, spec_file: Path | None) -> TaskSpec:
+    """The spec file given, else the one the coordinator kept for the round (else the built-in
+    digits task's, for rounds priced before specs were recorded)."""
+    if spec_file is not None or policy.task_spec is None:
+        return load_spec(spec_file)
+    kept = store.task_spec(policy.task_spec)
+    if kept is None:
+        return load_spec(None)
+    text, path = kept
+    return parse_spec(text.encode("utf-8"), source=Path(path) if path else None)
 
 
 @dataclass(frozen=True)
@@ -64,9 +77,15 @@ def audit_round(
     ledger: LedgerClient,
     data_dir: Path,
     *,
+    spec: Path | None = None,
+    validation: str | None = None,
     device: torch.device | None = None,
 ) -> AuditReport:
-    """Recompute round ``round_id`` from ``data_dir`` and compare everything with ``ledger``."""
+    """Recompute round ``round_id`` from ``data_dir`` and compare everything with ``ledger``.
+
+    The task spec and validation set are the ones the coordinator kept in ``data_dir`` unless
+    ``spec`` (a spec file) or ``validation`` (as the task loads it) are given; either way they
+    are checked against the chain."""
     report = AuditReport(round_id)
     record = ledger.get_round(round_id)
     if not report.check(
@@ -77,7 +96,7 @@ def audit_round(
         return report
     store = Store(data_dir, read_only=True)
     try:
-        _audit(report, record, ledger, store, device or torch.device("cpu"))
+        _audit(report, record, ledger, store, device or torch.device("cpu"), spec, validation)
     finally:
         store.close()
     return report
@@ -89,6 +108,8 @@ def _audit(
     ledger: LedgerClient,
     store: Store,
     device: torch.device,
+    spec_file: Path | None,
+    validation: str | None,
 ) -> None:
     round_id = report.round_id
     stored = store.get_round(round_id)
@@ -129,9 +150,30 @@ def _audit(
         report.check("pricing settings recorded with the round", False, "none recorded")
         return
     policy = PricingPolicy.model_validate(result.pricing)
-    task = get_task(policy.task)
-    x_val, y_val = task.validation_data()
     valuation = ledger.valuation_of(round_id)
+    spec = _spec(store, policy, spec_file)
+    chain_spec = ledger.task_spec()
+    report.check(
+        "task spec matches the ledger's taskSpec()",
+        spec.hash == chain_spec,
+        f"{spec.source or 'the kept spec'} hashes to {hex32(spec.hash)}, "
+        f"on-chain {hex32(chain_spec)}",
+    )
+    if policy.task_spec is not None:
+        report.check(
+            "task spec is the one the round was priced with",
+            hex32(spec.hash) == policy.task_spec,
+            f"recorded {policy.task_spec}",
+        )
+    task = load_task(spec, "validator")
+    kept = None
+    if validation is None and valuation is not None:
+        kept = store.get_blob(hex32(valuation.validation_hash))
+    if kept is not None:
+        tensors = decode_tensors(kept)
+        x_val, y_val = tensors["x"], tensors["y"]
+    else:
+        x_val, y_val = task.load_validation(validation)
 
     # Recompute the books exactly as the coordinator closes a round.
     inputs = load_round_inputs(

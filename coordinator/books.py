@@ -153,7 +153,7 @@ class Books:
     params: dict[str, Tensor]  # the new global model (CPU)
     new_bytes: bytes  # its canonical bytes
     new_hash: str  # 0x-hex keccak256 of new_bytes
-    accuracy: float  # validation accuracy of the new model
+    accuracy: float | None  # validation accuracy of the new model (None: a regression task)
     utility: float  # the new model's validation metric (the policy's)
     gain: float  # how much the round raised it: utility - the old model's
     valuation: ValuationRecord  # method, seed and validation hash, as recorded on-chain
@@ -223,7 +223,13 @@ def screen(inputs: RoundInputs, norms: Sequence[float], policy: PricingPolicy) -
     # training on any labelled data lowers the validation loss too, while fresh noise does
     # neither.
     descent = flatten(
-        descent_direction(inputs.model, inputs.base, inputs.x_val, inputs.y_val),
+        descent_direction(
+            inputs.model,
+            inputs.base,
+            inputs.x_val,
+            inputs.y_val,
+            regression=policy.metric == "neg_mse",
+        ),
         dtype=torch.float64,
     )
     if len(kept) > 1:
@@ -571,7 +577,9 @@ def close_books(
         params=params,
         new_bytes=new_bytes,
         new_hash=hex32(keccak(new_bytes)),
-        accuracy=evaluate_params(inputs.model, params, inputs.x_val, inputs.y_val, "accuracy"),
+        accuracy=None
+        if policy.metric == "neg_mse"
+        else evaluate_params(inputs.model, params, inputs.x_val, inputs.y_val, "accuracy"),
         utility=after,
         gain=after - before,
         valuation=ValuationRecord(

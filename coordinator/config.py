@@ -16,6 +16,12 @@ class CoordinatorSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     data_dir: Path
+    task_spec: Path | None = Field(
+        None, description="the consortium's task spec file (None: the built-in digits task)"
+    )
+    validation: str | None = Field(
+        None, description="the validation data, as the task loads it (None: the task's own)"
+    )
     pricing: PricingPolicy = Field(
         default_factory=PricingPolicy, description="everything a round's books depend on"
     )

@@ -27,7 +27,13 @@ class PricingPolicy(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     # The game: which model, scored how.
-    task: str = Field("digits", description="Learning task (its model and validation set).")
+    task: str = Field("digits", description="The task spec's name (set from the spec at start).")
+    task_spec: str | None = Field(
+        None,
+        pattern=r"^0x[0-9a-f]{64}$",
+        description="keccak-256 of the task spec file, as the ledger's taskSpec() records it "
+        "(set from the spec at start).",
+    )
     model_seed: int = Field(0, description="Seed of the task model's initial parameters.")
     metric: Metric = Field(
         "neg_log_loss",

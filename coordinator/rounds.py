@@ -190,5 +190,9 @@ class RoundMachine:
             result=result.model_dump(mode="json"),
         )
         log.info(
-            "round %d finalized: accuracy %.4f, model %s", round_id, books.accuracy, books.new_hash
+            "round %d finalized: %s %.4f, model %s",
+            round_id,
+            self.settings.pricing.metric,
+            books.utility,
+            books.new_hash,
         )

@@ -16,22 +16,62 @@ import torch
 
 from fedledger import wire
 from fedledger.coordinator.config import CoordinatorSettings
+from fedledger.coordinator.policy import PricingPolicy
 from fedledger.coordinator.results import claim_ticket, pending_result
 from fedledger.coordinator.rounds import Game, RoundMachine
 from fedledger.coordinator.store import Store, StoredUpdate
 from fedledger.coordinator.uploads import UploadVerifier
 from fedledger.devices import default_device
-from fedledger.errors import CoordinatorError, ErrorCode, FedledgerError
+from fedledger.errors import CoordinatorError, ErrorCode, FedledgerError, TaskError
 from fedledger.failpoints import UPLOAD_AFTER_BLOB, failpoint
-from fedledger.incentive.commitment import encode_tensors, specs_of
+from fedledger.incentive.commitment import canonical_bytes, encode_tensors, keccak, specs_of
 from fedledger.incentive.ledger import LedgerClient, as_bytes32
-from fedledger.incentive.onchain import hex32
-from fedledger.tasks import Task, get_task
+from fedledger.incentive.onchain import METRICS, hex32
+from fedledger.tasks import TaskSpec, ValidatorTask, load_spec, load_task
+from fedledger.tasks.spec import CLASSIFICATION_METRICS, REGRESSION_METRICS
 
 log = logging.getLogger("fedledger.coordinator")
 
 MAX_LONG_POLL_S = 30.0
 """The longest ``GET /v1/rounds/current`` holds a request waiting for a change."""
+
+
+def check_spec_on_chain(spec: TaskSpec, ledger: LedgerClient) -> None:
+    """Refuse a task spec other than the one the ledger records (``taskSpec()``)."""
+    on_chain = ledger.task_spec()
+    if on_chain == spec.hash:
+        return
+    where = spec.source or "the task spec"
+    if on_chain == bytes(32):
+        raise TaskError(
+            ErrorCode.SPEC_MISMATCH,
+            f"ledger {ledger.address} records no task spec; the admin records this one with "
+            f"`fedledger task-spec {where}` before the first round",
+            spec_hash=hex32(spec.hash),
+        )
+    raise TaskError(
+        ErrorCode.SPEC_MISMATCH,
+        f"{where} hashes to {hex32(spec.hash)}, but ledger {ledger.address} records task spec "
+        f"{hex32(on_chain)}: start with the consortium's spec file",
+        spec_hash=hex32(spec.hash),
+        on_chain=hex32(on_chain),
+    )
+
+
+def bind_policy(policy: PricingPolicy, spec: TaskSpec) -> PricingPolicy:
+    """``policy`` for the task of ``spec``: its name and hash recorded, and the spec's metric
+    unless the operator set one, which must then fit the task's kind."""
+    metric = policy.metric if "metric" in policy.model_fields_set else spec.metric
+    allowed = CLASSIFICATION_METRICS if spec.task.kind == "classification" else REGRESSION_METRICS
+    if metric not in allowed:
+        raise CoordinatorError(
+            ErrorCode.INVALID_POLICY,
+            f"metric {metric!r} cannot value the {spec.task.kind} task {spec.task.name!r}; "
+            f"use one of {sorted(m for m in allowed if m in METRICS)}",
+        )
+    return policy.model_copy(
+        update={"task": spec.task.name, "task_spec": hex32(spec.hash), "metric": metric}
+    )
 
 
 class RoundService:
@@ -55,7 +95,8 @@ class RoundService:
         self._changed = threading.Condition()  # notified when the latest round's state changes
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._parts: tuple[Store, Task, RoundMachine, UploadVerifier] | None = None
+        self._parts: tuple[Store, ValidatorTask, RoundMachine, UploadVerifier] | None = None
+        self.spec: TaskSpec | None = None
 
     # -------------------------------------------------------------- lifecycle
 
@@ -68,12 +109,17 @@ class RoundService:
                 ErrorCode.NOT_COORDINATOR,
                 f"{account.address} lacks COORDINATOR_ROLE on ledger {self.ledger.address}",
             )
-        settings = self.settings
+        spec = load_spec(self.settings.task_spec)
+        check_spec_on_chain(spec, self.ledger)
+        task = load_task(spec, "validator")
+        self.settings = settings = self.settings.model_copy(
+            update={"pricing": bind_policy(self.settings.pricing, spec)}
+        )
+        self.spec = spec
         self._check_valuation_budget(len(self.ledger.organisations()))
         self._check_round_budget(self.ledger.round_budget())
-        task = get_task(settings.pricing.task)
         model = task.build_model(seed=settings.pricing.model_seed)
-        x_val, y_val = task.validation_data()
+        x_val, y_val = task.load_validation(settings.validation)
         device = torch.device(settings.device) if settings.device else default_device()
         store = Store(settings.data_dir)
         machine = RoundMachine(
@@ -94,6 +140,9 @@ class RoundService:
         )
         self._parts = (store, task, machine, verifier)
         machine.settler.check_data_dir(store)
+        store.keep_task(hex32(spec.hash), spec.raw.decode("utf-8"), str(spec.source or ""))
+        validation = canonical_bytes({"x": x_val, "y": y_val})
+        store.keep_validation(hex32(keccak(validation)), validation)
         data, digest = encode_tensors(model.state_dict())
         if not machine.settler.reconcile(store, hex32(digest)):
             store.put_blob(hex32(digest), data)
@@ -128,7 +177,7 @@ class RoundService:
                 f"least {needed} evaluations (2K + 2); raise --valuation-budget",
             )
 
-    def _started(self) -> tuple[Store, Task, RoundMachine, UploadVerifier]:
+    def _started(self) -> tuple[Store, ValidatorTask, RoundMachine, UploadVerifier]:
         if self._parts is None:
             raise RuntimeError("RoundService used before start()")
         return self._parts
@@ -138,7 +187,7 @@ class RoundService:
         return self._started()[0]
 
     @property
-    def task(self) -> Task:
+    def task(self) -> ValidatorTask:
         return self._started()[1]
 
     @property

@@ -149,6 +149,7 @@ class Store:
             rows = self._db.execute(
                 "SELECT update_hash FROM updates UNION SELECT model_hash FROM rounds"
                 " UNION SELECT new_model_hash FROM rounds WHERE new_model_hash IS NOT NULL"
+                " UNION SELECT substr(key, 12) FROM meta WHERE key LIKE 'validation:%'"
             ).fetchall()
         referenced = {self.blob_path(str(row[0])).name for row in rows}
         removed = 0
@@ -172,6 +173,29 @@ class Store:
     def set_meta(self, key: str, value: str) -> None:
         with self.transaction() as db:
             db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    def keep_task(self, spec_hash: str, spec_text: str, spec_path: str | None) -> None:
+        """Record the task spec the coordinator runs (its text, and where its file was, for
+        plug-ins imported relative to it): what ``fedledger audit`` loads by default."""
+        with self.transaction() as db:
+            for key, value in (
+                (f"task_spec:{spec_hash}", spec_text),
+                (f"task_spec_path:{spec_hash}", spec_path or ""),
+            ):
+                db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    def task_spec(self, spec_hash: str) -> tuple[str, str | None] | None:
+        """The text and file path of the task spec with ``spec_hash`` kept by ``keep_task``."""
+        text = self.get_meta(f"task_spec:{spec_hash}")
+        if text is None:
+            return None
+        return text, self.get_meta(f"task_spec_path:{spec_hash}") or None
+
+    def keep_validation(self, validation_hash: str, data: bytes) -> None:
+        """Keep the validation set's canonical bytes (a blob no round refers to, so marked in
+        ``meta`` for the garbage collector): the audit re-scores rounds on it."""
+        self.put_blob(validation_hash, data)
+        self.set_meta(f"validation:{validation_hash}", "1")
 
     # ----------------------------------------------------------------- rounds
 

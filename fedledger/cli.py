@@ -1,4 +1,4 @@
-"""The ``fedledger`` command: demo, devnet, deploy, coordinator, node, rewards and audit."""
+"""The ``fedledger`` command: demo, devnet, deploy, task, coordinator, node, model, rewards, audit."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fedledger.coordinator.policy import PricingPolicy
@@ -31,9 +32,13 @@ devnet_app = typer.Typer(
 )
 coordinator_app = typer.Typer(help="The consortium's coordinator service.", no_args_is_help=True)
 node_app = typer.Typer(help="An organisation's training node.", no_args_is_help=True)
+task_app = typer.Typer(help="The consortium's task spec and plug-ins.", no_args_is_help=True)
+model_app = typer.Typer(help="Global models, checked against the chain.", no_args_is_help=True)
 app.add_typer(devnet_app, name="devnet")
+app.add_typer(task_app, name="task")
 app.add_typer(coordinator_app, name="coordinator")
 app.add_typer(node_app, name="node")
+app.add_typer(model_app, name="model")
 
 console = Console()
 DEFAULT_STATE_DIR = Path(".fedledger")
@@ -56,6 +61,15 @@ KeyOpt = Annotated[
         show_default=False,
     ),
 ]
+SpecOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--spec",
+        help="The consortium's task spec file (TOML; default: the built-in digits task).",
+        show_default=False,
+    ),
+]
+CoordinatorOpt = Annotated[str, typer.Option(help="Base URL of the coordinator.")]
 
 
 RoundBudgetOpt = Annotated[
@@ -72,7 +86,7 @@ def _token_units(tokens: float) -> int:
 
 
 def _fail(message: str) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {message}")
+    console.print(f"[bold red]error:[/] {escape(message)}")
     return typer.Exit(code=1)
 
 
@@ -81,11 +95,12 @@ def main() -> None:
     try:
         app(prog_name="fedledger")
     except FedledgerError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
+        console.print(f"[bold red]error:[/] {escape(str(exc))}")
         raise SystemExit(1) from None
 
 
-_PRICING_KNOBS = tuple(PricingPolicy.model_fields)
+_PRICING_KNOBS = tuple(k for k in PricingPolicy.model_fields if k not in ("task", "task_spec"))
+"""The knobs an operator sets; the task's name and spec hash come from the spec file."""
 
 
 def _pricing_help(knob: str) -> str:
@@ -152,12 +167,17 @@ def demo(
     chain: Annotated[
         str, typer.Option(help="`embedded` (in-process EVM) or `anvil`.")
     ] = "embedded",
-    epochs: Annotated[int, typer.Option(min=1, help="Local epochs per round.")] = 3,
-    seed: Annotated[int, typer.Option(help="Seed of the data split and the model.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the initial model and local training.")] = 0,
+    spec: Annotated[
+        Path | None,
+        typer.Option(
+            help="A spec file of the digits task (training, split); default: the built-in one.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run a whole federation locally: chain, coordinator on loopback, organisation nodes."""
     from fedledger.demo import run_demo
-    from fedledger.node.training import TrainConfig
 
     if chain not in ("embedded", "anvil"):
         raise _fail("--chain must be `embedded` or `anvil`")
@@ -165,7 +185,7 @@ def demo(
         organisations=organisations,
         rounds=rounds,
         chain=chain,
-        train_config=TrainConfig(epochs=epochs),
+        spec=spec,
         seed=seed,
         console=console,
     )
@@ -184,12 +204,15 @@ def devnet_up(
         Path, typer.Option(help="Where the pid, chain state and deployment go.")
     ] = DEFAULT_STATE_DIR / "devnet",
     round_budget: RoundBudgetOpt = DEFAULT_ROUND_BUDGET / TOKEN_UNIT,
+    spec: SpecOpt = None,
 ) -> None:
     """Start anvil on loopback, deploy the contracts and write `deployment.json`."""
     from fedledger.devnet.anvil import start_anvil
     from fedledger.devnet.deploy import deploy_devnet
     from fedledger.incentive.chain import connect
+    from fedledger.tasks import load_spec
 
+    task_spec = load_spec(spec)
     state_dir.mkdir(parents=True, exist_ok=True)
     pid_file = state_dir / "anvil.pid"
     if pid_file.exists():
@@ -203,11 +226,13 @@ def devnet_up(
         organisations,
         rpc_url=anvil.rpc_url,
         round_budget=_token_units(round_budget),
+        task_spec=task_spec.hash,
     )
     out = state_dir / "deployment.json"
     deployment.save(out)
     console.print(f"anvil (pid {anvil.pid}) on {anvil.rpc_url}, chain id {deployment.chain_id}")
     console.print(f"ledger {deployment.ledger}, token {deployment.token}")
+    console.print(f"task spec {task_spec.task.name!r}: 0x{task_spec.hash.hex()}")
     console.print(f"deployment written to {out} (devnet keys included: never use them elsewhere)")
 
 
@@ -246,12 +271,15 @@ def deploy(
         typer.Option("--organisation", help="Organisation address to register (repeatable)."),
     ] = None,
     round_budget: RoundBudgetOpt = DEFAULT_ROUND_BUDGET / TOKEN_UNIT,
+    spec: SpecOpt = None,
     key: KeyOpt = None,
 ) -> None:
     """Deploy the ledger and token to any EVM chain from the admin key, and register organisations."""
     from fedledger.devnet.deploy import deploy as deploy_contracts
     from fedledger.incentive.chain import account_from_key, connect, wait_for_rpc
+    from fedledger.tasks import load_spec
 
+    task_spec = load_spec(spec)
     if not key:
         raise _fail("the admin's key is required: --key or FEDLEDGER_KEY")
     w3 = connect(rpc)
@@ -263,6 +291,7 @@ def deploy(
         organisation or [],
         rpc_url=rpc,
         round_budget=_token_units(round_budget),
+        task_spec=task_spec.hash,
     )
     deployment.save(out)
     console.print(
@@ -323,6 +352,64 @@ def sample_cap_command(
     console.print(f"sample cap of {organisation}: {cap if cap else 'none'}")
 
 
+@app.command("task-spec")
+def task_spec_command(
+    spec: Annotated[
+        Path | None,
+        typer.Argument(help="The spec file to record (admin key); omit to show the current hash."),
+    ] = None,
+    deployment: DeploymentOpt = DEFAULT_STATE_DIR / "devnet" / "deployment.json",
+    rpc: RpcOpt = None,
+    key: KeyOpt = None,
+) -> None:
+    """Show or record the consortium's task spec (the ledger's taskSpec, fixed once round 1 opens)."""
+    from fedledger.tasks import load_spec
+
+    ledger, _ = _ledger(deployment, rpc, key if spec is not None else None)
+    if spec is not None:
+        ledger.set_task_spec(load_spec(spec).hash)
+    on_chain = ledger.task_spec()
+    console.print(f"task spec 0x{on_chain.hex()}" if any(on_chain) else "no task spec recorded yet")
+
+
+# --------------------------------------------------------------------------- task
+
+
+@task_app.command("check")
+def task_check(
+    spec: Annotated[Path, typer.Argument(help="The task spec file.")],
+    data: Annotated[
+        list[str] | None,
+        typer.Option("--data", help="An organisation's data to check against it (repeatable)."),
+    ] = None,
+    validation: Annotated[
+        str | None, typer.Option(help="The validation data to check against it.")
+    ] = None,
+) -> None:
+    """Parse a spec, load its plug-ins and model, check data files; print its hash and tensors."""
+    from fedledger.tasks import load_spec, load_task, tensor_shapes
+
+    parsed = load_spec(spec)
+    node_task = load_task(parsed, "node")
+    load_task(parsed, "validator")
+    model = node_task.build_model(seed=0)
+    size = sum(t.numel() for t in model.state_dict().values())
+    console.print(f"{spec}: task {parsed.task.name!r} ({parsed.task.kind}), metric {parsed.metric}")
+    console.print(f"keccak256 0x{parsed.hash.hex()}  (the ledger's taskSpec())")
+    console.print(f"model: {size:,} parameters; to pin its tensors, add to the spec:")
+    console.print("[model.tensors]", markup=False)
+    for name, shape in tensor_shapes(model).items():
+        console.print(f'"{name}" = {shape}', markup=False)
+    for source in data or []:
+        x, y = node_task.load_data(source)
+        console.print(
+            f"data {source}: {len(y)} rows, {x.shape[1] if x.ndim > 1 else 1} features: ok"
+        )
+    if validation is not None:
+        x, y = load_task(parsed, "validator").load_validation(validation)
+        console.print(f"validation {validation}: {len(y)} rows: ok")
+
+
 # -------------------------------------------------------------------- coordinator
 
 
@@ -353,7 +440,14 @@ def coordinator_serve(
     reward_per_round: Annotated[
         float | None, typer.Option(help="Tokens paid per round (pricing: reward_per_round / 1e18).")
     ] = None,
-    task: Annotated[str | None, typer.Option(help=_pricing_help("task"))] = None,
+    spec: SpecOpt = None,
+    validation: Annotated[
+        str | None,
+        typer.Option(
+            help="The validation data, as the task loads it (a CSV for tabular tasks; "
+            "default: the task's own)."
+        ),
+    ] = None,
     aggregation: Annotated[str | None, typer.Option(help=_pricing_help("aggregation"))] = None,
     trim_fraction: Annotated[
         float | None, typer.Option(help=_pricing_help("trim_fraction"))
@@ -394,7 +488,6 @@ def coordinator_serve(
         raise _fail("--quorum-policy must be `fail` or `extend`")
     knobs: dict[str, object] = dict(_parse_knobs(pricing or []))
     named = {
-        "task": task,
         "aggregation": aggregation,
         "trim_fraction": trim_fraction,
         "clip_multiplier": None if clip_multiplier is None else (clip_multiplier or "none"),
@@ -407,6 +500,8 @@ def coordinator_serve(
     try:
         settings = CoordinatorSettings(
             data_dir=data_dir,
+            task_spec=spec,
+            validation=validation,
             pricing=PricingPolicy.model_validate(
                 {k: None if v == "none" else v for k, v in knobs.items()}
             ),
@@ -441,46 +536,35 @@ def coordinator_serve(
 
 @node_app.command("run")
 def node_run(
-    coordinator: Annotated[
-        str, typer.Option(help="Base URL of the coordinator.")
-    ] = "http://127.0.0.1:8000",
+    coordinator: CoordinatorOpt = "http://127.0.0.1:8000",
     deployment: DeploymentOpt = DEFAULT_STATE_DIR / "devnet" / "deployment.json",
     rpc: RpcOpt = None,
     key: KeyOpt = None,
-    task: Annotated[str, typer.Option(help="Learning task.")] = "digits",
-    partition: Annotated[
+    spec: SpecOpt = None,
+    data: Annotated[
         str,
         typer.Option(
-            help="This node's share of the task's built-in data, as INDEX/COUNT, e.g. 0/3."
+            help="This organisation's training data, as the task loads it: a CSV file for "
+            "tabular tasks; INDEX/COUNT (its share of a split) for the digits task."
         ),
     ] = "0/1",
-    alpha: Annotated[
-        float, typer.Option(help="Dirichlet concentration of the non-IID split.")
-    ] = 0.5,
-    seed: Annotated[int, typer.Option(help="Seed of the data split and of local training.")] = 0,
-    epochs: Annotated[int, typer.Option(min=1, help="Local epochs per round.")] = 3,
-    lr: Annotated[float, typer.Option(help="SGD learning rate.")] = 0.05,
-    batch_size: Annotated[int, typer.Option(min=1, help="Minibatch size.")] = 32,
-    prox_mu: Annotated[
-        float, typer.Option(help="FedProx proximal coefficient (0 = FedAvg).")
-    ] = 0.0,
+    seed: Annotated[int, typer.Option(help="Seed of local training (batch order).")] = 0,
+    outbox: Annotated[
+        Path | None,
+        typer.Option(help="Keep a copy of every update sent, and its signed headers, here."),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Take part in every round: verify the model, train, commit on-chain, upload signed."""
+    """Take part in every round: check the spec, verify the model, train, commit, upload signed."""
     from fedledger.node.client import CoordinatorClient
-    from fedledger.node.runner import NodeRunner, RoundOutcome
-    from fedledger.node.training import TrainConfig
-    from fedledger.tasks import get_task
+    from fedledger.node.runner import NodeRunner, RoundOutcome, Settled
+    from fedledger.tasks import load_spec, load_task
 
     _logging(verbose)
     if not key:
         raise _fail("the organisation's key is required: --key or FEDLEDGER_KEY")
-    try:
-        index, count = (int(p) for p in partition.split("/"))
-        learning_task = get_task(task)
-        data = learning_task.partition(index, count, alpha=alpha, seed=seed)
-    except ValueError as exc:
-        raise _fail(f"--partition {partition!r}: {exc}") from exc
+    learning_task = load_task(load_spec(spec), "node")
+    dataset = learning_task.load_data(data)
     ledger, _ = _ledger(deployment, rpc, key)
     assert ledger.account is not None
     if not ledger.is_organisation(ledger.account.address):
@@ -489,31 +573,79 @@ def node_run(
         )
 
     def report(outcome: RoundOutcome) -> None:
+        local = ", ".join(f"{k} {v:.4f}" for k, v in outcome.local_metrics.items())
         console.print(
             f"round {outcome.round_id}: uploaded {outcome.update_hash[:18]}… "
-            f"({outcome.num_samples} samples, train loss {outcome.train_loss:.4f})"
+            f"({outcome.num_samples} samples, train loss {outcome.train_loss:.4f}; local {local})"
+        )
+
+    def settled(round_: Settled) -> None:
+        from fedledger.incentive.onchain import flag_names
+
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in round_.validation.items()) or "not reported"
+        flags = f", flagged {', '.join(flag_names(round_.flags))}" if round_.flags else ""
+        console.print(
+            f"round {round_.round_id} settled: global model validation {shown}; "
+            f"reward {round_.reward / TOKEN_UNIT:,.4f} FLR{flags}"
         )
 
     console.print(
-        f"node {ledger.account.address}: {len(data[1])} samples, coordinator {coordinator}"
+        f"node {ledger.account.address}: task {learning_task.spec.task.name!r}, "
+        f"{len(dataset[1])} samples, coordinator {coordinator}"
     )
     with CoordinatorClient(coordinator) as client:
         runner = NodeRunner(
             client,
             ledger,
             learning_task,
-            data,
-            TrainConfig(
-                epochs=epochs,
-                lr=lr,
-                batch_size=batch_size,
-                prox_mu=prox_mu,
-                seed=seed * 1000 + index,
-            ),
+            dataset,
+            seed=seed,
+            outbox=outbox,
             on_round=report,
+            on_settled=settled,
         )
         outcomes = runner.run()
     console.print(f"training done: took part in {len(outcomes)} round(s)")
+
+
+# -------------------------------------------------------------------------- model
+
+
+@model_app.command("pull")
+def model_pull(
+    round_id: Annotated[
+        int, typer.Option("--round", min=1, help="The finalized round whose new model to fetch.")
+    ],
+    out: Annotated[Path, typer.Option(help="Where to write the model (safetensors).")],
+    coordinator: CoordinatorOpt = "http://127.0.0.1:8000",
+    deployment: DeploymentOpt = DEFAULT_STATE_DIR / "devnet" / "deployment.json",
+    rpc: RpcOpt = None,
+) -> None:
+    """Fetch the global model a round produced and check its keccak256 against the chain."""
+    from fedledger.incentive.commitment import decode_tensors, keccak
+    from fedledger.incentive.onchain import RoundState
+    from fedledger.node.client import CoordinatorClient
+
+    ledger, _ = _ledger(deployment, rpc, None)
+    if not 1 <= round_id <= ledger.round_count():
+        raise _fail(f"round {round_id} does not exist on ledger {ledger.address}")
+    record = ledger.get_round(round_id)
+    if record.state != RoundState.FINALIZED:
+        raise _fail(f"round {round_id} is {record.state.name.lower()}: it produced no model yet")
+    expected = "0x" + record.new_model_hash.hex()
+    with CoordinatorClient(coordinator) as client:
+        data = client.model(expected)
+    served = "0x" + keccak(data).hex()
+    if served != expected:
+        raise _fail(
+            f"the coordinator served a model hashing to {served}, but the ledger records "
+            f"{expected} for round {round_id}; not written"
+        )
+    tensors = decode_tensors(data)  # refuses anything but safetensors
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(data)
+    size = sum(t.numel() for t in tensors.values())
+    console.print(f"round {round_id}: model {expected} ({size:,} parameters) written to {out}")
 
 
 # ------------------------------------------------------------------------ rewards
@@ -633,18 +765,29 @@ def audit(
     ] = DEFAULT_STATE_DIR / "coordinator",
     deployment: DeploymentOpt = DEFAULT_STATE_DIR / "devnet" / "deployment.json",
     rpc: RpcOpt = None,
+    spec: Annotated[
+        Path | None,
+        typer.Option(
+            help="Your copy of the task spec (default: the one the coordinator kept).",
+            show_default=False,
+        ),
+    ] = None,
+    validation: Annotated[
+        str | None,
+        typer.Option(help="Your copy of the validation data (default: the kept one)."),
+    ] = None,
 ) -> None:
     """Recompute a round from the coordinator's stored updates and check it against the chain.
 
-    Checks every update against its commitment, the validation set against its recorded hash,
-    the aggregate against the new model hash, and the scores, rewards, flags (or the Merkle
-    root) against the ledger. Exits 1 on any mismatch.
+    Checks the task spec against the ledger's, every update against its commitment, the
+    validation set against its recorded hash, the aggregate against the new model hash, and
+    the scores, rewards, flags (or the Merkle root) against the ledger. Exits 1 on any mismatch.
     """
     from fedledger.coordinator.audit import audit_round
 
     ledger, _ = _ledger(deployment, rpc, None)
     try:
-        report = audit_round(round_id, ledger, data_dir)
+        report = audit_round(round_id, ledger, data_dir, spec=spec, validation=validation)
     except FileNotFoundError as exc:
         raise _fail(str(exc)) from exc
     table = Table(title=f"Audit of round {round_id} on ledger {ledger.address}")
@@ -653,7 +796,9 @@ def audit(
     table.add_column("detail", overflow="fold")
     for check in report.checks:
         table.add_row(
-            check.what, "[green]ok[/]" if check.ok else "[bold red]MISMATCH[/]", check.detail
+            escape(check.what),
+            "[green]ok[/]" if check.ok else "[bold red]MISMATCH[/]",
+            escape(check.detail),
         )
     console.print(table)
     if not report.ok:

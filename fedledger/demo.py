@@ -31,8 +31,7 @@ from fedledger.incentive.ledger import LedgerClient
 from fedledger.incentive.onchain import TOKEN_UNIT, from_fixed_point
 from fedledger.node.client import CoordinatorClient
 from fedledger.node.runner import NodeRunner
-from fedledger.node.training import TrainConfig
-from fedledger.tasks import Task, get_task
+from fedledger.tasks import DigitsTask, load_spec
 
 
 @dataclass(frozen=True)
@@ -78,18 +77,20 @@ def run_demo(
     organisations: int = 5,
     rounds: int = 10,
     chain: str = "embedded",
-    train_config: TrainConfig | None = None,
-    alpha: float = 0.5,
+    spec: Path | None = None,
     seed: int = 0,
     console: Console | None = None,
 ) -> DemoResult:
-    """Run a whole federation on a local chain and return accuracies and on-chain rewards."""
+    """Run a whole federation on a local chain and return accuracies and on-chain rewards.
+
+    ``spec`` is a spec file of the digits task (default: the built-in one), whose split of the
+    training part among the organisations the nodes train on; ``seed`` seeds the initial model
+    and local training."""
     console = console or Console()
     started = time.monotonic()
     torch.set_num_threads(1)  # N nodes and the coordinator share the cores: no oversubscription
     logging.getLogger("fedledger").setLevel(logging.ERROR)
-    train_config = train_config or TrainConfig(epochs=3, lr=0.05, batch_size=32)
-    task = get_task("digits")
+    task = DigitsTask(load_spec(spec))
     accounts = organisations + 2
 
     anvil = start_anvil(accounts=accounts) if chain == "anvil" else None
@@ -106,7 +107,12 @@ def run_demo(
                 return shared
 
         w3 = make_w3()
-        deployment = deploy_devnet(w3, organisations, rpc_url=anvil.rpc_url if anvil else None)
+        deployment = deploy_devnet(
+            w3,
+            organisations,
+            rpc_url=anvil.rpc_url if anvil else None,
+            task_spec=task.spec.hash,
+        )
         console.print(
             f"[bold]fedledger demo[/]: {organisations} organisations, {rounds} rounds, "
             f"chain {chain} (id {deployment.chain_id}), ledger {deployment.ledger}"
@@ -114,6 +120,7 @@ def run_demo(
         with tempfile.TemporaryDirectory(prefix="fedledger-demo-") as data_dir:
             settings = CoordinatorSettings(
                 data_dir=Path(data_dir),
+                task_spec=task.spec.source,
                 total_rounds=rounds,
                 round_timeout_s=120,
                 quorum=max(1, (organisations + 1) // 2),
@@ -130,14 +137,12 @@ def run_demo(
                     task,
                     organisations,
                     rounds,
-                    train_config,
-                    alpha,
                     seed,
                     console,
                 )
         result.ledger = deployment.ledger
         reader = LedgerClient(make_w3(), deployment.ledger)
-        result.organisations = _summarise(reader, task, organisations, rounds, alpha, seed)
+        result.organisations = _summarise(reader, task, organisations, rounds)
     finally:
         if anvil is not None:
             anvil.stop()
@@ -150,11 +155,9 @@ def _run_nodes(
     url: str,
     make_w3: Callable[[], Web3],
     ledger_address: str,
-    task: Task,
+    task: DigitsTask,
     organisations: int,
     rounds: int,
-    train_config: TrainConfig,
-    alpha: float,
     seed: int,
     console: Console,
 ) -> DemoResult:
@@ -165,14 +168,8 @@ def _run_nodes(
             CoordinatorClient(url),
             LedgerClient(make_w3(), ledger_address, devnet_account(2 + k)),
             task,
-            task.partition(k, organisations, alpha=alpha, seed=seed),
-            TrainConfig(
-                epochs=train_config.epochs,
-                lr=train_config.lr,
-                batch_size=train_config.batch_size,
-                prox_mu=train_config.prox_mu,
-                seed=seed * 1000 + k,
-            ),
+            task.load_data(f"{k}/{organisations}"),
+            seed=seed * 1000 + k,
             poll_interval_s=0.05,
         )
 
@@ -228,7 +225,7 @@ def _run_nodes(
 
 
 def _summarise(
-    reader: LedgerClient, task: Task, organisations: int, rounds: int, alpha: float, seed: int
+    reader: LedgerClient, task: DigitsTask, organisations: int, rounds: int
 ) -> list[OrganisationSummary]:
     summaries = []
     for k in range(organisations):
@@ -236,7 +233,7 @@ def _summarise(
         summaries.append(
             OrganisationSummary(
                 address=address,
-                num_samples=len(task.partition(k, organisations, alpha=alpha, seed=seed)[1]),
+                num_samples=len(task.load_data(f"{k}/{organisations}")[1]),
                 value=sum(
                     from_fixed_point(reader.score_of(r, address)) for r in range(1, rounds + 1)
                 ),

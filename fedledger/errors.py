@@ -24,6 +24,7 @@ class Area(enum.StrEnum):
     UPLOAD = "Uploads: `POST /v1/rounds/{round_id}/updates`"
     READ = "Other endpoints"
     SERVICE = "The coordinator service (start-up, the round driver, the audit)"
+    TASK = "Task specs, plug-ins and data files (checked before anything is trained or sent)"
 
 
 @dataclass(frozen=True)
@@ -385,6 +386,86 @@ class ErrorCode(enum.StrEnum):
         ),
     )
 
+    # Task specs, plug-ins and data: refused locally by the node, the coordinator or the audit.
+    BAD_SPEC = (
+        "bad_spec",
+        CodeSpec(
+            422,
+            Area.TASK,
+            "the task spec file is unreadable, not TOML, has an unknown key or an invalid value "
+            "(the message names each field)",
+            "fix the named fields (docs/own-task.md lists every key)",
+        ),
+    )
+    SPEC_MISMATCH = (
+        "spec_mismatch",
+        CodeSpec(
+            422,
+            Area.TASK,
+            "a task spec's keccak differs from the ledger's `taskSpec()` (or the ledger records "
+            "none); the message lists the fields that differ",
+            "use the consortium's spec file; the admin records it with `fedledger task-spec`",
+        ),
+    )
+    BAD_PLUGIN = (
+        "bad_plugin",
+        CodeSpec(
+            422,
+            Area.TASK,
+            "a plug-in named `package.module:attribute` does not import, lacks the attribute, "
+            "or the object lacks a method its role needs",
+            "check the name, `task.plugin_dir`, and the methods in docs/own-task.md",
+        ),
+    )
+    MODEL_MISMATCH = (
+        "model_mismatch",
+        CodeSpec(
+            422,
+            Area.TASK,
+            "the model built from the spec has other tensors than `model.tensors` pins, or "
+            "than the data's features need",
+            "fix the model or the spec (`fedledger task check SPEC` prints the tensors)",
+        ),
+    )
+    DATA_FILE = (
+        "data_file",
+        CodeSpec(
+            422,
+            Area.TASK,
+            "a data file is missing, unreadable, empty or has a header but no rows",
+            "point `--data` (or `--validation`) at the CSV file with the spec's columns",
+        ),
+    )
+    DATA_COLUMNS = (
+        "data_columns",
+        CodeSpec(
+            422,
+            Area.TASK,
+            "a data file lacks a column of the spec, has one the spec does not name, or "
+            "repeats one",
+            "rename or drop the columns the message names",
+        ),
+    )
+    DATA_VALUE = (
+        "data_value",
+        CodeSpec(
+            422,
+            Area.TASK,
+            "a cell is empty, NaN, not of the column's type or outside the agreed range",
+            "fix the rows the message names (file, row, column)",
+        ),
+    )
+    DATA_LABEL = (
+        "data_label",
+        CodeSpec(
+            422,
+            Area.TASK,
+            "a label is not one of the spec's classes, or is a number in a classification task "
+            "that looks like a regression target",
+            "fix the label column, or the spec's `data.label.classes` / `task.kind`",
+        ),
+    )
+
 
 class FedledgerError(Exception):
     """Root of every error fedledger raises on purpose; ``message`` says what to do."""
@@ -480,6 +561,10 @@ class CoordinatorUnavailable(NodeError):
 
 class ModelVerificationError(NodeError):
     """The global model served by the coordinator does not match its on-chain hash."""
+
+
+class TaskError(CodedError):
+    """A task spec, plug-in or data file that cannot be used; nothing was trained or sent."""
 
 
 class DevnetError(FedledgerError):

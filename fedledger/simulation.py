@@ -20,8 +20,8 @@ from fedledger.coordinator.books import PUBLIC_STEPS, Books, RoundInputs, Update
 from fedledger.coordinator.policy import PricingPolicy
 from fedledger.incentive.commitment import encode_tensors
 from fedledger.incentive.utility import evaluate_params
-from fedledger.node.training import TrainConfig, train_local
-from fedledger.tasks import get_task
+from fedledger.tasks import DigitsTask
+from fedledger.tasks.training import TrainConfig, train_local
 
 Delta = dict[str, Tensor]
 Data = tuple[Tensor, Tensor]
@@ -156,7 +156,7 @@ def run_federation(
     budget = {"reward_per_round": BUDGET, "reward_per_gain": BUDGET}
     policy = (policy or PricingPolicy()).model_copy(update=budget)
     if parts is None:
-        task = get_task("digits")
+        task = DigitsTask()
         parts = [task.partition(k, num_orgs, alpha=alpha, seed=0) for k in range(num_orgs)]
     with _flushed_denormals():
         return _run(rounds, attacks, declared, policy, parts)
@@ -191,7 +191,7 @@ def train_fedavg(
     """The final model of plain FedAvg (by sample counts, no screens, no clipping) run by the
     organisations ``parts`` alone (index -> data; the index seeds its shuffling as in
     ``run_federation``). No organisations: the initial model."""
-    model = get_task("digits").build_model(seed=model_seed)
+    model = DigitsTask().build_model(seed=model_seed)
     params = {n: t.detach().clone() for n, t in model.state_dict().items()}
     with _flushed_denormals():
         for round_id in range(1, rounds + 1):
@@ -215,7 +215,7 @@ def _run(
     policy: PricingPolicy,
     parts: Sequence[Data],
 ) -> Federation:
-    task = get_task("digits")
+    task = DigitsTask()
     model = task.build_model(seed=0)
     params = {n: t.detach().clone() for n, t in model.state_dict().items()}
     x_val, y_val = task.validation_data()

@@ -23,6 +23,7 @@ H_NUM_SAMPLES = "X-Fedledger-Num-Samples"
 H_NONCE = "X-Fedledger-Nonce"
 H_EXPIRY = "X-Fedledger-Expiry"
 H_SIGNATURE = "X-Fedledger-Signature"
+H_SPEC_HASH = "X-Fedledger-Spec-Hash"
 H_MODEL_HASH = "X-Fedledger-Model-Hash"
 
 UPLOAD_HEADERS = (

@@ -92,9 +92,11 @@ class LedgerClient:
         token_name: str = "fedledger Reward",
         token_symbol: str = "FLR",
         round_budget: int = DEFAULT_ROUND_BUDGET,
+        task_spec: bytes | None = None,
     ) -> tuple[LedgerClient, TxReceipt]:
         """Deploy a new ledger (which deploys its reward token) from ``admin``'s key, and set the
-        most a round may pay (``round_budget`` token units; 0 leaves it at 0: nothing paid)."""
+        most a round may pay (``round_budget`` token units; 0 leaves it at 0: nothing paid) and
+        the task spec's hash (``task_spec``; None leaves it for ``set_task_spec``)."""
         artifact = load_artifact("FedLedger")
         factory = w3.eth.contract(abi=artifact["abi"], bytecode=artifact["bytecode"])
         selectors = error_selectors(_abis())
@@ -110,6 +112,8 @@ class LedgerClient:
         client = cls(w3, address, admin)
         if round_budget:
             client.set_round_budget(round_budget)
+        if task_spec is not None:
+            client.set_task_spec(task_spec)
         return client, receipt
 
     def with_account(self, account: LocalAccount) -> LedgerClient:
@@ -131,6 +135,10 @@ class LedgerClient:
     def set_round_budget(self, budget: int) -> TxReceipt:
         """Set the most one round may pay out, in token units (admin key)."""
         return self._send(self.contract.functions.setRoundBudget(budget))
+
+    def set_task_spec(self, spec_hash: bytes) -> TxReceipt:
+        """Record the keccak256 of the consortium's task spec file (admin key; before round 1)."""
+        return self._send(self.contract.functions.setTaskSpec(as_bytes32(spec_hash)))
 
     def set_sample_cap(self, organisation: str, cap: int) -> TxReceipt:
         """Set the most samples ``organisation`` may declare in a commitment, 0 for none (admin key)."""
@@ -228,6 +236,10 @@ class LedgerClient:
     def round_budget(self) -> int:
         """The most one round may pay out, in token units (``roundBudget``)."""
         return int(self._view(self.contract.functions.roundBudget()))
+
+    def task_spec(self) -> bytes:
+        """keccak256 of the consortium's task spec file; 32 zero bytes before one is set."""
+        return bytes(self._view(self.contract.functions.taskSpec()))
 
     def sample_cap_of(self, organisation: str) -> int:
         """The most samples ``organisation`` may declare in a commitment; 0: no cap (``sampleCapOf``)."""

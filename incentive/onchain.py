@@ -76,11 +76,12 @@ def from_fixed_point(score: int) -> float:
     return float(Fraction(score, FIXED_POINT_ONE))
 
 
-Metric = Literal["neg_log_loss", "neg_brier", "accuracy"]
+Metric = Literal["neg_log_loss", "neg_brier", "accuracy", "neg_mse"]
 """The validation metrics a round can be valued by; the recorded method name ends in one
 (``valuationOf(r).method``, e.g. ``exact:neg_log_loss``). Minus the mean cross-entropy and minus
 the mean Brier score are proper scoring rules: they move with every sample's predicted
-probabilities, while accuracy moves in steps of one validation sample."""
+probabilities, while accuracy moves in steps of one validation sample. ``neg_mse`` (minus the
+mean squared error) is the regression tasks' metric."""
 
 METRICS: tuple[Metric, ...] = get_args(Metric)
 

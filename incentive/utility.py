@@ -92,8 +92,11 @@ def per_sample_scores(logits: Tensor, y: Tensor, metric: Metric) -> Tensor:
 
     accuracy: 1 if the sample is classified right; neg_log_loss: minus its cross-entropy;
     neg_brier: minus the squared distance of its predicted probabilities from the one-hot label
-    (Brier 1950), in [-2, 0].
+    (Brier 1950), in [-2, 0]; neg_mse: minus the squared error of a one-output regression model.
     """
+    if metric == "neg_mse":
+        error = logits.to(torch.float64).reshape(y.shape) - y.to(torch.float64)
+        return -(error**2)
     if metric == "accuracy":
         return (logits.argmax(dim=-1) == y).to(torch.float64)
     logits = logits.to(torch.float64)
@@ -141,18 +144,27 @@ def evaluate_params(
 
 
 def descent_direction(
-    model: torch.nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Tensor
+    model: torch.nn.Module,
+    params: Mapping[str, Tensor],
+    x: Tensor,
+    y: Tensor,
+    *,
+    regression: bool = False,
 ) -> dict[str, Tensor]:
-    """Minus the gradient of the mean cross-entropy on (x, y) at ``params`` (eval mode): the
-    direction an update trained on data like (x, y) points in, to first order. Tensors that are
-    not floating point (counters, masks) get zeros."""
+    """Minus the gradient of the mean training loss on (x, y) at ``params`` (eval mode): the
+    direction an update trained on data like (x, y) points in, to first order. The loss is the
+    cross-entropy, or the squared error with ``regression``. Tensors that are not floating point
+    (counters, masks) get zeros."""
     _check_names(model, params, "params")
     floating = {n: t.detach() for n, t in params.items() if t.is_floating_point()}
     fixed = {n: t for n, t in params.items() if not t.is_floating_point()}
-    labels = y.to(x.device, torch.int64)
+    targets = y.to(x.device, torch.float32 if regression else torch.int64)
 
     def loss(p: dict[str, Tensor]) -> Tensor:
-        return F.cross_entropy(functional_call(model, {**fixed, **p}, (x,)), labels)
+        output = functional_call(model, {**fixed, **p}, (x,))
+        if regression:
+            return F.mse_loss(output.reshape(targets.shape), targets)
+        return F.cross_entropy(output, targets)
 
     with _eval_mode(model):
         gradient = grad(loss)(floating)

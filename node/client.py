@@ -20,6 +20,7 @@ class CoordinatorClient:
         timeout_s: float = 60.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
+        self.base_url = base_url.rstrip("/")
         self._http = httpx.Client(
             base_url=base_url.rstrip("/") + wire.API_PREFIX, timeout=timeout_s, transport=transport
         )
@@ -75,6 +76,10 @@ class CoordinatorClient:
     def claim_ticket(self, round_id: int, organisation: str) -> wire.ClaimTicket:
         path = f"/rounds/{round_id}/claims/{organisation}"
         return wire.ClaimTicket.model_validate(self._request("GET", path).json())
+
+    def task_spec(self) -> bytes:
+        """The task spec file the coordinator runs, byte for byte."""
+        return self._request("GET", "/task").content
 
     def model(self, model_hash: str) -> bytes:
         return self._request("GET", f"/models/{model_hash}").content

@@ -1,11 +1,14 @@
-"""An organisation's round loop: fetch and verify the global model, train, commit on-chain, upload."""
+"""An organisation's round loop: check the task spec, fetch and verify the global model, train,
+commit on-chain, upload; report each settled round."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -15,17 +18,18 @@ from fedledger.errors import (
     ContractRevert,
     CoordinatorRejected,
     CoordinatorUnavailable,
+    ErrorCode,
     ModelVerificationError,
+    TaskError,
 )
 from fedledger.failpoints import NODE_AFTER_COMMIT, failpoint
 from fedledger.incentive.commitment import decode_update, encode_tensors, keccak, specs_of
 from fedledger.incentive.ledger import LedgerClient
 from fedledger.incentive.merkle import SettlementLeaf, verify
-from fedledger.incentive.onchain import RoundState
+from fedledger.incentive.onchain import RoundState, hex32
 from fedledger.incentive.signing import UploadAuthorization, sign_upload
 from fedledger.node.client import CoordinatorClient
-from fedledger.node.training import TrainConfig, train_local
-from fedledger.tasks import Task
+from fedledger.tasks import Dataset, NodeTask, diff_specs, parse_spec
 
 log = logging.getLogger("fedledger.node")
 
@@ -39,6 +43,18 @@ class RoundOutcome:
     num_samples: int
     train_loss: float
     duplicate: bool
+    local_metrics: dict[str, float]  # the trained local model's metrics on the node's own data
+
+
+@dataclass(frozen=True)
+class Settled:
+    """A round the node took part in, once finalized: what the consortium's model reached and
+    what the node was paid (read from the ledger)."""
+
+    round_id: int
+    validation: dict[str, float]  # the new global model's validation metrics (coordinator's)
+    reward: int  # token units paid to this organisation (0 while a claim is outstanding)
+    flags: int
 
 
 @dataclass(frozen=True)
@@ -59,10 +75,12 @@ class NodeRunner:
         self,
         client: CoordinatorClient,
         ledger: LedgerClient,
-        task: Task,
-        data: tuple[torch.Tensor, torch.Tensor],
-        train_config: TrainConfig,
+        task: NodeTask,
+        data: Dataset,
         *,
+        seed: int = 0,
+        outbox: Path | None = None,
+        on_settled: Callable[[Settled], None] | None = None,
         poll_interval_s: float = 0.2,
         long_poll_s: float = 5.0,
         upload_ttl_s: int = 600,
@@ -78,8 +96,10 @@ class NodeRunner:
         self.ledger = ledger
         self.account = ledger.account
         self.task = task
-        self.x, self.y = data
-        self.train_config = train_config
+        self.data = data
+        self.seed = seed
+        self.outbox = outbox
+        self.on_settled = on_settled
         self.poll_interval_s = poll_interval_s
         self.long_poll_s = long_poll_s
         self.upload_ttl_s = upload_ttl_s
@@ -91,6 +111,7 @@ class NodeRunner:
         self._model = task.build_model(seed=0)
         self._specs = specs_of(self._model.state_dict())
         self._chain_id = ledger.chain_id()
+        self._task_checked = False
         self.done_rounds: set[int] = set()
         self.unclaimed: set[int] = set()  # rounds uploaded to whose settlement is not yet seen
         self.claims: list[Claim] = []
@@ -102,6 +123,8 @@ class NodeRunner:
         seen: wire.CurrentRound | None = None
         while not stop():
             try:
+                if not self._task_checked:
+                    self.check_task()
                 # A long poll: answered as soon as the round changes from the one last seen.
                 current = self.client.current_round(after=seen, wait_s=self.long_poll_s)
                 if seen is not None and (current.round_id, current.status) == (
@@ -112,9 +135,9 @@ class NodeRunner:
                 seen = current
                 if current.training == wire.TrainingStatus.DONE:
                     log.info("training is done after round %d", current.round_id)
-                    self.claim_rewards(before_round=None)
+                    self.settle(before_round=None)
                     return outcomes
-                self.claim_rewards(before_round=current.round_id)
+                self.settle(before_round=current.round_id)
                 if (
                     current.status == wire.RoundStatus.OPEN
                     and current.round_id not in self.done_rounds
@@ -131,6 +154,39 @@ class NodeRunner:
                 time.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, self.max_retry_s)
         return outcomes
+
+    def check_task(self) -> None:
+        """Refuse to train unless this node's spec file and the coordinator's are the one the
+        ledger records (``taskSpec()``); the error lists the fields that differ."""
+        on_chain = self.ledger.task_spec()
+        mine = self.task.spec
+        served = parse_spec(self.client.task_spec(), source=None)
+        if mine.hash != on_chain:
+            against = (
+                "; fields that differ from the coordinator's (which matches the ledger): "
+                + "; ".join(diff_specs(mine, served))
+                if served.hash == on_chain
+                else ""
+            )
+            raise TaskError(
+                ErrorCode.SPEC_MISMATCH,
+                f"this node's task spec {mine.source or ''} hashes to {hex32(mine.hash)}, but "
+                f"ledger {self.ledger.address} records {hex32(on_chain)}: train with the "
+                f"consortium's spec file{against}",
+                spec_hash=hex32(mine.hash),
+                on_chain=hex32(on_chain),
+            )
+        if served.hash != on_chain:
+            raise TaskError(
+                ErrorCode.SPEC_MISMATCH,
+                f"the coordinator at {self.client.base_url} serves a task spec hashing to "
+                f"{hex32(served.hash)}, not the ledger's {hex32(on_chain)}; refusing to train "
+                "for it. Fields in which it differs from yours: "
+                + "; ".join(diff_specs(mine, served)),
+                served=hex32(served.hash),
+                on_chain=hex32(on_chain),
+            )
+        self._task_checked = True
 
     def fetch_global_model(self, current: wire.CurrentRound) -> dict[str, torch.Tensor]:
         """Download the round's global model and check its keccak against the ledger."""
@@ -153,8 +209,10 @@ class NodeRunner:
             return None
         params = self.fetch_global_model(current)
         # The seed depends on the round, so a restarted node reproduces its own update exactly.
-        config = replace(self.train_config, seed=self.train_config.seed * 1_000_003 + round_id)
-        result = train_local(self._model, params, self.x, self.y, config, device=self.device)
+        seed = self.seed * 1_000_003 + round_id
+        result = self.task.train(self._model, params, self.data, seed=seed, device=self.device)
+        trained = {n: params[n] + result.delta[n] for n in params}
+        local_metrics = self.task.evaluate(self._model, trained, self.data)
         body, digest = encode_tensors(result.delta)
 
         committed = self.ledger.commitment_of(round_id, self.account.address)
@@ -188,6 +246,8 @@ class NodeRunner:
             self.account, auth, chain_id=self._chain_id, ledger=self.ledger.address
         )
         headers = wire.upload_headers(auth, signature)
+        if self.outbox is not None:
+            self._keep(round_id, body, headers)
         try:
             receipt = self._upload_with_retry(round_id, body, headers)
         except CoordinatorRejected as exc:
@@ -202,7 +262,18 @@ class NodeRunner:
             num_samples=receipt.num_samples,
             train_loss=result.loss,
             duplicate=receipt.duplicate,
+            local_metrics=local_metrics,
         )
+
+    def _keep(self, round_id: int, body: bytes, headers: dict[str, str]) -> None:
+        """Write what is about to leave the organisation to the outbox: the update's exact bytes
+        and the signed headers, under ``round-NNNN/`` (for its data-protection officer)."""
+        assert self.outbox is not None
+        folder = self.outbox / f"round-{round_id:04d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "update.safetensors").write_bytes(body)
+        sent = {"coordinator": self.client.base_url, "round_id": round_id, "headers": headers}
+        (folder / "upload.json").write_text(json.dumps(sent, indent=2) + "\n")
 
     def _upload_with_retry(
         self, round_id: int, body: bytes, headers: dict[str, str]
@@ -222,15 +293,14 @@ class NodeRunner:
                 time.sleep(wait_s)
                 backoff_s = min(backoff_s * 2, self.max_retry_s)
 
-    def claim_rewards(self, *, before_round: int | None) -> list[Claim]:
-        """Claim this organisation's reward in every finalized round settled by claims.
+    def settle(self, *, before_round: int | None) -> list[Claim]:
+        """Claim this organisation's reward in every finalized round settled by claims, and
+        report every finalized round it took part in (``on_settled``).
 
         Only rounds before ``before_round`` (all, if None) are looked at: a round still open
         has nothing to claim. The coordinator's ticket is checked against the on-chain root
         before any gas is spent; a bad ticket is logged and not sent.
         """
-        if not self.auto_claim:
-            return []
         made: list[Claim] = []
         for round_id in sorted(self.unclaimed):
             if before_round is not None and round_id >= before_round:
@@ -240,12 +310,37 @@ class NodeRunner:
                 continue
             # From here each outcome is final; a chain or coordinator outage raises and the
             # round stays in ``unclaimed`` for the next try.
-            claim = self._claim(round_id, record.rewards_root) if record.by_claims else None
+            claim = (
+                self._claim(round_id, record.rewards_root)
+                if record.by_claims and self.auto_claim
+                else None
+            )
             self.unclaimed.discard(round_id)
             if claim is not None:
                 made.append(claim)
                 self.claims.append(claim)
+            if self.on_settled is not None:
+                self.on_settled(self._settled(round_id))
         return made
+
+    def _settled(self, round_id: int) -> Settled:
+        me = self.account.address
+        validation: dict[str, float] = {}
+        try:
+            result = self.client.round_result(round_id)
+        except CoordinatorRejected:
+            result = None
+        if result is not None:
+            if result.validation_utility is not None and result.pricing:
+                validation[str(result.pricing.get("metric", "utility"))] = result.validation_utility
+            if result.validation_accuracy is not None:
+                validation["accuracy"] = result.validation_accuracy
+        return Settled(
+            round_id=round_id,
+            validation=validation,
+            reward=self.ledger.reward_of(round_id, me),
+            flags=self.ledger.flags_of(round_id, me),
+        )
 
     def _claim(self, round_id: int, root: bytes) -> Claim | None:
         me = self.account.address

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
+import httpx
+import pytest
 import torch
 from eth_account.signers.local import LocalAccount
 from fastapi.testclient import TestClient
@@ -18,8 +22,18 @@ from fedledger.coordinator.service import RoundService
 from fedledger.incentive.commitment import encode_tensors
 from fedledger.incentive.ledger import LedgerClient
 from fedledger.incentive.signing import UploadAuthorization, sign_upload
+from fedledger.tasks import DigitsTask
+from fedledger.tasks.training import TrainConfig
 
 NUM_ORGS = 3
+
+
+class OneEpochDigits(DigitsTask):
+    """The built-in digits task (same spec, same hash) training one local epoch a round instead
+    of the spec's three: for tests of the protocol, where the model's quality does not matter."""
+
+    def train_config(self, seed: int) -> TrainConfig:
+        return replace(super().train_config(seed), epochs=1)
 
 
 @dataclass
@@ -54,9 +68,9 @@ class Harness:
     ) -> dict[str, torch.Tensor]:
         """Organisation k's real update: one local epoch on its digits partition, from
         ``base`` (default: the initial model)."""
-        from fedledger.node.training import TrainConfig, train_local
+        from fedledger.tasks.training import train_local
 
-        task = self.service.task
+        task = DigitsTask()
         model = task.build_model(seed=0)
         x, y = task.partition(k, len(self.orgs), alpha=0.5, seed=0)
         config = TrainConfig(epochs=1, seed=k)
@@ -162,3 +176,19 @@ def pool_of(result: dict[str, Any], policy: PricingPolicy) -> int:
         [o["flags"] for o in accepted],
         result["validation_gain"],
     )
+
+
+def wait_http(url: str, timeout_s: float, proc: subprocess.Popen[bytes], log: Path) -> None:
+    """Wait for ``url`` to answer 200 while ``proc`` (logging to ``log``) runs; fail the test
+    with the log if it exits or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the coordinator exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    pytest.fail(f"no answer from {url} within {timeout_s} s:\n{log.read_text()}")

@@ -49,7 +49,7 @@ def test_errors_md_is_generated_from_the_codes_and_is_current() -> None:
 def test_every_error_code_is_raised_somewhere() -> None:
     sources = "\n".join(
         p.read_text()
-        for folder in ("coordinator", "incentive", "node", "fedledger")
+        for folder in ("coordinator", "incentive", "node", "fedledger", "fedledger/tasks")
         for p in (ROOT / folder).glob("*.py")
         if p.name != "errors.py"
     )

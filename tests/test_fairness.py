@@ -18,7 +18,7 @@ from fedledger.incentive.onchain import Flag
 from fedledger.incentive.shapley import all_coalitions, shapley_from_utilities
 from fedledger.incentive.utility import evaluate_params
 from fedledger.simulation import replay_global_step, run_federation, train_fedavg
-from fedledger.tasks import get_task
+from fedledger.tasks import DigitsTask
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +29,7 @@ REPLAYER = 4
 
 
 def _federation() -> list[tuple[torch.Tensor, torch.Tensor]]:
-    task = get_task("digits")
+    task = DigitsTask()
     x, y = task.training_data()
     rng = np.random.default_rng(7)
     order = rng.permutation(len(y))
@@ -47,7 +47,7 @@ def _federation() -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def _truth(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> np.ndarray:
-    task = get_task("digits")
+    task = DigitsTask()
     model = task.build_model(seed=0)
     x_val, y_val = task.validation_data()
     holders = len(SIZES)

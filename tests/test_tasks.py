@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedledger.tasks import DigitsTask, get_task, make_split
+from fedledger.errors import ErrorCode, TaskError
+from fedledger.tasks import DigitsTask, make_split
 
 SHARED_SPLIT = Path(__file__).resolve().parents[2] / "shared" / "bench" / "digits10_split.json"
 # A copy of the consortium's digits-10 benchmark split, so the check runs on every machine.
@@ -39,7 +40,7 @@ def test_partitions_are_disjoint_and_cover_the_training_part(
 
 
 def test_partition_tensors_match_the_split() -> None:
-    task = get_task("digits")
+    task = DigitsTask()
     x, y = task.partition(2, 5, alpha=0.5, seed=0)
     assert x.dtype == torch.float32 and y.dtype == torch.int64
     assert x.shape == (len(make_split(5, 0.5, 0)["client_indices"][2]), 64)
@@ -77,7 +78,7 @@ def test_a_pixel_constant_in_training_keeps_scale_one_so_log_loss_means_somethin
 
 
 def test_model_is_the_64_32_10_mlp_and_deterministic() -> None:
-    task = get_task("digits")
+    task = DigitsTask()
     state = task.build_model(seed=3).state_dict()
     assert {n: tuple(t.shape) for n, t in state.items()} == {
         "0.weight": (32, 64), "0.bias": (32,), "2.weight": (10, 32), "2.bias": (10,),
@@ -92,13 +93,16 @@ def test_building_a_model_leaves_the_global_rng_alone() -> None:
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    get_task("digits").build_model(seed=9)
+    DigitsTask().build_model(seed=9)
     assert torch.equal(torch.rand(3), expected)
 
 
 def test_bad_partition_and_unknown_task_are_clear_errors() -> None:
-    task = get_task("digits")
+    task = DigitsTask()
     with pytest.raises(ValueError, match="out of range for 3 partitions"):
         task.partition(3, 3)
-    with pytest.raises(ValueError, match="known tasks: digits"):
-        get_task("imagenet")
+    with pytest.raises(TaskError, match="expected INDEX/COUNT") as info:
+        task.load_data("first/third")
+    assert info.value.code == ErrorCode.DATA_FILE
+    with pytest.raises(TaskError, match="out of range for 3 partitions"):
+        task.load_data("3/3")

@@ -183,6 +183,7 @@ def ledger_state(chain: Chain, ledger: LedgerClient) -> Callable[[], dict[str, A
             "admins": members(admin_role).call(),
             "total_supply": ledger.total_supply(),
             "round_budget": ledger.round_budget(),
+            "task_spec": ledger.task_spec(),
         }
         for account in (chain.admin, chain.coordinator):
             state[account.address] = ledger.balance_of(account.address)

@@ -27,7 +27,7 @@ from fedledger.incentive.commitment import encode_tensors
 from fedledger.incentive.onchain import Flag
 from fedledger.incentive.utility import evaluate_params
 from fedledger.simulation import address_of
-from fedledger.tasks import get_task
+from fedledger.tasks import DigitsTask
 
 POLICY = PricingPolicy(reward_per_gain=10**6, reward_per_round=10**5)
 
@@ -90,7 +90,7 @@ def test_clearly_negative_means_more_than_negative_sigmas_standard_errors_below_
 
 
 def _round(deltas: list[dict[str, torch.Tensor]], counts: list[int]) -> RoundInputs:
-    task = get_task("digits")
+    task = DigitsTask()
     model = task.build_model(seed=0)
     x_val, y_val = task.validation_data()
     return RoundInputs(
@@ -107,9 +107,9 @@ def _round(deltas: list[dict[str, torch.Tensor]], counts: list[int]) -> RoundInp
 
 
 def _trained(k: int, num_orgs: int = 5) -> dict[str, torch.Tensor]:
-    from fedledger.node.training import TrainConfig, train_local
+    from fedledger.tasks.training import TrainConfig, train_local
 
-    task = get_task("digits")
+    task = DigitsTask()
     model = task.build_model(seed=0)
     x, y = task.partition(k, num_orgs, alpha=0.5, seed=0)
     config = TrainConfig(epochs=1, lr=0.05, batch_size=32, seed=k)

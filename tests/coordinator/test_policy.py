@@ -16,7 +16,7 @@ from fedledger.coordinator.service import RoundService
 from fedledger.errors import CoordinatorError, ErrorCode
 from fedledger.incentive.commitment import encode_tensors
 from fedledger.simulation import address_of
-from fedledger.tasks import get_task
+from fedledger.tasks import DigitsTask
 from harness import Harness, modules_loaded_by
 
 
@@ -41,7 +41,7 @@ def test_more_organisations_than_the_budget_can_value_still_get_a_priced_round()
     (the driver never retries a round that cannot be priced); the evaluations are recorded."""
     policy = PricingPolicy(max_exact_players=2, valuation_budget=8, claims_above=100)
     assert policy.valuation_budget_for(3) == 8 and policy.valuation_budget_for(6) == 14
-    task = get_task("digits")
+    task = DigitsTask()
     model = task.build_model(seed=0)
     base = model.state_dict()
     x_val, y_val = task.validation_data()

@@ -30,7 +30,7 @@ from fedledger.simulation import (
     sign_flip,
     zero,
 )
-from fedledger.tasks import get_task
+from fedledger.tasks import DigitsTask
 
 pytestmark = pytest.mark.slow
 
@@ -141,7 +141,7 @@ def test_lying_about_the_sample_count_buys_at_most_a_few_percent() -> None:
 
 
 def test_a_boosted_update_is_clipped_flagged_and_moves_the_model_at_most_the_bound() -> None:
-    task = get_task("digits")
+    task = DigitsTask()
     model = task.build_model(seed=0)
     base = {n: t.detach().clone() for n, t in model.state_dict().items()}
     x_val, y_val = task.validation_data()

@@ -26,9 +26,8 @@ from fedledger.incentive.ledger import LedgerClient
 from fedledger.incentive.onchain import RoundState
 from fedledger.node.client import CoordinatorClient
 from fedledger.node.runner import NodeRunner, RoundOutcome
-from fedledger.node.training import TrainConfig
-from fedledger.tasks import get_task
-from harness import Harness
+from fedledger.tasks import DigitsTask
+from harness import Harness, OneEpochDigits
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -67,7 +66,7 @@ def test_coordinator_answers_503_while_the_chain_is_down(
     org = devnet_account(2)
     chain = LedgerClient(connect(anvil.rpc_url), service.ledger.address)
     body, digest = encode_tensors(
-        {n: t * 0 + 0.01 for n, t in get_task("digits").build_model().state_dict().items()}
+        {n: t * 0 + 0.01 for n, t in DigitsTask().build_model().state_dict().items()}
     )
     chain.with_account(org).commit_update(1, digest, 10)
     harness = Harness(
@@ -115,7 +114,7 @@ def test_node_retries_with_backoff_until_the_chain_returns(
     """While the chain is down the node keeps retrying, each time waiting longer, and uploads
     nothing; once the chain is back it takes part in the round, which is settled on-chain."""
     service.start_driver()
-    task = get_task("digits")
+    task = OneEpochDigits()
     org = devnet_account(2)
     retries = _Retries()
     node_log = logging.getLogger("fedledger.node")
@@ -124,8 +123,7 @@ def test_node_retries_with_backoff_until_the_chain_returns(
             CoordinatorClient(url),
             LedgerClient(connect(anvil.rpc_url, timeout_s=1), service.ledger.address, org),
             task,
-            task.partition(0, 1),
-            TrainConfig(epochs=1),
+            task.load_data("0/1"),
             poll_interval_s=0.1,
         )
         outcomes: list[RoundOutcome] = []

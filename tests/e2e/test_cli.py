@@ -139,7 +139,7 @@ def test_devnet_up_register_rewards_down(tmp_path: Path) -> None:
         smallest_sampled = PricingPolicy().max_exact_players + 1
         needed = PricingPolicy.valuation_budget_needed(smallest_sampled)  # 2 K + 2
         for knob, expected in (
-            ("bogus=1", "expected KNOB=VALUE with KNOB one of task, model_seed"),
+            ("bogus=1", "expected KNOB=VALUE with KNOB one of model_seed, metric"),
             ("valuation_budget=3", f"it needs at least {needed} evaluations"),
         ):
             served = fedledger(

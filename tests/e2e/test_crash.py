@@ -40,8 +40,8 @@ from fedledger.incentive.deployment import Deployment
 from fedledger.incentive.ledger import LedgerClient
 from fedledger.incentive.onchain import RoundState
 from fedledger.incentive.signing import UploadAuthorization, sign_upload
-from fedledger.node.training import TrainConfig, train_local
-from fedledger.tasks import get_task
+from fedledger.tasks import DigitsTask
+from fedledger.tasks.training import TrainConfig, train_local
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -157,7 +157,7 @@ def federation(tmp_path: Path) -> Iterator[Federation]:
 
 def make_delta(k: int, round_id: int) -> dict[str, torch.Tensor]:
     """Organisation k's real update: a local epoch on its digits partition from the initial model."""
-    task = get_task("digits")
+    task = DigitsTask()
     model = task.build_model(seed=0)
     x, y = task.partition(k, ORGS, alpha=0.5, seed=0)
     config = TrainConfig(epochs=1, lr=0.05, batch_size=32, seed=1000 * round_id + k)
@@ -210,7 +210,7 @@ def expected_model_hash(fed: Federation, base_hash: str, uploads: list[SignedUpl
     by_org = {u.headers[wire.H_ORGANISATION].lower(): u for u in uploads}
     ordered = [by_org[o.lower()] for o in fed.ledger.commit_order(round_id)]
     policy = CoordinatorSettings(data_dir=fed.data_dir).pricing
-    task = get_task(policy.task)
+    task = DigitsTask()
     x_val, y_val = task.validation_data()
     updates = [
         UpdateInput(
@@ -345,8 +345,7 @@ def test_node_killed_after_committing_rejoins_the_round(federation: Federation) 
                 "--coordinator", fed.url,
                 "--deployment", str(fed.deployment_file),
                 "--key", key,
-                "--partition", f"0/{ORGS}",
-                "--epochs", "1",
+                "--data", f"0/{ORGS}",
             ],
             stdout=(fed.log_dir / f"node-{len(failpoints)}.log").open("wb"),
             stderr=subprocess.STDOUT,

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from fedledger.incentive.commitment import keccak
 from fedledger.incentive.deployment import Deployment
 from fedledger.incentive.ledger import LedgerClient
 from fedledger.incentive.onchain import RoundState
+from harness import wait_http
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -36,20 +36,6 @@ def anvil() -> Iterator[AnvilProcess]:
 
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "fedledger", *args]
-
-
-def _wait_http(url: str, timeout_s: float, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"the coordinator exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    pytest.fail(f"no answer from {url} within {timeout_s} s:\n{log.read_text()}")
 
 
 def test_three_nodes_two_rounds_settle_on_chain(anvil: AnvilProcess, tmp_path: Path) -> None:
@@ -92,7 +78,7 @@ def test_three_nodes_two_rounds_settle_on_chain(anvil: AnvilProcess, tmp_path: P
     )
     nodes: list[subprocess.Popen[bytes]] = []
     try:
-        _wait_http(f"{url}/v1/health", 60, coordinator, coordinator_log)
+        wait_http(f"{url}/v1/health", 60, coordinator, coordinator_log)
         for k, org in enumerate(deployment.accounts.organisations):
             assert org.private_key is not None
             nodes.append(
@@ -106,10 +92,8 @@ def test_three_nodes_two_rounds_settle_on_chain(anvil: AnvilProcess, tmp_path: P
                         str(deployment_file),
                         "--key",
                         org.private_key,
-                        "--partition",
+                        "--data",
                         f"{k}/{ORGS}",
-                        "--epochs",
-                        "1",
                     ),
                     stdout=(logs / f"node{k}.log").open("wb"),
                     stderr=subprocess.STDOUT,

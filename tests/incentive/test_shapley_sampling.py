@@ -21,8 +21,8 @@ from fedledger.incentive.sampling import (
 )
 from fedledger.incentive.shapley import BatchUtility, ExactShapley, ShapleyResult, Valuator
 from fedledger.incentive.utility import CoalitionUtility
-from fedledger.node.training import TrainConfig, train_local
-from fedledger.tasks import get_task
+from fedledger.tasks import DigitsTask
+from fedledger.tasks.training import TrainConfig, train_local
 
 Game = Callable[[np.ndarray], np.ndarray]
 
@@ -615,7 +615,7 @@ def one_thread() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def digits_round(one_thread: None) -> tuple[CoalitionUtility, np.ndarray]:
     """Eight organisations' updates after three local epochs from a shared model, and exact values."""
-    task = get_task("digits")
+    task = DigitsTask()
     model = task.build_model(seed=0)
     base = {n: t.detach().clone() for n, t in model.state_dict().items()}
     config = TrainConfig(epochs=3, lr=0.05, batch_size=32)

@@ -2,31 +2,33 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from fedledger.coordinator.api import create_app
 from fedledger.coordinator.policy import PricingPolicy
 from fedledger.demo import serve_in_thread
-from fedledger.errors import ModelVerificationError
+from fedledger.errors import ErrorCode, ModelVerificationError, TaskError
 from fedledger.incentive.commitment import keccak
 from fedledger.incentive.onchain import RoundState
 from fedledger.node.client import CoordinatorClient
-from fedledger.node.runner import NodeRunner
-from fedledger.node.training import TrainConfig
-from harness import Harness
+from fedledger.node.runner import NodeRunner, Settled
+from fedledger.tasks import BUILTIN_DIGITS, DigitsTask, load_spec
+from harness import Harness, OneEpochDigits
 
 
 def _runner(harness: Harness, url: str, k: int) -> NodeRunner:
-    task = harness.service.task
+    task = OneEpochDigits()
     return NodeRunner(
         CoordinatorClient(url),
         harness.org_ledger(harness.orgs[k]),
         task,
-        task.partition(k, len(harness.orgs), alpha=0.5, seed=0),
-        TrainConfig(epochs=1, seed=k),
+        task.load_data(f"{k}/{len(harness.orgs)}"),
+        seed=k,
         poll_interval_s=0.02,
         clock=lambda: harness.clock[0],
     )
@@ -124,3 +126,55 @@ def test_restarted_node_reproduces_its_committed_update(harness: Harness) -> Non
         again = restarted.take_part(restarted.client.current_round())
     assert again is not None and again.duplicate
     assert again.update_hash == outcome.update_hash
+
+
+def test_a_node_with_another_spec_is_told_which_fields_differ_and_trains_nothing(
+    harness: Harness, tmp_path: Path
+) -> None:
+    mine = tmp_path / "spec.toml"
+    mine.write_bytes(BUILTIN_DIGITS.read_bytes().replace(b"lr = 0.05", b"lr = 0.5"))
+    task = DigitsTask(load_spec(mine))
+    with serve_in_thread(create_app(harness.service)) as url:
+        runner = NodeRunner(
+            CoordinatorClient(url),
+            harness.org_ledger(harness.orgs[0]),
+            task,
+            task.load_data("0/3"),
+            clock=lambda: harness.clock[0],
+        )
+        with pytest.raises(TaskError) as refused:
+            runner.run()
+    assert refused.value.code is ErrorCode.SPEC_MISMATCH
+    assert "training.lr: 0.5 != 0.05" in refused.value.message
+    assert runner.done_rounds == set()
+    assert harness.ledger.commitment_of(1, harness.orgs[0].address) is None
+
+
+def test_a_node_keeps_what_it_sent_and_reports_each_settled_round(
+    make_harness: Callable[..., Harness], tmp_path: Path
+) -> None:
+    harness = make_harness(total_rounds=1)
+    harness.service.start_driver()
+    settled: list[Settled] = []
+    with serve_in_thread(create_app(harness.service)) as url:
+        runners = [_runner(harness, url, k) for k in range(len(harness.orgs))]
+        runners[0].outbox = tmp_path / "outbox"
+        runners[0].on_settled = settled.append
+        threads = [threading.Thread(target=r.run) for r in runners]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+    me = harness.orgs[0].address
+    committed = harness.ledger.commitment_of(1, me)
+    assert committed is not None
+    sent = tmp_path / "outbox" / "round-0001"
+    assert keccak((sent / "update.safetensors").read_bytes()) == committed.update_hash
+    assert json.loads((sent / "upload.json").read_text())["round_id"] == 1
+    assert [s.round_id for s in settled] == [1]
+    assert settled[0].reward == harness.ledger.reward_of(1, me)
+    result = harness.service.round_result(1)
+    assert settled[0].validation == {
+        "neg_log_loss": result.validation_utility,
+        "accuracy": result.validation_accuracy,
+    }

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from fedledger.incentive.tensors import l2_norm
-from fedledger.node.training import TrainConfig, train_local
-from fedledger.tasks import get_task
+from fedledger.tasks import DigitsTask
+from fedledger.tasks.training import TrainConfig, train_local
 
-TASK = get_task("digits")
+TASK = DigitsTask()
 
 
 def _setup() -> tuple[torch.nn.Module, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:

@@ -1,9 +1,11 @@
-"""Local training on an organisation's private data: FedAvg's SGD, or FedProx with a proximal term."""
+"""Local training on an organisation's private data: FedAvg's local optimiser, or FedProx with a
+proximal term; the loss and optimiser come from the task spec's [training] section."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -23,6 +25,21 @@ class TrainConfig:
         0.0  # Li et al. 2020, "Federated Optimization in Heterogeneous Networks", eq. 2
     )
     seed: int = 0
+    loss: Literal["cross_entropy", "mse"] = "cross_entropy"
+    optimiser: Literal["sgd", "adam"] = "sgd"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+
+def loss_function(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The mean training loss called ``name``: cross-entropy of logits against class indices, or
+    the squared error of a one-output regression model (shape (n,) or (n, 1)) against targets."""
+    if name == "cross_entropy":
+        return nn.CrossEntropyLoss()
+    if name == "mse":
+        mse = nn.MSELoss()
+        return lambda output, target: mse(output.reshape(target.shape), target)
+    raise ValueError(f"unknown loss {name!r}; expected cross_entropy or mse")
 
 
 @dataclass(frozen=True)
@@ -45,13 +62,20 @@ def train_local(
 ) -> LocalResult:
     """Train from ``global_params`` on (x, y) and return the parameter delta.
 
-    Minimises cross-entropy + mu/2 * ||w - w_global||^2 with plain minibatch SGD; batches are
+    Minimises the loss + mu/2 * ||w - w_global||^2 with minibatch SGD (or Adam); batches are
     shuffled by a generator seeded with ``config.seed``, so the delta is bit-reproducible on CPU.
     """
     num_samples = int(y.shape[0])
     if num_samples == 0:
         raise ValueError("this organisation has no training samples; nothing to train on")
-    if config.epochs < 1 or config.batch_size < 1 or config.lr <= 0 or config.prox_mu < 0:
+    if (
+        config.epochs < 1
+        or config.batch_size < 1
+        or config.lr <= 0
+        or config.prox_mu < 0
+        or not 0 <= config.momentum < 1
+        or config.weight_decay < 0
+    ):
         raise ValueError(f"invalid training configuration {config}")
     device = resolve_device(device)
     names = list(model.state_dict())
@@ -60,10 +84,21 @@ def train_local(
 
     anchor = {n: global_params[n].detach().to(device=device, dtype=torch.float32) for n in names}
     params = {n: t.clone().requires_grad_(True) for n, t in anchor.items()}
-    optimiser = torch.optim.SGD(list(params.values()), lr=config.lr)
+    optimiser: torch.optim.Optimizer
+    if config.optimiser == "adam":
+        optimiser = torch.optim.Adam(
+            list(params.values()), lr=config.lr, weight_decay=config.weight_decay
+        )
+    else:
+        optimiser = torch.optim.SGD(
+            list(params.values()),
+            lr=config.lr,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+        )
     generator = torch.Generator().manual_seed(config.seed)
     x, y = x.to(device), y.to(device)
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = loss_function(config.loss)
     was_training = model.training
     model.train()
     last_epoch_loss = 0.0
@@ -80,7 +115,7 @@ def train_local(
                     proximal = sum((params[n] - anchor[n]).pow(2).sum() for n in names)
                     objective = loss + 0.5 * config.prox_mu * proximal
                 optimiser.zero_grad(set_to_none=True)
-                objective.backward()
+                objective.backward()  # type: ignore[no-untyped-call]
                 optimiser.step()
                 total += float(loss.detach()) * len(batch)
                 seen += len(batch)

@@ -1,42 +1,22 @@
-"""Built-in learning tasks shared by node and coordinator: model architecture and offline data.
+"""The built-in digits task, a plug-in like any other (``fedledger/tasks/digits.toml`` names it).
 
-The ``digits`` task reproduces the digits-10 benchmark split exactly (sklearn's bundled
-``load_digits``; a stratified 20% hold-out; a Dirichlet(alpha) label partition of the rest).
+It reproduces the digits-10 benchmark split exactly (sklearn's bundled ``load_digits``; a
+stratified 20% hold-out, which is the validation set; a Dirichlet(alpha) label partition of the
+rest): an organisation's data is ``INDEX/COUNT``, its share of a split into COUNT.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import cache
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-
-@runtime_checkable
-class Task(Protocol):
-    """A federated learning task: a model to train and data to train and validate it on."""
-
-    @property
-    def name(self) -> str:
-        """The task's registry name."""
-        ...
-
-    def build_model(self, seed: int = 0) -> nn.Module:
-        """The model architecture, initialised deterministically from ``seed``."""
-        ...
-
-    def partition(
-        self, index: int, num_partitions: int, *, alpha: float = 0.5, seed: int = 0
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Organisation ``index``'s share (features, labels) of a non-IID split into ``num_partitions``."""
-        ...
-
-    def validation_data(self, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """The coordinator's validation set (features, labels), disjoint from every partition."""
-        ...
+from fedledger.errors import ErrorCode, TaskError
+from fedledger.tasks.base import BaseTask, Dataset
+from fedledger.tasks.spec import BUILTIN_DIGITS, TaskSpec, load_spec
 
 
 def dirichlet_partition(
@@ -106,11 +86,48 @@ def _standardised(seed: int) -> np.ndarray:
     return standardised
 
 
-@dataclass(frozen=True)
-class DigitsTask:
-    """sklearn's 8x8 digits, an MLP 64-32-10; no download needed."""
+class DigitsTask(BaseTask):
+    """sklearn's 8x8 digits, an MLP 64-32-10; no download needed.
 
-    name: str = "digits"
+    Options (``[task.options]``): ``alpha``, the Dirichlet concentration of the split (0.5),
+    and ``seed``, the seed of the hold-out and the split (0).
+    """
+
+    OPTIONS = frozenset({"alpha", "seed"})
+
+    def __init__(self, spec: TaskSpec | None = None) -> None:
+        super().__init__(spec if spec is not None else load_spec(BUILTIN_DIGITS))
+        options = self.spec.task.options
+        unknown = sorted(set(options) - self.OPTIONS)
+        if unknown:
+            raise TaskError(
+                ErrorCode.BAD_SPEC,
+                f"task.options: unknown key(s) {unknown} for the digits task "
+                f"(known: {sorted(self.OPTIONS)})",
+            )
+        self.alpha = float(options.get("alpha", 0.5))
+        self.split_seed = int(options.get("seed", 0))
+
+    def load_data(self, source: str) -> Dataset:
+        """``INDEX/COUNT``: share INDEX of the training part split among COUNT organisations."""
+        parts = source.split("/")
+        if len(parts) != 2 or not all(part.isdigit() for part in parts):
+            raise TaskError(
+                ErrorCode.DATA_FILE, f"digits data {source!r}: expected INDEX/COUNT, e.g. 0/3"
+            )
+        index, count = (int(part) for part in parts)
+        try:
+            return self.partition(index, count, alpha=self.alpha, seed=self.split_seed)
+        except ValueError as exc:
+            raise TaskError(ErrorCode.DATA_FILE, f"digits data {source!r}: {exc}") from None
+
+    def load_validation(self, source: str | None) -> Dataset:
+        if source is not None:
+            raise TaskError(
+                ErrorCode.DATA_FILE,
+                f"the digits task's validation set is its built-in hold-out; got {source!r}",
+            )
+        return self.validation_data(seed=self.split_seed)
 
     def build_model(self, seed: int = 0) -> nn.Module:
         with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
@@ -144,16 +161,3 @@ class DigitsTask:
         x = _standardised(seed)
         _, y = _digits()
         return torch.from_numpy(x[test].copy()), torch.from_numpy(y[test].copy())
-
-
-TASKS: dict[str, Task] = {"digits": DigitsTask()}
-
-
-def get_task(name: str) -> Task:
-    """The built-in task called ``name``."""
-    try:
-        return TASKS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}"
-        ) from None

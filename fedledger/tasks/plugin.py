@@ -1,0 +1,138 @@
+"""Loading the consortium's code by module path (``package.module:attribute``) and checking it."""
+
+from __future__ import annotations
+
+import importlib
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedledger.errors import ErrorCode, TaskError
+from fedledger.tasks.spec import TaskSpec
+
+_REFERENCE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+
+
+def plugin_dir(spec: TaskSpec) -> Path | None:
+    """The folder the spec's plug-ins are imported from (``task.plugin_dir``, relative to the file)."""
+    if spec.task.plugin_dir is None:
+        return None
+    return (spec.base_dir / spec.task.plugin_dir).resolve()
+
+
+def load_object(reference: str, spec: TaskSpec, *, what: str) -> Any:
+    """The object ``package.module:attribute`` names, importing from the spec's plug-in folder
+    first; a ``TaskError`` (``bad_plugin``) says what could not be found and where it looked."""
+    if not _REFERENCE.match(reference):
+        raise TaskError(
+            ErrorCode.BAD_PLUGIN,
+            f"{what} {reference!r} is not of the form 'package.module:attribute'",
+        )
+    module_name, _, attribute = reference.partition(":")
+    folder = plugin_dir(spec)
+    if folder is not None:
+        if not folder.is_dir():
+            raise TaskError(
+                ErrorCode.BAD_PLUGIN,
+                f"task.plugin_dir {spec.task.plugin_dir!r}: no folder {folder}",
+            )
+        if str(folder) in sys.path:  # the spec's folder first, even if already on the path
+            sys.path.remove(str(folder))
+        sys.path.insert(0, str(folder))
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        where = (
+            f" (looked in {folder} and the installed packages)"
+            if folder
+            else (" (set task.plugin_dir to the folder that holds it, or install it)")
+        )
+        raise TaskError(
+            ErrorCode.BAD_PLUGIN, f"{what} {reference!r}: no module named {exc.name!r}{where}"
+        ) from None
+    except Exception as exc:  # the plug-in's own import failed: say so, with its error
+        raise TaskError(
+            ErrorCode.BAD_PLUGIN,
+            f"{what} {reference!r}: importing {module_name} raised {type(exc).__name__}: {exc}",
+        ) from exc
+    target: Any = module
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise TaskError(
+                ErrorCode.BAD_PLUGIN,
+                f"{what} {reference!r}: {module_name} has no attribute {attribute!r}",
+            )
+        target = getattr(target, part)
+    return target
+
+
+def require_methods(task: object, methods: Sequence[str], *, role: str, reference: str) -> None:
+    """Refuse a task object that lacks a method its role calls."""
+    missing = [m for m in methods if not callable(getattr(task, m, None))]
+    if missing:
+        raise TaskError(
+            ErrorCode.BAD_PLUGIN,
+            f"task.plugin {reference!r} gives a {type(task).__name__} without "
+            f"{', '.join(missing)}; a {role} calls {', '.join(methods)} "
+            "(subclass fedledger.tasks.BaseTask for defaults)",
+        )
+
+
+def tensor_shapes(model: nn.Module) -> dict[str, list[int]]:
+    """The model's state tensors and their shapes: the spec's ``model.tensors`` table."""
+    return {name: list(t.shape) for name, t in model.state_dict().items()}
+
+
+def check_model(spec: TaskSpec, model: nn.Module) -> None:
+    """Refuse a model whose tensors differ from the spec's pinned ``model.tensors`` or whose
+    outputs do not fit the data schema (classes, or one value for regression)."""
+    pinned = spec.model.tensors
+    if pinned is not None:
+        built = tensor_shapes(model)
+        problems = [f"missing {n} {pinned[n]}" for n in pinned if n not in built]
+        problems += [f"unexpected {n} {built[n]}" for n in built if n not in pinned]
+        problems += [
+            f"{n} is {built[n]}, the spec pins {pinned[n]}"
+            for n in pinned
+            if n in built and built[n] != pinned[n]
+        ]
+        if problems:
+            raise TaskError(
+                ErrorCode.MODEL_MISMATCH,
+                f"the model of task {spec.task.name!r} does not match model.tensors: "
+                + "; ".join(problems),
+            )
+    if spec.data is None:
+        return
+    features = len(spec.data.features)
+    classes = spec.data.label.classes
+    expected = (2, len(classes)) if classes is not None else (2, 1)
+    parameter = next(iter(model.parameters()), None)
+    probe = torch.zeros(2, features, dtype=torch.float32)
+    if parameter is not None:
+        probe = probe.to(parameter.device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            output = model(probe)
+    except Exception as exc:  # a shape error from the consortium's model: name the mismatch
+        raise TaskError(
+            ErrorCode.MODEL_MISMATCH,
+            f"the model of task {spec.task.name!r} cannot take the {features} features of the "
+            f"spec's data schema: {type(exc).__name__}: {exc}",
+        ) from exc
+    finally:
+        model.train(was_training)
+    shape = tuple(output.shape)
+    if shape != expected and not (classes is None and shape == (2,)):
+        raise TaskError(
+            ErrorCode.MODEL_MISMATCH,
+            f"the model of task {spec.task.name!r} maps a batch of 2 to outputs of shape "
+            f"{shape}; the spec's {'classes need' if classes else 'regression needs'} {expected}",
+        )
