@@ -321,6 +321,13 @@ class _Alignment:
         return all(abs(z) < sigmas for z in (self.others, self.descent, self.own or 0.0))
 
 
+NOISE_TEST_MAX_COSINE = 0.5
+"""The noise test abstains on models whose ``noise_sigmas`` threshold lies above this cosine
+(fewer than (noise_sigmas / 0.5)^2 = 36 parameters at the default): there a random direction
+is as often this aligned as an honest update is, so the test cannot tell them apart (a linear
+regression on ten features flagged every honest update as noise)."""
+
+
 def _noise(
     units: Tensor,
     previous: Sequence[Tensor | None],
@@ -329,8 +336,11 @@ def _noise(
     policy: PricingPolicy,
 ) -> dict[int, _Alignment]:
     """The kept updates (``units``: every update's direction) within ``noise_sigmas`` of 0 on
-    every alignment, with their z."""
+    every alignment, with their z; none when the model is too small for the test to tell
+    (``NOISE_TEST_MAX_COSINE``)."""
     scale = math.sqrt(units.shape[1])
+    if policy.noise_sigmas / scale > NOISE_TEST_MAX_COSINE:
+        return {}
     total = units[list(kept)].sum(dim=0)
     found: dict[int, _Alignment] = {}
     for k in kept:

@@ -7,7 +7,7 @@ settlement tree from a recorded result alone.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from fedledger import wire
 from fedledger.coordinator.books import Books
@@ -66,8 +66,11 @@ def finalized_result(
     expected: Sequence[str],
     policy: PricingPolicy,
     finalize_tx: str | None,
+    *,
+    metrics: Mapping[str, float] | None = None,
 ) -> wire.RoundResult:
-    """A settled round: every expected organisation, with its value, score, reward and flags."""
+    """A settled round: every expected organisation, with its value, score, reward and flags;
+    ``metrics`` are the new model's validation metrics the task reports."""
     by_org = {org.lower(): i for i, org in enumerate(books.organisations)}
     organisations: list[wire.OrganisationResult] = []
     for org in sorted(set(expected) | set(books.organisations), key=str.lower):
@@ -101,6 +104,7 @@ def finalized_result(
         validation_accuracy=books.accuracy,
         validation_utility=books.utility,
         validation_gain=books.gain,
+        validation_metrics=dict(metrics or {}),
         finalize_tx=finalize_tx,
         valuation_method=books.valuation.method,
         valuation_seed=books.valuation.seed,

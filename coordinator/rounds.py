@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +36,9 @@ class Game:
     model: torch.nn.Module
     x_val: torch.Tensor
     y_val: torch.Tensor
+    report: Callable[[Mapping[str, torch.Tensor]], dict[str, float]] | None = None
+    """The task's ``score`` of a model on the validation set: the metrics a round reports
+    beyond the game's (the spec's ``validation.report``); not part of the books."""
 
 
 class RoundMachine:
@@ -182,7 +185,10 @@ class RoundMachine:
                     ", ".join(flag_names(flags)),
                     books.notes.get(i, ""),
                 )
-        result = finalized_result(stored, books, expected, self.settings.pricing, tx)
+        metrics = self.game.report(books.params) if self.game.report is not None else {}
+        result = finalized_result(
+            stored, books, expected, self.settings.pricing, tx, metrics=metrics
+        )
         self.store.set_round_status(
             round_id,
             wire.RoundStatus.FINALIZED,

@@ -126,7 +126,12 @@ class RoundService:
             settings,
             store,
             self.ledger,
-            Game(model, x_val, y_val),
+            Game(
+                model,
+                x_val,
+                y_val,
+                report=lambda params: task.score(model, params, (x_val, y_val)),
+            ),
             clock=self.clock,
             device=device,
             lock=self._lock,

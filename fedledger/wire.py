@@ -172,6 +172,9 @@ class RoundResult(_Schema):
     validation_accuracy: float | None = None
     validation_utility: float | None = None  # the new model's valuation metric (see pricing)
     validation_gain: float | None = None  # its rise over the old model: what the round paid for
+    validation_metrics: dict[str, float] = Field(
+        default_factory=dict
+    )  # the new model's metrics on the validation set (the task spec's metric and report)
     reason: str | None = None
     finalize_tx: str | None = None
     valuation_method: str | None = (

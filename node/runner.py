@@ -331,10 +331,9 @@ class NodeRunner:
         except CoordinatorRejected:
             result = None
         if result is not None:
-            if result.validation_utility is not None and result.pricing:
+            validation = dict(result.validation_metrics)
+            if not validation and result.validation_utility is not None and result.pricing:
                 validation[str(result.pricing.get("metric", "utility"))] = result.validation_utility
-            if result.validation_accuracy is not None:
-                validation["accuracy"] = result.validation_accuracy
         return Settled(
             round_id=round_id,
             validation=validation,

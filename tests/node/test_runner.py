@@ -178,3 +178,26 @@ def test_a_node_keeps_what_it_sent_and_reports_each_settled_round(
         "neg_log_loss": result.validation_utility,
         "accuracy": result.validation_accuracy,
     }
+
+
+def test_a_node_refuses_a_coordinator_serving_another_spec_than_the_chain(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """The coordinator's served spec is checked too: one serving another task (misconfigured,
+    or hoping nodes train something else) is refused, with the fields that differ."""
+    other = tmp_path / "spec.toml"
+    other.write_bytes(BUILTIN_DIGITS.read_bytes().replace(b"epochs = 3", b"epochs = 30"))
+    harness.service.spec = load_spec(other)
+    task = OneEpochDigits()
+    with serve_in_thread(create_app(harness.service)) as url:
+        runner = NodeRunner(
+            CoordinatorClient(url),
+            harness.org_ledger(harness.orgs[0]),
+            task,
+            task.load_data("0/3"),
+            clock=lambda: harness.clock[0],
+        )
+        with pytest.raises(TaskError, match="serves a task spec hashing to") as refused:
+            runner.run()
+    assert "training.epochs: 3 != 30" in refused.value.message
+    assert harness.ledger.commitment_of(1, harness.orgs[0].address) is None
