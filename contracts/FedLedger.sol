@@ -191,7 +191,7 @@ contract FedLedger is AccessControlEnumerable {
     }
 
     /// @notice Records the consortium's task specification: the keccak256 of the spec file's
-    /// bytes (model, training, metric, data schema; `cast keccak "$(cat spec.toml)"`). Nodes
+    /// bytes (model, training, metric, data schema; `cast keccak "0x$(xxd -p spec.toml | tr -d '\n')"`). Nodes
     /// train only for a coordinator that serves this spec, and no round opens without one.
     /// @dev Admin only, and only before round 1 opens (TaskSpecFrozen after).
     /// @param specHash keccak256 of the spec file; must not be zero.

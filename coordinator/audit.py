@@ -29,7 +29,7 @@ from fedledger.coordinator.store import Store
 from fedledger.incentive.commitment import decode_tensors, keccak
 from fedledger.incentive.ledger import LedgerClient, RoundRecord
 from fedledger.incentive.onchain import RoundState, hex32
-from fedledger.tasks import TaskSpec, load_spec, load_task, parse_spec
+from fedledger.tasks import TaskSpec, load_spec, load_task, load_validation, parse_spec
 
 
 def _spec(store: Store, policy: PricingPolicy, spec_file: Path | None) -> TaskSpec:
@@ -173,7 +173,7 @@ def _audit(
         tensors = decode_tensors(kept)
         x_val, y_val = tensors["x"], tensors["y"]
     else:
-        x_val, y_val = task.load_validation(validation)
+        x_val, y_val = load_validation(task, validation)
 
     # Recompute the books exactly as the coordinator closes a round.
     inputs = load_round_inputs(

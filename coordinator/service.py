@@ -27,7 +27,7 @@ from fedledger.failpoints import UPLOAD_AFTER_BLOB, failpoint
 from fedledger.incentive.commitment import canonical_bytes, encode_tensors, keccak, specs_of
 from fedledger.incentive.ledger import LedgerClient, as_bytes32
 from fedledger.incentive.onchain import METRICS, hex32
-from fedledger.tasks import TaskSpec, ValidatorTask, load_spec, load_task
+from fedledger.tasks import TaskSpec, ValidatorTask, load_spec, load_task, load_validation
 from fedledger.tasks.spec import CLASSIFICATION_METRICS, REGRESSION_METRICS
 
 log = logging.getLogger("fedledger.coordinator")
@@ -119,7 +119,7 @@ class RoundService:
         self._check_valuation_budget(len(self.ledger.organisations()))
         self._check_round_budget(self.ledger.round_budget())
         model = task.build_model(seed=settings.pricing.model_seed)
-        x_val, y_val = task.load_validation(settings.validation)
+        x_val, y_val = load_validation(task, settings.validation)
         device = torch.device(settings.device) if settings.device else default_device()
         store = Store(settings.data_dir)
         machine = RoundMachine(

@@ -125,8 +125,9 @@ def main() -> int:
         processes.append(coordinator)
         wait_http(f"{url}/v1/health", coordinator, 60)
         nodes = []
-        for data, org in zip(args.data, accounts["organisations"], strict=True):
-            name = Path(data).stem
+        stems = [Path(data).stem for data in args.data]
+        for k, (data, org) in enumerate(zip(args.data, accounts["organisations"], strict=True)):
+            name = stems[k] if stems.count(stems[k]) == 1 else f"{stems[k]}-{k}"  # unique
             nodes.append(
                 start(
                     name,
@@ -148,11 +149,11 @@ def main() -> int:
             print(f"{len(failed)} node(s) failed; logs in {logs}", file=sys.stderr)
             return 1
         common = ["--deployment", str(deployment)]
-        subprocess.run(fedledger("rewards", *common), check=True)
+        subprocess.run(fedledger("rewards", *common), check=True, env=env)
         audit = fedledger(
             "audit", "--round", str(args.rounds), "--data-dir", str(work / "coordinator"), *common
         )
-        return subprocess.run(audit).returncode
+        return subprocess.run(audit, env=env).returncode
     finally:
         for process in processes:
             if process.poll() is None:

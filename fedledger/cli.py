@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from fedledger.coordinator.policy import PricingPolicy
-from fedledger.errors import FedledgerError
+from fedledger.errors import CodedError, FedledgerError
 from fedledger.incentive.onchain import DEFAULT_ROUND_BUDGET, TOKEN_UNIT
 
 if TYPE_CHECKING:
@@ -41,6 +41,7 @@ app.add_typer(node_app, name="node")
 app.add_typer(model_app, name="model")
 
 console = Console()
+errors = Console(stderr=True, soft_wrap=True)  # errors on stderr, one line each
 DEFAULT_STATE_DIR = Path(".fedledger")
 
 DeploymentOpt = Annotated[
@@ -86,8 +87,14 @@ def _token_units(tokens: float) -> int:
 
 
 def _fail(message: str) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {escape(message)}")
+    errors.print(f"[bold red]error:[/] {escape(message)}")
     return typer.Exit(code=1)
+
+
+def _error(exc: FedledgerError) -> None:
+    """Print a fedledger error on standard error, with its stable code when it has one."""
+    code = f" [{exc.code.value}]" if isinstance(exc, CodedError) else ""
+    errors.print(f"[bold red]error{escape(code)}:[/] {escape(str(exc))}")
 
 
 def main() -> None:
@@ -95,7 +102,7 @@ def main() -> None:
     try:
         app(prog_name="fedledger")
     except FedledgerError as exc:
-        console.print(f"[bold red]error:[/] {escape(str(exc))}")
+        _error(exc)
         raise SystemExit(1) from None
 
 
@@ -387,11 +394,11 @@ def task_check(
     ] = None,
 ) -> None:
     """Parse a spec, load its plug-ins and model, check data files; print its hash and tensors."""
-    from fedledger.tasks import load_spec, load_task, tensor_shapes
+    from fedledger.tasks import load_data, load_spec, load_task, load_validation, tensor_shapes
 
     parsed = load_spec(spec)
     node_task = load_task(parsed, "node")
-    load_task(parsed, "validator")
+    validator = load_task(parsed, "validator")
     model = node_task.build_model(seed=0)
     size = sum(t.numel() for t in model.state_dict().values())
     console.print(f"{spec}: task {parsed.task.name!r} ({parsed.task.kind}), metric {parsed.metric}")
@@ -400,14 +407,23 @@ def task_check(
     console.print("[model.tensors]", markup=False)
     for name, shape in tensor_shapes(model).items():
         console.print(f'"{name}" = {shape}', markup=False)
-    for source in data or []:
-        x, y = node_task.load_data(source)
-        console.print(
-            f"data {source}: {len(y)} rows, {x.shape[1] if x.ndim > 1 else 1} features: ok"
-        )
-    if validation is not None:
-        x, y = load_task(parsed, "validator").load_validation(validation)
-        console.print(f"validation {validation}: {len(y)} rows: ok")
+    sources = [("data", s) for s in data or []]
+    sources += [("validation", validation)] if validation is not None else []
+    failed = 0
+    for what, source in sources:  # every file, so that one run lists every bad one
+        try:
+            x, y = (
+                load_data(node_task, source)
+                if what == "data"
+                else load_validation(validator, source)
+            )
+        except FedledgerError as exc:
+            failed += 1
+            _error(exc)
+            continue
+        console.print(f"{what} {source}: {len(y)} rows, features {tuple(x.shape[1:])}: ok")
+    if failed:
+        raise typer.Exit(code=1)
 
 
 # -------------------------------------------------------------------- coordinator
@@ -558,13 +574,13 @@ def node_run(
     """Take part in every round: check the spec, verify the model, train, commit, upload signed."""
     from fedledger.node.client import CoordinatorClient
     from fedledger.node.runner import NodeRunner, RoundOutcome, Settled
-    from fedledger.tasks import load_spec, load_task
+    from fedledger.tasks import load_data, load_spec, load_task
 
     _logging(verbose)
     if not key:
         raise _fail("the organisation's key is required: --key or FEDLEDGER_KEY")
     learning_task = load_task(load_spec(spec), "node")
-    dataset = learning_task.load_data(data)
+    dataset = load_data(learning_task, data)
     ledger, _ = _ledger(deployment, rpc, key)
     assert ledger.account is not None
     if not ledger.is_organisation(ledger.account.address):
@@ -786,6 +802,11 @@ def audit(
     from fedledger.coordinator.audit import audit_round
 
     ledger, _ = _ledger(deployment, rpc, None)
+    if not 1 <= round_id <= ledger.round_count():
+        raise _fail(
+            f"round {round_id} does not exist on ledger {ledger.address} "
+            f"({ledger.round_count()} rounds so far)"
+        )
     try:
         report = audit_round(round_id, ledger, data_dir, spec=spec, validation=validation)
     except FileNotFoundError as exc:

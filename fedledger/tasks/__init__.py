@@ -7,8 +7,10 @@ called with the spec), checked for the methods the role needs and for a model th
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable
 from typing import Literal, overload
+
+import torch
 
 from fedledger.errors import ErrorCode, TaskError
 from fedledger.tasks.base import (
@@ -20,7 +22,13 @@ from fedledger.tasks.base import (
     ValidatorTask,
 )
 from fedledger.tasks.digits import DigitsTask, dirichlet_partition, make_split
-from fedledger.tasks.plugin import check_model, load_object, require_methods, tensor_shapes
+from fedledger.tasks.plugin import (
+    check_data,
+    check_model,
+    load_object,
+    require_methods,
+    tensor_shapes,
+)
 from fedledger.tasks.spec import BUILTIN_DIGITS, TaskSpec, diff_specs, load_spec, parse_spec
 from fedledger.tasks.tabular import TabularTask, read_table
 
@@ -56,9 +64,36 @@ def load_task(spec: TaskSpec, role: Role) -> NodeTask | ValidatorTask:
     return task  # type: ignore[return-value]
 
 
-def task_from_file(path: Path | None, role: Role) -> NodeTask | ValidatorTask:
-    """``load_task`` of the spec file at ``path`` (default: the built-in digits task)."""
-    return load_task(load_spec(path), role)
+def load_data(task: NodeTask, source: str) -> Dataset:
+    """The node's data from ``source``, checked against the task's model (``check_data``)."""
+    return _checked(task, source, lambda: task.load_data(source), "load_data")
+
+
+def load_validation(task: ValidatorTask, source: str | None) -> Dataset:
+    """The validation set from ``source``, checked against the task's model."""
+    shown = source if source is not None else "the task's validation set"
+    return _checked(task, shown, lambda: task.load_validation(source), "load_validation")
+
+
+def _checked(
+    task: NodeTask | ValidatorTask, shown: str, load: Callable[[], Dataset], method: str
+) -> Dataset:
+    try:
+        data = load()
+    except TaskError:
+        raise
+    except Exception as exc:  # the consortium's code: report it, with its name
+        raise TaskError(
+            ErrorCode.DATA_FILE,
+            f"{shown}: the task's {method} raised {type(exc).__name__}: {exc}",
+        ) from exc
+    if not (isinstance(data, tuple) and len(data) == 2 and all(torch.is_tensor(t) for t in data)):
+        raise TaskError(
+            ErrorCode.BAD_PLUGIN,
+            f"{shown}: the task's {method} must return (features, labels) tensors",
+        )
+    check_data(task.spec, task.build_model(seed=0), data, shown)
+    return data
 
 
 __all__ = [
@@ -70,12 +105,15 @@ __all__ = [
     "TabularTask",
     "TaskSpec",
     "ValidatorTask",
+    "check_data",
     "check_model",
     "diff_specs",
     "dirichlet_partition",
+    "load_data",
     "load_object",
     "load_spec",
     "load_task",
+    "load_validation",
     "make_split",
     "parse_spec",
     "read_table",

@@ -39,7 +39,8 @@ def load_object(reference: str, spec: TaskSpec, *, what: str) -> Any:
         if not folder.is_dir():
             raise TaskError(
                 ErrorCode.BAD_PLUGIN,
-                f"task.plugin_dir {spec.task.plugin_dir!r}: no folder {folder}",
+                f"task.plugin_dir {spec.task.plugin_dir!r}: no folder {folder} (an audit on "
+                "another machine passes --spec with its copy of the spec, next to its plug-ins)",
             )
         if str(folder) in sys.path:  # the spec's folder first, even if already on the path
             sys.path.remove(str(folder))
@@ -47,6 +48,12 @@ def load_object(reference: str, spec: TaskSpec, *, what: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
+        if exc.name is not None and not module_name.startswith(exc.name):
+            raise TaskError(  # the plug-in was found; something it imports was not
+                ErrorCode.BAD_PLUGIN,
+                f"{what} {reference!r}: importing {module_name} failed: it needs the module "
+                f"{exc.name!r}, which is not installed",
+            ) from None
         where = (
             f" (looked in {folder} and the installed packages)"
             if folder
@@ -80,6 +87,51 @@ def require_methods(task: object, methods: Sequence[str], *, role: str, referenc
             f"task.plugin {reference!r} gives a {type(task).__name__} without "
             f"{', '.join(missing)}; a {role} calls {', '.join(methods)} "
             "(subclass fedledger.tasks.BaseTask for defaults)",
+        )
+
+
+def check_data(
+    spec: TaskSpec, model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], source: str
+) -> None:
+    """Refuse data its model cannot train on: features the model does not take, and for
+    classification labels that are not class indices below the model's outputs (a plug-in's
+    data is checked here; a tabular file was already checked against the schema)."""
+    x, y = data
+    if len(x) == 0 or len(x) != len(y):
+        raise TaskError(
+            ErrorCode.DATA_FILE,
+            f"{source}: {len(x)} feature rows and {len(y)} labels; expected as many, at least one",
+        )
+    parameter = next(iter(model.parameters()), None)
+    probe = x[:2].to(parameter.device) if parameter is not None else x[:2]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            output = model(probe)
+    except Exception as exc:  # the data's shape against the consortium's model: name both
+        raise TaskError(
+            ErrorCode.DATA_VALUE,
+            f"{source}: the model of task {spec.task.name!r} cannot take features of shape "
+            f"{tuple(x.shape[1:])}: {type(exc).__name__}: {exc}",
+        ) from exc
+    finally:
+        model.train(was_training)
+    if spec.task.kind == "regression":
+        return
+    outputs = output.shape[-1] if output.ndim > 1 else 1
+    if y.is_floating_point() or y.ndim != 1:
+        raise TaskError(
+            ErrorCode.DATA_LABEL,
+            f"{source}: classification labels must be a 1-d tensor of class indices, got "
+            f"{y.dtype} of shape {tuple(y.shape)}",
+        )
+    low, high = int(y.min()), int(y.max())
+    if low < 0 or high >= outputs:
+        raise TaskError(
+            ErrorCode.DATA_LABEL,
+            f"{source}: labels range over [{low}, {high}], but the model has {outputs} outputs "
+            f"(classes 0 to {outputs - 1})",
         )
 
 

@@ -2,7 +2,7 @@
 
 The file names the model (a built-in or a plug-in), the local training, the validation metric
 and, for tabular data, the feature and label schema. Its hash, ``spec_hash``, is the keccak-256
-of the file's bytes, the same digest ``cast keccak "$(cat spec.toml)"`` prints, and is recorded
+of the file's bytes (``cast keccak "0x$(xxd -p spec.toml | tr -d '\n')"`` prints it), recorded
 on the ledger (``taskSpec()``): a node refuses to train for a coordinator whose spec is not the
 one on the chain. Parsing is strict: an unknown key, a wrong type or an impossible combination
 is refused with the field's dotted name.
@@ -275,6 +275,20 @@ def _location(loc: tuple[int | str, ...]) -> str:
     return text or "spec"
 
 
+_SYNONYMS = {
+    "learning_rate": "lr",
+    "optimizer": "optimiser",
+    "num_epochs": "epochs",
+    "local_epochs": "epochs",
+    "batch": "batch_size",
+    "metrics": "report",
+    "target": "label",
+    "columns": "features",
+    "type": "kind",
+}
+"""Keys people write for ours, suggested when close spelling finds nothing."""
+
+
 def _unknown_key_hint(error: Mapping[str, Any]) -> str:
     loc = error["loc"]
     if error["type"] != "extra_forbidden" or not loc:
@@ -290,8 +304,22 @@ def _unknown_key_hint(error: Mapping[str, Any]) -> str:
             return ""
         parent = nested[0]
     close = difflib.get_close_matches(str(loc[-1]), list(parent.model_fields), n=1)
+    synonym = _SYNONYMS.get(str(loc[-1]))
+    if not close and synonym in parent.model_fields:
+        close = [synonym]
     known = ", ".join(parent.model_fields)
     return f" (did you mean {close[0]!r}?)" if close else f" (known keys: {known})"
+
+
+def _column_name(document: Mapping[str, Any], loc: tuple[int | str, ...]) -> str:
+    """`` (column 'age')`` for an error inside ``data.features[i]``, naming the feature."""
+    if len(loc) >= 3 and loc[:2] == ("data", "features") and isinstance(loc[2], int):
+        features = document.get("data", {}).get("features", [])
+        if isinstance(features, list) and loc[2] < len(features):
+            name = features[loc[2]].get("name") if isinstance(features[loc[2]], Mapping) else None
+            if isinstance(name, str):
+                return f" (column {name!r})"
+    return ""
 
 
 def parse_spec(raw: bytes, *, source: Path | None = None) -> TaskSpec:
@@ -308,8 +336,9 @@ def parse_spec(raw: bytes, *, source: Path | None = None) -> TaskSpec:
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
-            field = _location(error["loc"])
+            field = _location(error["loc"]) + _column_name(document, error["loc"])
             message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
+            message = message.removeprefix("Value error, ")
             problems.append(f"{field}: {message}{_unknown_key_hint(error)}")
         raise TaskError(
             ErrorCode.BAD_SPEC, f"{where}: " + "; ".join(problems), fields=problems

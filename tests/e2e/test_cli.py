@@ -71,7 +71,7 @@ def test_devnet_up_register_rewards_down(tmp_path: Path) -> None:
         again = fedledger(
             "devnet", "up", "--port", str(port), "--state-dir", str(state), cwd=tmp_path
         )
-        assert again.returncode == 1 and "already up" in again.stdout
+        assert again.returncode == 1 and "already up" in again.stderr
 
         newcomer = devnet_account(9).address
         admin_key = deployment.accounts.admin.private_key
@@ -97,7 +97,7 @@ def test_devnet_up_register_rewards_down(tmp_path: Path) -> None:
             admin_key,
             cwd=tmp_path,
         )
-        assert twice.returncode == 1 and "OrganisationAlreadyRegistered" in twice.stdout
+        assert twice.returncode == 1 and "OrganisationAlreadyRegistered" in twice.stderr
 
         # The round budget: the deployment's default, shown; set by the admin only.
         deployment_file = str(state / "deployment.json")
@@ -114,7 +114,7 @@ def test_devnet_up_register_rewards_down(tmp_path: Path) -> None:
         refused = fedledger(
             "round-budget", "1", "--deployment", deployment_file, "--key", org_key, cwd=tmp_path
         )
-        assert refused.returncode == 1 and "AccessControlUnauthorizedAccount" in refused.stdout
+        assert refused.returncode == 1 and "AccessControlUnauthorizedAccount" in refused.stderr
         assert ledger.round_budget() == 2500 * 10**18 + 5 * 10**17
 
         # An organisation's sample cap: none until the admin sets one; not by the organisation.
@@ -130,7 +130,7 @@ def test_devnet_up_register_rewards_down(tmp_path: Path) -> None:
             "sample-cap", org, "0", "--deployment", deployment_file, "--key", org_key,
             cwd=tmp_path,
         )  # fmt: skip
-        assert own.returncode == 1 and "AccessControlUnauthorizedAccount" in own.stdout
+        assert own.returncode == 1 and "AccessControlUnauthorizedAccount" in own.stderr
         assert ledger.sample_cap_of(org) == 5000
 
         # Pricing knobs are checked before anything is served, and say what is wrong.
@@ -147,7 +147,7 @@ def test_devnet_up_register_rewards_down(tmp_path: Path) -> None:
                 "--data-dir", str(tmp_path / "never"), "--set", knob, cwd=tmp_path,
             )  # fmt: skip
             assert served.returncode == 1, served.stdout + served.stderr
-            assert expected in " ".join(served.stdout.split()), served.stdout
+            assert expected in " ".join(served.stderr.split()), served.stderr
             assert "Traceback" not in served.stdout + served.stderr
             assert not (tmp_path / "never").exists()
 
@@ -225,7 +225,7 @@ def test_node_with_unregistered_key_is_told_so(tmp_path: Path) -> None:
             cwd=tmp_path,
         )
         assert run.returncode == 1
-        assert "not a registered organisation" in run.stdout
+        assert "not a registered organisation" in run.stderr
     finally:
         fedledger("devnet", "down", "--state-dir", str(state), cwd=tmp_path)
 

@@ -103,7 +103,8 @@ def test_three_hospitals_train_their_csv_files_and_the_round_audits(
             capture_output=True, text=True, timeout=120, env=_env(first.private_key),
         )  # fmt: skip
         assert refused.returncode == 1
-        assert "training.lr: 0.5 != 0.1" in refused.stdout, refused.stdout
+        assert "error [spec_mismatch]:" in refused.stderr, refused.stderr
+        assert "training.lr: 0.5 != 0.1" in refused.stderr, refused.stderr
         assert ledger.commitment_of(1, first.address) is None
 
         for name, org in zip(HOSPITALS, deployment.accounts.organisations, strict=True):
@@ -183,3 +184,11 @@ def test_three_hospitals_train_their_csv_files_and_the_round_audits(
         assert audited.returncode == 0, audited.stdout + audited.stderr
         assert "task spec matches the ledger's taskSpec()" in audited.stdout
         assert f"round {round_id}: all" in audited.stdout
+    missing = subprocess.run(
+        _cli("audit", "--round", "99", "--deployment", str(deployment_file)),
+        capture_output=True, text=True, timeout=60, env=_env(),
+    )  # fmt: skip
+    assert missing.returncode == 1
+    assert f"round 99 does not exist on ledger {deployment.ledger} (2 rounds so far)" in (
+        missing.stderr
+    )

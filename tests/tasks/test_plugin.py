@@ -294,3 +294,69 @@ def test_digits_task_refuses_unknown_options() -> None:
     assert direct.value.code == ErrorCode.BAD_SPEC
     tuned = DigitsTask(parse_spec(raw.replace("alpha = 0.5", "alpha = 0.3").encode()))
     assert tuned.alpha == 0.3
+
+
+BAD_DATA_TASKS = """
+import torch
+from fedledger.tasks import BaseTask
+
+class Base(BaseTask):
+    def build_model(self, seed=0):
+        return torch.nn.Linear(3, 2)
+
+class WrongWidth(Base):
+    def load_data(self, source):
+        return torch.zeros(4, 10), torch.tensor([0, 1, 0, 1])
+
+class LabelTooLarge(Base):
+    def load_data(self, source):
+        return torch.zeros(4, 3), torch.tensor([0, 1, 7, 1])
+
+class FloatLabels(Base):
+    def load_data(self, source):
+        return torch.zeros(4, 3), torch.tensor([0.0, 1.0, 0.0, 1.0])
+
+class Crashing(Base):
+    def load_data(self, source):
+        raise FileNotFoundError(f"no folder {source}")
+
+class NotTensors(Base):
+    def load_data(self, source):
+        return [[0, 0, 0]], [0]
+"""
+
+
+@pytest.mark.parametrize(
+    ("name", "code", "fragment"),
+    [
+        ("WrongWidth", ErrorCode.DATA_VALUE, "cannot take features of shape (10,)"),
+        ("LabelTooLarge", ErrorCode.DATA_LABEL, "labels range over [0, 7], but the model has 2"),
+        ("FloatLabels", ErrorCode.DATA_LABEL, "must be a 1-d tensor of class indices"),
+        ("Crashing", ErrorCode.DATA_FILE, "the task's load_data raised FileNotFoundError"),
+        ("NotTensors", ErrorCode.BAD_PLUGIN, "must return (features, labels) tensors"),
+    ],
+)
+def test_a_plug_in_s_data_is_checked_against_its_model(
+    tmp_path: Path, write_module: Writer, name: str, code: ErrorCode, fragment: str
+) -> None:
+    """A task plug-in has no schema: what its load_data returns is checked against its model
+    before anything trains, instead of a shape error deep in the first round."""
+    from fedledger.tasks import load_data
+
+    module = write_module(BAD_DATA_TASKS)
+    spec = spec_file(tmp_path, task=f'plugin = "{module}:{name}"', model="", data="")
+    task = load_task(spec, "node")
+    with pytest.raises(TaskError) as info:
+        load_data(task, "somewhere")
+    assert info.value.code is code
+    assert fragment in info.value.message and "somewhere" in info.value.message
+
+
+def test_a_plug_in_that_imports_a_missing_package_says_so(
+    tmp_path: Path, write_module: Writer
+) -> None:
+    module = write_module("import no_such_package_here  # noqa\n")
+    spec = spec_file(tmp_path, task=f'plugin = "{module}:X"', model="", data="")
+    with pytest.raises(TaskError, match="it needs the module 'no_such_package_here'") as info:
+        load_task(spec, "node")
+    assert info.value.code is ErrorCode.BAD_PLUGIN
