@@ -21,6 +21,7 @@ from fedledger.incentive.onchain import DEFAULT_ROUND_BUDGET, TOKEN_UNIT
 if TYPE_CHECKING:
     from fedledger.incentive.deployment import Deployment
     from fedledger.incentive.ledger import LedgerClient
+    from fedledger.node.client import CoordinatorClient
 
 app = typer.Typer(
     help="fedledger: federated learning with an on-chain incentive ledger.",
@@ -34,11 +35,16 @@ coordinator_app = typer.Typer(help="The consortium's coordinator service.", no_a
 node_app = typer.Typer(help="An organisation's training node.", no_args_is_help=True)
 task_app = typer.Typer(help="The consortium's task spec and plug-ins.", no_args_is_help=True)
 model_app = typer.Typer(help="Global models, checked against the chain.", no_args_is_help=True)
+certs_app = typer.Typer(
+    help="TLS certificates: a consortium CA, the coordinator's, each organisation's.",
+    no_args_is_help=True,
+)
 app.add_typer(devnet_app, name="devnet")
 app.add_typer(task_app, name="task")
 app.add_typer(coordinator_app, name="coordinator")
 app.add_typer(node_app, name="node")
 app.add_typer(model_app, name="model")
+app.add_typer(certs_app, name="certs")
 
 console = Console()
 errors = Console(stderr=True, soft_wrap=True)  # errors on stderr, one line each
@@ -71,6 +77,18 @@ SpecOpt = Annotated[
     ),
 ]
 CoordinatorOpt = Annotated[str, typer.Option(help="Base URL of the coordinator.")]
+CaCertOpt = Annotated[
+    Path | None,
+    typer.Option(help="The consortium CA's certificate, to verify the coordinator's (https)."),
+]
+ClientCertOpt = Annotated[
+    Path | None, typer.Option(help="This organisation's TLS client certificate (mutual TLS).")
+]
+ClientKeyOpt = Annotated[Path | None, typer.Option(help="The key of --client-cert.")]
+InsecureOpt = Annotated[
+    bool,
+    typer.Option("--insecure", help="Allow plain HTTP to a coordinator on another host."),
+]
 
 
 RoundBudgetOpt = Annotated[
@@ -162,6 +180,25 @@ def _ledger(
         )
     account = account_from_key(key) if key else None
     return LedgerClient(w3, deployment.ledger, account), deployment
+
+
+def _client(
+    url: str,
+    ca_cert: Path | None,
+    client_cert: Path | None,
+    client_key: Path | None,
+    insecure: bool,
+) -> CoordinatorClient:
+    """A coordinator client over the transport the options ask for, every file checked first."""
+    from fedledger.certs import client_context
+    from fedledger.node.client import CoordinatorClient, check_transport
+
+    check_transport(url, insecure=insecure)
+    if url.startswith("https://"):
+        return CoordinatorClient(url, verify=client_context(ca_cert, client_cert, client_key))
+    if ca_cert or client_cert or client_key:
+        raise _fail(f"--ca-cert, --client-cert and --client-key are for https:// URLs, not {url}")
+    return CoordinatorClient(url)
 
 
 # --------------------------------------------------------------------------- demo
@@ -379,6 +416,45 @@ def task_spec_command(
     console.print(f"task spec 0x{on_chain.hex()}" if any(on_chain) else "no task spec recorded yet")
 
 
+# -------------------------------------------------------------------------- certs
+
+
+@certs_app.command("ca")
+def certs_ca(
+    out: Annotated[Path, typer.Option(help="Folder for ca.pem and ca.key.")],
+    name: Annotated[str, typer.Option(help="The CA's common name.")] = "fedledger consortium CA",
+    days: Annotated[int, typer.Option(min=1, help="Validity in days.")] = 3650,
+) -> None:
+    """Create the consortium's CA (set FEDLEDGER_CA_PASSPHRASE to encrypt its key)."""
+    from fedledger.certs import create_ca
+
+    issued = create_ca(out, name=name, days=days)
+    console.print(f"CA certificate {issued.cert} (give it to every member), key {issued.key}")
+
+
+@certs_app.command("issue")
+def certs_issue(
+    name: Annotated[str, typer.Argument(help="Common name, and the files' name.")],
+    ca: Annotated[Path, typer.Option(help="The folder `fedledger certs ca` wrote.")],
+    out: Annotated[Path, typer.Option(help="Folder for NAME.pem and NAME.key.")],
+    host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--host",
+            help="A DNS name or IP address the coordinator is reached at (repeatable): makes "
+            "a server certificate; without it, an organisation's client certificate.",
+        ),
+    ] = None,
+    days: Annotated[int, typer.Option(min=1, help="Validity in days.")] = 397,
+) -> None:
+    """Issue a certificate signed by the consortium CA: the coordinator's, or a member's."""
+    from fedledger.certs import issue
+
+    issued = issue(ca, out, name, hosts=host or [], days=days)
+    kind = f"server certificate for {', '.join(host)}" if host else "client certificate"
+    console.print(f"{kind} {issued.cert}, key {issued.key}")
+
+
 # --------------------------------------------------------------------------- task
 
 
@@ -429,6 +505,35 @@ def task_check(
 # -------------------------------------------------------------------- coordinator
 
 
+@dataclasses.dataclass(frozen=True)
+class ServerTLS:
+    """uvicorn's TLS settings for the coordinator (all None: plain HTTP)."""
+
+    certfile: str | None = None
+    keyfile: str | None = None
+    ca_certs: str | None = None
+    cert_reqs: int = 0  # ssl.CERT_NONE; ssl.CERT_REQUIRED with a client CA
+
+
+def _server_tls(cert: Path | None, key: Path | None, client_ca: Path | None) -> ServerTLS:
+    """The coordinator's TLS settings, every file checked before anything starts."""
+    import ssl
+
+    from fedledger.certs import check_pair, load_certificate
+
+    if cert is None and key is None:
+        if client_ca is not None:
+            raise _fail("--client-ca needs --tls-cert and --tls-key (mutual TLS is over HTTPS)")
+        return ServerTLS()
+    if cert is None or key is None:
+        raise _fail("give both --tls-cert and --tls-key")
+    check_pair(cert, key)
+    if client_ca is None:
+        return ServerTLS(str(cert), str(key))
+    load_certificate(client_ca)
+    return ServerTLS(str(cert), str(key), str(client_ca), ssl.CERT_REQUIRED)
+
+
 @coordinator_app.command("serve")
 def coordinator_serve(
     deployment: DeploymentOpt = DEFAULT_STATE_DIR / "devnet" / "deployment.json",
@@ -453,6 +558,14 @@ def coordinator_serve(
         int, typer.Option(min=0, help="Extensions before a short round fails anyway.")
     ] = 1,
     max_upload_mb: Annotated[float, typer.Option(help="Upload size limit in MiB.")] = 64.0,
+    tls_cert: Annotated[
+        Path | None, typer.Option(help="Serve HTTPS with this certificate (PEM).")
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="The key of --tls-cert (PEM).")] = None,
+    client_ca: Annotated[
+        Path | None,
+        typer.Option(help="Require client certificates issued by this CA (mutual TLS)."),
+    ] = None,
     reward_per_round: Annotated[
         float | None, typer.Option(help="Tokens paid per round (pricing: reward_per_round / 1e18).")
     ] = None,
@@ -499,6 +612,7 @@ def coordinator_serve(
     _logging(verbose)
     if not key:
         raise _fail("the coordinator's key is required: --key or FEDLEDGER_KEY")
+    tls = _server_tls(tls_cert, tls_key, client_ca)
     ledger, _ = _ledger(deployment, rpc, key)
     if quorum_policy not in ("fail", "extend"):
         raise _fail("--quorum-policy must be `fail` or `extend`")
@@ -536,12 +650,21 @@ def coordinator_serve(
         raise _fail(f"invalid coordinator settings: {problems}") from exc
     service = RoundService(settings, ledger)
     service.start()
+    scheme = "https" if tls.certfile else "http"
     console.print(
-        f"coordinator for ledger {ledger.address} on http://{host}:{port} (docs at /docs)"
+        f"coordinator for ledger {ledger.address} on {scheme}://{host}:{port} (docs at /docs)"
+        + (", client certificates required" if client_ca else "")
     )
     try:
         uvicorn.run(
-            create_app(service), host=host, port=port, log_level="info" if verbose else "warning"
+            create_app(service),
+            host=host,
+            port=port,
+            log_level="info" if verbose else "warning",
+            ssl_certfile=tls.certfile,
+            ssl_keyfile=tls.keyfile,
+            ssl_ca_certs=tls.ca_certs,
+            ssl_cert_reqs=tls.cert_reqs,
         )
     finally:
         service.stop()
@@ -569,16 +692,20 @@ def node_run(
         Path | None,
         typer.Option(help="Keep a copy of every update sent, and its signed headers, here."),
     ] = None,
+    ca_cert: CaCertOpt = None,
+    client_cert: ClientCertOpt = None,
+    client_key: ClientKeyOpt = None,
+    insecure: InsecureOpt = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Take part in every round: check the spec, verify the model, train, commit, upload signed."""
-    from fedledger.node.client import CoordinatorClient
     from fedledger.node.runner import NodeRunner, RoundOutcome, Settled
     from fedledger.tasks import load_data, load_spec, load_task
 
     _logging(verbose)
     if not key:
         raise _fail("the organisation's key is required: --key or FEDLEDGER_KEY")
+    coordinator_client = _client(coordinator, ca_cert, client_cert, client_key, insecure)
     learning_task = load_task(load_spec(spec), "node")
     dataset = load_data(learning_task, data)
     ledger, _ = _ledger(deployment, rpc, key)
@@ -609,7 +736,7 @@ def node_run(
         f"node {ledger.account.address}: task {learning_task.spec.task.name!r}, "
         f"{len(dataset[1])} samples, coordinator {coordinator}"
     )
-    with CoordinatorClient(coordinator) as client:
+    with coordinator_client as client:
         runner = NodeRunner(
             client,
             ledger,
@@ -636,12 +763,16 @@ def model_pull(
     coordinator: CoordinatorOpt = "http://127.0.0.1:8000",
     deployment: DeploymentOpt = DEFAULT_STATE_DIR / "devnet" / "deployment.json",
     rpc: RpcOpt = None,
+    ca_cert: CaCertOpt = None,
+    client_cert: ClientCertOpt = None,
+    client_key: ClientKeyOpt = None,
+    insecure: InsecureOpt = False,
 ) -> None:
     """Fetch the global model a round produced and check its keccak256 against the chain."""
     from fedledger.incentive.commitment import decode_tensors, keccak
     from fedledger.incentive.onchain import RoundState
-    from fedledger.node.client import CoordinatorClient
 
+    coordinator_client = _client(coordinator, ca_cert, client_cert, client_key, insecure)
     ledger, _ = _ledger(deployment, rpc, None)
     if not 1 <= round_id <= ledger.round_count():
         raise _fail(f"round {round_id} does not exist on ledger {ledger.address}")
@@ -649,7 +780,7 @@ def model_pull(
     if record.state != RoundState.FINALIZED:
         raise _fail(f"round {round_id} is {record.state.name.lower()}: it produced no model yet")
     expected = "0x" + record.new_model_hash.hex()
-    with CoordinatorClient(coordinator) as client:
+    with coordinator_client as client:
         data = client.model(expected)
     served = "0x" + keccak(data).hex()
     if served != expected:

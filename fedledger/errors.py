@@ -25,6 +25,7 @@ class Area(enum.StrEnum):
     READ = "Other endpoints"
     SERVICE = "The coordinator service (start-up, the round driver, the audit)"
     TASK = "Task specs, plug-ins and data files (checked before anything is trained or sent)"
+    SETUP = "Start-up settings of a node or the coordinator (checked before anything is sent)"
 
 
 @dataclass(frozen=True)
@@ -466,6 +467,38 @@ class ErrorCode(enum.StrEnum):
         ),
     )
 
+    # Start-up settings: refused locally, before a connection is made.
+    BAD_CERTIFICATE = (
+        "bad_certificate",
+        CodeSpec(
+            422,
+            Area.SETUP,
+            "a TLS certificate or key does not parse, has expired or is not yet valid, or the "
+            "key does not belong to the certificate",
+            "issue a new one with `fedledger certs issue`, or point to the right files",
+        ),
+    )
+    INSECURE_TRANSPORT = (
+        "insecure_transport",
+        CodeSpec(
+            422,
+            Area.SETUP,
+            "a node or client was pointed at a coordinator on another host over plain HTTP",
+            "use an https:// URL (with `--ca-cert` for the consortium CA), or `--insecure`",
+        ),
+    )
+    TLS_REFUSED = (
+        "tls_refused",
+        CodeSpec(
+            422,
+            Area.SETUP,
+            "the TLS handshake with the coordinator failed: its certificate does not verify "
+            "against the CA given, or it refused this node's client certificate",
+            "pass the consortium CA (`--ca-cert`) and the certificate it issued to this "
+            "organisation (`--client-cert`, `--client-key`)",
+        ),
+    )
+
 
 class FedledgerError(Exception):
     """Root of every error fedledger raises on purpose; ``message`` says what to do."""
@@ -565,6 +598,10 @@ class ModelVerificationError(NodeError):
 
 class TaskError(CodedError):
     """A task spec, plug-in or data file that cannot be used; nothing was trained or sent."""
+
+
+class SetupError(CodedError):
+    """A node's or the coordinator's start-up settings (certificates, transport) are unusable."""
 
 
 class DevnetError(FedledgerError):

@@ -2,12 +2,57 @@
 
 from __future__ import annotations
 
+import ipaddress
+import ssl
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
 from fedledger import wire
-from fedledger.errors import CoordinatorRejected, CoordinatorUnavailable
+from fedledger.errors import CoordinatorRejected, CoordinatorUnavailable, ErrorCode, SetupError
+
+_CERTIFICATE_ALERTS = ("CERTIFICATE_VERIFY_FAILED", "CERTIFICATE_REQUIRED", "BAD_CERTIFICATE",
+                       "UNKNOWN_CA", "CERTIFICATE_UNKNOWN")  # fmt: skip
+
+
+def _tls_failure(exc: BaseException) -> bool:
+    """Whether a transport error is a failed TLS handshake over certificates (either side's)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError) or any(
+            alert in str(seen) for alert in _CERTIFICATE_ALERTS
+        ):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def is_loopback(url: str) -> bool:
+    """Whether ``url`` names this machine (localhost, 127.0.0.0/8, ::1)."""
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_transport(url: str, *, insecure: bool = False) -> None:
+    """Refuse plain HTTP to a coordinator on another host unless ``insecure``: updates, sample
+    counts and signatures would cross the network in clear text."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SetupError(
+            ErrorCode.INSECURE_TRANSPORT, f"{url!r} is not an http(s) URL of a coordinator"
+        )
+    if parts.scheme == "http" and not is_loopback(url) and not insecure:
+        raise SetupError(
+            ErrorCode.INSECURE_TRANSPORT,
+            f"refusing plain HTTP to {parts.hostname}: use https:// (with --ca-cert for the "
+            "consortium CA), or --insecure to send updates in clear text",
+        )
 
 
 class CoordinatorClient:
@@ -19,10 +64,14 @@ class CoordinatorClient:
         *,
         timeout_s: float = 60.0,
         transport: httpx.BaseTransport | None = None,
+        verify: ssl.SSLContext | bool = True,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._http = httpx.Client(
-            base_url=base_url.rstrip("/") + wire.API_PREFIX, timeout=timeout_s, transport=transport
+            base_url=base_url.rstrip("/") + wire.API_PREFIX,
+            timeout=timeout_s,
+            transport=transport,
+            verify=verify,
         )
 
     def close(self) -> None:
@@ -38,6 +87,13 @@ class CoordinatorClient:
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
+            if _tls_failure(exc):  # not transient: retrying cannot fix a certificate
+                raise SetupError(
+                    ErrorCode.TLS_REFUSED,
+                    f"TLS with the coordinator at {self.base_url} failed ({exc}): its "
+                    "certificate does not verify against the CA given (--ca-cert), or it "
+                    "refused this node's client certificate (--client-cert, --client-key)",
+                ) from exc
             raise CoordinatorUnavailable(f"coordinator unreachable: {exc}") from exc
         if response.status_code >= 500:
             retry = response.headers.get("retry-after")
