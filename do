@@ -7,7 +7,16 @@ cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 VENV=.venv
 
+# What the last install installed: skip it while pyproject.toml and devnet's package files
+# are unchanged (./do install --force reinstalls anyway).
+installed_for() { cat pyproject.toml devnet/package.json devnet/package-lock.json | sha256sum | cut -d' ' -f1; }
+STAMP="$VENV/.installed-for"
+
 install() {
+  if [ "${1:-}" != "--force" ] && [ -x "$VENV/bin/python" ] && [ -d devnet/node_modules ] \
+    && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(installed_for)" ]; then
+    return 0
+  fi
   if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv "$VENV"
   fi
@@ -18,12 +27,13 @@ install() {
   # solc-js, OpenZeppelin and anvil, pinned in devnet/package.json (npm install, not npm ci:
   # the lockfile omits anvil's other-platform packages).
   (cd devnet && npm install --no-audit --no-fund --loglevel=error)
+  installed_for > "$STAMP"
 }
 
 cmd=${1:-help}
 shift || true
 case "$cmd" in
-  install) install ;;
+  install) install "$@" ;;
   demo) install; exec "$VENV/bin/fedledger" demo "$@" ;;
   # A consortium of separate processes on a local devnet: examples/NAME/run.sh.
   example) install; PATH="$PWD/$VENV/bin:$PATH" exec "examples/${1:?usage: ./do example NAME}/run.sh" ;;

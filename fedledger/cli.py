@@ -19,6 +19,8 @@ from fedledger.errors import CodedError, FedledgerError
 from fedledger.incentive.onchain import DEFAULT_ROUND_BUDGET, TOKEN_UNIT
 
 if TYPE_CHECKING:
+    from eth_account.signers.local import LocalAccount
+
     from fedledger.incentive.deployment import Deployment
     from fedledger.incentive.ledger import LedgerClient
     from fedledger.node.client import CoordinatorClient
@@ -35,6 +37,10 @@ coordinator_app = typer.Typer(help="The consortium's coordinator service.", no_a
 node_app = typer.Typer(help="An organisation's training node.", no_args_is_help=True)
 task_app = typer.Typer(help="The consortium's task spec and plug-ins.", no_args_is_help=True)
 model_app = typer.Typer(help="Global models, checked against the chain.", no_args_is_help=True)
+keys_app = typer.Typer(
+    help="Encrypted keystores (Web3 Secret Storage, as geth and Foundry write them).",
+    no_args_is_help=True,
+)
 certs_app = typer.Typer(
     help="TLS certificates: a consortium CA, the coordinator's, each organisation's.",
     no_args_is_help=True,
@@ -45,6 +51,7 @@ app.add_typer(coordinator_app, name="coordinator")
 app.add_typer(node_app, name="node")
 app.add_typer(model_app, name="model")
 app.add_typer(certs_app, name="certs")
+app.add_typer(keys_app, name="keys")
 
 console = Console()
 errors = Console(stderr=True, soft_wrap=True)  # errors on stderr, one line each
@@ -63,10 +70,22 @@ RpcOpt = Annotated[
 KeyOpt = Annotated[
     str | None,
     typer.Option(
-        help="Hex private key that signs transactions (or set FEDLEDGER_KEY).",
+        help="Hex private key, for devnets (or set FEDLEDGER_KEY); elsewhere use --keystore.",
         envvar="FEDLEDGER_KEY",
         show_default=False,
     ),
+]
+KeystoreOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Encrypted JSON keystore that signs transactions (or set FEDLEDGER_KEYSTORE); its "
+        "password from --password-file, FEDLEDGER_PASSWORD or a prompt.",
+        envvar="FEDLEDGER_KEYSTORE",
+        show_default=False,
+    ),
+]
+PasswordFileOpt = Annotated[
+    Path | None, typer.Option(help="File whose first line is the keystore's password.")
 ]
 SpecOpt = Annotated[
     Path | None,
@@ -153,12 +172,44 @@ def _logging(verbose: bool) -> None:
     )
 
 
+def _signer(
+    key: str | None, keystore: Path | None, password_file: Path | None
+) -> LocalAccount | None:
+    """The account that signs: a keystore unlocked with its password, or a hex key (devnets;
+    a warning when it was typed on the command line, where ``ps`` shows it to everyone)."""
+    import sys
+
+    from fedledger.incentive.chain import account_from_key
+    from fedledger.keys import read_password, unlock
+
+    if keystore is not None:
+        if key:
+            raise _fail("give --keystore or --key (FEDLEDGER_KEY), not both")
+        interactive = sys.stdin.isatty()
+        password = read_password(
+            password_file, prompt=_prompt_password if interactive else None, what=f"{keystore}"
+        )
+        return unlock(keystore, password)
+    if not key:
+        return None
+    if any(arg == "--key" or arg.startswith("--key=") for arg in sys.argv):
+        errors.print(
+            "[yellow]warning:[/] a key on the command line is visible to every user of this "
+            "machine (ps); use --keystore, or FEDLEDGER_KEY for devnet keys"
+        )
+    return account_from_key(key)
+
+
+def _prompt_password(text: str) -> str:
+    return str(typer.prompt(text, hide_input=True, err=True))
+
+
 def _ledger(
-    deployment_file: Path, rpc: str | None, key: str | None
+    deployment_file: Path, rpc: str | None, account: LocalAccount | None
 ) -> tuple[LedgerClient, Deployment]:
     """The ledger client for a deployment file, checked against the chain it names."""
     from fedledger.errors import ChainError
-    from fedledger.incentive.chain import account_from_key, connect, wait_for_rpc
+    from fedledger.incentive.chain import connect, wait_for_rpc
     from fedledger.incentive.deployment import Deployment
     from fedledger.incentive.ledger import LedgerClient
 
@@ -178,7 +229,6 @@ def _ledger(
         raise _fail(
             f"{url} is chain {w3.eth.chain_id}, the deployment is on chain {deployment.chain_id}"
         )
-    account = account_from_key(key) if key else None
     return LedgerClient(w3, deployment.ledger, account), deployment
 
 
@@ -317,20 +367,23 @@ def deploy(
     round_budget: RoundBudgetOpt = DEFAULT_ROUND_BUDGET / TOKEN_UNIT,
     spec: SpecOpt = None,
     key: KeyOpt = None,
+    keystore: KeystoreOpt = None,
+    password_file: PasswordFileOpt = None,
 ) -> None:
     """Deploy the ledger and token to any EVM chain from the admin key, and register organisations."""
     from fedledger.devnet.deploy import deploy as deploy_contracts
-    from fedledger.incentive.chain import account_from_key, connect, wait_for_rpc
+    from fedledger.incentive.chain import connect, wait_for_rpc
     from fedledger.tasks import load_spec
 
     task_spec = load_spec(spec)
-    if not key:
-        raise _fail("the admin's key is required: --key or FEDLEDGER_KEY")
+    admin = _signer(key, keystore, password_file)
+    if admin is None:
+        raise _fail("the admin's key is required: --keystore (or --key / FEDLEDGER_KEY)")
     w3 = connect(rpc)
     wait_for_rpc(w3, timeout_s=10)
     deployment = deploy_contracts(
         w3,
-        account_from_key(key),
+        admin,
         coordinator,
         organisation or [],
         rpc_url=rpc,
@@ -350,9 +403,11 @@ def register(
     deployment: DeploymentOpt = DEFAULT_STATE_DIR / "devnet" / "deployment.json",
     rpc: RpcOpt = None,
     key: KeyOpt = None,
+    keystore: KeystoreOpt = None,
+    password_file: PasswordFileOpt = None,
 ) -> None:
     """Register an organisation on the ledger (admin key)."""
-    ledger, _ = _ledger(deployment, rpc, key)
+    ledger, _ = _ledger(deployment, rpc, _signer(key, keystore, password_file))
     ledger.register_organisation(organisation)
     console.print(f"registered {organisation}")
 
@@ -366,9 +421,13 @@ def round_budget_command(
     deployment: DeploymentOpt = DEFAULT_STATE_DIR / "devnet" / "deployment.json",
     rpc: RpcOpt = None,
     key: KeyOpt = None,
+    keystore: KeystoreOpt = None,
+    password_file: PasswordFileOpt = None,
 ) -> None:
     """Show or set the most one round may pay out (the ledger's roundBudget)."""
-    ledger, _ = _ledger(deployment, rpc, key if tokens is not None else None)
+    ledger, _ = _ledger(
+        deployment, rpc, _signer(key, keystore, password_file) if tokens is not None else None
+    )
     if tokens is not None:
         ledger.set_round_budget(_token_units(tokens))
     budget = ledger.round_budget()
@@ -387,9 +446,13 @@ def sample_cap_command(
     deployment: DeploymentOpt = DEFAULT_STATE_DIR / "devnet" / "deployment.json",
     rpc: RpcOpt = None,
     key: KeyOpt = None,
+    keystore: KeystoreOpt = None,
+    password_file: PasswordFileOpt = None,
 ) -> None:
     """Show or set the most samples an organisation may declare (the ledger's sampleCapOf)."""
-    ledger, _ = _ledger(deployment, rpc, key if samples is not None else None)
+    ledger, _ = _ledger(
+        deployment, rpc, _signer(key, keystore, password_file) if samples is not None else None
+    )
     if samples is not None:
         ledger.set_sample_cap(organisation, samples)
     cap = ledger.sample_cap_of(organisation)
@@ -405,15 +468,83 @@ def task_spec_command(
     deployment: DeploymentOpt = DEFAULT_STATE_DIR / "devnet" / "deployment.json",
     rpc: RpcOpt = None,
     key: KeyOpt = None,
+    keystore: KeystoreOpt = None,
+    password_file: PasswordFileOpt = None,
 ) -> None:
     """Show or record the consortium's task spec (the ledger's taskSpec, fixed once round 1 opens)."""
     from fedledger.tasks import load_spec
 
-    ledger, _ = _ledger(deployment, rpc, key if spec is not None else None)
+    ledger, _ = _ledger(
+        deployment, rpc, _signer(key, keystore, password_file) if spec is not None else None
+    )
     if spec is not None:
         ledger.set_task_spec(load_spec(spec).hash)
     on_chain = ledger.task_spec()
     console.print(f"task spec 0x{on_chain.hex()}" if any(on_chain) else "no task spec recorded yet")
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def _new_password(password_file: Path | None, out: Path) -> str:
+    from fedledger.keys import read_password
+
+    def prompt(text: str) -> str:
+        return str(typer.prompt(text, hide_input=True, confirmation_prompt=True, err=True))
+
+    import sys
+
+    interactive = sys.stdin.isatty()
+    return read_password(
+        password_file, prompt=prompt if interactive else None, what=f"the new keystore {out}"
+    )
+
+
+@keys_app.command("new")
+def keys_new(
+    out: Annotated[Path, typer.Option(help="The keystore file to write.")],
+    password_file: PasswordFileOpt = None,
+) -> None:
+    """Create a new account in an encrypted keystore; prints its address."""
+    from eth_account import Account
+
+    from fedledger.keys import write_keystore
+
+    info = write_keystore(Account.create(), out, _new_password(password_file, out))
+    console.print(f"{info.address} in {info.path}")
+
+
+@keys_app.command("import")
+def keys_import(
+    out: Annotated[Path, typer.Option(help="The keystore file to write.")],
+    password_file: PasswordFileOpt = None,
+) -> None:
+    """Encrypt an existing hex key into a keystore: the key is read from standard input (or a
+    hidden prompt), never from the command line."""
+    import sys
+
+    from fedledger.incentive.chain import account_from_key
+    from fedledger.keys import write_keystore
+
+    if sys.stdin.isatty():
+        raw = str(typer.prompt("hex private key", hide_input=True, err=True))
+    else:
+        raw = sys.stdin.readline()
+    account = account_from_key(raw.strip())  # a ChainError, with nothing echoed, if not a key
+    info = write_keystore(account, out, _new_password(password_file, out))
+    console.print(f"{info.address} in {info.path}")
+
+
+@keys_app.command("list")
+def keys_list(
+    paths: Annotated[list[Path], typer.Argument(help="Keystore files or folders of them.")],
+) -> None:
+    """The address in each keystore (no password needed)."""
+    from fedledger.keys import keystore_address
+
+    files = [f for p in paths for f in (sorted(p.glob("*.json")) if p.is_dir() else [p])]
+    for path in files:
+        console.print(f"{keystore_address(path)}  {path}")
 
 
 # -------------------------------------------------------------------------- certs
@@ -539,6 +670,8 @@ def coordinator_serve(
     deployment: DeploymentOpt = DEFAULT_STATE_DIR / "devnet" / "deployment.json",
     rpc: RpcOpt = None,
     key: KeyOpt = None,
+    keystore: KeystoreOpt = None,
+    password_file: PasswordFileOpt = None,
     data_dir: Annotated[
         Path, typer.Option(help="Durable state (SQLite and tensors).")
     ] = DEFAULT_STATE_DIR / "coordinator",
@@ -610,10 +743,10 @@ def coordinator_serve(
     from fedledger.coordinator.service import RoundService
 
     _logging(verbose)
-    if not key:
-        raise _fail("the coordinator's key is required: --key or FEDLEDGER_KEY")
+    if not key and keystore is None:
+        raise _fail("the coordinator's key is required: --keystore (or --key / FEDLEDGER_KEY)")
     tls = _server_tls(tls_cert, tls_key, client_ca)
-    ledger, _ = _ledger(deployment, rpc, key)
+    ledger, _ = _ledger(deployment, rpc, _signer(key, keystore, password_file))
     if quorum_policy not in ("fail", "extend"):
         raise _fail("--quorum-policy must be `fail` or `extend`")
     knobs: dict[str, object] = dict(_parse_knobs(pricing or []))
@@ -679,6 +812,8 @@ def node_run(
     deployment: DeploymentOpt = DEFAULT_STATE_DIR / "devnet" / "deployment.json",
     rpc: RpcOpt = None,
     key: KeyOpt = None,
+    keystore: KeystoreOpt = None,
+    password_file: PasswordFileOpt = None,
     spec: SpecOpt = None,
     data: Annotated[
         str,
@@ -703,12 +838,12 @@ def node_run(
     from fedledger.tasks import load_data, load_spec, load_task
 
     _logging(verbose)
-    if not key:
-        raise _fail("the organisation's key is required: --key or FEDLEDGER_KEY")
+    if not key and keystore is None:
+        raise _fail("the organisation's key is required: --keystore (or --key / FEDLEDGER_KEY)")
     coordinator_client = _client(coordinator, ca_cert, client_cert, client_key, insecure)
     learning_task = load_task(load_spec(spec), "node")
     dataset = load_data(learning_task, data)
-    ledger, _ = _ledger(deployment, rpc, key)
+    ledger, _ = _ledger(deployment, rpc, _signer(key, keystore, password_file))
     assert ledger.account is not None
     if not ledger.is_organisation(ledger.account.address):
         raise _fail(

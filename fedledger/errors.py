@@ -478,6 +478,16 @@ class ErrorCode(enum.StrEnum):
             "issue a new one with `fedledger certs issue`, or point to the right files",
         ),
     )
+    BAD_KEYSTORE = (
+        "bad_keystore",
+        CodeSpec(
+            422,
+            Area.SETUP,
+            "a keystore is unreadable, not a JSON keystore, or does not unlock with the password "
+            "given; or no password was given where no prompt can be shown",
+            "check the file and the password (--password-file, FEDLEDGER_PASSWORD or the prompt)",
+        ),
+    )
     INSECURE_TRANSPORT = (
         "insecure_transport",
         CodeSpec(
