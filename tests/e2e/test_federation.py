@@ -6,13 +6,12 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from fedledger.devnet.anvil import AnvilProcess, free_port, start_anvil
+from fedledger.devnet.anvil import AnvilProcess, free_port
 from fedledger.devnet.deploy import deploy_devnet
 from fedledger.incentive.chain import connect
 from fedledger.incentive.commitment import keccak
@@ -25,13 +24,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 ORGS = 3
 ROUNDS = 2
-
-
-@pytest.fixture
-def anvil() -> Iterator[AnvilProcess]:
-    process = start_anvil(accounts=ORGS + 2)
-    yield process
-    process.stop()
 
 
 def _cli(*args: str) -> list[str]:

@@ -6,24 +6,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from fedledger.devnet.anvil import AnvilProcess, start_anvil
+from fedledger.devnet.anvil import AnvilProcess
 from fedledger.devnet.deploy import deploy_devnet
 from fedledger.incentive.chain import connect
 from fedledger.incentive.ledger import LedgerClient
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-
-@pytest.fixture
-def anvil() -> Iterator[AnvilProcess]:
-    process = start_anvil(accounts=3)
-    yield process
-    process.stop()
 
 
 def _run(

@@ -7,13 +7,12 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from fedledger.devnet.anvil import AnvilProcess, free_port, start_anvil
+from fedledger.devnet.anvil import AnvilProcess, free_port
 from fedledger.devnet.deploy import deploy_devnet
 from fedledger.incentive.chain import connect
 from fedledger.incentive.commitment import keccak
@@ -27,13 +26,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "breast_cancer"
 HOSPITALS = ("hospital_a", "hospital_b", "hospital_c")
 ROUNDS = 2
-
-
-@pytest.fixture
-def anvil() -> Iterator[AnvilProcess]:
-    process = start_anvil(accounts=len(HOSPITALS) + 2)
-    yield process
-    process.stop()
 
 
 def _cli(*args: str) -> list[str]:

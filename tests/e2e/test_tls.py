@@ -7,26 +7,18 @@ import os
 import ssl
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from fedledger.devnet.anvil import AnvilProcess, free_port, start_anvil
+from fedledger.devnet.anvil import AnvilProcess, free_port
 from fedledger.devnet.deploy import deploy_devnet
 from fedledger.incentive.chain import connect
 from fedledger.incentive.ledger import LedgerClient
 from fedledger.incentive.onchain import RoundState
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-
-@pytest.fixture
-def anvil() -> Iterator[AnvilProcess]:
-    process = start_anvil(accounts=3)
-    yield process
-    process.stop()
 
 
 def _cli(*args: str) -> list[str]:
