@@ -299,11 +299,21 @@ def devnet_up(
     ] = DEFAULT_STATE_DIR / "devnet",
     round_budget: RoundBudgetOpt = DEFAULT_ROUND_BUDGET / TOKEN_UNIT,
     spec: SpecOpt = None,
+    password_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also write each account's keystore under STATE_DIR/keystores, encrypted with "
+            "this file's first line (or FEDLEDGER_PASSWORD when set)."
+        ),
+    ] = None,
 ) -> None:
     """Start anvil on loopback, deploy the contracts and write `deployment.json`."""
+    import os
+
     from fedledger.devnet.anvil import start_anvil
     from fedledger.devnet.deploy import deploy_devnet
     from fedledger.incentive.chain import connect
+    from fedledger.keys import PASSWORD_ENV
     from fedledger.tasks import load_spec
 
     task_spec = load_spec(spec)
@@ -328,6 +338,23 @@ def devnet_up(
     console.print(f"ledger {deployment.ledger}, token {deployment.token}")
     console.print(f"task spec {task_spec.task.name!r}: 0x{task_spec.hash.hex()}")
     console.print(f"deployment written to {out} (devnet keys included: never use them elsewhere)")
+    if password_file is not None or os.environ.get(PASSWORD_ENV):
+        _devnet_keystores(deployment, state_dir / "keystores", password_file)
+
+
+def _devnet_keystores(deployment: Deployment, folder: Path, password_file: Path | None) -> None:
+    """The devnet accounts' keystores: admin.json, coordinator.json, organisation-K.json."""
+    from fedledger.incentive.chain import account_from_key
+    from fedledger.keys import read_password, write_keystore
+
+    assert deployment.accounts is not None
+    password = read_password(password_file, prompt=None, what="the devnet keystores")
+    entries = {"admin": deployment.accounts.admin, "coordinator": deployment.accounts.coordinator}
+    entries |= {f"organisation-{k}": o for k, o in enumerate(deployment.accounts.organisations)}
+    for name, entry in entries.items():
+        if entry.private_key:
+            write_keystore(account_from_key(entry.private_key), folder / f"{name}.json", password)
+    console.print(f"keystores written to {folder} ({', '.join(entries)})")
 
 
 @devnet_app.command("down")

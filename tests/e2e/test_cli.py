@@ -17,6 +17,7 @@ from fedledger.incentive.deployment import Deployment
 from fedledger.incentive.ledger import LedgerClient
 from fedledger.incentive.merkle import SettlementLeaf, SettlementTree
 from fedledger.incentive.onchain import Flag
+from fedledger.keys import unlock
 
 pytestmark = [pytest.mark.e2e]
 
@@ -43,22 +44,27 @@ def _running(pid: int) -> bool:
 def test_devnet_up_register_rewards_down(tmp_path: Path) -> None:
     state = tmp_path / "devnet"
     port = free_port()
+    password = tmp_path / "password"
+    password.write_text("devnet only\n")
     up = fedledger(
-        "devnet",
-        "up",
-        "--organisations",
-        "2",
-        "--port",
-        str(port),
-        "--state-dir",
-        str(state),
+        "devnet", "up", "--organisations", "2", "--port", str(port), "--state-dir", str(state),
+        "--password-file", str(password),
         cwd=tmp_path,
-    )
+    )  # fmt: skip
     assert up.returncode == 0, up.stdout + up.stderr
     pid = int((state / "anvil.pid").read_text())
     try:
         assert _running(pid)
         deployment = Deployment.load(state / "deployment.json")
+        assert deployment.accounts is not None
+        keystores = {
+            "admin": deployment.accounts.admin,
+            "coordinator": deployment.accounts.coordinator,
+            "organisation-1": deployment.accounts.organisations[1],
+        }
+        for name, entry in keystores.items():
+            unlocked = unlock(state / "keystores" / f"{name}.json", "devnet only")
+            assert unlocked.address == entry.address
         assert deployment.rpc_url == f"http://127.0.0.1:{port}"
         assert deployment.accounts is not None and len(deployment.accounts.organisations) == 2
         ledger = LedgerClient(connect(deployment.rpc_url), deployment.ledger)
