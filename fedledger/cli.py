@@ -854,6 +854,13 @@ def node_run(
         Path | None,
         typer.Option(help="Keep a copy of every update sent, and its signed headers, here."),
     ] = None,
+    privacy_ledger: Annotated[
+        Path | None,
+        typer.Option(
+            help="With DP-SGD in the spec: where this node records the privacy it has spent "
+            "(default: .fedledger/privacy/LEDGER-ORGANISATION.json). Keep it: it is the budget."
+        ),
+    ] = None,
     ca_cert: CaCertOpt = None,
     client_cert: ClientCertOpt = None,
     client_key: ClientKeyOpt = None,
@@ -879,9 +886,13 @@ def node_run(
 
     def report(outcome: RoundOutcome) -> None:
         local = ", ".join(f"{k} {v:.4f}" for k, v in outcome.local_metrics.items())
+        spent = ""
+        if outcome.epsilon is not None and (dp := learning_task.spec.privacy) is not None:
+            spent = f"; epsilon {outcome.epsilon:.3f} of {dp.epsilon:g} spent (delta {dp.delta:g})"
         console.print(
             f"round {outcome.round_id}: uploaded {outcome.update_hash[:18]}… "
-            f"({outcome.num_samples} samples, train loss {outcome.train_loss:.4f}; local {local})"
+            f"({outcome.num_samples} samples, train loss {outcome.train_loss:.4f}; local {local}"
+            f"{spent})"
         )
 
     def settled(round_: Settled) -> None:
@@ -898,6 +909,19 @@ def node_run(
         f"node {ledger.account.address}: task {learning_task.spec.task.name!r}, "
         f"{len(dataset[1])} samples, coordinator {coordinator}"
     )
+    privacy = None
+    if learning_task.spec.privacy is not None:
+        from fedledger.tasks.privacy import PrivacyLedger
+
+        path = privacy_ledger or (
+            DEFAULT_STATE_DIR / "privacy" / f"{ledger.address}-{ledger.account.address}.json"
+        )
+        privacy = PrivacyLedger(learning_task.spec.privacy, path)
+        spent = privacy.spent()
+        console.print(
+            f"DP-SGD: epsilon {spent.epsilon:.3f} of {spent.budget:g} spent so far "
+            f"(delta {spent.delta:g}, {spent.rounds} rounds; ledger {path})"
+        )
     with coordinator_client as client:
         runner = NodeRunner(
             client,
@@ -905,11 +929,14 @@ def node_run(
             learning_task,
             dataset,
             seed=seed,
+            privacy=privacy,
             outbox=outbox,
             on_round=report,
             on_settled=settled,
         )
         outcomes = runner.run()
+    if runner.budget_spent is not None:
+        errors.print(f"[yellow]privacy budget spent:[/] {escape(str(runner.budget_spent))}")
     console.print(f"training done: took part in {len(outcomes)} round(s)")
 
 
@@ -973,7 +1000,8 @@ class RewardRow:
     payment: str
     score: str  # scoreOf: the Shapley value in fixed point (1e18 = 1.0), as a decimal string
     value: float  # the same score as a float
-    reward: int  # token units
+    reward: str  # rewardOf: token units (18 decimals), as a decimal string
+    reward_tokens: float  # the same in tokens, as a float (for reading, not for sums)
     flags: list[str]
 
 
@@ -1016,7 +1044,8 @@ def rewards(
                     payment=payment,
                     score=str(score),
                     value=from_fixed_point(score),
-                    reward=ledger.reward_of(round_id, address),
+                    reward=str(reward := ledger.reward_of(round_id, address)),
+                    reward_tokens=reward / TOKEN_UNIT,
                     flags=flag_names(ledger.flags_of(round_id, address)),
                 )
             )
@@ -1027,7 +1056,9 @@ def rewards(
                 {
                     "ledger": ledger.address,
                     "rounds": [dataclasses.asdict(row) for row in rows],
-                    "balances": balances,
+                    # decimal strings: 21-digit token amounts do not survive JSON numbers in
+                    # jq or JavaScript (doubles)
+                    "balances": {address: str(units) for address, units in balances.items()},
                 },
                 indent=2,
             )
@@ -1046,7 +1077,7 @@ def rewards(
             row.organisation,
             "-" if row.committed is None else row.committed[:18] + "…",
             f"{row.value:+.4f}" if row.settled else "-",
-            f"{row.reward / TOKEN_UNIT:,.4f}" if row.settled else "-",
+            f"{row.reward_tokens:,.4f}" if row.settled else "-",
             row.payment,
             ", ".join(row.flags) or "-",
         )

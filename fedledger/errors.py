@@ -428,6 +428,17 @@ class ErrorCode(enum.StrEnum):
             "fix the model or the spec (`fedledger task check SPEC` prints the tensors)",
         ),
     )
+    PRIVACY_BUDGET_SPENT = (
+        "privacy_budget_spent",
+        CodeSpec(
+            422,
+            Area.TASK,
+            "a round of DP-SGD would take the node's epsilon past the spec's `privacy.epsilon` "
+            "(Opacus's accountant over every round it trained)",
+            "nothing: the node has spent its budget and stops training; the consortium may "
+            "agree on a new spec and ledger",
+        ),
+    )
     DATA_FILE = (
         "data_file",
         CodeSpec(

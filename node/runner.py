@@ -30,6 +30,7 @@ from fedledger.incentive.onchain import RoundState, hex32
 from fedledger.incentive.signing import UploadAuthorization, sign_upload
 from fedledger.node.client import CoordinatorClient
 from fedledger.tasks import Dataset, NodeTask, diff_specs, parse_spec
+from fedledger.tasks.privacy import PrivacyBudgetSpent, PrivacyLedger
 
 log = logging.getLogger("fedledger.node")
 
@@ -44,6 +45,7 @@ class RoundOutcome:
     train_loss: float
     duplicate: bool
     local_metrics: dict[str, float]  # the trained local model's metrics on the node's own data
+    epsilon: float | None = None  # DP-SGD: epsilon spent over every round so far (spec's delta)
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,7 @@ class NodeRunner:
         data: Dataset,
         *,
         seed: int = 0,
+        privacy: PrivacyLedger | None = None,
         outbox: Path | None = None,
         on_settled: Callable[[Settled], None] | None = None,
         poll_interval_s: float = 0.2,
@@ -98,6 +101,9 @@ class NodeRunner:
         self.task = task
         self.data = data
         self.seed = seed
+        self.privacy = privacy
+        if task.spec.privacy is not None and privacy is None:
+            raise ValueError("the task spec asks for DP-SGD: the node needs a privacy ledger")
         self.outbox = outbox
         self.on_settled = on_settled
         self.poll_interval_s = poll_interval_s
@@ -112,6 +118,7 @@ class NodeRunner:
         self._specs = specs_of(self._model.state_dict())
         self._chain_id = ledger.chain_id()
         self._task_checked = False
+        self.budget_spent: PrivacyBudgetSpent | None = None
         self.done_rounds: set[int] = set()
         self.unclaimed: set[int] = set()  # rounds uploaded to whose settlement is not yet seen
         self.claims: list[Claim] = []
@@ -142,7 +149,13 @@ class NodeRunner:
                     current.status == wire.RoundStatus.OPEN
                     and current.round_id not in self.done_rounds
                 ):
-                    outcome = self.take_part(current)
+                    try:
+                        outcome = self.take_part(current)
+                    except PrivacyBudgetSpent as exc:
+                        log.warning("%s", exc)
+                        self.budget_spent = exc
+                        self.settle(before_round=None)
+                        return outcomes
                     if outcome is not None:
                         outcomes.append(outcome)
                         if self.on_round is not None:
@@ -210,6 +223,12 @@ class NodeRunner:
         params = self.fetch_global_model(current)
         # The seed depends on the round, so a restarted node reproduces its own update exactly.
         seed = self.seed * 1_000_003 + round_id
+        if self.privacy is not None:  # before training: a round past the budget is not trained
+            training = self.task.spec.training
+            self.privacy.charge(
+                round_id, len(self.data[1]), epochs=training.epochs, batch_size=training.batch_size
+            )
+            seed = self.privacy.noise_seed(round_id)  # DP noise nobody else can predict
         result = self.task.train(self._model, params, self.data, seed=seed, device=self.device)
         trained = {n: params[n] + result.delta[n] for n in params}
         local_metrics = self.task.evaluate(self._model, trained, self.data)
@@ -263,6 +282,7 @@ class NodeRunner:
             train_loss=result.loss,
             duplicate=receipt.duplicate,
             local_metrics=local_metrics,
+            epsilon=None if self.privacy is None else self.privacy.spent().epsilon,
         )
 
     def _keep(self, round_id: int, body: bytes, headers: dict[str, str]) -> None:

@@ -28,8 +28,13 @@ def make_harness(tmp_path: Path) -> Iterator[Callable[..., Harness]]:
     services: list[RoundService] = []
 
     def build(**settings: object) -> Harness:
+        from fedledger.tasks import load_spec
+
         w3 = embedded_web3(NUM_ORGS + 3)
-        deployment = deploy_devnet(w3, NUM_ORGS)
+        spec = settings.get("task_spec")
+        deployment = deploy_devnet(
+            w3, NUM_ORGS, task_spec=load_spec(spec).hash if isinstance(spec, Path) else None
+        )
         clock = [float(w3.eth.get_block("latest")["timestamp"])]
         defaults: dict[str, object] = {
             "data_dir": tmp_path / f"coordinator{len(services)}",

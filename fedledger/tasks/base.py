@@ -177,7 +177,14 @@ class BaseTask:
         device: torch.device | None = None,
     ) -> LocalResult:
         x, y = data
-        return train_local(model, global_params, x, y, self.train_config(seed), device=device)
+        config = self.train_config(seed)
+        if self.spec.privacy is not None:  # DP-SGD per record (the node charges its ledger)
+            from fedledger.tasks.privacy import train_private
+
+            return train_private(
+                model, global_params, x, y, config, self.spec.privacy, device=device
+            )
+        return train_local(model, global_params, x, y, config, device=device)
 
     def metrics(self) -> list[str]:
         """The game's metric, then the spec's further ones."""

@@ -119,6 +119,20 @@ class ValidationSection(_Section):
     )
 
 
+class PrivacySection(_Section):
+    """DP-SGD per record on every node (Opacus), and each organisation's privacy budget."""
+
+    noise_multiplier: float = Field(
+        gt=0, description="Gaussian noise std as a multiple of max_grad_norm (Opacus's sigma)."
+    )
+    max_grad_norm: float = Field(gt=0, description="Per-sample gradient clipping bound.")
+    epsilon: float = Field(gt=0, description="The budget: epsilon over the whole run, at delta.")
+    delta: float = Field(gt=0, lt=1, description="delta of the (epsilon, delta) guarantee.")
+    accountant: Literal["rdp", "prv"] = Field(
+        "rdp", description="Opacus's accountant: Renyi DP (rdp) or privacy random variables."
+    )
+
+
 class FeatureColumn(_Section):
     """One feature column of a tabular file and the range the consortium agreed to scale it by."""
 
@@ -189,6 +203,7 @@ class TaskSpec(_Section):
     training: TrainingSection = Field(default_factory=TrainingSection)
     validation: ValidationSection = Field(default_factory=ValidationSection)
     data: DataSection | None = None
+    privacy: PrivacySection | None = None
 
     _source: Path | None = PrivateAttr(None)
     _raw: bytes = PrivateAttr(b"")
@@ -217,6 +232,10 @@ class TaskSpec(_Section):
                 raise ValueError(f"data.label.classes has repeated values: {classes}")
             if kind == "regression" and classes is not None:
                 raise ValueError("data.label.classes is for classification tasks only")
+        if self.privacy is not None and self.training.prox_mu > 0:
+            raise ValueError(
+                "training.prox_mu must be 0 with [privacy] (DP-SGD clips the loss's gradient per record)"
+            )
         if self.task.plugin is None:
             if self.data is None:
                 raise ValueError("the built-in tabular task (no task.plugin) needs a [data] schema")

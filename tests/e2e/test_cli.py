@@ -164,7 +164,7 @@ def test_devnet_up_register_rewards_down(tmp_path: Path) -> None:
         report = json.loads(shown.stdout)
         assert report["ledger"] == deployment.ledger
         assert report["rounds"] == []
-        assert report["balances"] == {org: 0 for org in ledger.organisations()}
+        assert report["balances"] == {org: "0" for org in ledger.organisations()}
 
         # A round settled by Merkle root: one organisation claims, the other (flagged) not yet.
         orgs = deployment.accounts.organisations
@@ -193,7 +193,7 @@ def test_devnet_up_register_rewards_down(tmp_path: Path) -> None:
         rows = {r["organisation"]: r for r in json.loads(shown.stdout)["rounds"]}
         claimed, flagged = rows[orgs[0].address], rows[orgs[1].address]
         assert (claimed["settlement"], claimed["payment"]) == ("claims", "claimed")
-        assert (claimed["reward"], claimed["value"], claimed["flags"]) == (7 * 10**18, 0.5, [])
+        assert (claimed["reward"], claimed["value"], claimed["flags"]) == (str(7 * 10**18), 0.5, [])
         assert claimed["score"] == str(10**18 // 2)
         assert (flagged["payment"], flagged["flags"]) == ("unclaimed", ["copied_update"])
         table = fedledger("rewards", "--deployment", str(state / "deployment.json"), cwd=tmp_path)

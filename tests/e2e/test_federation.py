@@ -115,10 +115,10 @@ def test_three_nodes_two_rounds_settle_on_chain(anvil: AnvilProcess, tmp_path: P
     assert shown.returncode == 0, shown.stderr
     report = json.loads(shown.stdout)
     ledger = LedgerClient(connect(anvil.rpc_url), deployment.ledger)
-    assert report["balances"] == {org: ledger.balance_of(org) for org in ledger.organisations()}
+    assert report["balances"] == {o: str(ledger.balance_of(o)) for o in ledger.organisations()}
     assert len(report["rounds"]) == ROUNDS * ORGS
     for row in report["rounds"]:
-        assert row["reward"] == ledger.reward_of(row["round"], row["organisation"])
+        assert int(row["reward"]) == ledger.reward_of(row["round"], row["organisation"])
         assert row["committed"] is not None and row["settled"] is True
         assert row["payment"] == "paid" and row["settlement"] == "direct"
 
