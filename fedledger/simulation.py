@@ -21,6 +21,8 @@ from fedledger.coordinator.policy import PricingPolicy
 from fedledger.incentive.commitment import encode_tensors
 from fedledger.incentive.utility import evaluate_params
 from fedledger.tasks import DigitsTask
+from fedledger.tasks.privacy import train_private
+from fedledger.tasks.spec import PrivacySection
 from fedledger.tasks.training import TrainConfig, train_local
 
 Delta = dict[str, Tensor]
@@ -144,12 +146,14 @@ def run_federation(
     policy: PricingPolicy | None = None,
     alpha: float = 0.5,
     parts: Sequence[Data] | None = None,
+    privacy: PrivacySection | None = None,
 ) -> Federation:
     """Run ``rounds`` rounds; organisation k uploads ``attacks[k](...)`` instead of its delta and
     declares ``declared[k]`` samples instead of its true count, where given.
 
     The organisations hold ``parts`` (features, labels) when given, else the digits task's
-    Dirichlet(``alpha``) partition into ``num_orgs``."""
+    Dirichlet(``alpha``) partition into ``num_orgs``. With ``privacy`` every honest update is
+    trained by DP-SGD (Opacus) instead of plain SGD."""
     attacks = attacks or {}
     declared = declared or {}
     # BUDGET units per 1.0 of gain too, so the budget caps no round (gains are below 1).
@@ -159,7 +163,7 @@ def run_federation(
         task = DigitsTask()
         parts = [task.partition(k, num_orgs, alpha=alpha, seed=0) for k in range(num_orgs)]
     with _flushed_denormals():
-        return _run(rounds, attacks, declared, policy, parts)
+        return _run(rounds, attacks, declared, policy, parts, privacy)
 
 
 class _flushed_denormals:
@@ -177,12 +181,21 @@ TRAIN_CONFIG = TrainConfig(epochs=1, lr=0.05, batch_size=32)
 
 
 def _local_delta(
-    model: torch.nn.Module, params: Mapping[str, Tensor], data: Data, k: int, round_id: int
+    model: torch.nn.Module,
+    params: Mapping[str, Tensor],
+    data: Data,
+    k: int,
+    round_id: int,
+    privacy: PrivacySection | None = None,
 ) -> Delta:
-    """Organisation k's honest delta of ``round_id``, shuffled with the seed the node uses."""
+    """Organisation k's honest delta of ``round_id``, shuffled with the seed the node uses
+    (DP-SGD with ``privacy``)."""
     x, y = data
     seeded = replace(TRAIN_CONFIG, seed=k * 1_000_003 + round_id)
-    return train_local(model, params, x, y, seeded, device=torch.device("cpu")).delta
+    cpu = torch.device("cpu")
+    if privacy is not None:
+        return train_private(model, params, x, y, seeded, privacy, device=cpu).delta
+    return train_local(model, params, x, y, seeded, device=cpu).delta
 
 
 def train_fedavg(
@@ -214,6 +227,7 @@ def _run(
     declared: Mapping[int, int],
     policy: PricingPolicy,
     parts: Sequence[Data],
+    privacy: PrivacySection | None = None,
 ) -> Federation:
     task = DigitsTask()
     model = task.build_model(seed=0)
@@ -228,7 +242,7 @@ def _run(
         rng = torch.Generator().manual_seed(round_id)
         deltas: list[Delta] = []
         for k, data in enumerate(parts):
-            delta = _local_delta(model, params, data, k, round_id)
+            delta = _local_delta(model, params, data, k, round_id, privacy)
             if k in attacks:
                 seen = Seen(
                     own=delta,

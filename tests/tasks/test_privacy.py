@@ -185,3 +185,14 @@ def test_the_noise_seed_is_secret_per_node_and_stable_across_a_restart(tmp_path:
     assert restarted.noise_seed(1) == ledger.noise_seed(1) != ledger.noise_seed(2)
     assert PrivacyLedger(privacy, tmp_path / "other.json").noise_seed(1) != ledger.noise_seed(1)
     assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_the_simulator_trains_privately_when_asked() -> None:
+    """bench/privacy.py's federations: the same organisations, DP-SGD updates instead of SGD."""
+    from fedledger.simulation import run_federation
+
+    privacy = PrivacySection(noise_multiplier=2.0, max_grad_norm=1.0, epsilon=1e9, delta=1e-5)
+    plain = run_federation(num_orgs=3, rounds=1)
+    private = run_federation(num_orgs=3, rounds=1, privacy=privacy)
+    assert plain.rounds[0].values != private.rounds[0].values
+    assert private.accuracy != plain.accuracy
