@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
+import importlib.util
 import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -25,6 +28,24 @@ def plugin_dir(spec: TaskSpec) -> Path | None:
     return (spec.base_dir / spec.task.plugin_dir).resolve()
 
 
+def _import(module_name: str, folder: Path | None) -> ModuleType:
+    """Import ``module_name``, finding its top-level module or package in ``folder`` first and
+    then among the installed packages, without putting ``folder`` on ``sys.path`` (so a plug-in
+    of several modules is a package whose modules import each other as its submodules)."""
+    top = module_name.partition(".")[0]
+    if folder is not None and top not in sys.modules:
+        found = importlib.machinery.PathFinder.find_spec(top, [str(folder)])
+        if found is not None and found.loader is not None:
+            module = importlib.util.module_from_spec(found)
+            sys.modules[top] = module  # as the import system does, before running its code
+            try:
+                found.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[top]
+                raise
+    return importlib.import_module(module_name)
+
+
 def load_object(reference: str, spec: TaskSpec, *, what: str) -> Any:
     """The object ``package.module:attribute`` names, importing from the spec's plug-in folder
     first; a ``TaskError`` (``bad_plugin``) says what could not be found and where it looked."""
@@ -35,18 +56,14 @@ def load_object(reference: str, spec: TaskSpec, *, what: str) -> Any:
         )
     module_name, _, attribute = reference.partition(":")
     folder = plugin_dir(spec)
-    if folder is not None:
-        if not folder.is_dir():
-            raise TaskError(
-                ErrorCode.BAD_PLUGIN,
-                f"task.plugin_dir {spec.task.plugin_dir!r}: no folder {folder} (an audit on "
-                "another machine passes --spec with its copy of the spec, next to its plug-ins)",
-            )
-        if str(folder) in sys.path:  # the spec's folder first, even if already on the path
-            sys.path.remove(str(folder))
-        sys.path.insert(0, str(folder))
+    if folder is not None and not folder.is_dir():
+        raise TaskError(
+            ErrorCode.BAD_PLUGIN,
+            f"task.plugin_dir {spec.task.plugin_dir!r}: no folder {folder} (an audit on "
+            "another machine passes --spec with its copy of the spec, next to its plug-ins)",
+        )
     try:
-        module = importlib.import_module(module_name)
+        module = _import(module_name, folder)
     except ModuleNotFoundError as exc:
         if exc.name is not None and not module_name.startswith(exc.name):
             raise TaskError(  # the plug-in was found; something it imports was not
