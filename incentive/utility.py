@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -143,6 +143,18 @@ def evaluate_params(
         return float(per_sample_scores(logits, y.to(x.device), metric).mean())
 
 
+def loss_function(name: str) -> Callable[[Tensor, Tensor], Tensor]:
+    """The mean training loss called ``name``: cross-entropy of logits against class indices, or
+    the squared error of a one-output regression model (shape (n,) or (n, 1)) against targets.
+    Local training minimises it; ``descent_direction`` differentiates it."""
+    if name == "cross_entropy":
+        return torch.nn.CrossEntropyLoss()
+    if name == "mse":
+        mse = torch.nn.MSELoss()
+        return lambda output, target: mse(output.reshape(target.shape), target)
+    raise ValueError(f"unknown loss {name!r}; expected cross_entropy or mse")
+
+
 def descent_direction(
     model: torch.nn.Module,
     params: Mapping[str, Tensor],
@@ -159,12 +171,10 @@ def descent_direction(
     floating = {n: t.detach() for n, t in params.items() if t.is_floating_point()}
     fixed = {n: t for n, t in params.items() if not t.is_floating_point()}
     targets = y.to(x.device, torch.float32 if regression else torch.int64)
+    training_loss = loss_function("mse" if regression else "cross_entropy")
 
     def loss(p: dict[str, Tensor]) -> Tensor:
-        output = functional_call(model, {**fixed, **p}, (x,))
-        if regression:
-            return F.mse_loss(output.reshape(targets.shape), targets)
-        return F.cross_entropy(output, targets)
+        return training_loss(functional_call(model, {**fixed, **p}, (x,)), targets)
 
     with _eval_mode(model):
         gradient = grad(loss)(floating)

@@ -38,8 +38,9 @@ import torch
 from torch import Tensor, nn
 
 from fedledger.errors import ErrorCode, TaskError
+from fedledger.incentive.utility import loss_function
 from fedledger.tasks.spec import PrivacySection
-from fedledger.tasks.training import LocalResult, TrainConfig, loss_function
+from fedledger.tasks.training import LocalResult, TrainConfig
 
 # Opacus's hooks fire on the output of a first layer whose input needs no gradient: harmless,
 # and said once per step otherwise (catch_warnings is not thread-safe, so not scoped).

@@ -3,7 +3,7 @@ proximal term; the loss and optimiser come from the task spec's [training] secti
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -12,6 +12,7 @@ from torch import nn
 from torch.func import functional_call
 
 from fedledger.devices import resolve_device
+from fedledger.incentive.utility import loss_function
 
 
 @dataclass(frozen=True)
@@ -29,17 +30,6 @@ class TrainConfig:
     optimiser: Literal["sgd", "adam"] = "sgd"
     momentum: float = 0.0
     weight_decay: float = 0.0
-
-
-def loss_function(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The mean training loss called ``name``: cross-entropy of logits against class indices, or
-    the squared error of a one-output regression model (shape (n,) or (n, 1)) against targets."""
-    if name == "cross_entropy":
-        return nn.CrossEntropyLoss()
-    if name == "mse":
-        mse = nn.MSELoss()
-        return lambda output, target: mse(output.reshape(target.shape), target)
-    raise ValueError(f"unknown loss {name!r}; expected cross_entropy or mse")
 
 
 @dataclass(frozen=True)
