@@ -107,6 +107,23 @@ def require_methods(task: object, methods: Sequence[str], *, role: str, referenc
         )
 
 
+def _probe(model: nn.Module, x: torch.Tensor, code: ErrorCode, failure: str) -> torch.Tensor:
+    """The model's output on ``x`` (eval mode, no gradients, on the model's device); a model
+    that cannot take it is refused with ``code`` and ``failure`` followed by its error."""
+    parameter = next(iter(model.parameters()), None)
+    probe = x.to(parameter.device) if parameter is not None else x
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            output: torch.Tensor = model(probe)
+    except Exception as exc:  # a shape error from the consortium's model: name the mismatch
+        raise TaskError(code, f"{failure}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        model.train(was_training)
+    return output
+
+
 def check_data(
     spec: TaskSpec, model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], source: str
 ) -> None:
@@ -119,21 +136,13 @@ def check_data(
             ErrorCode.DATA_FILE,
             f"{source}: {len(x)} feature rows and {len(y)} labels; expected as many, at least one",
         )
-    parameter = next(iter(model.parameters()), None)
-    probe = x[:2].to(parameter.device) if parameter is not None else x[:2]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            output = model(probe)
-    except Exception as exc:  # the data's shape against the consortium's model: name both
-        raise TaskError(
-            ErrorCode.DATA_VALUE,
-            f"{source}: the model of task {spec.task.name!r} cannot take features of shape "
-            f"{tuple(x.shape[1:])}: {type(exc).__name__}: {exc}",
-        ) from exc
-    finally:
-        model.train(was_training)
+    output = _probe(
+        model,
+        x[:2],
+        ErrorCode.DATA_VALUE,
+        f"{source}: the model of task {spec.task.name!r} cannot take features of shape "
+        f"{tuple(x.shape[1:])}",
+    )
     if spec.task.kind == "regression":
         return
     outputs = output.shape[-1] if output.ndim > 1 else 1
@@ -181,23 +190,13 @@ def check_model(spec: TaskSpec, model: nn.Module) -> None:
     features = len(spec.data.features)
     classes = spec.data.label.classes
     expected = (2, len(classes)) if classes is not None else (2, 1)
-    parameter = next(iter(model.parameters()), None)
-    probe = torch.zeros(2, features, dtype=torch.float32)
-    if parameter is not None:
-        probe = probe.to(parameter.device)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            output = model(probe)
-    except Exception as exc:  # a shape error from the consortium's model: name the mismatch
-        raise TaskError(
-            ErrorCode.MODEL_MISMATCH,
-            f"the model of task {spec.task.name!r} cannot take the {features} features of the "
-            f"spec's data schema: {type(exc).__name__}: {exc}",
-        ) from exc
-    finally:
-        model.train(was_training)
+    output = _probe(
+        model,
+        torch.zeros(2, features, dtype=torch.float32),
+        ErrorCode.MODEL_MISMATCH,
+        f"the model of task {spec.task.name!r} cannot take the {features} features of the "
+        "spec's data schema",
+    )
     shape = tuple(output.shape)
     if shape != expected and not (classes is None and shape == (2,)):
         raise TaskError(
