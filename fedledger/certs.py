@@ -19,6 +19,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes as PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedledger.errors import ErrorCode, SetupError
@@ -100,22 +101,26 @@ def create_ca(
     return issued
 
 
-def _load_ca(ca_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    cert = load_certificate(ca_dir / "ca.pem")
+def _load_key(path: Path, password: bytes | None, *, what: str, unloadable: str) -> PrivateKey:
+    """The PEM private key at ``path``; refused as unreadable, or as ``unloadable`` says."""
     try:
-        key = serialization.load_pem_private_key(
-            (ca_dir / "ca.key").read_bytes(), password=_passphrase()
-        )
+        return serialization.load_pem_private_key(path.read_bytes(), password=password)
     except OSError as exc:
         raise SetupError(
-            ErrorCode.BAD_CERTIFICATE, f"cannot read the CA key {ca_dir / 'ca.key'}: {exc}"
+            ErrorCode.BAD_CERTIFICATE, f"cannot read {what} {path}: {exc.strerror}"
         ) from None
     except (ValueError, TypeError) as exc:
-        raise SetupError(
-            ErrorCode.BAD_CERTIFICATE,
-            f"{ca_dir / 'ca.key'} does not load ({exc}); an encrypted CA key needs "
-            f"{PASSPHRASE_ENV}",
-        ) from None
+        raise SetupError(ErrorCode.BAD_CERTIFICATE, f"{path} {unloadable} ({exc})") from None
+
+
+def _load_ca(ca_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    cert = load_certificate(ca_dir / "ca.pem")
+    key = _load_key(
+        ca_dir / "ca.key",
+        _passphrase(),
+        what="the CA key",
+        unloadable=f"does not load; an encrypted CA key needs {PASSPHRASE_ENV}",
+    )
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise SetupError(ErrorCode.BAD_CERTIFICATE, f"{ca_dir / 'ca.key'} is not an EC key")
     return cert, key
@@ -200,16 +205,7 @@ def check_pair(cert_path: Path, key_path: Path) -> x509.Certificate:
     """The certificate at ``cert_path``, checked (``load_certificate``) and matched to the
     unencrypted private key at ``key_path``."""
     cert = load_certificate(cert_path)
-    try:
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-    except OSError as exc:
-        raise SetupError(
-            ErrorCode.BAD_CERTIFICATE, f"cannot read the key {key_path}: {exc.strerror}"
-        ) from None
-    except (ValueError, TypeError) as exc:
-        raise SetupError(
-            ErrorCode.BAD_CERTIFICATE, f"{key_path} is not an unencrypted PEM key ({exc})"
-        ) from None
+    key = _load_key(key_path, None, what="the key", unloadable="is not an unencrypted PEM key")
     public = serialization.PublicFormat.SubjectPublicKeyInfo
     if key.public_key().public_bytes(
         serialization.Encoding.PEM, public
