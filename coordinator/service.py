@@ -145,7 +145,7 @@ class RoundService:
         )
         self._parts = (store, task, machine, verifier)
         machine.settler.check_data_dir(store)
-        store.keep_task(hex32(spec.hash), spec.raw.decode("utf-8"), str(spec.source or ""))
+        store.keep_task(hex32(spec.hash), spec.raw.decode("utf-8"), spec.source)
         validation = canonical_bytes({"x": x_val, "y": y_val})
         store.keep_validation(hex32(keccak(validation)), validation)
         data, digest = encode_tensors(model.state_dict())

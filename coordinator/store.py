@@ -174,13 +174,13 @@ class Store:
         with self.transaction() as db:
             db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
-    def keep_task(self, spec_hash: str, spec_text: str, spec_path: str | None) -> None:
+    def keep_task(self, spec_hash: str, spec_text: str, spec_path: Path | None) -> None:
         """Record the task spec the coordinator runs (its text, and where its file was, for
         plug-ins imported relative to it): what ``fedledger audit`` loads by default."""
         with self.transaction() as db:
             for key, value in (
                 (f"task_spec:{spec_hash}", spec_text),
-                (f"task_spec_path:{spec_hash}", spec_path or ""),
+                (f"task_spec_path:{spec_hash}", str(spec_path or "")),
             ):
                 db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
