@@ -345,15 +345,10 @@ class NodeRunner:
 
     def _settled(self, round_id: int) -> Settled:
         me = self.account.address
-        validation: dict[str, float] = {}
         try:
-            result = self.client.round_result(round_id)
+            validation = dict(self.client.round_result(round_id).validation_metrics)
         except CoordinatorRejected:
-            result = None
-        if result is not None:
-            validation = dict(result.validation_metrics)
-            if not validation and result.validation_utility is not None and result.pricing:
-                validation[str(result.pricing.get("metric", "utility"))] = result.validation_utility
+            validation = {}
         return Settled(
             round_id=round_id,
             validation=validation,
