@@ -21,8 +21,9 @@ from fedledger.tasks import BUILTIN_DIGITS, DigitsTask, load_spec
 from harness import Harness, OneEpochDigits
 
 
-def _runner(harness: Harness, url: str, k: int) -> NodeRunner:
-    task = OneEpochDigits()
+def _runner(harness: Harness, url: str, k: int, task: DigitsTask | None = None) -> NodeRunner:
+    """Organisation k's node, on its share of the digits split (one local epoch by default)."""
+    task = task or OneEpochDigits()
     return NodeRunner(
         CoordinatorClient(url),
         harness.org_ledger(harness.orgs[k]),
@@ -133,15 +134,8 @@ def test_a_node_with_another_spec_is_told_which_fields_differ_and_trains_nothing
 ) -> None:
     mine = tmp_path / "spec.toml"
     mine.write_bytes(BUILTIN_DIGITS.read_bytes().replace(b"lr = 0.05", b"lr = 0.5"))
-    task = DigitsTask(load_spec(mine))
     with serve_in_thread(create_app(harness.service)) as url:
-        runner = NodeRunner(
-            CoordinatorClient(url),
-            harness.org_ledger(harness.orgs[0]),
-            task,
-            task.load_data("0/3"),
-            clock=lambda: harness.clock[0],
-        )
+        runner = _runner(harness, url, 0, DigitsTask(load_spec(mine)))
         with pytest.raises(TaskError) as refused:
             runner.run()
     assert refused.value.code is ErrorCode.SPEC_MISMATCH
@@ -188,15 +182,8 @@ def test_a_node_refuses_a_coordinator_serving_another_spec_than_the_chain(
     other = tmp_path / "spec.toml"
     other.write_bytes(BUILTIN_DIGITS.read_bytes().replace(b"epochs = 3", b"epochs = 30"))
     harness.service.spec = load_spec(other)
-    task = OneEpochDigits()
     with serve_in_thread(create_app(harness.service)) as url:
-        runner = NodeRunner(
-            CoordinatorClient(url),
-            harness.org_ledger(harness.orgs[0]),
-            task,
-            task.load_data("0/3"),
-            clock=lambda: harness.clock[0],
-        )
+        runner = _runner(harness, url, 0)
         with pytest.raises(TaskError, match="serves a task spec hashing to") as refused:
             runner.run()
     assert "training.epochs: 3 != 30" in refused.value.message
