@@ -232,10 +232,13 @@ def screen(inputs: RoundInputs, norms: Sequence[float], policy: PricingPolicy) -
         ),
         dtype=torch.float64,
     )
+    allowed = _dp_noise_norms(inputs, flat.shape[1], policy)
     if len(kept) > 1:
         for k, z in _noise(unit, previous, descent, kept, policy).items():
+            if norms[k] <= allowed[k]:
+                continue  # as noisy as DP makes an honest update: the game prices it
             flags[k] |= Flag.UNALIGNED_UPDATE
-            notes[k] = _noise_note(z, policy)
+            notes[k] = _noise_note(z, policy) + _dp_note(norms[k], allowed[k], policy)
         kept = [k for k in kept if not flags[k] & Flag.UNALIGNED_UPDATE]
     # The public step dressed up with noise: take the public global steps out of every update
     # (and out of the directions it is tested against); one whose remainder is noise by the
@@ -248,10 +251,13 @@ def screen(inputs: RoundInputs, norms: Sequence[float], policy: PricingPolicy) -
         own_private = [None if p is None else _residual(p[None], public)[0] for p in previous]
         private_descent = _residual(descent[None], public)[0]
         for k, z in _noise(_unit(private), own_private, private_descent, kept, policy).items():
+            if norms[k] <= allowed[k]:
+                continue
             flags[k] |= Flag.UNALIGNED_UPDATE
             notes[k] = (
                 f"the public global steps leave {float(left[k]):.0%} of it, and that part is "
                 + _noise_note(z, policy)
+                + _dp_note(norms[k], allowed[k], policy)
             )
         kept = [k for k in kept if not flags[k] & Flag.UNALIGNED_UPDATE]
     return Screening(kept=kept, flags=flags, notes=notes)
@@ -361,6 +367,28 @@ def _noise_note(z: _Alignment, policy: PricingPolicy) -> str:
         f"updates (z {z.others:+.2f})"
         + ("" if z.own is None else f", its own previous update (z {z.own:+.2f})")
         + f" or the validation set's descent direction (z {z.descent:+.2f}): no signal"
+    )
+
+
+def _dp_noise_norms(inputs: RoundInputs, num_params: int, policy: PricingPolicy) -> list[float]:
+    """Per update, the norm up to which the noise screen keeps an unaligned update: with DP,
+    ``dp_noise_multiple`` x the norm of the DP noise its declared sample count's training
+    carries (Opacus adds it whatever the data, so an honest update is at least that long
+    and, with little signal per round, as unaligned as noise); without DP, none (-1)."""
+    noise = policy.privacy_noise
+    if noise is None:
+        return [-1.0] * len(inputs.updates)
+    return [
+        policy.dp_noise_multiple * noise.norm(u.num_samples, num_params) for u in inputs.updates
+    ]
+
+
+def _dp_note(norm: float, allowed: float, policy: PricingPolicy) -> str:
+    if policy.privacy_noise is None:
+        return ""
+    return (
+        f"; its norm {norm:.4g} is above {policy.dp_noise_multiple:g} x that of the task's DP "
+        f"noise ({allowed / policy.dp_noise_multiple:.4g}), so DP does not explain it"
     )
 
 

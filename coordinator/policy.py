@@ -9,7 +9,8 @@ options.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import math
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -19,6 +20,75 @@ AggregationMethod = Literal["fedavg", "median", "trimmed_mean"]
 
 DEFAULT_REWARD_PER_GAIN = 1000 * TOKEN_UNIT
 """1,000 FLR for each 1.0 the validation metric rises (a nat of log-loss)."""
+
+
+class _Privacy(Protocol):
+    @property
+    def noise_multiplier(self) -> float: ...
+    @property
+    def max_grad_norm(self) -> float: ...
+
+
+class _Training(Protocol):
+    @property
+    def optimiser(self) -> Literal["sgd", "adam"]: ...
+    @property
+    def lr(self) -> float: ...
+    @property
+    def momentum(self) -> float: ...
+    @property
+    def epochs(self) -> int: ...
+    @property
+    def batch_size(self) -> int: ...
+
+
+class PrivacyNoise(BaseModel):
+    """The DP-SGD noise the task spec puts in every honest update, as Opacus adds it.
+
+    Each step, Opacus adds N(0, (noise_multiplier x max_grad_norm)^2) to every coordinate of
+    the batch's summed clipped gradients and divides by the expected batch size (the records
+    over the batches of an epoch); SGD moves the parameters by lr x that, and heavy-ball
+    momentum carries a step's noise into every later step. So an update of ``num_samples``
+    records carries Gaussian noise of a known norm, whatever its data: ``norm``. Set from the
+    task spec's ``[privacy]`` and ``[training]`` when the coordinator starts."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    noise_multiplier: float = Field(gt=0)
+    max_grad_norm: float = Field(gt=0)
+    optimiser: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+
+    @classmethod
+    def of(cls, privacy: _Privacy, training: _Training) -> PrivacyNoise:
+        """The noise of a spec's ``[privacy]`` and ``[training]`` (or a ``TrainConfig``)."""
+        return cls(
+            noise_multiplier=privacy.noise_multiplier,
+            max_grad_norm=privacy.max_grad_norm,
+            optimiser=training.optimiser,
+            lr=training.lr,
+            momentum=training.momentum,
+            epochs=training.epochs,
+            batch_size=training.batch_size,
+        )
+
+    def norm(self, num_samples: int, num_params: int) -> float:
+        """The expected L2 norm of the DP noise in an update trained on ``num_samples``
+        records with ``num_params`` parameters; inf under adam, whose per-coordinate scaling
+        of the noisy gradient no update's norm can be checked against."""
+        if self.optimiser == "adam":
+            return math.inf
+        batches = math.ceil(num_samples / self.batch_size)
+        expected_batch = max(int(num_samples * (1 / batches)), 1)  # Opacus's expression
+        per_step = self.lr * self.noise_multiplier * self.max_grad_norm / expected_batch
+        steps = self.epochs * batches
+        mu = self.momentum
+        # The noise of the j-th step from the end moves the parameters sum_{i<j} mu^i times.
+        gain = sum(((1 - mu**j) / (1 - mu)) ** 2 for j in range(1, steps + 1)) if mu else steps
+        return per_step * math.sqrt(gain * num_params)
 
 
 class PricingPolicy(BaseModel):
@@ -33,6 +103,12 @@ class PricingPolicy(BaseModel):
         pattern=r"^0x[0-9a-f]{64}$",
         description="keccak-256 of the task spec file, as the ledger's taskSpec() records it "
         "(set from the spec at start).",
+    )
+    privacy_noise: PrivacyNoise | None = Field(
+        None,
+        description="The DP-SGD noise every honest update carries (set from the spec's "
+        "[privacy] at start; None without DP): the noise screen keeps an unaligned update no "
+        "larger than dp_noise_multiple x that noise's norm, for the game to price.",
     )
     model_seed: int = Field(0, description="Seed of the task model's initial parameters.")
     metric: Metric = Field(
@@ -75,6 +151,12 @@ class PricingPolicy(BaseModel):
     )
     noise_sigmas: float = Field(
         3.0, ge=0, description="|z| below which an update is as unaligned as random noise."
+    )
+    dp_noise_multiple: float = Field(
+        2.0,
+        ge=1,
+        description="With DP, an update the noise screen finds unaligned is kept when its norm "
+        "is at most this x the norm of the DP noise alone (honest but noisy), flagged above.",
     )
     clip_multiplier: float | None = Field(
         3.0, gt=0, description="Clip updates above this x the round's median norm (None: never)."

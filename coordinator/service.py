@@ -16,7 +16,7 @@ import torch
 
 from fedledger import wire
 from fedledger.coordinator.config import CoordinatorSettings
-from fedledger.coordinator.policy import PricingPolicy
+from fedledger.coordinator.policy import PricingPolicy, PrivacyNoise
 from fedledger.coordinator.results import claim_ticket, pending_result
 from fedledger.coordinator.rounds import Game, RoundMachine
 from fedledger.coordinator.store import Store, StoredUpdate
@@ -70,7 +70,14 @@ def bind_policy(policy: PricingPolicy, spec: TaskSpec) -> PricingPolicy:
             f"use one of {sorted(m for m in allowed if m in METRICS)}",
         )
     return policy.model_copy(
-        update={"task": spec.task.name, "task_spec": hex32(spec.hash), "metric": metric}
+        update={
+            "task": spec.task.name,
+            "task_spec": hex32(spec.hash),
+            "metric": metric,
+            "privacy_noise": None
+            if spec.privacy is None
+            else PrivacyNoise.of(spec.privacy, spec.training),
+        }
     )
 
 

@@ -143,7 +143,9 @@ def main() -> None:
         raise SystemExit(1) from None
 
 
-_PRICING_KNOBS = tuple(k for k in PricingPolicy.model_fields if k not in ("task", "task_spec"))
+_PRICING_KNOBS = tuple(
+    k for k in PricingPolicy.model_fields if k not in ("task", "task_spec", "privacy_noise")
+)
 """The knobs an operator sets; the task's name and spec hash come from the spec file."""
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from fedledger.coordinator.books import PUBLIC_STEPS, Books, RoundInputs, UpdateInput, close_books
-from fedledger.coordinator.policy import PricingPolicy
+from fedledger.coordinator.policy import PricingPolicy, PrivacyNoise
 from fedledger.incentive.commitment import encode_tensors
 from fedledger.incentive.utility import evaluate_params
 from fedledger.tasks import DigitsTask
@@ -157,8 +157,11 @@ def run_federation(
     attacks = attacks or {}
     declared = declared or {}
     # BUDGET units per 1.0 of gain too, so the budget caps no round (gains are below 1).
-    budget = {"reward_per_round": BUDGET, "reward_per_gain": BUDGET}
-    policy = (policy or PricingPolicy()).model_copy(update=budget)
+    # With privacy, the screen knows the DP noise of the updates, as a coordinator does.
+    update: dict[str, object] = {"reward_per_round": BUDGET, "reward_per_gain": BUDGET}
+    if privacy is not None:
+        update["privacy_noise"] = PrivacyNoise.of(privacy, TRAIN_CONFIG)
+    policy = (policy or PricingPolicy()).model_copy(update=update)
     if parts is None:
         task = DigitsTask()
         parts = [task.partition(k, num_orgs, alpha=alpha, seed=0) for k in range(num_orgs)]
