@@ -1014,7 +1014,8 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="a smoke run: 2 rounds, 2 clients, floor and embedded inside this process",
+        help="a smoke run: 2 rounds, 3 clients (the fewest a round publishes a model from, "
+        "min_aggregated), floor and embedded inside this process",
     )
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--clients", type=int, default=10)
@@ -1030,7 +1031,7 @@ def main(argv: Sequence[str]) -> int:
         "--logs", type=Path, help="keep every process's log and timings here (default: discard)"
     )
     args = parser.parse_args(argv)
-    rounds, clients = (2, 2) if args.quick else (args.rounds, args.clients)
+    rounds, clients = (2, 3) if args.quick else (args.rounds, args.clients)
     print("command: python bench/digits10.py " + " ".join(shlex.quote(a) for a in argv))
     print(
         f"digits-10, {clients} clients (Dirichlet {ALPHA}, seed {SEED}), MLP 64-32-10, SGD lr {LR}, "

@@ -27,6 +27,7 @@ BENCHMARKS = {
     "shapley": "sampled Shapley valuators against exact: rank correlation, evaluations, time",
     "fairness": "each organisation's total reward against its Shapley value by retraining",
     "privacy": "DP-SGD at epsilon 1, 3, 8 against none: accuracy, flags and reward shares",
+    "compression": "int8 and top-k updates against float32: bytes, accuracy, flags",
 }
 
 

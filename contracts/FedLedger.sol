@@ -54,6 +54,14 @@ contract FedLedger is AccessControlEnumerable {
         uint256 numSamples;
     }
 
+    /// @notice An organisation that has stopped training for good, e.g. because another round
+    /// would take its differential-privacy epsilon past the consortium's budget.
+    struct Retirement {
+        bool retired;
+        uint64 sinceRound; // roundCount() when it retired: it commits in no round from then on
+        uint256 epsilon; // epsilon it had spent, fixed point 1e18 = 1.0 (0: not a DP task)
+    }
+
     struct Settlement {
         int256 score;
         uint256 reward;
@@ -71,6 +79,8 @@ contract FedLedger is AccessControlEnumerable {
     uint256 private _roundBudget;
     mapping(address org => uint256 maxSamples) private _sampleCaps;
     bytes32 private _taskSpec;
+    mapping(uint256 roundId => mapping(address org => uint256 epsilon)) private _epsilons;
+    mapping(address org => Retirement) private _retirements;
 
     /// @notice The zero address was given where an account is required.
     error ZeroAddress();
@@ -118,6 +128,10 @@ contract FedLedger is AccessControlEnumerable {
     error TaskSpecFrozen(uint256 roundCount);
     /// @notice No round can open before the admin records the consortium's task spec (setTaskSpec).
     error TaskSpecUnset();
+    /// @notice `org` retired (from round `sinceRound` on) and takes no further part.
+    error AlreadyRetired(address org, uint256 sinceRound);
+    /// @notice A DP commitment must report the epsilon spent, which is never zero.
+    error ZeroEpsilon();
 
     /// @notice The admin registered `org` as a consortium organisation.
     event OrganisationRegistered(address indexed org);
@@ -145,6 +159,11 @@ contract FedLedger is AccessControlEnumerable {
     event SampleCapSet(address indexed org, uint256 previousCap, uint256 cap);
     /// @notice The admin recorded `specHash`, the keccak256 of the task spec file, in place of `previousSpecHash`.
     event TaskSpecSet(bytes32 previousSpecHash, bytes32 specHash);
+    /// @notice `org`'s commitment in round `roundId` came from DP-SGD, having spent `epsilon`
+    /// (fixed point, 1e18 = 1.0) over every round it trained, this one included.
+    event PrivacySpent(uint256 indexed roundId, address indexed org, uint256 epsilon);
+    /// @notice `org` stopped training for good at round `sinceRound`, having spent `epsilon`.
+    event OrganisationRetired(address indexed org, uint256 sinceRound, uint256 epsilon);
 
     /// @param admin The consortium admin: registers organisations and manages roles.
     /// @param coordinator The account of the coordinator service.
@@ -358,12 +377,46 @@ contract FedLedger is AccessControlEnumerable {
     // ----------------------------------------------------------- organisation
 
     /// @notice Commits the caller's model update for round `roundId`: its hash and sample count.
-    /// @dev Registered organisations only; once per round; before the round's deadline.
+    /// @dev Registered organisations only, not retired; once per round; before the deadline.
     /// @param roundId The open round.
     /// @param updateHash keccak256 of the canonical bytes of the update the caller will upload.
     /// @param numSamples Number of local training samples behind the update (FedAvg weight).
     function commitUpdate(uint256 roundId, bytes32 updateHash, uint256 numSamples) external {
+        _commit(roundId, updateHash, numSamples);
+    }
+
+    /// @notice Commits, as commitUpdate does, an update trained with differential privacy
+    /// (DP-SGD), with the epsilon the caller has spent over all its rounds, this one included,
+    /// at the task spec's delta: the privacy the update cost, on the record beside it.
+    /// @param epsilon Epsilon spent so far, fixed point with 1e18 = 1.0; must not be zero.
+    function commitPrivateUpdate(uint256 roundId, bytes32 updateHash, uint256 numSamples, uint256 epsilon)
+        external
+    {
+        if (epsilon == 0) revert ZeroEpsilon();
+        _commit(roundId, updateHash, numSamples);
+        _epsilons[roundId][msg.sender] = epsilon;
+        emit PrivacySpent(roundId, msg.sender, epsilon);
+    }
+
+    /// @notice Stops the caller training for good, e.g. when another round would take its
+    /// epsilon past the privacy budget: the coordinator waits for it in no later round and
+    /// reports it as retired, not missing. Commitments already made stand.
+    /// @dev Registered organisations only; once (AlreadyRetired after).
+    /// @param epsilon Epsilon spent, fixed point with 1e18 = 1.0 (0 where the task has no DP).
+    function retire(uint256 epsilon) external {
         if (!hasRole(ORGANISATION_ROLE, msg.sender)) revert OrganisationNotRegistered(msg.sender);
+        Retirement storage retirement = _retirements[msg.sender];
+        if (retirement.retired) revert AlreadyRetired(msg.sender, retirement.sinceRound);
+        retirement.retired = true;
+        retirement.sinceRound = uint64(_roundCount);
+        retirement.epsilon = epsilon;
+        emit OrganisationRetired(msg.sender, _roundCount, epsilon);
+    }
+
+    function _commit(uint256 roundId, bytes32 updateHash, uint256 numSamples) private {
+        if (!hasRole(ORGANISATION_ROLE, msg.sender)) revert OrganisationNotRegistered(msg.sender);
+        Retirement storage retirement = _retirements[msg.sender];
+        if (retirement.retired) revert AlreadyRetired(msg.sender, retirement.sinceRound);
         Round storage round = _rounds[roundId];
         if (round.state != RoundState.Open) revert RoundNotOpen(roundId, round.state);
         if (block.timestamp > round.deadline) {
@@ -468,6 +521,17 @@ contract FedLedger is AccessControlEnumerable {
     /// @notice The most training samples `org` may declare in a commitment (0: no cap; setSampleCap).
     function sampleCapOf(address org) external view returns (uint256) {
         return _sampleCaps[org];
+    }
+
+    /// @notice The epsilon `org` reported with its commitment in round `roundId` (fixed point,
+    /// 1e18 = 1.0; 0 for a commitment made without DP, or none).
+    function epsilonOf(uint256 roundId, address org) external view returns (uint256) {
+        return _epsilons[roundId][org];
+    }
+
+    /// @notice Whether, since when and having spent what epsilon `org` stopped training.
+    function retirementOf(address org) external view returns (Retirement memory) {
+        return _retirements[org];
     }
 
     /// @notice The flag bits the coordinator recorded for `org` in round `roundId` (0: none).

@@ -27,6 +27,7 @@ from fedledger.coordinator.inputs import load_round_inputs
 from fedledger.coordinator.policy import PricingPolicy
 from fedledger.coordinator.store import Store
 from fedledger.incentive.commitment import decode_tensors, keccak
+from fedledger.incentive.compression import Codec
 from fedledger.incentive.ledger import LedgerClient, RoundRecord
 from fedledger.incentive.onchain import RoundState, hex32
 from fedledger.tasks import TaskSpec, load_spec, load_task, load_validation, parse_spec
@@ -183,6 +184,7 @@ def _audit(
         task.build_model(seed=policy.model_seed),
         x_val,
         y_val,
+        Codec.of(spec.compression),
     )
     books = close_books(inputs, policy, device=device)
     report.books = books

@@ -14,7 +14,8 @@ import torch
 from fedledger.coordinator.books import PUBLIC_STEPS, RoundInputs, UpdateInput
 from fedledger.coordinator.store import Store
 from fedledger.errors import CoordinatorError, ErrorCode
-from fedledger.incentive.commitment import decode_tensors
+from fedledger.incentive.commitment import decode_tensors, specs_of
+from fedledger.incentive.compression import Codec
 
 
 def load_tensors(store: Store, digest_hex: str) -> dict[str, torch.Tensor]:
@@ -34,11 +35,13 @@ def load_round_inputs(
     model: torch.nn.Module,
     x_val: torch.Tensor,
     y_val: torch.Tensor,
+    codec: Codec | None = None,
 ) -> RoundInputs:
     """Round ``round_id``'s inputs from ``store``; reads only.
 
     ``commit_order`` is the chain's order of the round's commitments (``committersOf``): it
-    decides who is the original of a copied update, so the updates come in that order.
+    decides who is the original of a copied update, so the updates come in that order. The
+    updates are stored as uploaded, encoded by the task's ``codec``; the books see them decoded.
     """
     stored = store.get_round(round_id)
     if stored is None:
@@ -51,10 +54,21 @@ def load_round_inputs(
     )
 
     base = load_tensors(store, stored.model_hash)
+    specs = specs_of(base)
+    codec = codec or Codec()
+
+    def update(digest_hex: str) -> dict[str, torch.Tensor]:
+        data = store.get_blob(digest_hex)
+        if data is None:
+            raise CoordinatorError(
+                ErrorCode.MISSING_BLOB,
+                f"stored update {digest_hex} is missing from {store.data_dir}",
+            )
+        return codec.decode(data, specs)
 
     def previous(org: str) -> dict[str, torch.Tensor] | None:
         earlier = store.get_update(round_id - 1, org) if round_id > 1 else None
-        return None if earlier is None else load_tensors(store, earlier.update_hash)
+        return None if earlier is None else update(earlier.update_hash)
 
     return RoundInputs(
         round_id=round_id,
@@ -65,7 +79,7 @@ def load_round_inputs(
                 organisation=u.organisation,
                 update_hash=u.update_hash,
                 num_samples=u.num_samples,
-                delta=load_tensors(store, u.update_hash),
+                delta=update(u.update_hash),
                 previous=previous(u.organisation),
             )
             for u in uploads

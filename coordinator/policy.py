@@ -182,6 +182,13 @@ class PricingPolicy(BaseModel):
         description="Most a FedAvg weight may be, as a multiple of the uniform 1/K: a declared "
         "sample count buys no more (None: no cap).",
     )
+    min_aggregated: int = Field(
+        3,
+        ge=1,
+        description="Fewest updates a new global model may be made of: from fewer, the round "
+        "fails (model unchanged, nothing paid), since with K aggregated any K-1 of them, and "
+        "with one anybody, recover the last one's update from the two public models.",
+    )
     max_samples: int | None = Field(
         None,
         ge=1,

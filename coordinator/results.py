@@ -14,15 +14,27 @@ from fedledger.coordinator.books import Books
 from fedledger.coordinator.policy import PricingPolicy
 from fedledger.coordinator.store import StoredRound, StoredUpdate
 from fedledger.errors import CoordinatorError, ErrorCode
+from fedledger.incentive.ledger import RetirementRecord
 from fedledger.incentive.merkle import SettlementLeaf, SettlementTree
 from fedledger.incentive.onchain import flag_names, hex32
 
 
-def _missing(organisations: Sequence[str]) -> list[wire.OrganisationResult]:
-    return [
-        wire.OrganisationResult(organisation=o, status=wire.UploadStatus.MISSING)
-        for o in organisations
-    ]
+def _absent(
+    organisations: Sequence[str], retired: Mapping[str, RetirementRecord]
+) -> list[wire.OrganisationResult]:
+    """Expected organisations without an upload: missing, or retired (with what they spent);
+    ``retired`` is keyed by lower-case address."""
+    absent: list[wire.OrganisationResult] = []
+    for o in organisations:
+        record = retired.get(o.lower())
+        absent.append(
+            wire.OrganisationResult(organisation=o, status=wire.UploadStatus.MISSING)
+            if record is None
+            else wire.OrganisationResult(
+                organisation=o, status=wire.UploadStatus.RETIRED, epsilon=record.epsilon
+            )
+        )
+    return absent
 
 
 def pending_result(stored: StoredRound, uploads: Sequence[StoredUpdate]) -> wire.RoundResult:
@@ -45,7 +57,12 @@ def pending_result(stored: StoredRound, uploads: Sequence[StoredUpdate]) -> wire
 
 
 def failed_result(
-    stored: StoredRound, expected: Sequence[str], reason: str, finalize_tx: str | None
+    stored: StoredRound,
+    expected: Sequence[str],
+    reason: str,
+    finalize_tx: str | None,
+    *,
+    retired: Mapping[str, RetirementRecord] | None = None,
 ) -> wire.RoundResult:
     """A round closed without aggregation (quorum not met): model unchanged, nothing paid."""
     return wire.RoundResult(
@@ -56,7 +73,7 @@ def failed_result(
         deadline=stored.deadline,
         reason=reason,
         finalize_tx=finalize_tx,
-        organisations=_missing(expected),
+        organisations=_absent(expected, retired or {}),
     )
 
 
@@ -68,15 +85,19 @@ def finalized_result(
     finalize_tx: str | None,
     *,
     metrics: Mapping[str, float] | None = None,
+    epsilons: Mapping[str, float | None] | None = None,
+    retired: Mapping[str, RetirementRecord] | None = None,
 ) -> wire.RoundResult:
     """A settled round: every expected organisation, with its value, score, reward and flags;
-    ``metrics`` are the new model's validation metrics the task reports."""
+    ``metrics`` are the new model's validation metrics the task reports, ``epsilons`` the
+    epsilon each organisation committed with (by lower-case address), ``retired`` those that
+    stopped training."""
     by_org = {org.lower(): i for i, org in enumerate(books.organisations)}
     organisations: list[wire.OrganisationResult] = []
     for org in sorted(set(expected) | set(books.organisations), key=str.lower):
         i = by_org.get(org.lower())
         if i is None:
-            organisations += _missing([org])
+            organisations += _absent([org], retired or {})
             continue
         organisations.append(
             wire.OrganisationResult(
@@ -93,6 +114,7 @@ def finalized_result(
                 note=books.notes.get(i),
                 norm=books.norms[i],
                 aggregated=i in books.aggregated,
+                epsilon=(epsilons or {}).get(org.lower()),
             )
         )
     return wire.RoundResult(

@@ -8,9 +8,11 @@ crash is safe.
 from __future__ import annotations
 
 import logging
+import math
 import threading
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,10 +25,14 @@ from fedledger.coordinator.settlement import Settler
 from fedledger.coordinator.store import Store, StoredRound
 from fedledger.errors import CoordinatorError, ErrorCode
 from fedledger.failpoints import CLOSE_AFTER_AGGREGATE, OPEN_AFTER_TX, failpoint
-from fedledger.incentive.ledger import LedgerClient, as_bytes32
+from fedledger.incentive.compression import Codec
+from fedledger.incentive.ledger import LedgerClient, RetirementRecord, as_bytes32
 from fedledger.incentive.onchain import flag_names, hex32
 
 log = logging.getLogger("fedledger.coordinator")
+
+RETIREMENT_POLL_S = 2.0
+"""How often a round waiting for uploads rereads whether the missing organisations retired."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,9 @@ class Game:
     report: Callable[[Mapping[str, torch.Tensor]], dict[str, float]] | None = None
     """The task's ``score`` of a model on the validation set: the metrics a round reports
     beyond the game's (the spec's ``validation.report``); not part of the books."""
+    codec: Codec = field(
+        default_factory=Codec
+    )  # how the task's updates are encoded (the spec's [compression])
 
 
 class RoundMachine:
@@ -64,12 +73,30 @@ class RoundMachine:
         self.device = device
         self.lock = lock  # held while a round changes status, so no upload slips in between
         self._expected: dict[int, list[str]] = {}
+        self._retired: dict[str, RetirementRecord] = {}  # lower-case address -> for good
+        self._retired_read = -math.inf
 
     def expected_organisations(self, round_id: int) -> list[str]:
         """The organisations registered when the round opened (read once per round)."""
         if round_id not in self._expected:
             self._expected[round_id] = self.ledger.organisations()
         return self._expected[round_id]
+
+    def retired(
+        self, organisations: Iterable[str], *, fresh: bool = False
+    ) -> dict[str, RetirementRecord]:
+        """Which of ``organisations`` have retired (``retire`` on-chain: their privacy budget
+        is spent), by lower-case address. Read from the chain at most every
+        ``RETIREMENT_POLL_S`` while a round waits (unless ``fresh``); a retirement is for good,
+        so one seen is never read again."""
+        wanted = [o.lower() for o in organisations]
+        now = time.monotonic()
+        if fresh or now - self._retired_read >= RETIREMENT_POLL_S:
+            self._retired_read = now
+            for org in wanted:
+                if org not in self._retired and (record := self.ledger.retirement_of(org)):
+                    self._retired[org] = record
+        return {o: self._retired[o] for o in wanted if o in self._retired}
 
     def deadline(self) -> int:
         """round_timeout_s from now, by the later of our clock and the chain's: a chain whose
@@ -102,7 +129,8 @@ class RoundMachine:
             uploads = self.store.updates_for(current.round_id)
             submitted = {u.organisation.lower() for u in uploads}
             expected = {o.lower() for o in self.expected_organisations(current.round_id)}
-            all_in = bool(expected) and expected <= submitted
+            waiting = expected - submitted
+            all_in = bool(expected) and waiting <= self.retired(waiting).keys()
             past = self.clock() > current.deadline + self.settings.upload_grace_s
             if past and not all_in and self.extend_if_short(current, len(uploads)):
                 return
@@ -148,8 +176,28 @@ class RoundMachine:
             self.game.model,
             self.game.x_val,
             self.game.y_val,
+            self.game.codec,
         )
         return close_books(inputs, self.settings.pricing, device=self.device)
+
+    def fail(
+        self,
+        stored: StoredRound,
+        expected: list[str],
+        reason: str,
+        retired: Mapping[str, RetirementRecord],
+    ) -> None:
+        """Close a round without a new model: unchanged on-chain, nothing paid, ``reason`` said."""
+        round_id = stored.round_id
+        tx = self.settler.settle(round_id, stored.model_hash, None)
+        result = failed_result(stored, expected, reason, tx, retired=retired)
+        self.store.set_round_status(
+            round_id,
+            wire.RoundStatus.FAILED,
+            new_model_hash=stored.model_hash,
+            result=result.model_dump(mode="json"),
+        )
+        log.warning("round %d failed: %s", round_id, reason)
 
     def close(self, round_id: int) -> None:
         """Close, settle and record a round; safe to redo after a crash."""
@@ -157,22 +205,30 @@ class RoundMachine:
         assert stored is not None
         uploads = self.store.updates_for(round_id)
         expected = self.expected_organisations(round_id)
+        uploaded = {u.organisation.lower() for u in uploads}
+        retired = self.retired([o for o in expected if o.lower() not in uploaded], fresh=True)
         if len(uploads) < self.settings.quorum:
+            everyone = bool(expected) and len(retired) == len(expected)
             reason = (
-                f"quorum not met: {len(uploads)} of {self.settings.quorum} required uploads "
-                "by the deadline; the model is unchanged and nothing is paid"
+                "every organisation has retired (privacy budgets spent): nothing to aggregate"
+                if everyone
+                else f"quorum not met: {len(uploads)} of {self.settings.quorum} required "
+                "uploads by the deadline; the model is unchanged and nothing is paid"
             )
-            tx = self.settler.settle(round_id, stored.model_hash, None)
-            result = failed_result(stored, expected, reason, tx)
-            self.store.set_round_status(
-                round_id,
-                wire.RoundStatus.FAILED,
-                new_model_hash=stored.model_hash,
-                result=result.model_dump(mode="json"),
-            )
-            log.warning("round %d failed: %s", round_id, reason)
+            self.fail(stored, expected, reason, retired)
             return
         books = self.books(round_id)
+        minimum = self.settings.pricing.min_aggregated
+        # None aggregated reveals nothing (the model stays as it was, the flags are recorded).
+        if 0 < len(books.aggregated) < minimum:
+            reason = (
+                f"only {len(books.aggregated)} update(s) passed the screens, fewer than the "
+                f"consortium's minimum of {minimum} (min_aggregated): a model made of them would "
+                "let the other members recover an organisation's update, so none is published; "
+                "the model is unchanged and nothing is paid"
+            )
+            self.fail(stored, expected, reason, retired)
+            return
         self.store.put_blob(books.new_hash, books.new_bytes)
         failpoint(CLOSE_AFTER_AGGREGATE)
         tx = self.settler.settle(round_id, stored.model_hash, books)
@@ -186,8 +242,19 @@ class RoundMachine:
                     books.notes.get(i, ""),
                 )
         metrics = self.game.report(books.params) if self.game.report is not None else {}
+        epsilons = {
+            u.organisation.lower(): self.ledger.epsilon_of(round_id, u.organisation)
+            for u in uploads
+        }
         result = finalized_result(
-            stored, books, expected, self.settings.pricing, tx, metrics=metrics
+            stored,
+            books,
+            expected,
+            self.settings.pricing,
+            tx,
+            metrics=metrics,
+            epsilons=epsilons,
+            retired=retired,
         )
         self.store.set_round_status(
             round_id,

@@ -25,6 +25,7 @@ from fedledger.devices import default_device
 from fedledger.errors import CoordinatorError, ErrorCode, FedledgerError, TaskError
 from fedledger.failpoints import UPLOAD_AFTER_BLOB, failpoint
 from fedledger.incentive.commitment import canonical_bytes, encode_tensors, keccak, specs_of
+from fedledger.incentive.compression import Codec
 from fedledger.incentive.ledger import LedgerClient, as_bytes32
 from fedledger.incentive.onchain import METRICS, hex32
 from fedledger.tasks import TaskSpec, ValidatorTask, load_spec, load_task, load_validation
@@ -138,6 +139,7 @@ class RoundService:
                 x_val,
                 y_val,
                 report=lambda params: task.score(model, params, (x_val, y_val)),
+                codec=Codec.of(spec.compression),
             ),
             clock=self.clock,
             device=device,
@@ -149,6 +151,7 @@ class RoundService:
             chain_id=self.ledger.chain_id(),
             specs=specs_of(model.state_dict()),
             clock=self.clock,
+            codec=Codec.of(spec.compression),
         )
         self._parts = (store, task, machine, verifier)
         machine.settler.check_data_dir(store)

@@ -21,7 +21,8 @@ from fedledger.errors import (
     ErrorCode,
     SignatureError,
 )
-from fedledger.incentive.commitment import TensorSpec, decode_update, keccak
+from fedledger.incentive.commitment import TensorSpec, keccak
+from fedledger.incentive.compression import Codec
 from fedledger.incentive.ledger import LedgerClient
 from fedledger.incentive.onchain import hex32
 from fedledger.incentive.signing import UploadAuthorization, recover_signer
@@ -64,12 +65,14 @@ class UploadVerifier:
         chain_id: int,
         specs: Mapping[str, TensorSpec],
         clock: Callable[[], float],
+        codec: Codec | None = None,
     ) -> None:
         self.settings = settings
         self.ledger = ledger
         self.chain_id = chain_id
         self.specs = specs
         self.clock = clock
+        self.codec = codec or Codec()  # the task spec's [compression]
 
     # -------------------------------------------------- before the round is looked at
 
@@ -224,7 +227,7 @@ class UploadVerifier:
     def check_content(self, body: bytes) -> dict[str, torch.Tensor]:
         """The body decodes to the model's tensors, all finite, within the norm bound."""
         try:
-            tensors = decode_update(body, self.specs)
+            tensors = self.codec.decode(body, self.specs)
         except CodedError as exc:
             raise CoordinatorError(exc.code, exc.message) from exc
         bound = self.settings.max_update_norm

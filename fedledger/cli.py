@@ -21,9 +21,11 @@ from fedledger.incentive.onchain import DEFAULT_ROUND_BUDGET, TOKEN_UNIT
 if TYPE_CHECKING:
     from eth_account.signers.local import LocalAccount
 
+    from fedledger.incentive.compression import FeedbackFile
     from fedledger.incentive.deployment import Deployment
-    from fedledger.incentive.ledger import LedgerClient
+    from fedledger.incentive.ledger import LedgerClient, RetirementRecord
     from fedledger.node.client import CoordinatorClient
+    from fedledger.tasks.spec import TaskSpec
 
 app = typer.Typer(
     help="fedledger: federated learning with an on-chain incentive ledger.",
@@ -932,6 +934,7 @@ def node_run(
             dataset,
             seed=seed,
             privacy=privacy,
+            feedback=_feedback_file(learning_task.spec, ledger),
             outbox=outbox,
             on_round=report,
             on_settled=settled,
@@ -939,7 +942,24 @@ def node_run(
         outcomes = runner.run()
     if runner.budget_spent is not None:
         errors.print(f"[yellow]privacy budget spent:[/] {escape(str(runner.budget_spent))}")
+        console.print(
+            "retired on-chain: the coordinator no longer waits for this organisation and "
+            "reports it as retired"
+        )
     console.print(f"training done: took part in {len(outcomes)} round(s)")
+
+
+def _feedback_file(spec: TaskSpec, ledger: LedgerClient) -> FeedbackFile | None:
+    """With compressed updates, the node's error-feedback file (what compression held back),
+    kept beside its privacy ledger so that a restarted node re-encodes a committed round."""
+    if spec.compression.scheme == "none":
+        return None
+    from fedledger.incentive.compression import Codec, FeedbackFile
+
+    assert ledger.account is not None
+    path = DEFAULT_STATE_DIR / "compression" / f"{ledger.address}-{ledger.account.address}.st"
+    console.print(f"updates compressed ({spec.compression.scheme}); held back kept in {path}")
+    return FeedbackFile(Codec.of(spec.compression), path)
 
 
 # -------------------------------------------------------------------------- model
@@ -1005,6 +1025,14 @@ class RewardRow:
     reward: str  # rewardOf: token units (18 decimals), as a decimal string
     reward_tokens: float  # the same in tokens, as a float (for reading, not for sums)
     flags: list[str]
+    epsilon: float | None  # epsilonOf: DP-SGD epsilon spent so far, as committed (None: no DP)
+
+
+def _retired_text(record: RetirementRecord | None) -> str:
+    if record is None:
+        return "-"
+    spent = "" if record.epsilon is None else f", epsilon {record.epsilon:.3f} spent"
+    return f"since round {record.since_round}{spent}"
 
 
 @app.command()
@@ -1049,9 +1077,12 @@ def rewards(
                     reward=str(reward := ledger.reward_of(round_id, address)),
                     reward_tokens=reward / TOKEN_UNIT,
                     flags=flag_names(ledger.flags_of(round_id, address)),
+                    epsilon=ledger.epsilon_of(round_id, address) if committed else None,
                 )
             )
     balances = {address: ledger.balance_of(address) for address in orgs}
+    retired = {address: r for address in orgs if (r := ledger.retirement_of(address))}
+    private = any(row.epsilon is not None for row in rows)
     if as_json:
         print(
             json.dumps(
@@ -1061,6 +1092,10 @@ def rewards(
                     # decimal strings: 21-digit token amounts do not survive JSON numbers in
                     # jq or JavaScript (doubles)
                     "balances": {address: str(units) for address, units in balances.items()},
+                    "retired": {
+                        address: {"since_round": r.since_round, "epsilon": r.epsilon}
+                        for address, r in retired.items()
+                    },
                 },
                 indent=2,
             )
@@ -1072,7 +1107,10 @@ def rewards(
         table.add_column(column, justify="right" if column in right else "left")
     table.add_column("payment")
     table.add_column("flags")
+    if private:
+        table.add_column("epsilon", justify="right")
     for row in rows:
+        epsilon = [] if not private else ["-" if row.epsilon is None else f"{row.epsilon:.3f}"]
         table.add_row(
             str(row.round),
             row.state,
@@ -1082,6 +1120,7 @@ def rewards(
             f"{row.reward_tokens:,.4f}" if row.settled else "-",
             row.payment,
             ", ".join(row.flags) or "-",
+            *epsilon,
         )
     console.print(table)
     unclaimed = sum(row.payment == "unclaimed" for row in rows)
@@ -1093,8 +1132,11 @@ def rewards(
     totals = Table(title="Token balances")
     totals.add_column("organisation")
     totals.add_column("balance (FLR)", justify="right")
+    if retired:
+        totals.add_column("retired")
     for address, balance in balances.items():
-        totals.add_row(address, f"{balance / TOKEN_UNIT:,.4f}")
+        status = [] if not retired else [_retired_text(retired.get(address))]
+        totals.add_row(address, f"{balance / TOKEN_UNIT:,.4f}", *status)
     console.print(totals)
 
 

@@ -217,6 +217,18 @@ class ErrorCode(enum.StrEnum):
             "send canonical safetensors bytes",
         ),
     )
+    BAD_ENCODING = (
+        "bad_encoding",
+        CodeSpec(
+            422,
+            Area.UPLOAD,
+            "a compressed update (the spec's `compression.scheme`) breaks its encoding: a missing "
+            "or extra tensor, a wrong dtype or length, an int8 scale that is negative or not "
+            "finite, top-k indices out of range or not strictly increasing, another count of "
+            "values than the fraction gives, or NaN (the tensor is named)",
+            "compress with the spec's scheme and fraction (`incentive/compression.py`)",
+        ),
+    )
     TENSOR_MISMATCH = (
         "tensor_mismatch",
         CodeSpec(

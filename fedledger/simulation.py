@@ -1,8 +1,8 @@
-"""An in-process federation simulator on the digits task, its books closed round by round with
-``close_books``.
+"""An in-process federation simulator, on the digits task or any loaded task, its books closed
+round by round with ``close_books``.
 
-Organisations train for real (``train_local``, one epoch a round, seeds as the node derives
-them); some of them misbehave as told. No chain and no HTTP: this drives exactly the code the
+Organisations train for real (``train_local``; on digits one epoch a round, on a loaded task its
+spec's [training]; seeds as the node derives them); some of them misbehave as told. No chain and no HTTP: this drives exactly the code the
 coordinator closes a round with, fast enough to run tens of rounds in a test.
 ``train_fedavg`` trains the same organisations by plain FedAvg with no books at all: the
 federation a coalition would have run on its own, the ground truth of a fairness benchmark.
@@ -10,19 +10,29 @@ federation a coalition would have run on its own, the ground truth of a fairness
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from fedledger.coordinator.books import PUBLIC_STEPS, Books, RoundInputs, UpdateInput, close_books
 from fedledger.coordinator.policy import PricingPolicy, PrivacyNoise
-from fedledger.incentive.commitment import encode_tensors
+from fedledger.incentive.commitment import (
+    canonical_bytes,
+    decode_tensors,
+    encode_tensors,
+    keccak,
+    specs_of,
+)
+from fedledger.incentive.compression import ErrorFeedback, compress, decompress
 from fedledger.incentive.utility import evaluate_params
-from fedledger.tasks import DigitsTask
+from fedledger.tasks import DigitsTask, ValidatorTask
+from fedledger.tasks.base import BaseTask
 from fedledger.tasks.privacy import train_private
-from fedledger.tasks.spec import PrivacySection
+from fedledger.tasks.spec import CompressionSection, PrivacySection
 from fedledger.tasks.training import TrainConfig, train_local
 
 Delta = dict[str, Tensor]
@@ -117,6 +127,8 @@ class Federation:
     rounds: list[Books] = field(default_factory=list)
     accuracy: float = 0.0
     num_samples: list[int] = field(default_factory=list)
+    upload_bytes: list[int] = field(default_factory=list)
+    """Per round, the bytes every organisation uploaded, summed (canonical safetensors)."""
 
     def paid_share(self, orgs: list[int]) -> float:
         """The organisations' summed rewards over every round, as a share of all the run paid."""
@@ -130,6 +142,18 @@ class Federation:
     def flagged(self, org: int, flag: int) -> int:
         """In how many rounds ``org`` carried ``flag``."""
         return sum(bool(r.flags[org] & flag) for r in self.rounds)
+
+    def shares(self) -> list[float]:
+        """Each organisation's share of everything the run paid (all 0 if it paid nothing)."""
+        totals = self.totals()
+        paid = sum(totals)
+        return [t / paid if paid else 0.0 for t in totals]
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman's rank correlation of two equally long sequences (ties by position)."""
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def address_of(k: int) -> str:
@@ -147,26 +171,72 @@ def run_federation(
     alpha: float = 0.5,
     parts: Sequence[Data] | None = None,
     privacy: PrivacySection | None = None,
+    compression: CompressionSection | None = None,
+    task: ValidatorTask | None = None,
+    validation: Data | None = None,
+    train_config: TrainConfig | None = None,
 ) -> Federation:
     """Run ``rounds`` rounds; organisation k uploads ``attacks[k](...)`` instead of its delta and
     declares ``declared[k]`` samples instead of its true count, where given.
 
-    The organisations hold ``parts`` (features, labels) when given, else the digits task's
-    Dirichlet(``alpha``) partition into ``num_orgs``. With ``privacy`` every honest update is
-    trained by DP-SGD (Opacus) instead of plain SGD."""
+    The organisations hold ``parts`` (features, labels) when given, else (digits only) the
+    digits task's Dirichlet(``alpha``) partition into ``num_orgs``. With ``privacy`` every honest update is
+    trained by DP-SGD (Opacus) instead of plain SGD. With ``compression`` every upload is
+    encoded as a node would encode it (an honest organisation through its own error feedback,
+    an attacker's upload without memory) and the books get what the coordinator decodes from
+    the canonical bytes; the update hashes are those bytes' keccak.
+
+    With ``task`` (a loaded task: its model is priced, and its spec sets the policy's metric as
+    a coordinator's does) the organisations hold ``parts``, the coordinator scores on
+    ``validation`` (default: the task's own validation set) and every organisation trains
+    with ``train_config`` (default: the spec's [training]). Without: the digits task, trained
+    with ``TRAIN_CONFIG``. ``accuracy`` is the final model's on the validation set
+    (classification tasks; NaN for regression)."""
     attacks = attacks or {}
     declared = declared or {}
+    policy = policy or PricingPolicy()
+    if task is None:
+        config = train_config or TRAIN_CONFIG
+        digits = DigitsTask()
+        model = digits.build_model(seed=0)
+        x_val, y_val = validation or digits.validation_data()
+        if parts is None:
+            parts = [digits.partition(k, num_orgs, alpha=alpha, seed=0) for k in range(num_orgs)]
+    else:
+        # the service module brings the chain client with it: only a loaded task needs it
+        from fedledger.coordinator.service import bind_policy
+
+        config = train_config or BaseTask(task.spec).train_config(seed=0)
+        model = task.build_model(seed=0)
+        x_val, y_val = validation or task.load_validation(None)
+        if parts is None:
+            raise ValueError(
+                f"run_federation on task {task.spec.task.name!r}: give the organisations' "
+                "data as parts=[(features, labels), ...]"
+            )
+        policy = bind_policy(policy, task.spec)
     # BUDGET units per 1.0 of gain too, so the budget caps no round (gains are below 1).
     # With privacy, the screen knows the DP noise of the updates, as a coordinator does.
     update: dict[str, object] = {"reward_per_round": BUDGET, "reward_per_gain": BUDGET}
-    if privacy is not None:
-        update["privacy_noise"] = PrivacyNoise.of(privacy, TRAIN_CONFIG)
-    policy = (policy or PricingPolicy()).model_copy(update=update)
-    if parts is None:
-        task = DigitsTask()
-        parts = [task.partition(k, num_orgs, alpha=alpha, seed=0) for k in range(num_orgs)]
+    # On a loaded task, the updates carry ``privacy``'s noise, whatever the spec's [privacy] says.
+    if privacy is not None or task is not None:
+        update["privacy_noise"] = None if privacy is None else PrivacyNoise.of(privacy, config)
+    policy = policy.model_copy(update=update)
+    classify = task is None or task.spec.task.kind == "classification"
     with _flushed_denormals():
-        return _run(rounds, attacks, declared, policy, parts, privacy)
+        return _run(
+            rounds,
+            attacks,
+            declared,
+            policy,
+            parts,
+            privacy,
+            compression,
+            model=model,
+            validation=(x_val, y_val),
+            config=config,
+            classify=classify,
+        )
 
 
 class _flushed_denormals:
@@ -190,11 +260,12 @@ def _local_delta(
     k: int,
     round_id: int,
     privacy: PrivacySection | None = None,
+    config: TrainConfig = TRAIN_CONFIG,
 ) -> Delta:
-    """Organisation k's honest delta of ``round_id``, shuffled with the seed the node uses
-    (DP-SGD with ``privacy``)."""
+    """Organisation k's honest delta of ``round_id`` by ``config``, shuffled with the seed the
+    node uses (DP-SGD with ``privacy``)."""
     x, y = data
-    seeded = replace(TRAIN_CONFIG, seed=k * 1_000_003 + round_id)
+    seeded = replace(config, seed=k * 1_000_003 + round_id)
     cpu = torch.device("cpu")
     if privacy is not None:
         return train_private(model, params, x, y, seeded, privacy, device=cpu).delta
@@ -231,21 +302,32 @@ def _run(
     policy: PricingPolicy,
     parts: Sequence[Data],
     privacy: PrivacySection | None = None,
+    compression: CompressionSection | None = None,
+    *,
+    model: torch.nn.Module,
+    validation: Data,
+    config: TrainConfig,
+    classify: bool,
 ) -> Federation:
-    task = DigitsTask()
-    model = task.build_model(seed=0)
     params = {n: t.detach().clone() for n, t in model.state_dict().items()}
-    x_val, y_val = task.validation_data()
+    x_val, y_val = validation
     counts = [declared.get(k, int(y.shape[0])) for k, (_, y) in enumerate(parts)]
     federation = Federation(num_samples=counts)
     cpu = torch.device("cpu")
     previous: list[Delta | None] = [None] * len(parts)
     global_steps: list[Delta] = []
+    feedback = (
+        [ErrorFeedback(compression.scheme, compression.fraction) for _ in parts]
+        if compression is not None
+        else []
+    )
     for round_id in range(1, rounds + 1):
         rng = torch.Generator().manual_seed(round_id)
         deltas: list[Delta] = []
+        hashes: list[bytes] = []
+        uploaded = 0
         for k, data in enumerate(parts):
-            delta = _local_delta(model, params, data, k, round_id, privacy)
+            delta = _local_delta(model, params, data, k, round_id, privacy, config)
             if k in attacks:
                 seen = Seen(
                     own=delta,
@@ -255,7 +337,21 @@ def _run(
                     previous_round=None if round_id == 1 else list(previous),  # type: ignore[arg-type]
                 )
                 delta = attacks[k](seen)
+            if compression is None:
+                body, update_hash = encode_tensors(delta)
+            else:
+                if k in attacks:  # an attacker keeps no memory: it sends what it made up
+                    encoded = compress(delta, compression.scheme, compression.fraction)
+                else:
+                    encoded = feedback[k].step(delta)[0]
+                body = canonical_bytes(encoded)
+                update_hash = keccak(body)
+                delta = decompress(
+                    decode_tensors(body), specs_of(params), compression.scheme, compression.fraction
+                )
+            uploaded += len(body)
             deltas.append(delta)
+            hashes.append(update_hash)
         inputs = RoundInputs(
             round_id=round_id,
             model=model,
@@ -263,7 +359,7 @@ def _run(
             updates=[
                 UpdateInput(
                     organisation=address_of(k),
-                    update_hash="0x" + encode_tensors(delta)[1].hex(),
+                    update_hash="0x" + hashes[k].hex(),
                     num_samples=counts[k],
                     delta=delta,
                     previous=previous[k],
@@ -277,7 +373,10 @@ def _run(
         books = close_books(inputs, policy, device=cpu)
         previous = list(deltas)
         federation.rounds.append(books)
+        federation.upload_bytes.append(uploaded)
         global_steps.insert(0, {n: books.params[n] - params[n] for n in params})
         params = books.params
-    federation.accuracy = evaluate_params(model, params, x_val, y_val, "accuracy")
+    federation.accuracy = (
+        evaluate_params(model, params, x_val, y_val, "accuracy") if classify else math.nan
+    )
     return federation

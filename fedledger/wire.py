@@ -118,6 +118,7 @@ class TrainingStatus(StrEnum):
 class UploadStatus(StrEnum):
     ACCEPTED = "accepted"
     MISSING = "missing"
+    RETIRED = "retired"  # stopped training for good (its privacy budget is spent): not missing
 
 
 class CurrentRound(_Schema):
@@ -159,6 +160,7 @@ class OrganisationResult(_Schema):
     note: str | None = None  # why it was flagged, in words
     norm: float | None = None  # the update's L2 norm
     aggregated: bool = False  # whether the update is part of the new global model
+    epsilon: float | None = None  # DP-SGD: epsilon spent so far, as committed on-chain
 
 
 class RoundResult(_Schema):

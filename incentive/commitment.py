@@ -103,7 +103,14 @@ def decode_update(data: bytes, expected: Mapping[str, TensorSpec]) -> dict[str, 
 
     Raises CommitmentError with code ``not_safetensors``, ``tensor_mismatch`` or ``non_finite``.
     """
-    tensors = decode_tensors(data)
+    return check_update(decode_tensors(data), expected)
+
+
+def check_update(
+    tensors: Mapping[str, torch.Tensor], expected: Mapping[str, TensorSpec]
+) -> dict[str, torch.Tensor]:
+    """``tensors`` if they are the model's (names, shapes, dtypes) and finite; CommitmentError
+    ``tensor_mismatch`` or ``non_finite`` otherwise."""
     problems = spec_differences(tensors, expected)
     if problems:
         raise CommitmentError(
@@ -114,4 +121,4 @@ def decode_update(data: bytes, expected: Mapping[str, TensorSpec]) -> dict[str, 
         raise CommitmentError(
             ErrorCode.NON_FINITE, f"update has NaN or infinite values in {', '.join(bad)}"
         )
-    return tensors
+    return dict(tensors)

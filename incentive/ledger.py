@@ -21,6 +21,8 @@ from fedledger.incentive.onchain import (
     ZERO_HASH,
     RoundState,
     ValuationRecord,
+    from_fixed_point,
+    to_fixed_point,
 )
 
 
@@ -50,6 +52,14 @@ class CommitmentRecord:
 
     update_hash: bytes
     num_samples: int
+
+
+@dataclass(frozen=True)
+class RetirementRecord:
+    """An organisation that stopped training for good (``retire``), and what it had spent."""
+
+    since_round: int  # roundCount() when it retired: it commits in no round from then on
+    epsilon: float | None  # the epsilon it had spent (None: reported none, a task without DP)
 
 
 def _abis() -> list[list[dict[str, Any]]]:
@@ -147,8 +157,23 @@ class LedgerClient:
     def open_round(self, round_id: int, model_hash: bytes, deadline: int) -> TxReceipt:
         return self._send(self.contract.functions.openRound(round_id, model_hash, deadline))
 
-    def commit_update(self, round_id: int, update_hash: bytes, num_samples: int) -> TxReceipt:
-        return self._send(self.contract.functions.commitUpdate(round_id, update_hash, num_samples))
+    def commit_update(
+        self, round_id: int, update_hash: bytes, num_samples: int, *, epsilon: float | None = None
+    ) -> TxReceipt:
+        """Commit an update; with ``epsilon`` (DP-SGD: spent so far, this round included) by
+        ``commitPrivateUpdate``, which records it on-chain beside the commitment."""
+        if epsilon is None:
+            call = self.contract.functions.commitUpdate(round_id, update_hash, num_samples)
+        else:
+            call = self.contract.functions.commitPrivateUpdate(
+                round_id, update_hash, num_samples, to_fixed_point(epsilon)
+            )
+        return self._send(call)
+
+    def retire(self, epsilon: float | None = None) -> TxReceipt:
+        """Stop this organisation training for good (its privacy budget is spent)."""
+        fixed = 0 if epsilon is None else to_fixed_point(epsilon)
+        return self._send(self.contract.functions.retire(fixed))
 
     def extend_round(self, round_id: int, deadline: int) -> TxReceipt:
         return self._send(self.contract.functions.extendRound(round_id, deadline))
@@ -273,6 +298,22 @@ class LedgerClient:
         if bytes(update_hash) == ZERO_HASH:
             return None
         return CommitmentRecord(update_hash=bytes(update_hash), num_samples=int(num_samples))
+
+    def epsilon_of(self, round_id: int, org: str) -> float | None:
+        """The epsilon the organisation reported with its commitment (None: no DP, or none)."""
+        fixed = int(
+            self._view(self.contract.functions.epsilonOf(round_id, Web3.to_checksum_address(org)))
+        )
+        return from_fixed_point(fixed) if fixed else None
+
+    def retirement_of(self, org: str) -> RetirementRecord | None:
+        """Since when and having spent what the organisation stopped training (None: it trains)."""
+        retired, since, epsilon = self._view(
+            self.contract.functions.retirementOf(Web3.to_checksum_address(org))
+        )
+        if not retired:
+            return None
+        return RetirementRecord(int(since), from_fixed_point(int(epsilon)) if epsilon else None)
 
     def score_of(self, round_id: int, org: str) -> int:
         """The organisation's score in the round: its Shapley value in fixed point (1e18 = 1.0)."""

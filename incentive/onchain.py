@@ -83,6 +83,10 @@ the mean Brier score are proper scoring rules: they move with every sample's pre
 probabilities, while accuracy moves in steps of one validation sample. ``neg_mse`` (minus the
 mean squared error) is the regression tasks' metric."""
 
+CompressionScheme = Literal["none", "int8", "topk"]
+"""How nodes encode an update (the task spec's ``compression.scheme``): its keccak commitment
+is over the encoded bytes (``fedledger.incentive.compression``)."""
+
 METRICS: tuple[Metric, ...] = get_args(Metric)
 
 

@@ -24,6 +24,7 @@ from fedledger.errors import (
 )
 from fedledger.failpoints import NODE_AFTER_COMMIT, failpoint
 from fedledger.incentive.commitment import decode_update, encode_tensors, keccak, specs_of
+from fedledger.incentive.compression import Codec, FeedbackFile
 from fedledger.incentive.ledger import LedgerClient
 from fedledger.incentive.merkle import SettlementLeaf, verify
 from fedledger.incentive.onchain import RoundState, hex32
@@ -82,6 +83,7 @@ class NodeRunner:
         *,
         seed: int = 0,
         privacy: PrivacyLedger | None = None,
+        feedback: FeedbackFile | None = None,
         outbox: Path | None = None,
         on_settled: Callable[[Settled], None] | None = None,
         poll_interval_s: float = 0.2,
@@ -104,6 +106,10 @@ class NodeRunner:
         self.privacy = privacy
         if task.spec.privacy is not None and privacy is None:
             raise ValueError("the task spec asks for DP-SGD: the node needs a privacy ledger")
+        codec = Codec.of(task.spec.compression)
+        # Compressed updates carry what compression held back into the next round (in memory
+        # unless the caller keeps it in a file, which a node that may restart should).
+        self.feedback = None if codec.scheme == "none" else feedback or FeedbackFile(codec)
         self.outbox = outbox
         self.on_settled = on_settled
         self.poll_interval_s = poll_interval_s
@@ -154,6 +160,7 @@ class NodeRunner:
                     except PrivacyBudgetSpent as exc:
                         log.warning("%s", exc)
                         self.budget_spent = exc
+                        self.retire()
                         self.settle(before_round=None)
                         return outcomes
                     if outcome is not None:
@@ -167,6 +174,15 @@ class NodeRunner:
                 time.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, self.max_retry_s)
         return outcomes
+
+    def retire(self) -> None:
+        """Tell the ledger this organisation trains no more (``retire``, with the epsilon it
+        spent), so the coordinator stops waiting for it and reports it retired, not missing."""
+        if self.ledger.retirement_of(self.account.address) is not None:
+            return  # retired before a restart
+        spent = None if self.privacy is None else self.privacy.spent().epsilon
+        self.ledger.retire(spent)
+        log.info("retired on-chain: this organisation takes part in no further round")
 
     def check_task(self) -> None:
         """Refuse to train unless this node's spec file and the coordinator's are the one the
@@ -232,12 +248,17 @@ class NodeRunner:
         result = self.task.train(self._model, params, self.data, seed=seed, device=self.device)
         trained = {n: params[n] + result.delta[n] for n in params}
         local_metrics = self.task.evaluate(self._model, trained, self.data)
-        body, digest = encode_tensors(result.delta)
+        # What leaves the node: the update, encoded as the spec says (its commitment too).
+        sent = (
+            result.delta if self.feedback is None else self.feedback.encode(round_id, result.delta)
+        )
+        body, digest = encode_tensors(sent)
 
         committed = self.ledger.commitment_of(round_id, self.account.address)
+        epsilon = None if self.privacy is None else self.privacy.spent().epsilon
         if committed is None:
-            try:
-                self.ledger.commit_update(round_id, digest, result.num_samples)
+            try:  # with DP, the epsilon spent so far goes on-chain beside the commitment
+                self.ledger.commit_update(round_id, digest, result.num_samples, epsilon=epsilon)
             except ContractRevert as exc:
                 log.warning("round %d: commit refused on-chain: %s", round_id, exc)
                 self.done_rounds.add(round_id)
@@ -282,7 +303,7 @@ class NodeRunner:
             train_loss=result.loss,
             duplicate=receipt.duplicate,
             local_metrics=local_metrics,
-            epsilon=None if self.privacy is None else self.privacy.spent().epsilon,
+            epsilon=epsilon,
         )
 
     def _keep(self, round_id: int, body: bytes, headers: dict[str, str]) -> None:

@@ -18,6 +18,7 @@ def make_harness(tmp_path: Path) -> Iterator[Callable[..., Harness]]:
 
     from fedledger.coordinator.api import create_app
     from fedledger.coordinator.config import CoordinatorSettings
+    from fedledger.coordinator.policy import PricingPolicy
     from fedledger.coordinator.service import RoundService
     from fedledger.devnet.deploy import deploy_devnet
     from fedledger.devnet.embedded import embedded_web3
@@ -42,6 +43,9 @@ def make_harness(tmp_path: Path) -> Iterator[Callable[..., Harness]]:
             "round_timeout_s": 600,
             "quorum": 1,
             "max_upload_bytes": 1 << 20,
+            # Three members: tests that leave some out still publish a model (the consortium
+            # minimum, min_aggregated = 3 by default, has its own tests).
+            "pricing": PricingPolicy(min_aggregated=1),
         }
         service = RoundService(
             CoordinatorSettings(**{**defaults, **settings}),  # type: ignore[arg-type]

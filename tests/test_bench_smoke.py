@@ -117,7 +117,8 @@ def test_digits10_variants_agree(tmp_path: Path) -> None:
         breakdown = results[name]["breakdown"]
         assert breakdown["nodes"]["training"] > 0
         assert breakdown["coordinator"]["Shapley valuation"] > 0
-        assert results[name]["calls"]["nodes"]["chain: transactions"] == pytest.approx(2.0)
+        # One commitment a node a round (the quick run has three nodes).
+        assert results[name]["calls"]["nodes"]["chain: transactions"] == pytest.approx(3.0)
     assert any("floor" in line for line in report["targets"])
     assert (tmp_path / "curves.png").exists() == (
         importlib.util.find_spec("matplotlib") is not None
@@ -210,3 +211,27 @@ def test_fairness_prices_against_retrained_truth(
     with pytest.raises(SystemExit):
         fairness.main(["--quick", "--set", "nonsense=1"])
     assert "unknown pricing knob" in capsys.readouterr().err
+
+
+def test_privacy_prices_dp_updates_and_the_free_rider(tmp_path: Path) -> None:
+    rows = run_quick("privacy", tmp_path)
+    assert [(r["target_epsilon"], r["free_rider"]) for r in rows] == [
+        (None, False),
+        (8.0, False),
+        (8.0, True),
+    ]
+    for row in rows:
+        assert 0.0 <= row["accuracy"] <= 1.0 and 0.0 <= row["flagged"] <= 1.0
+        assert "unaligned_update" not in row["flags"]  # the screen knows the DP noise
+    assert rows[1]["noise_multiplier"] > 0
+    # Uploading noise earns less than training honestly did.
+    assert rows[2]["org0_share"] < rows[1]["org0_share"]
+
+
+def test_compression_shrinks_the_uploads(tmp_path: Path) -> None:
+    rows = {(r["scheme"], r["fraction"]): r for r in run_quick("compression", tmp_path)}
+    none = rows[("none", None)]
+    assert none["ratio"] == 1.0
+    assert rows[("int8", None)]["bytes_per_round"] < 0.35 * none["bytes_per_round"]
+    for row in rows.values():
+        assert 0.0 <= row["accuracy"] <= 1.0

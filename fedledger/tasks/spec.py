@@ -1,7 +1,8 @@
 """The consortium's task specification: one TOML file that every node, coordinator and auditor loads.
 
-The file names the model (a built-in or a plug-in), the local training, the validation metric
-and, for tabular data, the feature and label schema. Its hash, ``spec_hash``, is the keccak-256
+The file names the model (a built-in or a plug-in), the local training, the validation metric,
+optionally DP-SGD and the compression of updates, and, for tabular data, the feature and label
+schema. Its hash, ``spec_hash``, is the keccak-256
 of the file's bytes (``cast keccak "0x$(xxd -p spec.toml | tr -d '\n')"`` prints it), recorded
 on the ledger (``taskSpec()``): a node refuses to train for a coordinator whose spec is not the
 one on the chain. Parsing is strict: an unknown key, a wrong type or an impossible combination
@@ -20,7 +21,7 @@ from eth_hash.auto import keccak
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from fedledger.errors import ErrorCode, TaskError
-from fedledger.incentive.onchain import Metric
+from fedledger.incentive.onchain import CompressionScheme, Metric
 
 Kind = Literal["classification", "regression"]
 Loss = Literal["cross_entropy", "mse"]
@@ -133,6 +134,38 @@ class PrivacySection(_Section):
     )
 
 
+class CompressionSection(_Section):
+    """How every node compresses its update before committing and uploading it: the
+    coordinator decodes with the same scheme and refuses any other encoding (``bad_encoding``)."""
+
+    scheme: CompressionScheme = Field(
+        "none",
+        description="none: the float32 delta; int8: one symmetric scale per tensor (4x "
+        "smaller); topk: the largest |x| of each tensor, as indices and values, with error "
+        "feedback on the node.",
+    )
+    fraction: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="topk only: the share of each tensor's coordinates sent (0 < fraction <= 1).",
+    )
+
+    @model_validator(mode="after")
+    def _fraction_for_topk(self) -> CompressionSection:
+        if self.scheme == "topk" and self.fraction is None:
+            raise ValueError(
+                "compression.fraction is required with compression.scheme = 'topk': the share "
+                "of each tensor's coordinates sent, e.g. 0.1"
+            )
+        if self.scheme != "topk" and self.fraction is not None:
+            raise ValueError(
+                f"compression.fraction is only for compression.scheme = 'topk', not "
+                f"{self.scheme!r}: remove it"
+            )
+        return self
+
+
 class FeatureColumn(_Section):
     """One feature column of a tabular file and the range the consortium agreed to scale it by."""
 
@@ -204,6 +237,7 @@ class TaskSpec(_Section):
     validation: ValidationSection = Field(default_factory=ValidationSection)
     data: DataSection | None = None
     privacy: PrivacySection | None = None
+    compression: CompressionSection = Field(default_factory=CompressionSection)
 
     _source: Path | None = PrivateAttr(None)
     _raw: bytes = PrivateAttr(b"")

@@ -191,12 +191,14 @@ def ledger_state(chain: Chain, ledger: LedgerClient) -> Callable[[], dict[str, A
             address = account.address
             state[address] = {
                 "balance": ledger.balance_of(address),
+                "retirement": ledger.retirement_of(address),
                 "rounds": [
                     (
                         ledger.commitment_of(r, address),
                         ledger.score_of(r, address),
                         ledger.reward_of(r, address),
                         ledger.is_settled(r, address),
+                        ledger.epsilon_of(r, address),
                     )
                     for r in range(1, count + 2)
                 ],

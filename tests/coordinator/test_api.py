@@ -262,7 +262,7 @@ def test_full_round_aggregates_prices_and_pays_on_chain(harness: Harness) -> Non
         assert harness.post(attempt).status_code == 409
     harness.service.step()  # all in: aggregate, price, settle
     result = harness.client.get("/v1/rounds/1").json()
-    assert result["status"] == "finalized"
+    assert result["status"] == "finalized", result.get("reason")
     rewards = [int(o["reward"]) for o in result["organisations"]]
     assert result["validation_gain"] > 0  # three honest updates from the initial model
     assert sum(rewards) == pool_of(result, harness.service.settings.pricing) > 0
@@ -325,7 +325,7 @@ def test_absent_organisation_is_missing_with_zero_score_and_reward(
     harness.clock[0] += 601 + harness.service.settings.upload_grace_s
     harness.service.step()  # the deadline with a quorum: the round goes on without it
     result = harness.client.get("/v1/rounds/1").json()
-    assert result["status"] == "finalized"
+    assert result["status"] == "finalized", result.get("reason")
     by_org = {o["organisation"]: o for o in result["organisations"]}
     assert by_org[absent.address]["status"] == "missing"
     assert by_org[absent.address]["value"] == 0 and by_org[absent.address]["reward"] == "0"

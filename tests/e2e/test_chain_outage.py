@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 
 from fedledger.coordinator.api import create_app
 from fedledger.coordinator.config import CoordinatorSettings
+from fedledger.coordinator.policy import PricingPolicy
 from fedledger.coordinator.service import RoundService
 from fedledger.demo import serve_in_thread
 from fedledger.devnet.anvil import AnvilProcess, start_anvil
@@ -44,7 +45,12 @@ def anvil() -> Iterator[AnvilProcess]:
 def service(anvil: AnvilProcess, tmp_path: Path) -> Iterator[RoundService]:
     deployment = deploy_devnet(connect(anvil.rpc_url), 1)
     svc = RoundService(
-        CoordinatorSettings(data_dir=tmp_path / "coordinator", total_rounds=1, round_timeout_s=600),
+        CoordinatorSettings(
+            data_dir=tmp_path / "coordinator",
+            total_rounds=1,
+            round_timeout_s=600,
+            pricing=PricingPolicy(min_aggregated=1),  # one organisation: publish its model
+        ),
         LedgerClient(connect(anvil.rpc_url, timeout_s=1), deployment.ledger, devnet_account(1)),
     )
     svc.start(background=False)

@@ -172,6 +172,26 @@ def test_a_node_trains_privately_until_its_budget_is_spent(
         for r in runners
         for o in outcomes[runners.index(r)]
     )  # type: ignore[attr-defined]
+    # Each commitment carries its epsilon on-chain, and the coordinator reports it.
+    ledger = harness.ledger  # type: ignore[attr-defined]
+    for k, org in enumerate(harness.orgs):  # type: ignore[attr-defined]
+        for outcome in outcomes[k]:
+            on_chain = ledger.epsilon_of(outcome.round_id, org.address)  # type: ignore[attr-defined]
+            assert on_chain == pytest.approx(outcome.epsilon, rel=1e-12)  # type: ignore[attr-defined]
+    # Out of budget (the partitions are alike: all three), each retired on-chain with what it
+    # spent; round 3 waits for none of them and reports them retired, not missing.
+    for k, org in enumerate(harness.orgs):  # type: ignore[attr-defined]
+        retirement = ledger.retirement_of(org.address)
+        assert retirement is not None and retirement.since_round == 3
+        assert retirement.epsilon == pytest.approx(outcomes[k][-1].epsilon, rel=1e-12)  # type: ignore[attr-defined]
+    service = harness.service  # type: ignore[attr-defined]
+    current = service.current()
+    while current.status not in ("failed", "finalized"):  # the driver closes round 3
+        current = service.current_after((current.round_id, current.status), wait_s=10)
+    third = service.round_result(3)
+    assert third.status == "failed" and "every organisation has retired" in third.reason
+    assert sorted(o.status for o in third.organisations) == ["retired"] * 3
+    assert all(o.epsilon is not None for o in third.organisations)
 
 
 def test_the_noise_seed_is_secret_per_node_and_stable_across_a_restart(tmp_path: Path) -> None:

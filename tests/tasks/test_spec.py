@@ -288,3 +288,51 @@ def test_builtin_spec_is_the_digits_task() -> None:
         "neg_log_loss",
         "accuracy",
     }
+
+
+def test_compression_defaults_to_none() -> None:
+    spec = parse_spec(spec_text().encode())
+    assert (spec.compression.scheme, spec.compression.fraction) == ("none", None)
+
+
+@pytest.mark.parametrize(
+    ("body", "scheme", "fraction"),
+    [
+        ('scheme = "int8"', "int8", None),
+        ('scheme = "topk"\nfraction = 0.1', "topk", 0.1),
+        ('scheme = "topk"\nfraction = 1', "topk", 1.0),
+    ],
+    ids=["int8", "topk-tenth", "topk-integer-one"],
+)
+def test_a_compression_section_parses(body: str, scheme: str, fraction: float | None) -> None:
+    spec = parse_spec((spec_text() + f"\n[compression]\n{body}\n").encode())
+    assert (spec.compression.scheme, spec.compression.fraction) == (scheme, fraction)
+
+
+@pytest.mark.parametrize(
+    ("body", "fragments"),
+    [
+        ('scheme = "zstd"', ["compression.scheme", "'none', 'int8' or 'topk'"]),
+        ('scheme = "topk"', ["compression.fraction is required", "scheme = 'topk'"]),
+        ('scheme = "int8"\nfraction = 0.1', ["compression.fraction is only for", "'int8'"]),
+        ("fraction = 0.1", ["compression.fraction is only for", "'none'"]),
+        ('scheme = "topk"\nfraction = 0', ["compression.fraction", "greater than 0"]),
+        ('scheme = "topk"\nfraction = 1.5', ["compression.fraction", "less than or equal to 1"]),
+        ('scheme = "topk"\nfraction = "0.1"', ["compression.fraction", "valid number"]),
+        ('schema = "int8"', ["compression.schema: unknown key", "did you mean 'scheme'?"]),
+    ],
+    ids=[
+        "unknown-scheme",
+        "topk-without-fraction",
+        "fraction-with-int8",
+        "fraction-with-default-none",
+        "fraction-zero",
+        "fraction-above-one",
+        "fraction-string",
+        "misspelt-scheme",
+    ],
+)
+def test_bad_compression_fields_are_named(body: str, fragments: list[str]) -> None:
+    message = refused(spec_text() + f"\n[compression]\n{body}\n")
+    for fragment in fragments:
+        assert fragment in message

@@ -1,0 +1,61 @@
+"""No global model from fewer than the consortium's minimum of updates: with K aggregated, any
+K-1 members recover the last one's update from the two public models (and with one, anybody)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from fedledger.coordinator.policy import PricingPolicy
+from harness import Harness
+
+
+def test_the_default_minimum_is_three() -> None:
+    assert PricingPolicy().min_aggregated == 3
+    with pytest.raises(ValueError, match="min_aggregated"):
+        PricingPolicy(min_aggregated=0)
+
+
+def test_a_round_of_two_updates_fails_and_publishes_nothing(
+    make_harness: Callable[..., Harness],
+) -> None:
+    harness = make_harness(quorum=2, pricing=PricingPolicy())
+    start = harness.ledger.get_round(1).model_hash
+    for k, org in enumerate(harness.orgs[:2]):
+        upload = harness.make_upload(org, harness.trained_delta(k))
+        assert harness.post(upload).status_code == 201
+    harness.clock[0] += 601 + harness.service.settings.upload_grace_s
+    harness.service.step()
+    result = harness.client.get("/v1/rounds/1").json()
+    assert result["status"] == "failed"
+    assert "fewer than the consortium's minimum of 3 (min_aggregated)" in result["reason"]
+    assert result["new_model_hash"] == result["model_hash"]
+    record = harness.ledger.get_round(1)
+    assert record.new_model_hash == start and record.total_reward == 0
+    assert harness.ledger.balance_of(harness.orgs[0].address) == 0
+    # The next round trains on the same model: nothing was published.
+    harness.service.step()
+    assert harness.ledger.get_round(2).model_hash == start
+
+
+def test_updates_screened_out_do_not_count_towards_the_minimum(
+    make_harness: Callable[..., Harness],
+) -> None:
+    """Three uploads, one a copy: two would make the model, so the round fails; three honest
+    ones make it."""
+    honest = [make_harness().trained_delta(k) for k in range(3)]
+    for uploads, status in (
+        (honest, "finalized"),
+        ([*honest[:2], {name: 2.0 * t for name, t in honest[0].items()}], "failed"),
+    ):
+        harness = make_harness(pricing=PricingPolicy())
+        for org, tensors in zip(harness.orgs, uploads, strict=True):
+            assert harness.post(harness.make_upload(org, tensors)).status_code == 201
+        harness.service.step()
+        result = harness.client.get("/v1/rounds/1").json()
+        assert result["status"] == status, result.get("reason")
+        if status == "finalized":
+            assert sum(o["aggregated"] for o in result["organisations"]) == 3
+        else:
+            assert "only 2 update(s) passed the screens" in result["reason"]
