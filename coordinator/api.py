@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fedledger import wire
+from fedledger.coordinator.results import for_non_members
 from fedledger.coordinator.service import RoundService
 from fedledger.errors import ChainError, ChainUnavailable, CodedError, CoordinatorError, ErrorCode
 from fedledger.incentive.onchain import hex32
@@ -73,8 +74,12 @@ def get_service(request: Request) -> RoundService:
 Service = Annotated[RoundService, Depends(get_service)]
 
 
-def create_app(service: RoundService, *, manage_service: bool = False) -> FastAPI:
-    """The FastAPI app over a RoundService; with ``manage_service`` it starts and stops it."""
+def create_app(
+    service: RoundService, *, manage_service: bool = False, members_only: bool = False
+) -> FastAPI:
+    """The FastAPI app over a RoundService; with ``manage_service`` it starts and stops it.
+    ``members_only``: the transport admits members alone (mutual TLS with the consortium's
+    CA), so every reader is one; otherwise only a signed read request is."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -152,8 +157,11 @@ def create_app(service: RoundService, *, manage_service: bool = False) -> FastAP
         return svc.current_after(known, wait_s)
 
     @app.get(f"{prefix}/rounds/{{round_id}}", response_model=wire.RoundResult)
-    def round_result(round_id: int, svc: Service) -> wire.RoundResult:
-        return svc.round_result(round_id)
+    def round_result(round_id: int, request: Request, svc: Service) -> wire.RoundResult:
+        """A round's result; sample counts, norms and who was aggregated to members only."""
+        member = members_only or svc.read_member(request.headers) is not None
+        result = svc.round_result(round_id)
+        return result if member else for_non_members(result)
 
     @app.get(
         f"{prefix}/rounds/{{round_id}}/claims/{{organisation}}",

@@ -140,6 +140,21 @@ def finalized_result(
     )
 
 
+def for_non_members(result: wire.RoundResult) -> wire.RoundResult:
+    """``result`` as a reader who is not a member sees it: without each organisation's sample
+    count, update norm and whether it was aggregated. With those and the two global models,
+    the members of a small aggregate recover each other's updates; scores, rewards and flags
+    stay (they are on the chain)."""
+    return result.model_copy(
+        update={
+            "organisations": [
+                o.model_copy(update={"num_samples": None, "aggregated": None, "norm": None})
+                for o in result.organisations
+            ]
+        }
+    )
+
+
 def settlement_tree(result: wire.RoundResult) -> SettlementTree:
     """The Merkle tree of a round's settlement, rebuilt from its recorded result."""
     return SettlementTree.build(

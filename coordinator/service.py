@@ -316,6 +316,10 @@ class RoundService:
             return wire.RoundResult.model_validate(stored.result)
         return pending_result(stored, self.store.updates_for(round_id))
 
+    def read_member(self, headers: Mapping[str, str]) -> str | None:
+        """The organisation a signed read request comes from (None: anonymous)."""
+        return self._started()[3].read_member(headers)
+
     def claim_ticket(self, round_id: int, organisation: str) -> wire.ClaimTicket:
         """What ``organisation`` sends to ``claimReward`` for a round settled by claims."""
         return claim_ticket(self.round_result(round_id), organisation)

@@ -25,7 +25,7 @@ from fedledger.incentive.commitment import TensorSpec, keccak
 from fedledger.incentive.compression import Codec
 from fedledger.incentive.ledger import LedgerClient
 from fedledger.incentive.onchain import hex32
-from fedledger.incentive.signing import UploadAuthorization, recover_signer
+from fedledger.incentive.signing import UploadAuthorization, recover_reader, recover_signer
 from fedledger.incentive.tensors import l2_norm
 
 
@@ -128,6 +128,52 @@ class UploadVerifier:
                 ErrorCode.EXPIRY_TOO_FAR,
                 f"the authorisation must expire within {self.settings.max_expiry_s} s",
             )
+
+    def read_member(self, headers: Mapping[str, str]) -> str | None:
+        """The registered organisation a signed read request comes from (None: anonymous).
+
+        Checked as an upload's signature is: the EIP-712 ``Read`` message bound to this chain
+        and ledger, not expired nor expiring further off than ``max_expiry_s``, signed by the
+        reader it names, who must be registered on the ledger."""
+        signed = wire.read_read_headers(headers)
+        if signed is None:
+            return None
+        now = self.clock()
+        if signed.expiry < now:
+            raise CoordinatorError(
+                ErrorCode.EXPIRED, f"the read request expired at {signed.expiry}"
+            )
+        if signed.expiry > now + self.settings.max_expiry_s:
+            raise CoordinatorError(
+                ErrorCode.EXPIRY_TOO_FAR,
+                f"a read request must expire within {self.settings.max_expiry_s} s",
+            )
+        try:
+            signer = recover_reader(
+                signed.reader,
+                signed.expiry,
+                signed.signature,
+                chain_id=self.chain_id,
+                ledger=self.ledger.address,
+            )
+        except SignatureError as exc:
+            raise CoordinatorError(exc.code, exc.message) from exc
+        if signer != signed.reader:
+            raise CoordinatorError(
+                ErrorCode.BAD_SIGNATURE,
+                f"the read request is not signed by its reader {signed.reader} (wrong key, "
+                "chain id or ledger)",
+            )
+        try:
+            registered = self.ledger.is_organisation(signer)
+        except ChainError as exc:
+            raise ChainUnavailable(f"cannot verify the reader on-chain: {exc}") from exc
+        if not registered:
+            raise CoordinatorError(
+                ErrorCode.UNREGISTERED_SIGNER,
+                f"{signer} is not a registered organisation on ledger {self.ledger.address}",
+            )
+        return signer
 
     def check_sample_count(self, auth: UploadAuthorization) -> None:
         """A declared count steers FedAvg (within its weight cap): the consortium's cap on it."""

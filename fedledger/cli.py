@@ -821,7 +821,7 @@ def coordinator_serve(
     )
     try:
         uvicorn.run(
-            create_app(service),
+            create_app(service, members_only=client_ca is not None),
             host=host,
             port=port,
             log_level="info" if verbose else "warning",

@@ -23,6 +23,10 @@ H_NUM_SAMPLES = "X-Fedledger-Num-Samples"
 H_NONCE = "X-Fedledger-Nonce"
 H_EXPIRY = "X-Fedledger-Expiry"
 H_SIGNATURE = "X-Fedledger-Signature"
+H_READER = "X-Fedledger-Reader"
+H_READER_EXPIRY = "X-Fedledger-Reader-Expiry"
+H_READER_SIGNATURE = "X-Fedledger-Reader-Signature"
+READ_HEADERS = (H_READER, H_READER_EXPIRY, H_READER_SIGNATURE)
 H_SPEC_HASH = "X-Fedledger-Spec-Hash"
 H_MODEL_HASH = "X-Fedledger-Model-Hash"
 
@@ -56,6 +60,44 @@ def upload_headers(auth: UploadAuthorization, signature: str) -> dict[str, str]:
         H_EXPIRY: str(auth.expiry),
         H_SIGNATURE: signature,
     }
+
+
+@dataclass(frozen=True)
+class SignedRead:
+    """A member's signed request to read what only members see."""
+
+    reader: str
+    expiry: int
+    signature: str
+
+
+def read_request_headers(signed: SignedRead) -> dict[str, str]:
+    """The headers that carry a member's signed read request."""
+    return {
+        H_READER: signed.reader,
+        H_READER_EXPIRY: str(signed.expiry),
+        H_READER_SIGNATURE: signed.signature,
+    }
+
+
+def read_read_headers(headers: Mapping[str, str]) -> SignedRead | None:
+    """The inverse of ``read_request_headers``: None when the request carries none (an
+    anonymous reader), ``malformed_authorization`` when some are missing or do not parse."""
+    present = [h for h in READ_HEADERS if headers.get(h)]
+    if not present:
+        return None
+    if len(present) != len(READ_HEADERS):
+        missing = [h for h in READ_HEADERS if h not in present]
+        raise CoordinatorError(
+            ErrorCode.MALFORMED_AUTHORIZATION,
+            f"a signed read request needs {', '.join(READ_HEADERS)}; missing {', '.join(missing)}",
+        )
+    try:
+        reader = Web3.to_checksum_address(headers[H_READER])
+        expiry = _uint(headers[H_READER_EXPIRY], H_READER_EXPIRY)
+    except ValueError as exc:
+        raise CoordinatorError(ErrorCode.MALFORMED_AUTHORIZATION, str(exc)) from None
+    return SignedRead(reader, expiry, headers[H_READER_SIGNATURE])
 
 
 def _uint(text: str, name: str) -> int:
@@ -150,7 +192,7 @@ class OrganisationResult(_Schema):
     organisation: str
     status: UploadStatus
     update_hash: str | None = None
-    num_samples: int = 0
+    num_samples: int | None = 0  # None: withheld from a reader who is not a member
     value: float = 0.0  # Shapley value of the validation metric
     value_stderr: float = 0.0  # its standard error over the validation samples
     score: str = "0"  # the value as the on-chain score (scoreOf): fixed point, 1e18 = 1.0
@@ -159,7 +201,7 @@ class OrganisationResult(_Schema):
     flag_reasons: list[str] = Field(default_factory=list)  # e.g. ["norm_clipped"]
     note: str | None = None  # why it was flagged, in words
     norm: float | None = None  # the update's L2 norm
-    aggregated: bool = False  # whether the update is part of the new global model
+    aggregated: bool | None = False  # whether the update is part of the new global model
     epsilon: float | None = None  # DP-SGD: epsilon spent so far, as committed on-chain
 
 

@@ -16,13 +16,25 @@ from fedledger.errors import ErrorCode, SignatureError
 DOMAIN_NAME = "fedledger"
 DOMAIN_VERSION = "1"
 
-UPLOAD_TYPES: dict[str, list[dict[str, str]]] = {
-    "EIP712Domain": [
-        {"name": "name", "type": "string"},
-        {"name": "version", "type": "string"},
-        {"name": "chainId", "type": "uint256"},
-        {"name": "verifyingContract", "type": "address"},
+_DOMAIN_TYPE = [
+    {"name": "name", "type": "string"},
+    {"name": "version", "type": "string"},
+    {"name": "chainId", "type": "uint256"},
+    {"name": "verifyingContract", "type": "address"},
+]
+
+READ_TYPES: dict[str, list[dict[str, str]]] = {
+    "EIP712Domain": _DOMAIN_TYPE,
+    "Read": [
+        {"name": "reader", "type": "address"},
+        {"name": "expiry", "type": "uint256"},
     ],
+}
+"""A member's request to read the round results only members see (sample counts, who was
+aggregated): who reads, until when, for which ledger on which chain."""
+
+UPLOAD_TYPES: dict[str, list[dict[str, str]]] = {
+    "EIP712Domain": _DOMAIN_TYPE,
     "Upload": [
         {"name": "organisation", "type": "address"},
         {"name": "roundId", "type": "uint256"},
@@ -51,17 +63,21 @@ class UploadAuthorization:
         return secrets.randbits(128)
 
 
+def _domain(chain_id: int, ledger: str) -> dict[str, Any]:
+    return {
+        "name": DOMAIN_NAME,
+        "version": DOMAIN_VERSION,
+        "chainId": chain_id,
+        "verifyingContract": Web3.to_checksum_address(ledger),
+    }
+
+
 def typed_data(auth: UploadAuthorization, *, chain_id: int, ledger: str) -> dict[str, Any]:
     """The full EIP-712 message for ``auth`` in the domain of ``ledger`` on ``chain_id``."""
     return {
         "types": UPLOAD_TYPES,
         "primaryType": "Upload",
-        "domain": {
-            "name": DOMAIN_NAME,
-            "version": DOMAIN_VERSION,
-            "chainId": chain_id,
-            "verifyingContract": Web3.to_checksum_address(ledger),
-        },
+        "domain": _domain(chain_id, ledger),
         "message": {
             "organisation": Web3.to_checksum_address(auth.organisation),
             "roundId": auth.round_id,
@@ -73,24 +89,51 @@ def typed_data(auth: UploadAuthorization, *, chain_id: int, ledger: str) -> dict
     }
 
 
+def read_typed_data(reader: str, expiry: int, *, chain_id: int, ledger: str) -> dict[str, Any]:
+    """The full EIP-712 message of a member's read request."""
+    return {
+        "types": READ_TYPES,
+        "primaryType": "Read",
+        "domain": _domain(chain_id, ledger),
+        "message": {"reader": Web3.to_checksum_address(reader), "expiry": expiry},
+    }
+
+
+def _sign(account: LocalAccount, message: dict[str, Any]) -> str:
+    signed = account.sign_message(encode_typed_data(full_message=message))
+    return "0x" + bytes(signed.signature).hex()
+
+
 def sign_upload(
     account: LocalAccount, auth: UploadAuthorization, *, chain_id: int, ledger: str
 ) -> str:
     """Sign ``auth`` with ``account``; returns the 65-byte signature as 0x-hex."""
-    signable = encode_typed_data(full_message=typed_data(auth, chain_id=chain_id, ledger=ledger))
-    signed = account.sign_message(signable)
-    return "0x" + bytes(signed.signature).hex()
+    return _sign(account, typed_data(auth, chain_id=chain_id, ledger=ledger))
+
+
+def sign_read(account: LocalAccount, expiry: int, *, chain_id: int, ledger: str) -> str:
+    """``account``'s signature of a read request valid until ``expiry`` (unix seconds)."""
+    return _sign(
+        account, read_typed_data(account.address, expiry, chain_id=chain_id, ledger=ledger)
+    )
 
 
 def recover_signer(auth: UploadAuthorization, signature: str, *, chain_id: int, ledger: str) -> str:
     """The checksum address that signed ``auth``; SignatureError ``bad_signature`` if malformed."""
+    return _recover(typed_data(auth, chain_id=chain_id, ledger=ledger), signature)
+
+
+def recover_reader(reader: str, expiry: int, signature: str, *, chain_id: int, ledger: str) -> str:
+    """The checksum address that signed a read request; SignatureError if malformed."""
+    return _recover(read_typed_data(reader, expiry, chain_id=chain_id, ledger=ledger), signature)
+
+
+def _recover(message: dict[str, Any], signature: str) -> str:
     try:
         raw = bytes.fromhex(signature.removeprefix("0x"))
         if len(raw) != 65:
             raise ValueError(f"a signature is 65 bytes, got {len(raw)}")
-        signable = encode_typed_data(
-            full_message=typed_data(auth, chain_id=chain_id, ledger=ledger)
-        )
+        signable = encode_typed_data(full_message=message)
         signer: str = Account.recover_message(signable, signature=raw)
     except Exception as exc:  # eth-keys raises several types for a malformed signature
         raise SignatureError(

@@ -87,13 +87,31 @@ class Harness:
         for org, tensors in zip(self.orgs, uploads, strict=True):
             assert self.post(self.make_upload(org, tensors, round_id=round_id)).status_code == 201
         self.service.step()
-        result: dict[str, Any] = self.client.get(f"/v1/rounds/{round_id}").json()
+        result = self.member_result(round_id)
         by_org = {o["organisation"]: o for o in result["organisations"]}
         cheat = by_org[self.orgs[2].address]
         assert cheat["flag_reasons"] == ["copied_update"]
         assert note in cheat["note"]
         assert cheat["reward"] == "0" and not cheat["aggregated"]
         assert all(by_org[o.address]["flags"] == 0 for o in self.orgs[:2])
+        return result
+
+    def read_headers(self, account: LocalAccount | None = None, ttl_s: int = 300) -> dict[str, str]:
+        """A member's signed read request (organisation 0's unless ``account`` is given)."""
+        from fedledger.incentive.signing import sign_read
+
+        reader = account or self.orgs[0]
+        expiry = int(self.clock[0]) + ttl_s
+        signature = sign_read(
+            reader, expiry, chain_id=self.ledger.chain_id(), ledger=self.ledger.address
+        )
+        return wire.read_request_headers(wire.SignedRead(reader.address, expiry, signature))
+
+    def member_result(self, round_id: int) -> dict[str, Any]:
+        """``GET /v1/rounds/{round_id}`` as a member reads it (sample counts, aggregation)."""
+        response = self.client.get(f"/v1/rounds/{round_id}", headers=self.read_headers())
+        assert response.status_code == 200, response.text
+        result: dict[str, Any] = response.json()
         return result
 
     def model(self, model_hash: str) -> dict[str, torch.Tensor]:

@@ -53,7 +53,7 @@ def test_updates_screened_out_do_not_count_towards_the_minimum(
         for org, tensors in zip(harness.orgs, uploads, strict=True):
             assert harness.post(harness.make_upload(org, tensors)).status_code == 201
         harness.service.step()
-        result = harness.client.get("/v1/rounds/1").json()
+        result = harness.member_result(1)
         assert result["status"] == status, result.get("reason")
         if status == "finalized":
             assert sum(o["aggregated"] for o in result["organisations"]) == 3
