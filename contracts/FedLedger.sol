@@ -81,6 +81,7 @@ contract FedLedger is AccessControlEnumerable {
     bytes32 private _taskSpec;
     mapping(uint256 roundId => mapping(address org => uint256 epsilon)) private _epsilons;
     mapping(address org => Retirement) private _retirements;
+    mapping(address org => uint256 total) private _totalRewards;
 
     /// @notice The zero address was given where an account is required.
     error ZeroAddress();
@@ -347,6 +348,7 @@ contract FedLedger is AccessControlEnumerable {
         settlement.reward = reward;
         settlement.flags = flags;
         settlement.settled = true;
+        _totalRewards[org] += reward;
         emit ContributionRecorded(roundId, org, score, reward);
         if (flags != 0) emit OrganisationFlagged(roundId, org, flags);
         return reward;
@@ -470,6 +472,7 @@ contract FedLedger is AccessControlEnumerable {
         settlement.reward = reward;
         settlement.flags = flags;
         settlement.settled = true;
+        _totalRewards[msg.sender] += reward;
         emit ContributionRecorded(roundId, msg.sender, score, reward);
         emit RewardClaimed(roundId, msg.sender, reward);
         if (reward != 0) _token.mint(msg.sender, reward);
@@ -503,9 +506,15 @@ contract FedLedger is AccessControlEnumerable {
         return _settlements[roundId][org].score;
     }
 
-    /// @notice Token units paid to `org` for round `roundId`.
+    /// @notice Token units paid to `org` for round `roundId` (18 decimals: 1e18 = 1 token).
     function rewardOf(uint256 roundId, address org) external view returns (uint256) {
         return _settlements[roundId][org].reward;
+    }
+
+    /// @notice Token units paid to `org` over every round so far (direct settlements and
+    /// claims): the sum of rewardOf(r, org) over r = 1..roundCount(), without the loop.
+    function totalRewardOf(address org) external view returns (uint256) {
+        return _totalRewards[org];
     }
 
     /// @notice The most one round may pay out in all, in token units (setRoundBudget).

@@ -1081,6 +1081,7 @@ def rewards(
                 )
             )
     balances = {address: ledger.balance_of(address) for address in orgs}
+    paid = {address: ledger.total_reward_of(address) for address in orgs}  # totalRewardOf
     retired = {address: r for address in orgs if (r := ledger.retirement_of(address))}
     private = any(row.epsilon is not None for row in rows)
     if as_json:
@@ -1092,6 +1093,7 @@ def rewards(
                     # decimal strings: 21-digit token amounts do not survive JSON numbers in
                     # jq or JavaScript (doubles)
                     "balances": {address: str(units) for address, units in balances.items()},
+                    "total_rewards": {address: str(units) for address, units in paid.items()},
                     "retired": {
                         address: {"since_round": r.since_round, "epsilon": r.epsilon}
                         for address, r in retired.items()
@@ -1131,12 +1133,15 @@ def rewards(
         )
     totals = Table(title="Token balances")
     totals.add_column("organisation")
+    totals.add_column("paid in all (FLR)", justify="right")
     totals.add_column("balance (FLR)", justify="right")
     if retired:
         totals.add_column("retired")
     for address, balance in balances.items():
         status = [] if not retired else [_retired_text(retired.get(address))]
-        totals.add_row(address, f"{balance / TOKEN_UNIT:,.4f}", *status)
+        totals.add_row(
+            address, f"{paid[address] / TOKEN_UNIT:,.4f}", f"{balance / TOKEN_UNIT:,.4f}", *status
+        )
     console.print(totals)
 
 

@@ -326,6 +326,10 @@ class LedgerClient:
             self._view(self.contract.functions.rewardOf(round_id, Web3.to_checksum_address(org)))
         )
 
+    def total_reward_of(self, org: str) -> int:
+        """Token units paid to the organisation over every round (``totalRewardOf``)."""
+        return int(self._view(self.contract.functions.totalRewardOf(Web3.to_checksum_address(org))))
+
     def commit_order(self, round_id: int) -> list[str]:
         """The organisations that committed in the round, earliest first (``committersOf``)."""
         return [str(org) for org in self._view(self.contract.functions.committersOf(round_id))]

@@ -132,6 +132,8 @@ class NodeRunner:
     def run(self, *, stop: Callable[[], bool] = lambda: False) -> list[RoundOutcome]:
         """Loop over rounds until training is done (or ``stop()``); returns what was uploaded."""
         outcomes: list[RoundOutcome] = []
+        if self._spent_already():
+            return outcomes
         backoff_s = self.poll_interval_s
         seen: wire.CurrentRound | None = None
         while not stop():
@@ -174,6 +176,24 @@ class NodeRunner:
                 time.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, self.max_retry_s)
         return outcomes
+
+    def _spent_already(self) -> bool:
+        """At start-up, before the coordinator is asked anything: a node whose next round would
+        exceed its privacy budget says so and retires (if it has not yet) instead of waiting
+        for a round it cannot train."""
+        if self.privacy is None:
+            return False
+        training = self.task.spec.training
+        try:
+            self.privacy.check_next(
+                len(self.data[1]), epochs=training.epochs, batch_size=training.batch_size
+            )
+        except PrivacyBudgetSpent as exc:
+            log.warning("%s", exc)
+            self.budget_spent = exc
+            self.retire()
+            return True
+        return False
 
     def retire(self) -> None:
         """Tell the ledger this organisation trains no more (``retire``, with the epsilon it

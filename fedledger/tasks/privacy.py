@@ -110,23 +110,33 @@ class PrivacyLedger:
     ) -> tuple[float, float, int]:
         """Record round ``round_id``'s steps (once: a retrained round costs nothing more), or
         refuse with ``PrivacyBudgetSpent`` if they would take epsilon past the budget."""
-        batches = math.ceil(num_samples / batch_size)  # Opacus: sample rate 1 / batches
-        entry = (self.privacy.noise_multiplier, 1.0 / batches, epochs * batches)
         if round_id in self.rounds:
             return self.rounds[round_id]
+        entry = self.check_next(
+            num_samples, epochs=epochs, batch_size=batch_size, what=f"round {round_id}"
+        )
+        self.rounds[round_id] = entry
+        self.save()
+        return entry
+
+    def check_next(
+        self, num_samples: int, *, epochs: int, batch_size: int, what: str = "another round"
+    ) -> tuple[float, float, int]:
+        """The accountant's entry of one more round, or ``PrivacyBudgetSpent`` if it would take
+        epsilon past the budget (a node checks this at start-up, before anything is sent)."""
+        batches = math.ceil(num_samples / batch_size)  # Opacus: sample rate 1 / batches
+        entry = (self.privacy.noise_multiplier, 1.0 / batches, epochs * batches)
         projected = self.epsilon(entry)
         if projected > self.privacy.epsilon:
             raise PrivacyBudgetSpent(
                 ErrorCode.PRIVACY_BUDGET_SPENT,
-                f"round {round_id} would take this node's epsilon to {projected:.3f} (delta "
+                f"{what} would take this node's epsilon to {projected:.3f} (delta "
                 f"{self.privacy.delta:g}), past the budget of {self.privacy.epsilon:g}: it "
                 f"stops training ({self.spent().epsilon:.3f} spent over {len(self.rounds)} "
                 "rounds)",
                 epsilon=self.spent().epsilon,
                 budget=self.privacy.epsilon,
             )
-        self.rounds[round_id] = entry
-        self.save()
         return entry
 
     def save(self) -> None:

@@ -192,6 +192,7 @@ def ledger_state(chain: Chain, ledger: LedgerClient) -> Callable[[], dict[str, A
             state[address] = {
                 "balance": ledger.balance_of(address),
                 "retirement": ledger.retirement_of(address),
+                "total_reward": ledger.total_reward_of(address),
                 "rounds": [
                     (
                         ledger.commitment_of(r, address),

@@ -1210,6 +1210,8 @@ class LedgerMachine(RuleBasedStateMachine):
         assert sum(balances[a] for a in model.registered) == supply
         assert all(balances[a] == 0 for a in WATCHED if a not in model.registered)
         assert all(balances[a] == model.balances.get(a, 0) for a in WATCHED)
+        # Nothing transfers tokens here, so what each was paid in all is its balance.
+        assert all(ledger.total_reward_of(a) == model.balances.get(a, 0) for a in WATCHED)
 
     def _check_round_records(self, round_id: int, *, full: bool = False) -> None:
         """Every watched address's commitment (and, once the round is finalized or ``full``, its

@@ -173,8 +173,9 @@ def test_devnet_up_register_rewards_down(tmp_path: Path) -> None:
         )  # type: ignore[arg-type]
         coordinator.open_round(1, b"\x11" * 32, ledger.block_timestamp() + 600)
         members = [ledger.with_account(account_from_key(o.private_key)) for o in orgs[:2]]  # type: ignore[arg-type]
-        for k, member in enumerate(members):
-            member.commit_update(1, bytes([0xA0 + k]) * 32, 10)
+        # Organisation 0 trains with DP: its commitment carries the epsilon it has spent.
+        members[0].commit_update(1, b"\xa0" * 32, 10, epsilon=2.5)
+        members[1].commit_update(1, b"\xa1" * 32, 10)
         tree = SettlementTree.build(
             [
                 SettlementLeaf(1, orgs[0].address, 10**18 // 2, 7 * 10**18, 0),
@@ -186,18 +187,26 @@ def test_devnet_up_register_rewards_down(tmp_path: Path) -> None:
             flagged={orgs[1].address: int(Flag.COPIED_UPDATE)},
         )  # fmt: skip
         members[0].claim_reward(1, 10**18 // 2, 7 * 10**18, 0, tree.proof(orgs[0].address))
+        members[1].retire(7.75)  # its privacy budget is spent: it trains no more
         shown = fedledger(
             "rewards", "--deployment", str(state / "deployment.json"), "--json", cwd=tmp_path
         )
         assert shown.returncode == 0, shown.stdout + shown.stderr
-        rows = {r["organisation"]: r for r in json.loads(shown.stdout)["rounds"]}
+        report = json.loads(shown.stdout)
+        rows = {r["organisation"]: r for r in report["rounds"]}
         claimed, flagged = rows[orgs[0].address], rows[orgs[1].address]
+        assert (claimed["epsilon"], flagged["epsilon"]) == (2.5, None)
+        assert report["retired"] == {orgs[1].address: {"since_round": 1, "epsilon": 7.75}}
+        paid = {org: "0" for org in ledger.organisations()} | {orgs[0].address: str(7 * 10**18)}
+        assert report["total_rewards"] == paid
         assert (claimed["settlement"], claimed["payment"]) == ("claims", "claimed")
         assert (claimed["reward"], claimed["value"], claimed["flags"]) == (str(7 * 10**18), 0.5, [])
         assert claimed["score"] == str(10**18 // 2)
         assert (flagged["payment"], flagged["flags"]) == ("unclaimed", ["copied_update"])
         table = fedledger("rewards", "--deployment", str(state / "deployment.json"), cwd=tmp_path)
         assert table.returncode == 0 and "not claimed yet" in table.stdout
+        assert "epsilon" in table.stdout and "2.500" in table.stdout
+        assert "since round 1, epsilon 7.750 spent" in " ".join(table.stdout.split())
     finally:
         down = fedledger("devnet", "down", "--state-dir", str(state), cwd=tmp_path)
     assert down.returncode == 0, down.stdout + down.stderr

@@ -192,6 +192,19 @@ def test_a_node_trains_privately_until_its_budget_is_spent(
     assert third.status == "failed" and "every organisation has retired" in third.reason
     assert sorted(o.status for o in third.organisations) == ["retired"] * 3
     assert all(o.epsilon is not None for o in third.organisations)
+    # Restarted with its ledger, a spent node says so at start-up, before asking the
+    # coordinator anything (here nothing listens), and does not retire twice.
+    restarted = NodeRunner(
+        CoordinatorClient("http://127.0.0.1:9"),
+        harness.org_ledger(harness.orgs[0]),  # type: ignore[attr-defined]
+        task,
+        task.load_data("0/3"),
+        privacy=PrivacyLedger(task.spec.privacy, tmp_path / "privacy-0.json"),
+    )
+    assert restarted.run() == []
+    assert restarted.budget_spent is not None
+    assert restarted.budget_spent.code == ErrorCode.PRIVACY_BUDGET_SPENT
+    assert ledger.retirement_of(harness.orgs[0].address).since_round == 3  # type: ignore[attr-defined]
 
 
 def test_the_noise_seed_is_secret_per_node_and_stable_across_a_restart(tmp_path: Path) -> None:
