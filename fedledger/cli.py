@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Mapping
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -14,12 +15,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from fedledger.config import ENV_PREFIX, PRICING_OPTIONS, load_into_context, source_of
 from fedledger.coordinator.policy import PricingPolicy
 from fedledger.errors import CodedError, FedledgerError
 from fedledger.incentive.onchain import DEFAULT_ROUND_BUDGET, TOKEN_UNIT
 
 if TYPE_CHECKING:
     from eth_account.signers.local import LocalAccount
+    from pydantic import ValidationError
 
     from fedledger.incentive.compression import FeedbackFile
     from fedledger.incentive.deployment import Deployment
@@ -98,6 +101,17 @@ SpecOpt = Annotated[
     ),
 ]
 CoordinatorOpt = Annotated[str, typer.Option(help="Base URL of the coordinator.")]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        help="A TOML config file whose section for this command sets any of its options "
+        "(docs/configuration.md); environment variables and flags override it.",
+        is_eager=True,
+        callback=load_into_context,
+        show_default=False,
+    ),
+]
 CaCertOpt = Annotated[
     Path | None,
     typer.Option(help="The consortium CA's certificate, to verify the coordinator's (https)."),
@@ -139,7 +153,7 @@ def _error(exc: FedledgerError) -> None:
 def main() -> None:
     """The ``fedledger`` command: any fedledger error ends it with its message and status 1."""
     try:
-        app(prog_name="fedledger")
+        app(prog_name="fedledger", auto_envvar_prefix=ENV_PREFIX)
     except FedledgerError as exc:
         _error(exc)
         raise SystemExit(1) from None
@@ -698,6 +712,8 @@ def _server_tls(cert: Path | None, key: Path | None, client_ca: Path | None) -> 
 
 @coordinator_app.command("serve")
 def coordinator_serve(
+    ctx: typer.Context,
+    config: ConfigOpt = None,
     deployment: DeploymentOpt = DEFAULT_STATE_DIR / "devnet" / "deployment.json",
     rpc: RpcOpt = None,
     key: KeyOpt = None,
@@ -707,11 +723,14 @@ def coordinator_serve(
         Path, typer.Option(help="Durable state (SQLite and tensors).")
     ] = DEFAULT_STATE_DIR / "coordinator",
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
     rounds: Annotated[int, typer.Option(min=1, help="Rounds to run.")] = 10,
     round_timeout: Annotated[
-        float, typer.Option(help="Seconds from opening a round to its deadline.")
+        float, typer.Option(min=0.001, help="Seconds from opening a round to its deadline.")
     ] = 300.0,
+    upload_grace: Annotated[
+        float, typer.Option(min=0, help="Seconds uploads are still taken after the deadline.")
+    ] = 5.0,
     quorum: Annotated[
         int, typer.Option(min=1, help="Fewest uploads for a round to aggregate.")
     ] = 1,
@@ -721,7 +740,21 @@ def coordinator_serve(
     max_extensions: Annotated[
         int, typer.Option(min=0, help="Extensions before a short round fails anyway.")
     ] = 1,
-    max_upload_mb: Annotated[float, typer.Option(help="Upload size limit in MiB.")] = 64.0,
+    max_upload_mb: Annotated[
+        float, typer.Option(min=0.001, help="Upload size limit in MiB.")
+    ] = 64.0,
+    max_update_norm: Annotated[
+        float | None, typer.Option(min=0.0, help="Refuse updates with a larger L2 norm.")
+    ] = None,
+    max_expiry: Annotated[
+        int, typer.Option(min=1, help="Farthest in the future, in seconds, an upload may expire.")
+    ] = 3600,
+    device: Annotated[
+        str | None, typer.Option(help="Torch device for aggregation (default: cuda if present).")
+    ] = None,
+    poll_interval: Annotated[
+        float, typer.Option(min=0.001, help="Seconds between the round driver's chain polls.")
+    ] = 0.2,
     tls_cert: Annotated[
         Path | None, typer.Option(help="Serve HTTPS with this certificate (PEM).")
     ] = None,
@@ -769,6 +802,7 @@ def coordinator_serve(
     import uvicorn
     from pydantic import ValidationError
 
+    from fedledger.config import file_knobs
     from fedledger.coordinator.api import create_app
     from fedledger.coordinator.config import CoordinatorSettings
     from fedledger.coordinator.service import RoundService
@@ -776,42 +810,56 @@ def coordinator_serve(
     _logging(verbose)
     if not key and keystore is None:
         raise _fail("the coordinator's key is required: --keystore (or --key / FEDLEDGER_KEY)")
-    tls = _server_tls(tls_cert, tls_key, client_ca)
-    ledger, _ = _ledger(deployment, rpc, _signer(key, keystore, password_file))
     if quorum_policy not in ("fail", "extend"):
         raise _fail("--quorum-policy must be `fail` or `extend`")
-    knobs: dict[str, object] = dict(_parse_knobs(pricing or []))
+    # Pricing: the file's [pricing], then FEDLEDGER_PRICING_<KNOB>, then --set and named flags.
+    chosen = file_knobs(ctx, _PRICING_KNOBS)
+    chosen.update({k: (v, "flag --set") for k, v in _parse_knobs(pricing or [])})
     named = {
         "aggregation": aggregation,
         "trim_fraction": trim_fraction,
         "clip_multiplier": None if clip_multiplier is None else (clip_multiplier or "none"),
-        "max_exact_players": max_exact,
+        "max_exact": max_exact,
         "valuation_budget": valuation_budget,
         "claims_above": claims_above,
         "reward_per_round": None if reward_per_round is None else _token_units(reward_per_round),
     }
-    knobs.update({k: v for k, v in named.items() if v is not None})
+    chosen.update(
+        {
+            PRICING_OPTIONS[option]: (value, source_of(ctx, option))
+            for option, value in named.items()
+            if value is not None
+        }
+    )
+    try:
+        policy = PricingPolicy.model_validate(
+            {k: None if v == "none" else v for k, (v, _) in chosen.items()}
+        )
+    except ValidationError as exc:
+        raise _fail(f"invalid pricing: {_problems(exc, chosen)}") from exc
     try:
         settings = CoordinatorSettings(
             data_dir=data_dir,
             task_spec=spec,
             validation=validation,
-            pricing=PricingPolicy.model_validate(
-                {k: None if v == "none" else v for k, v in knobs.items()}
-            ),
+            pricing=policy,
             total_rounds=rounds,
             round_timeout_s=round_timeout,
+            upload_grace_s=upload_grace,
             quorum=quorum,
             quorum_policy=quorum_policy,
             max_extensions=max_extensions,
             max_upload_bytes=int(max_upload_mb * 2**20),
+            max_update_norm=max_update_norm,
+            max_expiry_s=max_expiry,
+            device=device,
+            poll_interval_s=poll_interval,
         )
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in error['loc']) or 'settings'}: {error['msg']}"
-            for error in exc.errors()
-        )
-        raise _fail(f"invalid coordinator settings: {problems}") from exc
+        raise _fail(f"invalid coordinator settings: {_problems(exc, {})}") from exc
+    tls = _server_tls(tls_cert, tls_key, client_ca)
+    _print_settings(ctx, policy, chosen)
+    ledger, _ = _ledger(deployment, rpc, _signer(key, keystore, password_file))
     service = RoundService(settings, ledger)
     service.start()
     scheme = "https" if tls.certfile else "http"
@@ -834,11 +882,54 @@ def coordinator_serve(
         service.stop()
 
 
+def _problems(exc: ValidationError, sources: Mapping[str, tuple[object, str]]) -> str:
+    """A pydantic error as one line: each bad field, where its value came from, and why."""
+    parts = []
+    for error in exc.errors():
+        field = ".".join(str(p) for p in error["loc"]) or "settings"
+        origin = sources.get(str(error["loc"][0]), (None, ""))[1] if error["loc"] else ""
+        parts.append(f"{field}{f' (from {origin})' if origin else ''}: {error['msg']}")
+    return "; ".join(parts)
+
+
+def _print_settings(
+    ctx: typer.Context,
+    policy: PricingPolicy | None = None,
+    knobs: Mapping[str, tuple[object, str]] | None = None,
+) -> None:
+    """The effective settings, each with where it came from (secrets masked), at start-up."""
+    from fedledger.config import loaded_config, masked
+
+    loaded = loaded_config(ctx)
+    console.print(
+        "settings"
+        + (f" (config {loaded.path}; environment and flags override it)" if loaded else "")
+        + ":",
+        soft_wrap=True,
+    )
+    # With a policy, its knobs are shown as pricing.KNOB, whichever option set them.
+    shown_as_knob = {"pricing", *PRICING_OPTIONS} if policy is not None else set()
+    for name, value in ctx.params.items():
+        if name == "config" or name in shown_as_knob:
+            continue
+        console.print(
+            f"  {name} = {escape(masked(name, value))}  ({source_of(ctx, name)})", soft_wrap=True
+        )
+    if policy is not None:
+        for knob, value in policy.record().items():
+            if knob not in _PRICING_KNOBS:
+                continue  # the task's, set from the spec
+            origin = (knobs or {}).get(knob, (None, "default"))[1]
+            console.print(f"  pricing.{knob} = {escape(str(value))}  ({origin})", soft_wrap=True)
+
+
 # --------------------------------------------------------------------------- node
 
 
 @node_app.command("run")
 def node_run(
+    ctx: typer.Context,
+    config: ConfigOpt = None,
     coordinator: CoordinatorOpt = "http://127.0.0.1:8000",
     deployment: DeploymentOpt = DEFAULT_STATE_DIR / "devnet" / "deployment.json",
     rpc: RpcOpt = None,
@@ -878,6 +969,7 @@ def node_run(
     _logging(verbose)
     if not key and keystore is None:
         raise _fail("the organisation's key is required: --keystore (or --key / FEDLEDGER_KEY)")
+    _print_settings(ctx)
     coordinator_client = _client(coordinator, ca_cert, client_cert, client_key, insecure)
     learning_task = load_task(load_spec(spec), "node")
     dataset = load_data(learning_task, data)

@@ -531,6 +531,16 @@ class ErrorCode(enum.StrEnum):
             "organisation (`--client-cert`, `--client-key`)",
         ),
     )
+    BAD_CONFIG = (
+        "bad_config",
+        CodeSpec(
+            422,
+            Area.SETUP,
+            "a config file is missing, unreadable or not TOML, or names a section or key the "
+            "command does not have, or gives a value of the wrong type or out of range",
+            "fix the file and key the message names (docs/configuration.md lists every key)",
+        ),
+    )
 
 
 class FedledgerError(Exception):

@@ -44,52 +44,53 @@ def test_three_nodes_two_rounds_settle_on_chain(anvil: AnvilProcess, tmp_path: P
     logs = tmp_path / "logs"
     logs.mkdir()
     coordinator_log = logs / "coordinator.log"
+    # The coordinator is set up by its config file, one setting by the environment (over the
+    # file's) and one by a flag (over both); the key comes from the environment, never a file.
+    consortium = tmp_path / "consortium.toml"
+    consortium.write_text(
+        f'''[coordinator]
+deployment = "{deployment_file}"
+data_dir = "{tmp_path / "coordinator"}"
+port = 1
+rounds = 5
+round_timeout = 120
+upload_grace = 7.5
+quorum = {ORGS}
+verbose = true
+
+[pricing]
+reward_per_gain = "2000000000000000000000"
+negative_sigmas = 4.0
+'''
+    )
     coordinator = subprocess.Popen(
-        _cli(
-            "coordinator",
-            "serve",
-            "--deployment",
-            str(deployment_file),
-            "--key",
-            coordinator_key,
-            "--data-dir",
-            str(tmp_path / "coordinator"),
-            "--port",
-            str(port),
-            "--rounds",
-            str(ROUNDS),
-            "--round-timeout",
-            "120",
-            "--quorum",
-            str(ORGS),
-            "--verbose",
-        ),
+        _cli("coordinator", "serve", "--config", str(consortium), "--rounds", str(ROUNDS)),
         stdout=coordinator_log.open("wb"),
         stderr=subprocess.STDOUT,
-        env=env,
+        env={
+            **env,
+            "FEDLEDGER_KEY": coordinator_key,
+            "FEDLEDGER_COORDINATOR_SERVE_PORT": str(port),
+            "FEDLEDGER_PRICING_NEGATIVE_SIGMAS": "3.5",
+        },
     )
     nodes: list[subprocess.Popen[bytes]] = []
     try:
         wait_http(f"{url}/v1/health", 60, coordinator, coordinator_log)
         for k, org in enumerate(deployment.accounts.organisations):
             assert org.private_key is not None
+            # Each node by its own config file, as an organisation's operator would.
+            node_config = tmp_path / f"node{k}.toml"
+            node_config.write_text(
+                f'[node]\ncoordinator = "{url}"\ndeployment = "{deployment_file}"\n'
+                f'data = "{k}/{ORGS}"\n'
+            )
             nodes.append(
                 subprocess.Popen(
-                    _cli(
-                        "node",
-                        "run",
-                        "--coordinator",
-                        url,
-                        "--deployment",
-                        str(deployment_file),
-                        "--key",
-                        org.private_key,
-                        "--data",
-                        f"{k}/{ORGS}",
-                    ),
+                    _cli("node", "run", "--config", str(node_config)),
                     stdout=(logs / f"node{k}.log").open("wb"),
                     stderr=subprocess.STDOUT,
-                    env=env,
+                    env={**env, "FEDLEDGER_KEY": org.private_key},
                 )
             )
         for k, node in enumerate(nodes):
@@ -107,6 +108,21 @@ def test_three_nodes_two_rounds_settle_on_chain(anvil: AnvilProcess, tmp_path: P
                 proc.wait(timeout=30)
 
     _check_chain(deployment, results, model_1)
+
+    # The effective settings, printed at start-up with where each came from; the pricing the
+    # rounds were priced with is the file's, under the environment's override.
+    started = " ".join(coordinator_log.read_text().split())
+    assert f"port = {port} (env FEDLEDGER_COORDINATOR_SERVE_PORT)" in started
+    assert (
+        f"rounds = {ROUNDS} (flag)" in started and f"upload_grace = 7.5 ({consortium})" in started
+    )
+    assert "key = *** (env FEDLEDGER_KEY)" in started and coordinator_key not in started
+    assert "pricing.negative_sigmas = 3.5 (env FEDLEDGER_PRICING_NEGATIVE_SIGMAS)" in started
+    for result in results:
+        assert result["pricing"]["reward_per_gain"] == 2000 * 10**18
+        assert result["pricing"]["negative_sigmas"] == 3.5
+    node_log = " ".join((logs / "node1.log").read_text().split())
+    assert f"data = 1/{ORGS} ({tmp_path / 'node1.toml'})" in node_log
 
     shown = subprocess.run(
         _cli("rewards", "--deployment", str(deployment_file), "--json"),
