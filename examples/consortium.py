@@ -77,6 +77,13 @@ def main() -> int:
         "--data", action="append", required=True, help="one organisation's data (repeat)"
     )
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KNOB=VALUE",
+        help="a pricing knob for the coordinator (repeat), as `coordinator serve --set` takes it",
+    )
     parser.add_argument("--work-dir", type=Path, default=Path(".fedledger-consortium"))
     args = parser.parse_args()
 
@@ -118,6 +125,7 @@ def main() -> int:
                 "--quorum", str(count),
                 "--round-timeout", "120",
                 "--port", str(port),
+                *(f"--set={knob}" for knob in args.set),
             ),
             logs / "coordinator.log",
             {**env, "FEDLEDGER_KEY": accounts["coordinator"]["private_key"]},
