@@ -117,77 +117,28 @@ def _audit(
     if not report.check("round in the coordinator's store", stored is not None):
         return
     assert stored is not None
+    closed = (wire.RoundStatus.FINALIZED, wire.RoundStatus.FAILED)
     if not report.check(
-        "round priced by the coordinator",
-        stored.status == wire.RoundStatus.FINALIZED and stored.result is not None,
+        "round closed by the coordinator",
+        stored.status in closed and stored.result is not None,
         f"stored status {stored.status}",
     ):
         return
     result = wire.RoundResult.model_validate(stored.result)
+    if stored.status == wire.RoundStatus.FAILED:
+        _audit_failed(report, record, ledger, store, result, device, spec_file, validation)
+        return
 
-    # Inputs: start model and updates, each against its on-chain hash.
-    start = store.get_blob(stored.model_hash)
-    report.check(
-        "start model matches the on-chain model hash",
-        start is not None and keccak(start) == record.model_hash,
-        f"on-chain 0x{record.model_hash.hex()}",
-    )
-    uploads = store.updates_for(round_id)
-    for update in uploads:
-        blob = store.get_blob(update.update_hash)
-        committed = ledger.commitment_of(round_id, update.organisation)
-        report.check(
-            f"update of {update.organisation} matches its commitment",
-            blob is not None
-            and committed is not None
-            and hex32(keccak(blob)) == update.update_hash
-            and hex32(committed.update_hash) == update.update_hash
-            and committed.num_samples == update.num_samples,
-            "stored bytes, stored hash, on-chain hash and sample count agree"
-            if committed is not None
-            else "nothing committed on-chain",
-        )
+    _check_inputs(report, record, ledger, store, stored.model_hash)
     if not result.pricing:
         report.check("pricing settings recorded with the round", False, "none recorded")
         return
     policy = PricingPolicy.model_validate(result.pricing)
     valuation = ledger.valuation_of(round_id)
-    spec = _spec(store, policy, spec_file)
-    chain_spec = ledger.task_spec()
-    report.check(
-        "task spec matches the ledger's taskSpec()",
-        spec.hash == chain_spec,
-        f"{spec.source or 'the kept spec'} hashes to {hex32(spec.hash)}, "
-        f"on-chain {hex32(chain_spec)}",
+    kept_validation = valuation.validation_hash if valuation is not None else None
+    books = _recompute(
+        report, ledger, store, policy, kept_validation, device, spec_file, validation
     )
-    if policy.task_spec is not None:
-        report.check(
-            "task spec is the one the round was priced with",
-            hex32(spec.hash) == policy.task_spec,
-            f"recorded {policy.task_spec}",
-        )
-    task = load_task(spec, "validator")
-    kept = None
-    if validation is None and valuation is not None:
-        kept = store.get_blob(hex32(valuation.validation_hash))
-    if kept is not None:
-        tensors = decode_tensors(kept)
-        x_val, y_val = tensors["x"], tensors["y"]
-    else:
-        x_val, y_val = load_validation(task, validation)
-
-    # Recompute the books exactly as the coordinator closes a round.
-    inputs = load_round_inputs(
-        store,
-        round_id,
-        ledger.commit_order(round_id),
-        task.build_model(seed=policy.model_seed),
-        x_val,
-        y_val,
-        Codec.of(spec.compression),
-    )
-    books = close_books(inputs, policy, device=device)
-    report.books = books
     validation_hash = books.valuation.validation_hash
     report.check(
         "validation set matches the on-chain validation hash",
@@ -237,4 +188,120 @@ def _audit(
             f"score, reward and flags of {org} match the chain",
             on_chain == expected,
             f"recomputed {expected}, on-chain {on_chain}",
+        )
+
+
+def _check_inputs(
+    report: AuditReport, record: RoundRecord, ledger: LedgerClient, store: Store, model_hash: str
+) -> None:
+    """The round's start model and every stored update, each against its on-chain hash."""
+    start = store.get_blob(model_hash)
+    report.check(
+        "start model matches the on-chain model hash",
+        start is not None and keccak(start) == record.model_hash,
+        f"on-chain 0x{record.model_hash.hex()}",
+    )
+    for update in store.updates_for(report.round_id):
+        blob = store.get_blob(update.update_hash)
+        committed = ledger.commitment_of(report.round_id, update.organisation)
+        report.check(
+            f"update of {update.organisation} matches its commitment",
+            blob is not None
+            and committed is not None
+            and hex32(keccak(blob)) == update.update_hash
+            and hex32(committed.update_hash) == update.update_hash
+            and committed.num_samples == update.num_samples,
+            "stored bytes, stored hash, on-chain hash and sample count agree"
+            if committed is not None
+            else "nothing committed on-chain",
+        )
+
+
+def _recompute(
+    report: AuditReport,
+    ledger: LedgerClient,
+    store: Store,
+    policy: PricingPolicy,
+    validation_hash: bytes | None,
+    device: torch.device,
+    spec_file: Path | None,
+    validation: str | None,
+) -> Books:
+    """The round's books closed again exactly as the coordinator closes a round: the spec
+    (checked against the chain), the validation set it kept (by ``validation_hash``) or the
+    one given, the stored inputs."""
+    spec = _spec(store, policy, spec_file)
+    chain_spec = ledger.task_spec()
+    report.check(
+        "task spec matches the ledger's taskSpec()",
+        spec.hash == chain_spec,
+        f"{spec.source or 'the kept spec'} hashes to {hex32(spec.hash)}, "
+        f"on-chain {hex32(chain_spec)}",
+    )
+    if policy.task_spec is not None:
+        report.check(
+            "task spec is the one the round was priced with",
+            hex32(spec.hash) == policy.task_spec,
+            f"recorded {policy.task_spec}",
+        )
+    task = load_task(spec, "validator")
+    kept = None
+    if validation is None and validation_hash is not None:
+        kept = store.get_blob(hex32(validation_hash))
+    if kept is not None:
+        tensors = decode_tensors(kept)
+        x_val, y_val = tensors["x"], tensors["y"]
+    else:
+        x_val, y_val = load_validation(task, validation)
+    inputs = load_round_inputs(
+        store,
+        report.round_id,
+        ledger.commit_order(report.round_id),
+        task.build_model(seed=policy.model_seed),
+        x_val,
+        y_val,
+        Codec.of(spec.compression),
+    )
+    books = close_books(inputs, policy, device=device)
+    report.books = books
+    return books
+
+
+def _audit_failed(
+    report: AuditReport,
+    record: RoundRecord,
+    ledger: LedgerClient,
+    store: Store,
+    result: wire.RoundResult,
+    device: torch.device,
+    spec_file: Path | None,
+    validation: str | None,
+) -> None:
+    """A failed round: the chain kept the model and paid nothing; one refused after pricing
+    (too few updates passed the screens) is priced again, and must be refused again."""
+    report.check(
+        "model unchanged on-chain (a failed round publishes none)",
+        record.new_model_hash == record.model_hash,
+        f"on-chain 0x{record.model_hash.hex()} -> 0x{record.new_model_hash.hex()}",
+    )
+    report.check(
+        "nothing paid on-chain", record.total_reward == 0, f"on-chain {record.total_reward}"
+    )
+    _check_inputs(report, record, ledger, store, result.model_hash)
+    if not result.pricing:  # failed before pricing: the quorum was not met
+        return
+    policy = PricingPolicy.model_validate(result.pricing)
+    kept = bytes.fromhex(result.validation_hash[2:]) if result.validation_hash else None
+    books = _recompute(report, ledger, store, policy, kept, device, spec_file, validation)
+    report.check(
+        "too few updates passed the screens (recomputed)",
+        0 < len(books.aggregated) < policy.min_aggregated,
+        f"{len(books.aggregated)} passed, min_aggregated {policy.min_aggregated}",
+    )
+    recorded = {o.organisation.lower(): o.flags for o in result.organisations}
+    for k, org in enumerate(books.organisations):
+        report.check(
+            f"flags of {org} match the round's result",
+            recorded.get(org.lower()) == books.flags[k],
+            f"recomputed {books.flags[k]}, recorded {recorded.get(org.lower())}",
         )

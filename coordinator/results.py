@@ -63,8 +63,36 @@ def failed_result(
     finalize_tx: str | None,
     *,
     retired: Mapping[str, RetirementRecord] | None = None,
+    uploads: Sequence[StoredUpdate] = (),
+    books: Books | None = None,
+    policy: PricingPolicy | None = None,
 ) -> wire.RoundResult:
-    """A round closed without aggregation (quorum not met): model unchanged, nothing paid."""
+    """A round closed without a new model (quorum not met, or too few updates passed the
+    screens): model unchanged, nothing paid. Each organisation that uploaded is listed with its
+    update; with the round's ``books`` (priced, then refused), with the flags and notes that
+    left it out, and the ``policy`` is recorded so that an audit redoes that judgement."""
+    held = {u.organisation.lower(): u for u in uploads}
+    by_org = {org.lower(): i for i, org in enumerate(books.organisations)} if books else {}
+    organisations: list[wire.OrganisationResult] = []
+    for org in sorted(set(expected) | {u.organisation for u in uploads}, key=str.lower):
+        update = held.get(org.lower())
+        if update is None:
+            organisations += _absent([org], retired or {})
+            continue
+        i = by_org.get(org.lower())
+        flags = books.flags[i] if books is not None and i is not None else 0
+        organisations.append(
+            wire.OrganisationResult(
+                organisation=update.organisation,
+                status=wire.UploadStatus.ACCEPTED,
+                update_hash=update.update_hash,
+                num_samples=update.num_samples,
+                flags=flags,
+                flag_reasons=flag_names(flags),
+                note=books.notes.get(i) if books is not None and i is not None else None,
+                aggregated=False,
+            )
+        )
     return wire.RoundResult(
         round_id=stored.round_id,
         status=wire.RoundStatus.FAILED,
@@ -73,7 +101,9 @@ def failed_result(
         deadline=stored.deadline,
         reason=reason,
         finalize_tx=finalize_tx,
-        organisations=_absent(expected, retired or {}),
+        pricing=policy.record() if books is not None and policy is not None else None,
+        validation_hash=hex32(books.valuation.validation_hash) if books is not None else None,
+        organisations=organisations,
     )
 
 

@@ -186,11 +186,22 @@ class RoundMachine:
         expected: list[str],
         reason: str,
         retired: Mapping[str, RetirementRecord],
+        books: Books | None = None,
     ) -> None:
-        """Close a round without a new model: unchanged on-chain, nothing paid, ``reason`` said."""
+        """Close a round without a new model: unchanged on-chain, nothing paid, ``reason`` said
+        (with the ``books`` that refused it, when it was priced)."""
         round_id = stored.round_id
         tx = self.settler.settle(round_id, stored.model_hash, None)
-        result = failed_result(stored, expected, reason, tx, retired=retired)
+        result = failed_result(
+            stored,
+            expected,
+            reason,
+            tx,
+            retired=retired,
+            uploads=self.store.updates_for(round_id),
+            books=books,
+            policy=self.settings.pricing,
+        )
         self.store.set_round_status(
             round_id,
             wire.RoundStatus.FAILED,
@@ -227,7 +238,7 @@ class RoundMachine:
                 "let the other members recover an organisation's update, so none is published; "
                 "the model is unchanged and nothing is paid"
             )
-            self.fail(stored, expected, reason, retired)
+            self.fail(stored, expected, reason, retired, books)
             return
         self.store.put_blob(books.new_hash, books.new_bytes)
         failpoint(CLOSE_AFTER_AGGREGATE)

@@ -7,7 +7,9 @@ from collections.abc import Callable
 
 import pytest
 
+from fedledger.coordinator.audit import audit_round
 from fedledger.coordinator.policy import PricingPolicy
+from fedledger.coordinator.store import Store
 from harness import Harness
 
 
@@ -34,6 +36,10 @@ def test_a_round_of_two_updates_fails_and_publishes_nothing(
     record = harness.ledger.get_round(1)
     assert record.new_model_hash == start and record.total_reward == 0
     assert harness.ledger.balance_of(harness.orgs[0].address) == 0
+    # Who uploaded is on the record as such, not missing; the one who did not is missing.
+    statuses = {o["organisation"]: o["status"] for o in result["organisations"]}
+    assert [statuses[o.address] for o in harness.orgs[:2]] == ["accepted", "accepted"]
+    assert set(statuses.values()) == {"accepted", "missing"}
     # The next round trains on the same model: nothing was published.
     harness.service.step()
     assert harness.ledger.get_round(2).model_hash == start
@@ -59,3 +65,27 @@ def test_updates_screened_out_do_not_count_towards_the_minimum(
             assert sum(o["aggregated"] for o in result["organisations"]) == 3
         else:
             assert "only 2 update(s) passed the screens" in result["reason"]
+            # The record says why: the copy's flag and note, nobody aggregated.
+            rows = {o["organisation"]: o for o in result["organisations"]}
+            copy = rows[harness.orgs[2].address]
+            assert copy["status"] == "accepted" and copy["flag_reasons"] == ["copied_update"]
+            assert copy["note"] and not any(o["aggregated"] for o in rows.values())
+            assert all(rows[o.address]["flags"] == 0 for o in harness.orgs[:2])
+            # An auditor prices the round again and finds it refused for the same reason.
+            report = audit_round(1, harness.ledger, harness.service.settings.data_dir)
+            assert report.ok, report.mismatches
+            assert any(c.what.startswith("too few updates passed") for c in report.checks)
+            # A store whose record says the copy was clean is caught.
+            store = Store(harness.service.settings.data_dir)
+            stored = store.get_round(1)
+            assert stored is not None and stored.result is not None
+            forged = dict(stored.result)
+            forged["organisations"] = [{**o, "flags": 0} for o in stored.result["organisations"]]
+            store.set_round_status(
+                1, stored.status, new_model_hash=stored.model_hash, result=forged
+            )
+            store.close()
+            report = audit_round(1, harness.ledger, harness.service.settings.data_dir)
+            assert [c.what for c in report.mismatches] == [
+                f"flags of {harness.orgs[2].address} match the round's result"
+            ]
