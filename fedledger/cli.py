@@ -1,4 +1,4 @@
-"""The ``fedledger`` command: demo, devnet, deploy, task, coordinator, node, model, rewards, audit."""
+"""The ``fedledger`` command: demo, devnet, deploy, task, coordinator, node, model, rewards, report, audit."""
 
 from __future__ import annotations
 
@@ -1101,25 +1101,6 @@ def model_pull(
 # ------------------------------------------------------------------------ rewards
 
 
-@dataclasses.dataclass(frozen=True)
-class RewardRow:
-    """One organisation in one round, as ``fedledger rewards`` reads it from the ledger."""
-
-    round: int
-    state: str
-    settlement: str
-    organisation: str
-    committed: str | None
-    settled: bool
-    payment: str
-    score: str  # scoreOf: the Shapley value in fixed point (1e18 = 1.0), as a decimal string
-    value: float  # the same score as a float
-    reward: str  # rewardOf: token units (18 decimals), as a decimal string
-    reward_tokens: float  # the same in tokens, as a float (for reading, not for sums)
-    flags: list[str]
-    epsilon: float | None  # epsilonOf: DP-SGD epsilon spent so far, as committed (None: no DP)
-
-
 def _retired_text(record: RetirementRecord | None) -> str:
     if record is None:
         return "-"
@@ -1135,46 +1116,12 @@ def rewards(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Per-round contribution scores, rewards and token balances, read from the contract."""
-    from web3 import Web3
-
-    from fedledger.incentive.onchain import RoundState, flag_names, from_fixed_point
+    from fedledger.runlog import read_ledger
 
     ledger, _ = _ledger(deployment, rpc, None)
-    orgs = [Web3.to_checksum_address(org)] if org else ledger.organisations()
-    rounds = ledger.round_count()
-    rows: list[RewardRow] = []
-    for round_id in range(1, rounds + 1):
-        record = ledger.get_round(round_id)
-        for address in orgs:
-            committed = ledger.commitment_of(round_id, address)
-            settled = ledger.is_settled(round_id, address)
-            if record.state != RoundState.FINALIZED or committed is None:
-                payment = "-"
-            elif not record.by_claims:
-                payment = "paid" if settled else "-"
-            else:
-                payment = "claimed" if settled else "unclaimed"
-            score = ledger.score_of(round_id, address)
-            rows.append(
-                RewardRow(
-                    round=round_id,
-                    state=record.state.name.lower(),
-                    settlement="claims" if record.by_claims else "direct",
-                    organisation=address,
-                    committed=None if committed is None else "0x" + committed.update_hash.hex(),
-                    settled=settled,
-                    payment=payment,
-                    score=str(score),
-                    value=from_fixed_point(score),
-                    reward=str(reward := ledger.reward_of(round_id, address)),
-                    reward_tokens=reward / TOKEN_UNIT,
-                    flags=flag_names(ledger.flags_of(round_id, address)),
-                    epsilon=ledger.epsilon_of(round_id, address) if committed else None,
-                )
-            )
-    balances = {address: ledger.balance_of(address) for address in orgs}
-    paid = {address: ledger.total_reward_of(address) for address in orgs}  # totalRewardOf
-    retired = {address: r for address in orgs if (r := ledger.retirement_of(address))}
+    log = read_ledger(ledger, [org] if org else None)
+    rounds, rows, balances, retired = len(log.rounds), log.rows, log.balances, log.retired
+    paid = log.total_rewards  # totalRewardOf
     private = any(row.epsilon is not None for row in rows)
     if as_json:
         print(
@@ -1235,6 +1182,37 @@ def rewards(
             address, f"{paid[address] / TOKEN_UNIT:,.4f}", f"{balance / TOKEN_UNIT:,.4f}", *status
         )
     console.print(totals)
+
+
+@app.command("report")
+def report_command(
+    out: Annotated[Path, typer.Option(help="Folder to write the charts and summary.md into.")],
+    deployment: DeploymentOpt = DEFAULT_STATE_DIR / "devnet" / "deployment.json",
+    rpc: RpcOpt = None,
+    coordinator: CoordinatorOpt = "http://127.0.0.1:8000",
+    ca_cert: CaCertOpt = None,
+    client_cert: ClientCertOpt = None,
+    client_key: ClientKeyOpt = None,
+    insecure: InsecureOpt = False,
+) -> None:
+    """Charts (PNG) and a Markdown summary of a run: rewards, scores and flags from the
+    contract, the global model's validation metrics from the coordinator when it answers."""
+    from fedledger.report import MetricsUnavailable, read_metrics, write_report
+    from fedledger.runlog import read_ledger
+
+    coordinator_client = _client(coordinator, ca_cert, client_cert, client_key, insecure)
+    ledger, _ = _ledger(deployment, rpc, None)
+    log = read_ledger(ledger)
+    with coordinator_client as client:
+        metrics = read_metrics(client, log)
+    if isinstance(metrics, MetricsUnavailable):
+        errors.print(f"[yellow]{escape(metrics.line)}[/]")
+    written = write_report(out, log, metrics)
+    console.print(
+        f"report of {len(log.rounds)} round(s) on ledger {log.ledger} written to "
+        f"{escape(str(out))}: {', '.join(path.name for path in written)}",
+        soft_wrap=True,
+    )
 
 
 @app.command()

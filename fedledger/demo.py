@@ -31,7 +31,12 @@ from fedledger.incentive.ledger import LedgerClient
 from fedledger.incentive.onchain import TOKEN_UNIT, from_fixed_point
 from fedledger.node.client import CoordinatorClient
 from fedledger.node.runner import NodeRunner
+from fedledger.report import read_metrics, write_report
+from fedledger.runlog import read_ledger
 from fedledger.tasks import DigitsTask, load_spec
+
+DEFAULT_REPORT_DIR = Path(".fedledger") / "demo-report"
+"""Where the demo writes its report (``fedledger report``'s charts and summary.md)."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,7 @@ class DemoResult:
     organisations: list[OrganisationSummary] = field(default_factory=list)
     wall_time_s: float = 0.0
     ledger: str = ""
+    report: Path | None = None  # the report's summary.md, the charts beside it
 
 
 @contextmanager
@@ -80,12 +86,13 @@ def run_demo(
     spec: Path | None = None,
     seed: int = 0,
     console: Console | None = None,
+    report_dir: Path | None = DEFAULT_REPORT_DIR,
 ) -> DemoResult:
     """Run a whole federation on a local chain and return accuracies and on-chain rewards.
 
     ``spec`` is a spec file of the digits task (default: the built-in one), whose split of the
     training part among the organisations the nodes train on; ``seed`` seeds the initial model
-    and local training."""
+    and local training. The run's report goes to ``report_dir`` (None: none is written)."""
     console = console or Console()
     started = time.monotonic()
     torch.set_num_threads(1)  # N nodes and the coordinator share the cores: no oversubscription
@@ -140,6 +147,10 @@ def run_demo(
                     seed,
                     console,
                 )
+                if report_dir is not None:  # while the coordinator still serves the metrics
+                    result.report = _write_report(
+                        report_dir, LedgerClient(make_w3(), deployment.ledger), url
+                    )
         result.ledger = deployment.ledger
         reader = LedgerClient(make_w3(), deployment.ledger)
         result.organisations = _summarise(reader, task, organisations, rounds)
@@ -148,7 +159,18 @@ def run_demo(
             anvil.stop()
     result.wall_time_s = time.monotonic() - started
     _print_summary(console, result)
+    if result.report is not None:
+        console.print(f"report (charts and summary) written to {result.report}", soft_wrap=True)
     return result
+
+
+def _write_report(out: Path, reader: LedgerClient, url: str) -> Path:
+    """``fedledger report`` of the run into ``out``, from the chain and the coordinator at
+    ``url``; returns the summary's path."""
+    log = read_ledger(reader)
+    with CoordinatorClient(url) as client:
+        metrics = read_metrics(client, log)
+    return write_report(out, log, metrics)[-1]
 
 
 def _run_nodes(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,7 +28,7 @@ FINAL_ACCURACY = 0.75  # chance is 0.1; two rounds of the demo's training reach 
 
 
 def test_demo_learns_and_its_table_is_what_the_contract_pays(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     chains: list[Web3] = []
 
@@ -39,7 +40,10 @@ def test_demo_learns_and_its_table_is_what_the_contract_pays(
     monkeypatch.setattr("fedledger.demo.embedded_web3", keep_the_chain)  # to read it after the demo
     out = io.StringIO()
     result = run_demo(  # the demo's own training settings, fewer organisations and rounds
-        organisations=ORGANISATIONS, rounds=ROUNDS, console=Console(file=out, width=200)
+        organisations=ORGANISATIONS,
+        rounds=ROUNDS,
+        console=Console(file=out, width=200),
+        report_dir=tmp_path / "report",
     )
 
     # It learns: every round's model is far above chance, and the last one well above that.
@@ -105,3 +109,12 @@ def test_demo_learns_and_its_table_is_what_the_contract_pays(
         assert reward == f"{org.reward / TOKEN_UNIT:,.2f}"
         assert balance == f"{org.balance / TOKEN_UNIT:,.2f}"
     assert f"final validation accuracy {result.accuracies[-1]:.1%}" in printed
+
+    # Its report is written, with the coordinator's metrics, and said where.
+    assert result.report == tmp_path / "report" / "summary.md"
+    summary = result.report.read_text()
+    assert f"Final validation metrics (round {ROUNDS}):" in summary
+    assert f"accuracy {result.accuracies[-1]:.4f}" in summary
+    for chart in ("accuracy.png", "reward_shares.png", "contributions.png"):
+        assert (tmp_path / "report" / chart).read_bytes()[:4] == b"\x89PNG"
+    assert f"written to {result.report}" in printed
