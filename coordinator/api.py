@@ -11,13 +11,17 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
+from pydantic import BeforeValidator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fedledger import wire
+from fedledger.coordinator.dashboard import router as dashboard_router
+from fedledger.coordinator.metrics import metrics_router
 from fedledger.coordinator.results import for_non_members
 from fedledger.coordinator.service import RoundService
 from fedledger.errors import ChainError, ChainUnavailable, CodedError, CoordinatorError, ErrorCode
@@ -73,6 +77,22 @@ def get_service(request: Request) -> RoundService:
 
 Service = Annotated[RoundService, Depends(get_service)]
 
+MAX_ID = 2**63 - 1
+"""The largest round id the coordinator stores (SQLite's INTEGER); the ledger's are 1, 2, ..."""
+
+
+def _decimal(value: object) -> object:
+    """Digits only: ``1.0``, ``+1``, `` 1`` and ``1_0`` are not round ids, though int() and
+    lax parsing would take them for 1."""
+    if isinstance(value, str) and not (value.isascii() and value.isdigit()):
+        raise ValueError("must be a decimal integer (digits only)")
+    return value
+
+
+RoundId = Annotated[
+    int, BeforeValidator(_decimal), Path(ge=1, le=MAX_ID, description="a round id: 1, 2, ...")
+]
+
 
 def create_app(
     service: RoundService, *, manage_service: bool = False, members_only: bool = False
@@ -91,7 +111,7 @@ def create_app(
             if manage_service:
                 await run_in_threadpool(service.stop)
 
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs and /redoc with their files bundled, not from a CDN
         title="fedledger coordinator",
         version="1",
         description="Verifies organisations' model updates against their on-chain commitments, "
@@ -100,6 +120,8 @@ def create_app(
     )
 
     app.state.service = service
+    app.include_router(dashboard_router)
+    app.include_router(metrics_router(service.metrics))
 
     @app.exception_handler(CodedError)
     async def on_coded_error(_: Request, exc: CodedError) -> JSONResponse:
@@ -144,9 +166,11 @@ def create_app(
     @app.get(f"{prefix}/rounds/current", response_model=wire.CurrentRound)
     def current_round(
         svc: Service,
-        after_round: int | None = None,
+        after_round: Annotated[
+            int | None, BeforeValidator(_decimal), Query(ge=0, le=MAX_ID)
+        ] = None,
         after_status: wire.RoundStatus | None = None,
-        wait_s: float = 0.0,
+        wait_s: Annotated[float, Query(ge=0, allow_inf_nan=False)] = 0.0,
     ) -> wire.CurrentRound:
         """The current round. With ``after_round``, ``after_status`` and ``wait_s``, a long
         poll: answers once the round or its status differs from those, or after ``wait_s``
@@ -157,7 +181,7 @@ def create_app(
         return svc.current_after(known, wait_s)
 
     @app.get(f"{prefix}/rounds/{{round_id}}", response_model=wire.RoundResult)
-    def round_result(round_id: int, request: Request, svc: Service) -> wire.RoundResult:
+    def round_result(round_id: RoundId, request: Request, svc: Service) -> wire.RoundResult:
         """A round's result; sample counts, norms and who was aggregated to members only."""
         member = members_only or svc.read_member(request.headers) is not None
         result = svc.round_result(round_id)
@@ -168,7 +192,9 @@ def create_app(
         response_model=wire.ClaimTicket,
         responses={404: {"model": wire.ErrorBody}},
     )
-    def claim_ticket(round_id: int, organisation: str, svc: Service) -> wire.ClaimTicket:
+    def claim_ticket(
+        round_id: RoundId, organisation: Annotated[str, Path(max_length=42)], svc: Service
+    ) -> wire.ClaimTicket:
         """An organisation's leaf and Merkle proof in a round settled by claims."""
         return svc.claim_ticket(round_id, organisation)
 
@@ -194,7 +220,7 @@ def create_app(
         response_class=Response,
         responses={200: {"content": {"application/octet-stream": {}}}},
     )
-    def model(model_hash: str, svc: Service) -> Response:
+    def model(model_hash: Annotated[str, Path(max_length=66)], svc: Service) -> Response:
         """The canonical safetensors bytes of a global model, by its keccak256 hash."""
         data = svc.model_bytes(model_hash)
         return Response(
@@ -218,7 +244,7 @@ def create_app(
         },
     )
     async def upload(
-        round_id: int, request: Request, response: Response, svc: Service
+        round_id: RoundId, request: Request, response: Response, svc: Service
     ) -> wire.UploadReceipt:
         """Upload a model update (canonical safetensors bytes) signed with EIP-712 headers.
 

@@ -1,4 +1,5 @@
-"""A round's public result (``GET /v1/rounds/{id}``) and claim tickets, built from its records.
+"""A round's public result (``GET /v1/rounds/{id}``), its summary and claim tickets, built
+from its records.
 
 Pure: every function takes what the store and the books hold and returns wire schemas, so the
 coordinator answers the same thing before and after a restart, and an auditor rebuilds a
@@ -7,7 +8,11 @@ settlement tree from a recorded result alone.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Literal
 
 from fedledger import wire
 from fedledger.coordinator.books import Books
@@ -16,7 +21,7 @@ from fedledger.coordinator.store import StoredRound, StoredUpdate
 from fedledger.errors import CoordinatorError, ErrorCode
 from fedledger.incentive.ledger import RetirementRecord
 from fedledger.incentive.merkle import SettlementLeaf, SettlementTree
-from fedledger.incentive.onchain import flag_names, hex32
+from fedledger.incentive.onchain import TOKEN_UNIT, flag_names, hex32
 
 
 def _absent(
@@ -182,6 +187,79 @@ def for_non_members(result: wire.RoundResult) -> wire.RoundResult:
                 for o in result.organisations
             ]
         }
+    )
+
+
+def tokens_text(units: int) -> str:
+    """Token units as an exact decimal number of tokens (18 decimals), e.g. ``12.5``."""
+    return f"{(Decimal(units) / TOKEN_UNIT).normalize():f}"
+
+
+@dataclass(frozen=True)
+class RoundSummary:
+    """An ended round in figures, as the operator's per-round log line and metrics report it."""
+
+    round_id: int
+    outcome: Literal["settled", "failed"]
+    organisations: int  # expected, or uploaded without being expected
+    committed: int  # commitments on-chain
+    uploaded: int  # updates accepted by the coordinator
+    aggregated: int  # updates in the new model (0 for a failed round)
+    metrics: Mapping[str, float] = field(default_factory=dict)  # the new model's, on validation
+    paid_units: int = 0  # token units paid in all
+    flags: Mapping[str, int] = field(default_factory=dict)  # flag name -> updates flagged so
+    reason: str | None = None  # why a failed round failed
+
+    def message(self) -> str:
+        """The log line: one line with every figure."""
+        metrics = ", ".join(f"{k} {v:.4f}" for k, v in self.metrics.items()) or "no metrics"
+        flags = ", ".join(f"{k}={v}" for k, v in self.flags.items()) or "none"
+        line = (
+            f"round {self.round_id} {self.outcome}: {self.committed} committed, "
+            f"{self.uploaded} uploaded, {self.aggregated} aggregated of {self.organisations} "
+            f"organisations; {metrics}; paid {tokens_text(self.paid_units)} FLR "
+            f"({self.paid_units} units); flags {flags}"
+        )
+        return line if self.reason is None else f"{line}; reason: {self.reason}"
+
+    def fields(self) -> dict[str, object]:
+        """The figures as structured log fields (``extra=``); amounts as decimal strings."""
+        return {
+            "round_id": self.round_id,
+            "outcome": self.outcome,
+            "organisations": self.organisations,
+            "committed": self.committed,
+            "uploaded": self.uploaded,
+            "aggregated": self.aggregated,
+            "metrics": dict(self.metrics),
+            "paid_units": str(self.paid_units),
+            "paid_tokens": tokens_text(self.paid_units),
+            "flags": dict(self.flags),
+            "reason": self.reason,
+        }
+
+
+def round_summary(result: wire.RoundResult, *, committed: int) -> RoundSummary:
+    """The summary of a finalized or failed round from its result; ``committed``: how many
+    organisations committed an update on-chain."""
+    if result.status not in (wire.RoundStatus.FINALIZED, wire.RoundStatus.FAILED):
+        raise ValueError(f"round {result.round_id} has not ended: it is {result.status.value}")
+    accepted = [o for o in result.organisations if o.status == wire.UploadStatus.ACCEPTED]
+    metrics = dict(result.validation_metrics)
+    if not metrics and result.validation_utility is not None:
+        metrics["utility"] = result.validation_utility
+    flags = Counter(name for o in accepted for name in o.flag_reasons)
+    return RoundSummary(
+        round_id=result.round_id,
+        outcome="settled" if result.status == wire.RoundStatus.FINALIZED else "failed",
+        organisations=len(result.organisations),
+        committed=committed,
+        uploaded=len(accepted),
+        aggregated=sum(1 for o in accepted if o.aggregated),
+        metrics=metrics,
+        paid_units=sum(int(o.reward) for o in accepted),
+        flags=dict(sorted(flags.items())),
+        reason=result.reason,
     )
 
 

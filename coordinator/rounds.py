@@ -20,7 +20,8 @@ from fedledger import wire
 from fedledger.coordinator.books import Books, close_books
 from fedledger.coordinator.config import CoordinatorSettings
 from fedledger.coordinator.inputs import load_round_inputs
-from fedledger.coordinator.results import failed_result, finalized_result
+from fedledger.coordinator.metrics import CoordinatorMetrics
+from fedledger.coordinator.results import failed_result, finalized_result, round_summary
 from fedledger.coordinator.settlement import Settler
 from fedledger.coordinator.store import Store, StoredRound
 from fedledger.errors import CoordinatorError, ErrorCode
@@ -63,6 +64,7 @@ class RoundMachine:
         clock: Callable[[], float],
         device: torch.device,
         lock: threading.RLock,
+        metrics: CoordinatorMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -72,6 +74,7 @@ class RoundMachine:
         self.clock = clock
         self.device = device
         self.lock = lock  # held while a round changes status, so no upload slips in between
+        self.metrics = metrics if metrics is not None else CoordinatorMetrics()
         self._expected: dict[int, list[str]] = {}
         self._retired: dict[str, RetirementRecord] = {}  # lower-case address -> for good
         self._retired_read = -math.inf
@@ -118,6 +121,7 @@ class RoundMachine:
             )
         self.store.add_round(round_id, model_hash, record.deadline)
         self._expected[round_id] = self.ledger.organisations()
+        self.metrics.current_round.set(round_id)
         log.info("round %d open until %d on model %s", round_id, record.deadline, model_hash)
 
     def step(self) -> None:
@@ -180,6 +184,14 @@ class RoundMachine:
         )
         return close_books(inputs, self.settings.pricing, device=self.device)
 
+    def _ended(self, result: wire.RoundResult, committed: int, started: float) -> None:
+        """Report a round just recorded as ended: one INFO line and the metrics. Called once
+        per round, right after its status is stored (a redone close never gets this far)."""
+        summary = round_summary(result, committed=committed)
+        log.info(summary.message(), extra=summary.fields())
+        self.metrics.round_ended(summary)
+        self.metrics.round_close_seconds.observe(time.perf_counter() - started)
+
     def fail(
         self,
         stored: StoredRound,
@@ -187,9 +199,13 @@ class RoundMachine:
         reason: str,
         retired: Mapping[str, RetirementRecord],
         books: Books | None = None,
+        *,
+        committed: int,
+        started: float,
     ) -> None:
         """Close a round without a new model: unchanged on-chain, nothing paid, ``reason`` said
-        (with the ``books`` that refused it, when it was priced)."""
+        (with the ``books`` that refused it, when it was priced); ``committed`` and ``started``
+        (``time.perf_counter()``) are for the report."""
         round_id = stored.round_id
         tx = self.settler.settle(round_id, stored.model_hash, None)
         result = failed_result(
@@ -209,11 +225,14 @@ class RoundMachine:
             result=result.model_dump(mode="json"),
         )
         log.warning("round %d failed: %s", round_id, reason)
+        self._ended(result, committed, started)
 
     def close(self, round_id: int) -> None:
         """Close, settle and record a round; safe to redo after a crash."""
+        started = time.perf_counter()
         stored = self.store.get_round(round_id)
         assert stored is not None
+        committed = self.ledger.get_round(round_id).commit_count
         uploads = self.store.updates_for(round_id)
         expected = self.expected_organisations(round_id)
         uploaded = {u.organisation.lower() for u in uploads}
@@ -226,9 +245,11 @@ class RoundMachine:
                 else f"quorum not met: {len(uploads)} of {self.settings.quorum} required "
                 "uploads by the deadline; the model is unchanged and nothing is paid"
             )
-            self.fail(stored, expected, reason, retired)
+            self.fail(stored, expected, reason, retired, committed=committed, started=started)
             return
+        valuing = time.perf_counter()
         books = self.books(round_id)
+        self.metrics.round_valuation_seconds.observe(time.perf_counter() - valuing)
         minimum = self.settings.pricing.min_aggregated
         # None aggregated reveals nothing (the model stays as it was, the flags are recorded).
         if 0 < len(books.aggregated) < minimum:
@@ -238,7 +259,9 @@ class RoundMachine:
                 "let the other members recover an organisation's update, so none is published; "
                 "the model is unchanged and nothing is paid"
             )
-            self.fail(stored, expected, reason, retired, books)
+            self.fail(
+                stored, expected, reason, retired, books, committed=committed, started=started
+            )
             return
         self.store.put_blob(books.new_hash, books.new_bytes)
         failpoint(CLOSE_AFTER_AGGREGATE)
@@ -273,10 +296,4 @@ class RoundMachine:
             new_model_hash=books.new_hash,
             result=result.model_dump(mode="json"),
         )
-        log.info(
-            "round %d finalized: %s %.4f, model %s",
-            round_id,
-            self.settings.pricing.metric,
-            books.utility,
-            books.new_hash,
-        )
+        self._ended(result, committed, started)

@@ -16,13 +16,21 @@ import torch
 
 from fedledger import wire
 from fedledger.coordinator.config import CoordinatorSettings
+from fedledger.coordinator.metrics import CoordinatorMetrics
 from fedledger.coordinator.policy import PricingPolicy, PrivacyNoise
 from fedledger.coordinator.results import claim_ticket, pending_result
 from fedledger.coordinator.rounds import Game, RoundMachine
 from fedledger.coordinator.store import Store, StoredUpdate
 from fedledger.coordinator.uploads import UploadVerifier
 from fedledger.devices import default_device
-from fedledger.errors import CoordinatorError, ErrorCode, FedledgerError, TaskError
+from fedledger.errors import (
+    ChainError,
+    CodedError,
+    CoordinatorError,
+    ErrorCode,
+    FedledgerError,
+    TaskError,
+)
 from fedledger.failpoints import UPLOAD_AFTER_BLOB, failpoint
 from fedledger.incentive.commitment import canonical_bytes, encode_tensors, keccak, specs_of
 from fedledger.incentive.compression import Codec
@@ -83,7 +91,8 @@ def bind_policy(policy: PricingPolicy, spec: TaskSpec) -> PricingPolicy:
 
 
 class RoundService:
-    """Runs the federation for one ledger from one data directory."""
+    """Runs the federation for one ledger from one data directory; ``metrics`` (its own
+    Prometheus registry) counts its rounds, uploads and chain calls."""
 
     def __init__(
         self,
@@ -95,7 +104,8 @@ class RoundService:
         if ledger.account is None:
             raise ValueError("the coordinator's ledger client needs the coordinator's key")
         self.settings = settings
-        self.ledger = ledger
+        self.metrics = CoordinatorMetrics()
+        self.ledger = ledger.observed(self.metrics.chain_call)
         self.clock = clock
         self.last_error: str | None = None
         self._lock = threading.RLock()  # guards upload acceptance against round transitions
@@ -144,6 +154,7 @@ class RoundService:
             clock=self.clock,
             device=device,
             lock=self._lock,
+            metrics=self.metrics,
         )
         verifier = UploadVerifier(
             settings,
@@ -162,6 +173,8 @@ class RoundService:
         if not machine.settler.reconcile(store, hex32(digest)):
             store.put_blob(hex32(digest), data)
             machine.open_round(1, hex32(digest))
+        latest = store.latest_round()
+        self.metrics.current_round.set(0 if latest is None else latest.round_id)
         if background:
             self.start_driver()
 
@@ -347,7 +360,25 @@ class RoundService:
         """Verify an upload against its signature and on-chain commitment, then store it durably.
 
         Returns the receipt and whether it was newly stored (False for an identical re-upload).
+        Counted in ``metrics`` by result, a refusal by the code the API answers it with.
         """
+        started = time.perf_counter()
+        try:
+            receipt, created = self._accept_upload(path_round_id, headers, body)
+        except CodedError as exc:
+            self.metrics.upload_refused(exc.code, seconds=time.perf_counter() - started)
+            raise
+        except ChainError:  # the API answers it as the chain being unavailable
+            self.metrics.upload_refused(
+                ErrorCode.CHAIN_UNAVAILABLE, seconds=time.perf_counter() - started
+            )
+            raise
+        self.metrics.upload_handled(created=created, seconds=time.perf_counter() - started)
+        return receipt, created
+
+    def _accept_upload(
+        self, path_round_id: int, headers: Mapping[str, str], body: bytes
+    ) -> tuple[wire.UploadReceipt, bool]:
         store, _, _, verifier = self._started()
         upload = verifier.authenticate(headers, path_round_id, body)
         signer = upload.signer

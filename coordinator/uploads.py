@@ -38,6 +38,10 @@ class AuthenticatedUpload:
     body_hash: str  # 0x-hex keccak256 of the body
 
 
+MAX_STORED_SAMPLES = 2**63 - 1
+"""The largest sample count the store holds (SQLite's INTEGER); the ledger takes any uint256."""
+
+
 def read_authorization(headers: Mapping[str, str], path_round_id: int) -> wire.SignedUpload:
     """The EIP-712 authorisation from the upload headers (``unsigned``/``malformed_authorization``)."""
     signed = wire.read_upload_headers(headers)
@@ -176,7 +180,15 @@ class UploadVerifier:
         return signer
 
     def check_sample_count(self, auth: UploadAuthorization) -> None:
-        """A declared count steers FedAvg (within its weight cap): the consortium's cap on it."""
+        """A declared count steers FedAvg (within its weight cap): the consortium's cap on it,
+        and the store's (a signed integer of 64 bits)."""
+        if auth.num_samples > MAX_STORED_SAMPLES:
+            raise CoordinatorError(
+                ErrorCode.TOO_MANY_SAMPLES,
+                f"the declared sample count {auth.num_samples} is above {MAX_STORED_SAMPLES}, "
+                "the most the coordinator records",
+                max_samples=MAX_STORED_SAMPLES,
+            )
         cap = self.settings.pricing.max_samples
         if cap is not None and auth.num_samples > cap:
             raise CoordinatorError(

@@ -1,10 +1,9 @@
-"""The ``fedledger`` command: demo, devnet, deploy, task, coordinator, node, model, rewards, report, audit."""
+"""The ``fedledger`` command: demo, devnet, deploy, task, coordinator, node, model, rewards, claim, report, audit."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 from collections.abc import Mapping
 from decimal import Decimal
 from pathlib import Path
@@ -101,6 +100,9 @@ SpecOpt = Annotated[
     ),
 ]
 CoordinatorOpt = Annotated[str, typer.Option(help="Base URL of the coordinator.")]
+LogFormatOpt = Annotated[
+    str, typer.Option(help="`text`, or `json`: one JSON object a line, for log shippers.")
+]
 ConfigOpt = Annotated[
     Path | None,
     typer.Option(
@@ -183,11 +185,13 @@ def _parse_knobs(pairs: list[str]) -> list[tuple[str, str]]:
     return parsed
 
 
-def _logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+def _logging(verbose: bool, log_format: str = "text") -> None:
+    """fedledger's INFO lines (one a round), everything with ``verbose``; as text or JSON."""
+    from fedledger.logs import configure_logging
+
+    if log_format not in ("text", "json"):
+        raise _fail(f"--log-format must be `text` or `json`, not {log_format!r}")
+    configure_logging(verbose=verbose, log_format="json" if log_format == "json" else "text")
 
 
 def _signer(
@@ -308,6 +312,7 @@ def demo(
 
 @devnet_app.command("up")
 def devnet_up(
+    ctx: typer.Context,
     organisations: Annotated[
         int, typer.Option(min=0, help="Organisations to fund and register.")
     ] = 3,
@@ -324,38 +329,95 @@ def devnet_up(
             "this file's first line (or FEDLEDGER_PASSWORD when set)."
         ),
     ] = None,
+    fresh: Annotated[
+        bool,
+        typer.Option(
+            "--fresh",
+            help="Discard the chain saved by the last `devnet down` and deploy on a new one.",
+        ),
+    ] = False,
 ) -> None:
-    """Start anvil on loopback, deploy the contracts and write `deployment.json`."""
+    """Start anvil on loopback, deploy the contracts and write `deployment.json`; or resume the
+    chain the last `devnet down` saved (deployment, rounds, balances), unless --fresh."""
     import os
 
-    from fedledger.devnet.anvil import start_anvil
-    from fedledger.devnet.deploy import deploy_devnet
+    from fedledger.devnet.anvil import port_in_use, start_anvil, stop_pid
+    from fedledger.devnet.local import DevnetFolder, resume_deployment
+    from fedledger.errors import ErrorCode, SetupError
     from fedledger.incentive.chain import connect
     from fedledger.keys import PASSWORD_ENV
-    from fedledger.tasks import load_spec
 
-    task_spec = load_spec(spec)
     state_dir.mkdir(parents=True, exist_ok=True)
-    pid_file = state_dir / "anvil.pid"
-    if pid_file.exists():
+    folder = DevnetFolder(state_dir)
+    if (running := folder.running_pid()) is not None:
         raise _fail(
-            f"a devnet is already up (pid file {pid_file}); run `fedledger devnet down` first"
+            f"a devnet is already up (pid {running}, pid file {folder.pid_file}); run "
+            "`fedledger devnet down` first"
         )
-    anvil = start_anvil(port=port, accounts=organisations + 2, detach=True)
-    pid_file.write_text(str(anvil.pid))
-    deployment = deploy_devnet(
-        connect(anvil.rpc_url),
-        organisations,
-        rpc_url=anvil.rpc_url,
-        round_budget=_token_units(round_budget),
-        task_spec=task_spec.hash,
+    if port_in_use("127.0.0.1", port):
+        raise SetupError(
+            ErrorCode.PORT_IN_USE,
+            f"port {port} on 127.0.0.1 is in use by another program: stop it, or give "
+            "`devnet up` another --port (nothing was started)",
+            port=port,
+        )
+    if fresh and folder.discard_saved_chain():
+        console.print(f"discarded the saved chain {folder.chain_state}")
+    folder.check_resumable()
+    resume = folder.has_saved_chain()
+    task_spec = None
+    if not resume:  # checked before anything starts (and torch is imported only to deploy)
+        from fedledger.tasks import load_spec
+
+        task_spec = load_spec(spec)
+    anvil = start_anvil(
+        port=port, accounts=organisations + 2, state_file=folder.chain_state, detach=True
     )
-    out = state_dir / "deployment.json"
-    deployment.save(out)
+    folder.pid_file.write_text(str(anvil.pid))
+    w3 = connect(anvil.rpc_url)
+    try:
+        if task_spec is None:
+            deployment = resume_deployment(folder, w3, anvil.rpc_url)
+        else:
+            from fedledger.devnet.deploy import deploy_devnet
+
+            deployment = deploy_devnet(
+                w3,
+                organisations,
+                rpc_url=anvil.rpc_url,
+                round_budget=_token_units(round_budget),
+                task_spec=task_spec.hash,
+            )
+            deployment.save(folder.deployment_file)
+    except BaseException:
+        stop_pid(anvil.pid)
+        folder.pid_file.unlink(missing_ok=True)
+        raise
     console.print(f"anvil (pid {anvil.pid}) on {anvil.rpc_url}, chain id {deployment.chain_id}")
+    if task_spec is None:
+        console.print(
+            f"resumed the devnet's chain from {folder.chain_state}: {w3.eth.block_number} blocks "
+            "(`devnet up --fresh` starts a new one)"
+        )
+        given = ("organisations", "round_budget", "spec")
+        sources = {name: ctx.get_parameter_source(name) for name in given}
+        ignored = [
+            f"--{name.replace('_', '-')}"
+            for name, source in sources.items()
+            if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
+        ]
+        if ignored:
+            errors.print(
+                f"[yellow]warning:[/] {', '.join(ignored)} ignored: the resumed chain keeps its "
+                "deployment; `devnet up --fresh` deploys anew with them"
+            )
+    else:
+        console.print(f"a fresh chain, saved to {folder.chain_state} by `fedledger devnet down`")
+        console.print(f"task spec {task_spec.task.name!r}: 0x{task_spec.hash.hex()}")
     console.print(f"ledger {deployment.ledger}, token {deployment.token}")
-    console.print(f"task spec {task_spec.task.name!r}: 0x{task_spec.hash.hex()}")
-    console.print(f"deployment written to {out} (devnet keys included: never use them elsewhere)")
+    console.print(
+        f"deployment in {folder.deployment_file} (devnet keys included: never use them elsewhere)"
+    )
     if password_file is not None or os.environ.get(PASSWORD_ENV):
         _devnet_keystores(deployment, state_dir / "keystores", password_file)
 
@@ -381,16 +443,26 @@ def devnet_down(
         Path, typer.Option(help="The directory given to `devnet up`.")
     ] = DEFAULT_STATE_DIR / "devnet",
 ) -> None:
-    """Stop the devnet's anvil."""
+    """Stop the devnet's anvil (SIGTERM, waiting for it to write its chain for the next `up`)."""
     from fedledger.devnet.anvil import stop_pid
+    from fedledger.devnet.local import DevnetFolder
 
-    pid_file = state_dir / "anvil.pid"
-    if not pid_file.exists():
-        raise _fail(f"no devnet is up here (no {pid_file})")
-    pid = int(pid_file.read_text().strip())
-    stopped = stop_pid(pid)
-    pid_file.unlink()
-    console.print(f"anvil (pid {pid}) {'stopped' if stopped else 'was not running'}")
+    folder = DevnetFolder(state_dir)
+    had_pid_file = folder.pid_file.exists()
+    pid = folder.running_pid()  # removes a stale pid file
+    if pid is None:
+        if not had_pid_file:
+            raise _fail(f"no devnet is up here (no {folder.pid_file})")
+        console.print(f"anvil was not running (stale pid file {folder.pid_file} removed)")
+        return
+    stop_pid(pid, timeout_s=30)
+    folder.pid_file.unlink(missing_ok=True)
+    console.print(f"anvil (pid {pid}) stopped")
+    if folder.has_saved_chain():
+        console.print(
+            f"chain saved in {folder.chain_state}: `fedledger devnet up` resumes it, "
+            "`--fresh` starts over"
+        )
 
 
 # ------------------------------------------------------------------------- deploy
@@ -796,6 +868,7 @@ def coordinator_serve(
             + ". Recorded with every round.",
         ),
     ] = None,
+    log_format: LogFormatOpt = "text",
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Serve the coordinator API (uvicorn) and run the rounds."""
@@ -806,8 +879,9 @@ def coordinator_serve(
     from fedledger.coordinator.api import create_app
     from fedledger.coordinator.config import CoordinatorSettings
     from fedledger.coordinator.service import RoundService
+    from fedledger.logs import access_log_enabled
 
-    _logging(verbose)
+    _logging(verbose, log_format)
     if not key and keystore is None:
         raise _fail("the coordinator's key is required: --keystore (or --key / FEDLEDGER_KEY)")
     if quorum_policy not in ("fail", "extend"):
@@ -873,6 +947,8 @@ def coordinator_serve(
             host=host,
             port=port,
             log_level="info" if verbose else "warning",
+            log_config=None,  # uvicorn's records through fedledger's handler and format
+            access_log=access_log_enabled(verbose=verbose),
             ssl_certfile=tls.certfile,
             ssl_keyfile=tls.keyfile,
             ssl_ca_certs=tls.ca_certs,
@@ -960,13 +1036,14 @@ def node_run(
     client_cert: ClientCertOpt = None,
     client_key: ClientKeyOpt = None,
     insecure: InsecureOpt = False,
+    log_format: LogFormatOpt = "text",
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Take part in every round: check the spec, verify the model, train, commit, upload signed."""
     from fedledger.node.runner import NodeRunner, RoundOutcome, Settled
     from fedledger.tasks import load_data, load_spec, load_task
 
-    _logging(verbose)
+    _logging(verbose, log_format)
     if not key and keystore is None:
         raise _fail("the organisation's key is required: --keystore (or --key / FEDLEDGER_KEY)")
     _print_settings(ctx)
@@ -1182,6 +1259,62 @@ def rewards(
             address, f"{paid[address] / TOKEN_UNIT:,.4f}", f"{balance / TOKEN_UNIT:,.4f}", *status
         )
     console.print(totals)
+
+
+@app.command()
+def claim(
+    deployment: DeploymentOpt = DEFAULT_STATE_DIR / "devnet" / "deployment.json",
+    rpc: RpcOpt = None,
+    coordinator: CoordinatorOpt = "http://127.0.0.1:8000",
+    key: KeyOpt = None,
+    keystore: KeystoreOpt = None,
+    password_file: PasswordFileOpt = None,
+    ca_cert: CaCertOpt = None,
+    client_cert: ClientCertOpt = None,
+    client_key: ClientKeyOpt = None,
+    insecure: InsecureOpt = False,
+) -> None:
+    """Claim every reward of this organisation (its key) that the chain says is unclaimed in
+    rounds settled by Merkle root; each claim ticket is checked against the on-chain root first.
+
+    Exits 1 if a ticket does not verify or a claim was refused (the others are still claimed).
+    """
+    from fedledger.node.claims import Claim, ClaimResult, claim_unclaimed
+
+    account = _signer(key, keystore, password_file)
+    if account is None:
+        raise _fail("the organisation's key is required: --keystore (or --key / FEDLEDGER_KEY)")
+    coordinator_client = _client(coordinator, ca_cert, client_cert, client_key, insecure)
+    ledger, _ = _ledger(deployment, rpc, account)
+
+    def show(result: ClaimResult) -> None:
+        if isinstance(result, Claim):
+            console.print(
+                f"round {result.round_id}: claimed {result.reward / TOKEN_UNIT:,.4f} FLR "
+                f"({result.reward} token units, tx {result.tx_hash})",
+                soft_wrap=True,
+            )
+        elif result.is_problem:
+            errors.print(f"[bold red]round {result.round_id}:[/] {escape(result.detail)}")
+        else:
+            errors.print(f"[yellow]round {result.round_id}:[/] {escape(result.detail)}")
+
+    with coordinator_client as client:
+        results = claim_unclaimed(ledger, client, on_result=show)
+    claimed = [r for r in results if isinstance(r, Claim)]
+    total = sum(c.reward for c in claimed)
+    console.print(
+        f"{account.address}: claimed {len(claimed)} round(s), {total / TOKEN_UNIT:,.4f} FLR in "
+        f"all ({total} token units)"
+        if claimed
+        else f"{account.address}: nothing to claim on ledger {ledger.address}",
+        soft_wrap=True,
+    )
+    problems = [r for r in results if not isinstance(r, Claim) and r.is_problem]
+    if problems:
+        raise _fail(
+            f"{len(problems)} round(s) not claimed: {', '.join(str(r.round_id) for r in problems)}"
+        )
 
 
 @app.command("report")

@@ -541,6 +541,17 @@ class ErrorCode(enum.StrEnum):
             "fix the file and key the message names (docs/configuration.md lists every key)",
         ),
     )
+    PORT_IN_USE = (
+        "port_in_use",
+        CodeSpec(
+            409,
+            Area.SETUP,
+            "`fedledger devnet up` was given a port that something already listens on (another "
+            "devnet, a node, any server); nothing was started or deployed",
+            "stop what listens there (`fedledger devnet down` for a devnet), or pick another "
+            "`--port`",
+        ),
+    )
 
 
 class FedledgerError(Exception):

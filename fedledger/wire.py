@@ -260,3 +260,50 @@ class ErrorBody(_Schema):
     code: str
     message: str
     details: dict[str, Any] = Field(default_factory=dict)
+
+
+class RoundSummary(_Schema):
+    """One round of ``GET /v1/rounds``: its status, deadline, the new model's metrics and
+    totals, as any reader may see them."""
+
+    round_id: int
+    status: RoundStatus
+    deadline: int  # unix seconds: commitments on-chain and uploads close then
+    validation_metrics: dict[str, float] = Field(default_factory=dict)  # the new model's
+    validation_gain: float | None = None  # the rise of the valuation metric the round paid for
+    reason: str | None = None  # why a failed round failed
+    uploads: int = 0  # updates accepted (so far, while the round is open)
+    flagged: int = 0  # organisations flagged in the round
+    total_reward: str = "0"  # token units the round paid in all, as a decimal string
+    settlement: Literal["direct", "claims"] | None = None
+
+
+class DashboardRound(RoundSummary):
+    """A round on the dashboard: its summary and each organisation's public result."""
+
+    organisations: list[OrganisationResult] = Field(default_factory=list)  # as anonymous readers
+
+
+class OrganisationTotal(_Schema):
+    """An organisation over every settled round, as the dashboard sums it."""
+
+    organisation: str
+    value: float = 0.0  # Shapley values summed
+    score: str = "0"  # on-chain scores summed: fixed point, 1e18 = 1.0
+    reward: str = "0"  # token units summed (rounds settled by claims: what it may claim)
+    rounds_flagged: int = 0
+    flag_reasons: list[str] = Field(default_factory=list)  # each reason once, first seen first
+    epsilon: float | None = None  # DP-SGD: the most epsilon it has reported spending
+    retired: bool = False  # stopped training for good (its privacy budget is spent)
+
+
+class Dashboard(_Schema):
+    """``GET /v1/dashboard``: what the page at ``/dashboard`` shows but health, public only."""
+
+    task: str
+    metric: str  # the validation metric rounds are valued by (the chart's default)
+    total_rounds: int
+    training: TrainingStatus
+    epsilon_budget: float | None = None  # DP-SGD: each organisation's budget (None: no DP)
+    rounds: list[DashboardRound] = Field(default_factory=list)  # oldest first
+    organisations: list[OrganisationTotal] = Field(default_factory=list)

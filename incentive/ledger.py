@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
@@ -24,6 +25,18 @@ from fedledger.incentive.onchain import (
     from_fixed_point,
     to_fixed_point,
 )
+
+T = TypeVar("T")
+
+
+class CallObserver(Protocol):
+    """Told of every chain call a ``LedgerClient`` makes, once it has returned or raised."""
+
+    def __call__(self, function: str, seconds: float, ok: bool) -> None:
+        """``function``: the contract function (or JSON-RPC method) called; ``seconds``: how
+        long the call took, receipt included for a transaction; ``ok``: whether it succeeded
+        (False for a revert as for an unreachable chain)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -79,12 +92,21 @@ def as_bytes32(value: bytes | str) -> bytes:
 
 
 class LedgerClient:
-    """Reads and writes one deployed FedLedger. Writes are signed locally by ``account``."""
+    """Reads and writes one deployed FedLedger. Writes are signed locally by ``account``;
+    ``on_call``, if given, is told of every call to the chain (for metrics)."""
 
-    def __init__(self, w3: Web3, ledger_address: str, account: LocalAccount | None = None) -> None:
+    def __init__(
+        self,
+        w3: Web3,
+        ledger_address: str,
+        account: LocalAccount | None = None,
+        *,
+        on_call: CallObserver | None = None,
+    ) -> None:
         self.w3 = w3
         self.address = Web3.to_checksum_address(ledger_address)
         self.account = account
+        self.on_call = on_call
         self.contract: Contract = w3.eth.contract(
             address=self.address, abi=load_artifact("FedLedger")["abi"]
         )
@@ -127,15 +149,36 @@ class LedgerClient:
         return client, receipt
 
     def with_account(self, account: LocalAccount) -> LedgerClient:
-        """The same ledger, writing as ``account``."""
-        return LedgerClient(self.w3, self.address, account)
+        """The same ledger, writing as ``account`` (told to the same observer)."""
+        return LedgerClient(self.w3, self.address, account, on_call=self.on_call)
+
+    def observed(self, on_call: CallObserver) -> LedgerClient:
+        """The same ledger and account, telling ``on_call`` of every chain call."""
+        return LedgerClient(self.w3, self.address, self.account, on_call=on_call)
+
+    def _observe(self, function: str, call: Callable[[], T]) -> T:
+        """``call()``, timed and reported to the observer as ``function``."""
+        if self.on_call is None:
+            return call()
+        started = time.perf_counter()
+        try:
+            result = call()
+        except Exception:
+            self.on_call(function, time.perf_counter() - started, False)
+            raise
+        self.on_call(function, time.perf_counter() - started, True)
+        return result
 
     # ----------------------------------------------------------------- writes
 
     def _send(self, call: Any, *, gas: int | None = None) -> TxReceipt:
-        if self.account is None:
+        account = self.account
+        if account is None:
             raise ChainError("this ledger client has no signing key; pass --key")
-        return send_transaction(self.w3, self.account, call, self.selectors, gas=gas)
+        return self._observe(
+            str(call.fn_name),
+            lambda: send_transaction(self.w3, account, call, self.selectors, gas=gas),
+        )
 
     def register_organisation(self, org: str) -> TxReceipt:
         return self._send(
@@ -239,7 +282,7 @@ class LedgerClient:
     # ------------------------------------------------------------------ reads
 
     def _view(self, fn: Any) -> Any:
-        return call_view(fn.call, self.selectors)
+        return self._observe(str(fn.fn_name), lambda: call_view(fn.call, self.selectors))
 
     @cached_property
     def token_address(self) -> str:
@@ -253,10 +296,12 @@ class LedgerClient:
         )
 
     def chain_id(self) -> int:
-        return int(self.w3.eth.chain_id)
+        return self._observe("eth_chainId", lambda: int(self.w3.eth.chain_id))
 
     def block_timestamp(self) -> int:
-        return int(self.w3.eth.get_block("latest")["timestamp"])
+        return self._observe(
+            "eth_getBlockByNumber", lambda: int(self.w3.eth.get_block("latest")["timestamp"])
+        )
 
     def round_budget(self) -> int:
         """The most one round may pay out, in token units (``roundBudget``)."""
@@ -363,12 +408,7 @@ class LedgerClient:
         )
 
     def balance_of(self, account: str) -> int:
-        return int(
-            call_view(
-                self.token.functions.balanceOf(Web3.to_checksum_address(account)).call,
-                self.selectors,
-            )
-        )
+        return int(self._view(self.token.functions.balanceOf(Web3.to_checksum_address(account))))
 
     def total_supply(self) -> int:
-        return int(call_view(self.token.functions.totalSupply().call, self.selectors))
+        return int(self._view(self.token.functions.totalSupply()))

@@ -25,10 +25,10 @@ from fedledger.errors import (
 from fedledger.failpoints import NODE_AFTER_COMMIT, failpoint
 from fedledger.incentive.commitment import decode_update, encode_tensors, keccak, specs_of
 from fedledger.incentive.compression import Codec, FeedbackFile
-from fedledger.incentive.ledger import LedgerClient
-from fedledger.incentive.merkle import SettlementLeaf, verify
-from fedledger.incentive.onchain import RoundState, hex32
+from fedledger.incentive.ledger import LedgerClient, RoundRecord
+from fedledger.incentive.onchain import TOKEN_UNIT, RoundState, flag_names, hex32
 from fedledger.incentive.signing import UploadAuthorization, sign_upload
+from fedledger.node.claims import Claim, NotClaimed, claim_round, rounds_to_claim
 from fedledger.node.client import CoordinatorClient
 from fedledger.tasks import Dataset, NodeTask, diff_specs, parse_spec
 from fedledger.tasks.privacy import PrivacyBudgetSpent, PrivacyLedger
@@ -60,15 +60,47 @@ class Settled:
     flags: int
 
 
-@dataclass(frozen=True)
-class Claim:
-    """A reward the node claimed with a Merkle proof (rounds settled by claims)."""
+def _log_uploaded(outcome: RoundOutcome, organisation: str) -> None:
+    local = ", ".join(f"{k} {v:.4f}" for k, v in outcome.local_metrics.items())
+    spent = "" if outcome.epsilon is None else f"; epsilon {outcome.epsilon:.3f} spent"
+    log.info(
+        "round %d: uploaded %s (%d samples, train loss %.4f; local %s%s)",
+        outcome.round_id,
+        outcome.update_hash,
+        outcome.num_samples,
+        outcome.train_loss,
+        local,
+        spent,
+        extra={
+            "organisation": organisation,
+            "round_id": outcome.round_id,
+            "update_hash": outcome.update_hash,
+            "num_samples": outcome.num_samples,
+            "train_loss": outcome.train_loss,
+            "local_metrics": outcome.local_metrics,
+            "epsilon": outcome.epsilon,
+        },
+    )
 
-    round_id: int
-    reward: int
-    score: int
-    flags: int
-    tx_hash: str
+
+def _log_settled(settled: Settled, organisation: str) -> None:
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in settled.validation.items()) or "not reported"
+    flags = flag_names(settled.flags)
+    log.info(
+        "round %d settled: global model validation %s; reward %.4f FLR (%d units)%s",
+        settled.round_id,
+        shown,
+        settled.reward / TOKEN_UNIT,
+        settled.reward,
+        f", flagged {', '.join(flags)}" if flags else "",
+        extra={
+            "organisation": organisation,
+            "round_id": settled.round_id,
+            "validation": settled.validation,
+            "reward_units": str(settled.reward),
+            "flags": flags,
+        },
+    )
 
 
 class NodeRunner:
@@ -126,7 +158,10 @@ class NodeRunner:
         self._task_checked = False
         self.budget_spent: PrivacyBudgetSpent | None = None
         self.done_rounds: set[int] = set()
-        self.unclaimed: set[int] = set()  # rounds uploaded to whose settlement is not yet seen
+        # Rounds committed to whose settlement is not yet seen: those of this run, and at
+        # start-up those the chain says are still unsettled (a restarted node claims them).
+        self.unclaimed: set[int] = set()
+        self._recovered = False
         self.claims: list[Claim] = []
 
     def run(self, *, stop: Callable[[], bool] = lambda: False) -> list[RoundOutcome]:
@@ -140,6 +175,8 @@ class NodeRunner:
             try:
                 if not self._task_checked:
                     self.check_task()
+                if not self._recovered:
+                    self.recover_unclaimed()
                 # A long poll: answered as soon as the round changes from the one last seen.
                 current = self.client.current_round(after=seen, wait_s=self.long_poll_s)
                 if seen is not None and (current.round_id, current.status) == (
@@ -149,8 +186,17 @@ class NodeRunner:
                     time.sleep(self.poll_interval_s)  # a timeout, or a server without long polls
                 seen = current
                 if current.training == wire.TrainingStatus.DONE:
-                    log.info("training is done after round %d", current.round_id)
                     self.settle(before_round=None)
+                    log.info(
+                        "training done after round %d: took part in %d round(s)",
+                        current.round_id,
+                        len(outcomes),
+                        extra={
+                            "organisation": self.account.address,
+                            "round_id": current.round_id,
+                            "rounds_taken_part": len(outcomes),
+                        },
+                    )
                     return outcomes
                 self.settle(before_round=current.round_id)
                 if (
@@ -167,6 +213,7 @@ class NodeRunner:
                         return outcomes
                     if outcome is not None:
                         outcomes.append(outcome)
+                        _log_uploaded(outcome, self.account.address)
                         if self.on_round is not None:
                             self.on_round(outcome)
                 backoff_s = self.poll_interval_s
@@ -194,6 +241,17 @@ class NodeRunner:
             self.retire()
             return True
         return False
+
+    def recover_unclaimed(self) -> None:
+        """Take over from the chain the rounds this organisation committed to and is not
+        settled in (finalized by root, or still open), so that a restarted node claims the
+        rewards its previous run had not; with ``auto_claim`` off there is nothing to do."""
+        if self.auto_claim:
+            found = rounds_to_claim(self.ledger, self.account.address, include_open=True)
+            if found:
+                log.info("rounds %s: committed to, not settled yet; claimed once final", found)
+            self.unclaimed.update(found)
+        self._recovered = True
 
     def retire(self) -> None:
         """Tell the ledger this organisation trains no more (``retire``, with the epsilon it
@@ -371,17 +429,15 @@ class NodeRunner:
                 continue
             # From here each outcome is final; a chain or coordinator outage raises and the
             # round stays in ``unclaimed`` for the next try.
-            claim = (
-                self._claim(round_id, record.rewards_root)
-                if record.by_claims and self.auto_claim
-                else None
-            )
+            claim = self._claim(record) if record.by_claims and self.auto_claim else None
             self.unclaimed.discard(round_id)
             if claim is not None:
                 made.append(claim)
                 self.claims.append(claim)
+            settled = self._settled(round_id)
+            _log_settled(settled, self.account.address)
             if self.on_settled is not None:
-                self.on_settled(self._settled(round_id))
+                self.on_settled(settled)
         return made
 
     def _settled(self, round_id: int) -> Settled:
@@ -397,35 +453,13 @@ class NodeRunner:
             flags=self.ledger.flags_of(round_id, me),
         )
 
-    def _claim(self, round_id: int, root: bytes) -> Claim | None:
-        me = self.account.address
-        if self.ledger.is_settled(round_id, me):
+    def _claim(self, record: RoundRecord) -> Claim | None:
+        """Claim in a round settled by root (``claims.claim_round``); a ticket that does not
+        hold is logged and never sent."""
+        result = claim_round(self.ledger, self.client, record)
+        if isinstance(result, NotClaimed):
+            if result.reason != "claimed":
+                level = logging.ERROR if result.reason == "bad_ticket" else logging.WARNING
+                log.log(level, "round %d: %s", result.round_id, result.detail)
             return None
-        try:
-            ticket = self.client.claim_ticket(round_id, me)
-        except CoordinatorRejected as exc:
-            log.warning("round %d: no claim ticket: %s", round_id, exc)
-            return None
-        leaf = SettlementLeaf(round_id, me, int(ticket.score), int(ticket.reward), ticket.flags)
-        proof = [bytes.fromhex(p.removeprefix("0x")) for p in ticket.proof]
-        if not verify(proof, root, leaf):
-            log.error(
-                "round %d: the coordinator's claim ticket does not verify against the on-chain "
-                "root 0x%s; not claiming",
-                round_id,
-                root.hex(),
-            )
-            return None
-        try:
-            receipt = self.ledger.claim_reward(round_id, leaf.score, leaf.reward, leaf.flags, proof)
-        except ContractRevert as exc:
-            log.warning("round %d: claim refused on-chain: %s", round_id, exc)
-            return None
-        log.info("round %d: claimed %d token units", round_id, leaf.reward)
-        return Claim(
-            round_id,
-            leaf.reward,
-            leaf.score,
-            leaf.flags,
-            "0x" + bytes(receipt["transactionHash"]).hex(),
-        )
+        return result

@@ -56,7 +56,7 @@ rounds = 5
 round_timeout = 120
 upload_grace = 7.5
 quorum = {ORGS}
-verbose = true
+log_format = "json"
 
 [pricing]
 reward_per_gain = "2000000000000000000000"
@@ -121,6 +121,12 @@ negative_sigmas = 4.0
     for result in results:
         assert result["pricing"]["reward_per_gain"] == 2000 * 10**18
         assert result["pricing"]["negative_sigmas"] == 3.5
+    # One JSON log line a round, by default (no access log without -v).
+    lines = [json.loads(x) for x in coordinator_log.read_text().splitlines() if x.startswith("{")]
+    ended = [x for x in lines if x.get("outcome") == "settled"]
+    assert [x["round_id"] for x in ended] == [1, 2], lines
+    assert all(x["aggregated"] == ORGS and int(x["paid_units"]) > 0 for x in ended)
+    assert "GET /v1/" not in coordinator_log.read_text()
     node_log = " ".join((logs / "node1.log").read_text().split())
     assert f"data = 1/{ORGS} ({tmp_path / 'node1.toml'})" in node_log
 

@@ -114,6 +114,10 @@ COMMANDS = readme_commands()
 
 
 EXAMPLES = [s for s in COMMANDS if s.text.startswith("./do example ")]
+RUN_EXAMPLES = [s for s in EXAMPLES if s.text.split()[-1] == "diabetes"]
+"""The examples run here: diabetes, whose consortium loses a clinic to the screens each round
+(the failed-round path); breast_cancer's same flow, with its own plug-in, is
+tests/e2e/test_own_task.py."""
 
 
 def test_the_readme_shows_commands_and_each_is_accounted_for() -> None:
@@ -125,7 +129,7 @@ def test_the_readme_shows_commands_and_each_is_accounted_for() -> None:
         assert fedledger or elsewhere or run, f"README.md:{shown.line}: {shown.text}"
 
 
-@pytest.mark.parametrize("shown", EXAMPLES, ids=lambda s: s.text.split()[-1])
+@pytest.mark.parametrize("shown", RUN_EXAMPLES, ids=lambda s: s.text.split()[-1])
 def test_each_example_runs_as_written(shown: Shown) -> None:
     """The whole consortium of separate processes, two rounds instead of ten (``ROUNDS``), its
     audit of the last round included: the command ends 0 only when that audit passes."""
