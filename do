@@ -38,7 +38,8 @@ case "$cmd" in
   # A consortium of separate processes on a local devnet: examples/NAME/run.sh.
   example) install; PATH="$PWD/$VENV/bin:$PATH" exec "examples/${1:?usage: ./do example NAME}/run.sh" ;;
   # One worker a core (pytest-xdist): the suite is CPU-bound Python, tests are independent.
-  test) install; exec "$VENV/bin/python" -m pytest -n auto "$@" ;;
+  # worksteal: an idle worker takes tests queued for a busy one, so the longest do not end alone.
+  test) install; exec "$VENV/bin/python" -m pytest -n auto --dist worksteal "$@" ;;
   lint)
     "$VENV/bin/ruff" check .
     "$VENV/bin/ruff" format --check .

@@ -1366,7 +1366,7 @@ def test_ledger_state_machine() -> None:
     run_state_machine_as_test(
         LedgerMachine,
         settings=settings(
-            max_examples=20,
+            max_examples=10,  # 300 steps, each checked in full: about 80 s on one core
             stateful_step_count=30,
             deadline=None,
             suppress_health_check=[HealthCheck.too_slow],
