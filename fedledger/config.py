@@ -195,6 +195,4 @@ def masked(name: str, value: object) -> str:
         netloc = host + (f":{parts.port}" if parts.port else "")
         hidden = "/***" if parts.path.strip("/") or parts.query else ""
         return urlunsplit((parts.scheme, netloc, hidden, "", ""))
-    if isinstance(value, Path):
-        return str(value)
     return str(value)

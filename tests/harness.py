@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -210,3 +211,16 @@ def wait_http(url: str, timeout_s: float, proc: subprocess.Popen[bytes], log: Pa
             pass
         time.sleep(0.1)
     pytest.fail(f"no answer from {url} within {timeout_s} s:\n{log.read_text()}")
+
+
+def fedledger(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """The ``fedledger`` command run as a user runs it (a wide terminal, so that rich tables do
+    not wrap), with ``env`` added to the environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "fedledger", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "200", **env},
+    )

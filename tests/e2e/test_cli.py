@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,19 +16,9 @@ from fedledger.incentive.ledger import LedgerClient
 from fedledger.incentive.merkle import SettlementLeaf, SettlementTree
 from fedledger.incentive.onchain import Flag
 from fedledger.keys import unlock
+from harness import fedledger
 
 pytestmark = [pytest.mark.e2e]
-
-
-def fedledger(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "fedledger", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "COLUMNS": "200"},
-    )
 
 
 def _running(pid: int) -> bool:

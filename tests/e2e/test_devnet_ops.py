@@ -7,7 +7,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,19 +16,9 @@ from fedledger.incentive.chain import account_from_key, connect
 from fedledger.incentive.deployment import Deployment
 from fedledger.incentive.ledger import LedgerClient
 from fedledger.incentive.onchain import DEFAULT_ROUND_BUDGET, TOKEN_UNIT
+from harness import fedledger
 
 pytestmark = [pytest.mark.e2e]
-
-
-def fedledger(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "fedledger", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "COLUMNS": "200", **env},
-    )
 
 
 def _running(pid: int) -> bool:
