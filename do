@@ -47,9 +47,11 @@ case "$cmd" in
     ;;
   docs) exec "$VENV/bin/python" -m fedledger.errors "$@" ;;
   compile) exec "$VENV/bin/python" -m fedledger.contracts.compile "$@" ;;
+  # The ledger's Foundry fuzz and invariant tests (contracts/test/, foundry.toml); also in ./do test.
+  forge) install; exec devnet/node_modules/.bin/forge test "$@" ;;
   bench) exec "$VENV/bin/python" bench/run.py "$@" ;;
   *)
-    echo "usage: ./do install | demo [ARGS] | example NAME | test [PYTEST ARGS] | lint | docs [--check] | compile [--check] | bench [NAME ...] [--quick]" >&2
+    echo "usage: ./do install | demo [ARGS] | example NAME | test [PYTEST ARGS] | forge [FORGE TEST ARGS] | lint | docs [--check] | compile [--check] | bench [NAME ...] [--quick]" >&2
     exit 2
     ;;
 esac

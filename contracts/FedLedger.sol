@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 pragma solidity 0.8.37;
 
+import {AccessControl, IAccessControl} from "@openzeppelin/contracts/access/AccessControl.sol";
+import {AccessControlDefaultAdminRules} from "@openzeppelin/contracts/access/extensions/AccessControlDefaultAdminRules.sol";
 import {AccessControlEnumerable} from "@openzeppelin/contracts/access/extensions/AccessControlEnumerable.sol";
 import {MerkleProof} from "@openzeppelin/contracts/utils/cryptography/MerkleProof.sol";
 import {RewardToken} from "./RewardToken.sol";
@@ -17,7 +19,7 @@ import {RewardToken} from "./RewardToken.sol";
 /// one root of (round, organisation, score, reward, flags) leaves and each organisation claims
 /// its own reward with a proof), so that the coordinator's cost per round need not grow with
 /// the consortium.
-contract FedLedger is AccessControlEnumerable {
+contract FedLedger is AccessControlDefaultAdminRules, AccessControlEnumerable {
     /// @notice Role of the service that opens, aggregates and settles rounds.
     bytes32 public constant COORDINATOR_ROLE = keccak256("COORDINATOR_ROLE");
     /// @notice Role of a registered organisation (a consortium member that trains).
@@ -49,11 +51,6 @@ contract FedLedger is AccessControlEnumerable {
         bytes32 validationHash; // keccak256 of the canonical bytes of the validation set
     }
 
-    struct Commitment {
-        bytes32 updateHash;
-        uint256 numSamples;
-    }
-
     /// @notice An organisation that has stopped training for good, e.g. because another round
     /// would take its differential-privacy epsilon past the consortium's budget.
     struct Retirement {
@@ -62,25 +59,63 @@ contract FedLedger is AccessControlEnumerable {
         uint256 epsilon; // epsilon it had spent, fixed point 1e18 = 1.0 (0: not a DP task)
     }
 
-    struct Settlement {
-        int256 score;
-        uint256 reward;
-        uint256 flags; // bit set of the reasons the coordinator flagged the update (0: none)
+    /// @notice The delay a change of admin waits out (AccessControlDefaultAdminRules): the
+    /// admin proposes a successor, who accepts no earlier than this after the proposal, so a
+    /// leaked or mistyped transfer can be seen and cancelled. The admin may change the delay
+    /// itself, which also waits (changeDefaultAdminDelay).
+    uint48 public constant INITIAL_ADMIN_DELAY = 1 days;
+
+    /// @dev One round's record in three slots: the two model hashes, then deadline, state,
+    /// commit count and total reward, then the Merkle root; a fourth slot holds what claims
+    /// paid. A direct settlement pays everything at once and never writes the fourth.
+    struct RoundRecord {
+        bytes32 modelHash;
+        bytes32 newModelHash;
+        uint64 deadline;
+        RoundState state;
+        uint32 commitCount;
+        uint128 totalReward;
+        bytes32 rewardsRoot;
+        uint128 claimedReward;
+    }
+
+    /// @dev An organisation's part in one round, in two slots: the committed update hash, then
+    /// the sample count, the commit order (1 for the first committer, 0 for none), score,
+    /// reward, flags and whether it was settled. A commitment writes both slots fresh; a
+    /// settlement rewrites the second only.
+    struct Entry {
+        bytes32 updateHash;
+        uint40 numSamples;
+        uint16 order;
+        int96 score;
+        uint88 reward;
+        uint8 flags;
         bool settled;
+    }
+
+    /// @dev What a commitment checks of its sender, in one slot: membership (mirroring the
+    /// organisation role, which only registerOrganisation and revokeOrganisation change),
+    /// retirement, and the sample cap.
+    struct Member {
+        bool listed; // in _members (ever registered)
+        bool registered;
+        bool retired;
+        uint40 sampleCap;
+        uint64 sinceRound;
+        uint128 epsilon;
     }
 
     RewardToken private immutable _token;
     uint256 private _roundCount;
-    mapping(uint256 roundId => Round) private _rounds;
-    mapping(uint256 roundId => mapping(address org => Commitment)) private _commitments;
-    mapping(uint256 roundId => mapping(address org => Settlement)) private _settlements;
+    mapping(uint256 roundId => RoundRecord) private _rounds;
+    mapping(uint256 roundId => mapping(address org => Entry)) private _entries;
     mapping(uint256 roundId => Valuation) private _valuations;
-    mapping(uint256 roundId => address[] orgs) private _committers;
     uint256 private _roundBudget;
-    mapping(address org => uint256 maxSamples) private _sampleCaps;
     bytes32 private _taskSpec;
     mapping(uint256 roundId => mapping(address org => uint256 epsilon)) private _epsilons;
-    mapping(address org => Retirement) private _retirements;
+    mapping(address org => Member) private _memberOf;
+    address[] private _members;
+    uint256 private _activeOrganisations;
     mapping(address org => uint256 total) private _totalRewards;
 
     /// @notice The zero address was given where an account is required.
@@ -134,8 +169,35 @@ contract FedLedger is AccessControlEnumerable {
     /// @notice A DP commitment must report the epsilon spent, which is never zero.
     error ZeroEpsilon();
 
+    /// @notice The organisation role changes only through registerOrganisation and
+    /// revokeOrganisation (which keep the membership record and emit their events), and a
+    /// member leaves by retire(), not renounceRole.
+    error OrganisationRoleManaged();
+    /// @notice `account` cannot hold both the coordinator and the organisation role: the
+    /// coordinator would score and pay itself.
+    error CoordinatorCannotBeOrganisation(address account);
+    /// @notice Round `roundId` still takes commitments: until `deadline` or until every one
+    /// of the `active` organisations committed (`commitCount` so far).
+    error CommitPhaseOpen(uint256 roundId, uint64 deadline, uint256 commitCount, uint256 active);
+    /// @notice Flagged organisations are announced in ascending address order, each once:
+    /// `org` (position `index`) does not come after the one before it.
+    error FlaggedNotAscending(uint256 index, address org);
+    /// @notice `org` is announced as flagged with flags `flags`: announced flags are a nonzero bit
+    /// set below 256.
+    error FlagsOutOfRange(address org, uint256 flags);
+    /// @notice `org`'s claim in round `roundId` carries flags `claimed`, not the `announced` ones.
+    error FlagsMismatch(uint256 roundId, address org, uint256 announced, uint256 claimed);
+    /// @notice `value` is above `max`, the most the ledger stores for `field` (ASCII, left-aligned).
+    error ValueOutOfRange(bytes32 field, uint256 value, uint256 max);
+    /// @notice `score` lies outside the range the ledger stores (a signed 96-bit fixed point).
+    error ScoreOutOfRange(address org, int256 score);
+    /// @notice Round `roundId` already has the most commitments one round can hold (`max`).
+    error TooManyCommitments(uint256 roundId, uint256 max);
+
     /// @notice The admin registered `org` as a consortium organisation.
     event OrganisationRegistered(address indexed org);
+    /// @notice The admin revoked `org`'s membership: it commits in no round from now on.
+    event OrganisationRevoked(address indexed org);
     /// @notice The coordinator opened round `roundId` on the global model `modelHash`.
     event RoundOpened(uint256 indexed roundId, bytes32 modelHash, uint64 deadline);
     /// @notice `org` committed to the update `updateHash` trained on `numSamples` samples.
@@ -166,26 +228,118 @@ contract FedLedger is AccessControlEnumerable {
     /// @notice `org` stopped training for good at round `sinceRound`, having spent `epsilon`.
     event OrganisationRetired(address indexed org, uint256 sinceRound, uint256 epsilon);
 
-    /// @param admin The consortium admin: registers organisations and manages roles.
+    /// @param admin The consortium admin: registers organisations and manages roles. The
+    /// admin role moves in two steps with INITIAL_ADMIN_DELAY between them.
     /// @param coordinator The account of the coordinator service.
     /// @param tokenName Name of the reward token this ledger deploys and alone mints.
     /// @param tokenSymbol Symbol of the reward token.
-    constructor(address admin, address coordinator, string memory tokenName, string memory tokenSymbol) {
-        if (admin == address(0) || coordinator == address(0)) revert ZeroAddress();
-        _grantRole(DEFAULT_ADMIN_ROLE, admin);
+    constructor(address admin, address coordinator, string memory tokenName, string memory tokenSymbol)
+        AccessControlDefaultAdminRules(INITIAL_ADMIN_DELAY, admin)
+    {
+        if (coordinator == address(0)) revert ZeroAddress();
         _grantRole(COORDINATOR_ROLE, coordinator);
         _token = new RewardToken(tokenName, tokenSymbol);
+    }
+
+    // ------------------------------------------------------------------ roles
+
+    /// @inheritdoc AccessControlDefaultAdminRules
+    function supportsInterface(bytes4 interfaceId)
+        public
+        view
+        override(AccessControlDefaultAdminRules, AccessControlEnumerable)
+        returns (bool)
+    {
+        return super.supportsInterface(interfaceId);
+    }
+
+    /// @notice Grants `role` to `account`, as AccessControl does, except the organisation role
+    /// (OrganisationRoleManaged: use registerOrganisation) and the admin role (two steps).
+    function grantRole(bytes32 role, address account)
+        public
+        override(AccessControl, AccessControlDefaultAdminRules, IAccessControl)
+    {
+        if (role == ORGANISATION_ROLE) revert OrganisationRoleManaged();
+        super.grantRole(role, account);
+    }
+
+    /// @notice Revokes `role` from `account`, as AccessControl does, except the organisation
+    /// role (OrganisationRoleManaged: use revokeOrganisation).
+    function revokeRole(bytes32 role, address account)
+        public
+        override(AccessControl, AccessControlDefaultAdminRules, IAccessControl)
+    {
+        if (role == ORGANISATION_ROLE) revert OrganisationRoleManaged();
+        super.revokeRole(role, account);
+    }
+
+    /// @notice Renounces `role`, as AccessControl does, except the organisation role
+    /// (OrganisationRoleManaged: a member leaves by retire()).
+    function renounceRole(bytes32 role, address account)
+        public
+        override(AccessControl, AccessControlDefaultAdminRules, IAccessControl)
+    {
+        if (role == ORGANISATION_ROLE) revert OrganisationRoleManaged();
+        super.renounceRole(role, account);
+    }
+
+    function _grantRole(bytes32 role, address account)
+        internal
+        override(AccessControlDefaultAdminRules, AccessControlEnumerable)
+        returns (bool)
+    {
+        if (
+            (role == COORDINATOR_ROLE && hasRole(ORGANISATION_ROLE, account))
+                || (role == ORGANISATION_ROLE && hasRole(COORDINATOR_ROLE, account))
+        ) revert CoordinatorCannotBeOrganisation(account);
+        return super._grantRole(role, account);
+    }
+
+    function _revokeRole(bytes32 role, address account)
+        internal
+        override(AccessControlDefaultAdminRules, AccessControlEnumerable)
+        returns (bool)
+    {
+        return super._revokeRole(role, account);
+    }
+
+    function _setRoleAdmin(bytes32 role, bytes32 adminRole)
+        internal
+        override(AccessControl, AccessControlDefaultAdminRules)
+    {
+        super._setRoleAdmin(role, adminRole);
     }
 
     // ------------------------------------------------------------------ admin
 
     /// @notice Registers `org` as an organisation that may commit updates and be paid.
-    /// @dev Admin only. Reverts with OrganisationAlreadyRegistered for a member.
+    /// @dev Admin only. Reverts with OrganisationAlreadyRegistered for a member and with
+    /// CoordinatorCannotBeOrganisation for the coordinator. A revoked organisation may be
+    /// registered again; a retired one stays retired.
     /// @param org The organisation's Ethereum account.
     function registerOrganisation(address org) external onlyRole(DEFAULT_ADMIN_ROLE) {
         if (org == address(0)) revert ZeroAddress();
         if (!_grantRole(ORGANISATION_ROLE, org)) revert OrganisationAlreadyRegistered(org);
+        Member storage member = _memberOf[org];
+        if (!member.listed) {
+            member.listed = true;
+            _members.push(org);
+        }
+        member.registered = true;
+        if (!member.retired) _activeOrganisations += 1;
         emit OrganisationRegistered(org);
+    }
+
+    /// @notice Revokes `org`'s membership: it commits in no round from now on. Its commitments,
+    /// scores and rewards so far stand, and a round it committed in still settles it.
+    /// @dev Admin only. Reverts with OrganisationNotRegistered for an account that is not one.
+    /// @param org The organisation's Ethereum account.
+    function revokeOrganisation(address org) external onlyRole(DEFAULT_ADMIN_ROLE) {
+        if (!_revokeRole(ORGANISATION_ROLE, org)) revert OrganisationNotRegistered(org);
+        Member storage member = _memberOf[org];
+        member.registered = false;
+        if (!member.retired) _activeOrganisations -= 1;
+        emit OrganisationRevoked(org);
     }
 
     /// @notice Sets the most one round may pay out in all, in token units: a settlement above
@@ -202,11 +356,13 @@ contract FedLedger is AccessControlEnumerable {
     /// @notice Sets the most training samples `org` may declare in a commitment, e.g. the size
     /// of the dataset it brought to the consortium: a declared count steers FedAvg, and above
     /// the cap commitUpdate reverts with SamplesAboveCap. 0 (the default) sets no cap.
-    /// @dev Admin only. Applies to commitments made from now on.
+    /// @dev Admin only. Applies to commitments made from now on. At most 2^40 - 1.
     function setSampleCap(address org, uint256 cap) external onlyRole(DEFAULT_ADMIN_ROLE) {
         if (!hasRole(ORGANISATION_ROLE, org)) revert OrganisationNotRegistered(org);
-        uint256 previous = _sampleCaps[org];
-        _sampleCaps[org] = cap;
+        if (cap > type(uint40).max) revert ValueOutOfRange("sampleCap", cap, type(uint40).max);
+        Member storage member = _memberOf[org];
+        uint256 previous = member.sampleCap;
+        member.sampleCap = uint40(cap);
         emit SampleCapSet(org, previous, cap);
     }
 
@@ -239,7 +395,7 @@ contract FedLedger is AccessControlEnumerable {
         if (_taskSpec == bytes32(0)) revert TaskSpecUnset();
 
         _roundCount = roundId;
-        Round storage round = _rounds[roundId];
+        RoundRecord storage round = _rounds[roundId];
         round.modelHash = modelHash;
         round.deadline = deadline;
         round.state = RoundState.Open;
@@ -247,24 +403,29 @@ contract FedLedger is AccessControlEnumerable {
     }
 
     /// @notice Gives the organisations until `deadline` to commit to round `roundId`.
-    /// @dev Coordinator only; the round must be open and the new deadline later than the old
-    /// one and in the future (used when a round misses its quorum and policy says extend).
+    /// @dev Coordinator only; the round must be open, its commit phase not yet over
+    /// (CommitmentDeadlinePassed: no extension once anyone may have seen an upload), and the
+    /// new deadline later than the old one (used when a round would miss its quorum and the
+    /// policy says extend).
     /// @param roundId The open round.
     /// @param deadline The new deadline, unix seconds.
     function extendRound(uint256 roundId, uint64 deadline) external onlyRole(COORDINATOR_ROLE) {
-        Round storage round = _rounds[roundId];
+        RoundRecord storage round = _rounds[roundId];
         if (round.state != RoundState.Open) revert RoundNotOpen(roundId, round.state);
         uint64 previous = round.deadline;
+        if (block.timestamp > previous) revert CommitmentDeadlinePassed(roundId, previous, block.timestamp);
         if (deadline <= previous) revert DeadlineNotLater(previous, deadline);
-        if (deadline <= block.timestamp) revert DeadlineInPast(deadline, block.timestamp);
         round.deadline = deadline;
         emit RoundExtended(roundId, previous, deadline);
     }
 
     /// @notice Closes round `roundId`: records the new global model, how it was valued, each
     /// organisation's contribution score, reward and flags, and mints the rewards.
-    /// @dev Coordinator only; once per round. Every listed organisation must have committed in
-    /// the round and appear once. Empty arrays close a round without payouts.
+    /// @dev Coordinator only; once per round; only once its commit phase is over
+    /// (CommitPhaseOpen: past the deadline, or every active organisation committed). Every
+    /// listed organisation must have committed in the round and appear once. Empty arrays
+    /// close a round without payouts. Stored ranges: score a signed 96-bit, reward below
+    /// 2^88, flags below 256, the round's total below 2^128.
     /// @param roundId The open round.
     /// @param newModelHash keccak256 of the canonical bytes of the aggregated model.
     /// @param valuation The valuation method, its seed and the validation set's hash.
@@ -281,7 +442,7 @@ contract FedLedger is AccessControlEnumerable {
         uint256[] calldata rewards,
         uint256[] calldata flags
     ) external onlyRole(COORDINATOR_ROLE) {
-        _requireOpen(roundId);
+        _requireCommitsClosed(roundId);
         if (orgs.length != scores.length || orgs.length != rewards.length || orgs.length != flags.length) {
             revert LengthMismatch(orgs.length, scores.length, rewards.length, flags.length);
         }
@@ -291,7 +452,7 @@ contract FedLedger is AccessControlEnumerable {
         for (uint256 i = 0; i < orgs.length; ++i) {
             total += _settle(roundId, orgs[i], scores[i], rewards[i], flags[i]);
         }
-        _close(roundId, newModelHash, valuation, total, orgs.length).claimedReward = total;
+        _close(roundId, newModelHash, valuation, total, orgs.length);
 
         for (uint256 i = 0; i < orgs.length; ++i) {
             if (rewards[i] != 0) _token.mint(orgs[i], rewards[i]);
@@ -301,7 +462,8 @@ contract FedLedger is AccessControlEnumerable {
     /// @notice Closes round `roundId` with one Merkle root of its settlement: each organisation
     /// then claims its own reward with a proof (claimReward). The coordinator's cost does not
     /// grow with the number of organisations paid, only with the number it flags.
-    /// @dev Coordinator only; once per round. Leaves are OpenZeppelin StandardMerkleTree leaves,
+    /// @dev Coordinator only; once per round; only once its commit phase is over
+    /// (CommitPhaseOpen). Leaves are OpenZeppelin StandardMerkleTree leaves,
     /// keccak256(bytes.concat(keccak256(abi.encode(roundId, org, score, reward, flags)))).
     /// @param roundId The open round.
     /// @param newModelHash keccak256 of the canonical bytes of the aggregated model.
@@ -309,9 +471,10 @@ contract FedLedger is AccessControlEnumerable {
     /// @param root Merkle root of the round's settlement leaves (one per scored organisation).
     /// @param totalReward Sum of the leaves' rewards: claims never pay out more.
     /// @param numOrganisations Number of leaves under the root.
-    /// @param flaggedOrgs Organisations the coordinator flagged, announced now (each also has
-    /// its flags in its leaf); every one must have committed in the round.
-    /// @param flags The flag bits of each of `flaggedOrgs`.
+    /// @param flaggedOrgs Organisations the coordinator flagged, announced now in ascending
+    /// address order, each once; every one must have committed in the round, and its claim
+    /// must carry the same flags (FlagsMismatch). Unlisted organisations claim with flags 0.
+    /// @param flags The flag bits of each of `flaggedOrgs`: nonzero and below 256.
     function finalizeRoundWithRoot(
         uint256 roundId,
         bytes32 newModelHash,
@@ -322,41 +485,60 @@ contract FedLedger is AccessControlEnumerable {
         address[] calldata flaggedOrgs,
         uint256[] calldata flags
     ) external onlyRole(COORDINATOR_ROLE) {
-        _requireOpen(roundId);
+        _requireCommitsClosed(roundId);
         if (flaggedOrgs.length != flags.length) {
             revert LengthMismatch(flaggedOrgs.length, flags.length, flags.length, flags.length);
         }
         if (newModelHash == bytes32(0) || root == bytes32(0)) revert ZeroHash();
-        for (uint256 i = 0; i < flaggedOrgs.length; ++i) {
-            address org = flaggedOrgs[i];
-            if (_commitments[roundId][org].updateHash == bytes32(0)) revert NotCommitted(roundId, org);
-            _settlements[roundId][org].flags = flags[i];
-            if (flags[i] != 0) emit OrganisationFlagged(roundId, org, flags[i]);
-        }
+        _announceFlags(roundId, flaggedOrgs, flags);
         emit RewardsRootPosted(roundId, root);
         _close(roundId, newModelHash, valuation, totalReward, numOrganisations).rewardsRoot = root;
+    }
+
+    function _announceFlags(uint256 roundId, address[] calldata flaggedOrgs, uint256[] calldata flags) private {
+        address previous = address(0);
+        for (uint256 i = 0; i < flaggedOrgs.length; ++i) {
+            address org = flaggedOrgs[i];
+            if (org <= previous) revert FlaggedNotAscending(i, org);
+            previous = org;
+            if (flags[i] == 0 || flags[i] > type(uint8).max) revert FlagsOutOfRange(org, flags[i]);
+            Entry storage entry = _entries[roundId][org];
+            if (entry.updateHash == bytes32(0)) revert NotCommitted(roundId, org);
+            entry.flags = uint8(flags[i]);
+            emit OrganisationFlagged(roundId, org, flags[i]);
+        }
     }
 
     function _settle(uint256 roundId, address org, int256 score, uint256 reward, uint256 flags)
         private
         returns (uint256)
     {
-        if (_commitments[roundId][org].updateHash == bytes32(0)) revert NotCommitted(roundId, org);
-        Settlement storage settlement = _settlements[roundId][org];
-        if (settlement.settled) revert DuplicateSettlement(roundId, org);
-        settlement.score = score;
-        settlement.reward = reward;
-        settlement.flags = flags;
-        settlement.settled = true;
-        _totalRewards[org] += reward;
+        Entry storage entry = _entries[roundId][org];
+        if (entry.updateHash == bytes32(0)) revert NotCommitted(roundId, org);
+        if (entry.settled) revert DuplicateSettlement(roundId, org);
+        _record(entry, org, score, reward, flags);
         emit ContributionRecorded(roundId, org, score, reward);
         if (flags != 0) emit OrganisationFlagged(roundId, org, flags);
         return reward;
     }
 
-    function _requireOpen(uint256 roundId) private view {
-        RoundState state = _rounds[roundId].state;
-        if (state != RoundState.Open) revert RoundNotOpen(roundId, state);
+    function _record(Entry storage entry, address org, int256 score, uint256 reward, uint256 flags) private {
+        if (score < type(int96).min || score > type(int96).max) revert ScoreOutOfRange(org, score);
+        if (reward > type(uint88).max) revert ValueOutOfRange("reward", reward, type(uint88).max);
+        if (flags > type(uint8).max) revert FlagsOutOfRange(org, flags);
+        entry.score = int96(score);
+        entry.reward = uint88(reward);
+        entry.flags = uint8(flags);
+        entry.settled = true;
+        if (reward != 0) _totalRewards[org] += reward;
+    }
+
+    function _requireCommitsClosed(uint256 roundId) private view {
+        RoundRecord storage round = _rounds[roundId];
+        if (round.state != RoundState.Open) revert RoundNotOpen(roundId, round.state);
+        if (block.timestamp <= round.deadline && round.commitCount < _activeOrganisations) {
+            revert CommitPhaseOpen(roundId, round.deadline, round.commitCount, _activeOrganisations);
+        }
     }
 
     function _close(
@@ -365,12 +547,13 @@ contract FedLedger is AccessControlEnumerable {
         Valuation calldata valuation,
         uint256 totalReward,
         uint256 numOrganisations
-    ) private returns (Round storage round) {
+    ) private returns (RoundRecord storage round) {
         if (totalReward > _roundBudget) revert RoundBudgetExceeded(roundId, totalReward, _roundBudget);
+        if (totalReward > type(uint128).max) revert ValueOutOfRange("totalReward", totalReward, type(uint128).max);
         round = _rounds[roundId];
         round.newModelHash = newModelHash;
         round.state = RoundState.Finalized;
-        round.totalReward = totalReward;
+        round.totalReward = uint128(totalReward);
         _valuations[roundId] = valuation;
         emit RoundValued(roundId, valuation.method, valuation.seed, valuation.validationHash);
         emit RoundFinalized(roundId, newModelHash, totalReward, numOrganisations);
@@ -382,7 +565,8 @@ contract FedLedger is AccessControlEnumerable {
     /// @dev Registered organisations only, not retired; once per round; before the deadline.
     /// @param roundId The open round.
     /// @param updateHash keccak256 of the canonical bytes of the update the caller will upload.
-    /// @param numSamples Number of local training samples behind the update (FedAvg weight).
+    /// @param numSamples Number of local training samples behind the update (FedAvg weight),
+    /// at most 2^40 - 1 and at most the caller's sample cap.
     function commitUpdate(uint256 roundId, bytes32 updateHash, uint256 numSamples) external {
         _commit(roundId, updateHash, numSamples);
     }
@@ -404,46 +588,51 @@ contract FedLedger is AccessControlEnumerable {
     /// epsilon past the privacy budget: the coordinator waits for it in no later round and
     /// reports it as retired, not missing. Commitments already made stand.
     /// @dev Registered organisations only; once (AlreadyRetired after).
-    /// @param epsilon Epsilon spent, fixed point with 1e18 = 1.0 (0 where the task has no DP).
+    /// @param epsilon Epsilon spent, fixed point with 1e18 = 1.0 (0 where the task has no DP),
+    /// below 2^128.
     function retire(uint256 epsilon) external {
-        if (!hasRole(ORGANISATION_ROLE, msg.sender)) revert OrganisationNotRegistered(msg.sender);
-        Retirement storage retirement = _retirements[msg.sender];
-        if (retirement.retired) revert AlreadyRetired(msg.sender, retirement.sinceRound);
-        retirement.retired = true;
-        retirement.sinceRound = uint64(_roundCount);
-        retirement.epsilon = epsilon;
+        Member storage member = _memberOf[msg.sender];
+        if (!member.registered) revert OrganisationNotRegistered(msg.sender);
+        if (member.retired) revert AlreadyRetired(msg.sender, member.sinceRound);
+        if (epsilon > type(uint128).max) revert ValueOutOfRange("epsilon", epsilon, type(uint128).max);
+        member.retired = true;
+        member.sinceRound = uint64(_roundCount);
+        member.epsilon = uint128(epsilon);
+        _activeOrganisations -= 1;
         emit OrganisationRetired(msg.sender, _roundCount, epsilon);
     }
 
     function _commit(uint256 roundId, bytes32 updateHash, uint256 numSamples) private {
-        if (!hasRole(ORGANISATION_ROLE, msg.sender)) revert OrganisationNotRegistered(msg.sender);
-        Retirement storage retirement = _retirements[msg.sender];
-        if (retirement.retired) revert AlreadyRetired(msg.sender, retirement.sinceRound);
-        Round storage round = _rounds[roundId];
+        Member storage member = _memberOf[msg.sender];
+        if (!member.registered) revert OrganisationNotRegistered(msg.sender);
+        if (member.retired) revert AlreadyRetired(msg.sender, member.sinceRound);
+        RoundRecord storage round = _rounds[roundId];
         if (round.state != RoundState.Open) revert RoundNotOpen(roundId, round.state);
         if (block.timestamp > round.deadline) {
             revert CommitmentDeadlinePassed(roundId, round.deadline, block.timestamp);
         }
         if (updateHash == bytes32(0)) revert ZeroHash();
         if (numSamples == 0) revert ZeroSamples();
-        uint256 cap = _sampleCaps[msg.sender];
+        uint256 cap = member.sampleCap;
         if (cap != 0 && numSamples > cap) revert SamplesAboveCap(msg.sender, numSamples, cap);
-        Commitment storage commitment = _commitments[roundId][msg.sender];
-        if (commitment.updateHash != bytes32(0)) {
-            revert AlreadyCommitted(roundId, msg.sender, commitment.updateHash);
-        }
+        if (numSamples > type(uint40).max) revert ValueOutOfRange("numSamples", numSamples, type(uint40).max);
+        Entry storage entry = _entries[roundId][msg.sender];
+        if (entry.updateHash != bytes32(0)) revert AlreadyCommitted(roundId, msg.sender, entry.updateHash);
+        uint32 order = round.commitCount + 1;
+        if (order > type(uint16).max) revert TooManyCommitments(roundId, type(uint16).max);
 
-        commitment.updateHash = updateHash;
-        commitment.numSamples = numSamples;
-        round.commitCount += 1;
-        _committers[roundId].push(msg.sender);
+        entry.updateHash = updateHash;
+        entry.numSamples = uint40(numSamples);
+        entry.order = uint16(order);
+        round.commitCount = order;
         emit UpdateCommitted(roundId, msg.sender, updateHash, numSamples);
     }
 
     /// @notice Pays the caller its reward for round `roundId`, settled by a Merkle root, and
     /// records its score and flags as a direct settlement would.
-    /// @dev Once per organisation and round; the caller must have committed in the round, and
-    /// the leaf (roundId, caller, score, reward, flags) must be under the round's root.
+    /// @dev Once per organisation and round; the caller must have committed in the round, the
+    /// leaf (roundId, caller, score, reward, flags) must be under the round's root, and the
+    /// flags must be those announced at finalization (0 for an organisation not announced).
     /// @param roundId A round finalized with finalizeRoundWithRoot.
     /// @param score The caller's contribution score in its leaf.
     /// @param reward The caller's reward in its leaf, in token units.
@@ -456,23 +645,20 @@ contract FedLedger is AccessControlEnumerable {
         uint256 flags,
         bytes32[] calldata proof
     ) external {
-        Round storage round = _rounds[roundId];
+        RoundRecord storage round = _rounds[roundId];
         bytes32 root = round.rewardsRoot;
         if (root == bytes32(0)) revert NotClaimable(roundId);
-        Settlement storage settlement = _settlements[roundId][msg.sender];
-        if (settlement.settled) revert AlreadyClaimed(roundId, msg.sender);
-        if (_commitments[roundId][msg.sender].updateHash == bytes32(0)) revert NotCommitted(roundId, msg.sender);
+        Entry storage entry = _entries[roundId][msg.sender];
+        if (entry.settled) revert AlreadyClaimed(roundId, msg.sender);
+        if (entry.updateHash == bytes32(0)) revert NotCommitted(roundId, msg.sender);
+        if (flags != entry.flags) revert FlagsMismatch(roundId, msg.sender, entry.flags, flags);
         bytes32 leaf = keccak256(bytes.concat(keccak256(abi.encode(roundId, msg.sender, score, reward, flags))));
         if (!MerkleProof.verifyCalldata(proof, root, leaf)) revert InvalidProof(roundId, msg.sender);
         uint256 remaining = round.totalReward - round.claimedReward;
         if (reward > remaining) revert ClaimExceedsTotal(roundId, reward, remaining);
 
-        round.claimedReward += reward;
-        settlement.score = score;
-        settlement.reward = reward;
-        settlement.flags = flags;
-        settlement.settled = true;
-        _totalRewards[msg.sender] += reward;
+        round.claimedReward += uint128(reward);
+        _record(entry, msg.sender, score, reward, flags);
         emit ContributionRecorded(roundId, msg.sender, score, reward);
         emit RewardClaimed(roundId, msg.sender, reward);
         if (reward != 0) _token.mint(msg.sender, reward);
@@ -492,23 +678,49 @@ contract FedLedger is AccessControlEnumerable {
 
     /// @notice The public record of round `roundId` (all zero for a round never opened).
     function getRound(uint256 roundId) external view returns (Round memory) {
-        return _rounds[roundId];
+        RoundRecord storage round = _rounds[roundId];
+        bool direct = round.rewardsRoot == bytes32(0) && round.state == RoundState.Finalized;
+        return Round({
+            modelHash: round.modelHash,
+            newModelHash: round.newModelHash,
+            deadline: round.deadline,
+            state: round.state,
+            commitCount: round.commitCount,
+            totalReward: round.totalReward,
+            rewardsRoot: round.rewardsRoot,
+            claimedReward: direct ? round.totalReward : round.claimedReward
+        });
+    }
+
+    /// @notice Whether round `roundId`'s commit phase is over: it is open and past its
+    /// deadline, or every active organisation committed. Uploads, and the round's
+    /// finalization, wait for it.
+    function commitsClosed(uint256 roundId) external view returns (bool) {
+        RoundRecord storage round = _rounds[roundId];
+        return round.state == RoundState.Open
+            && (block.timestamp > round.deadline || round.commitCount >= _activeOrganisations);
+    }
+
+    /// @notice The number of registered organisations that have not retired: the commitments
+    /// that close a round's commit phase before its deadline.
+    function activeOrganisations() external view returns (uint256) {
+        return _activeOrganisations;
     }
 
     /// @notice What `org` committed in round `roundId` (zero hash if nothing).
     function commitmentOf(uint256 roundId, address org) external view returns (bytes32 updateHash, uint256 numSamples) {
-        Commitment storage commitment = _commitments[roundId][org];
-        return (commitment.updateHash, commitment.numSamples);
+        Entry storage entry = _entries[roundId][org];
+        return (entry.updateHash, entry.numSamples);
     }
 
     /// @notice `org`'s score in round `roundId`: its Shapley value, signed fixed point with 1e18 = 1.0.
     function scoreOf(uint256 roundId, address org) external view returns (int256) {
-        return _settlements[roundId][org].score;
+        return _entries[roundId][org].score;
     }
 
     /// @notice Token units paid to `org` for round `roundId` (18 decimals: 1e18 = 1 token).
     function rewardOf(uint256 roundId, address org) external view returns (uint256) {
-        return _settlements[roundId][org].reward;
+        return _entries[roundId][org].reward;
     }
 
     /// @notice Token units paid to `org` over every round so far (direct settlements and
@@ -529,7 +741,7 @@ contract FedLedger is AccessControlEnumerable {
 
     /// @notice The most training samples `org` may declare in a commitment (0: no cap; setSampleCap).
     function sampleCapOf(address org) external view returns (uint256) {
-        return _sampleCaps[org];
+        return _memberOf[org].sampleCap;
     }
 
     /// @notice The epsilon `org` reported with its commitment in round `roundId` (fixed point,
@@ -540,7 +752,8 @@ contract FedLedger is AccessControlEnumerable {
 
     /// @notice Whether, since when and having spent what epsilon `org` stopped training.
     function retirementOf(address org) external view returns (Retirement memory) {
-        return _retirements[org];
+        Member storage member = _memberOf[org];
+        return Retirement({retired: member.retired, sinceRound: member.sinceRound, epsilon: member.epsilon});
     }
 
     /// @notice The flag bits the coordinator recorded for `org` in round `roundId` (0: none).
@@ -548,7 +761,7 @@ contract FedLedger is AccessControlEnumerable {
     /// 16 negative_contribution, 32 unaligned_update; every one of them forfeits the round's
     /// reward (fedledger.incentive.onchain.Flag, docs/architecture.md).
     function flagsOf(uint256 roundId, address org) external view returns (uint256) {
-        return _settlements[roundId][org].flags;
+        return _entries[roundId][org].flags;
     }
 
     /// @notice How round `roundId`'s scores were computed (all zero until it is finalized).
@@ -558,14 +771,21 @@ contract FedLedger is AccessControlEnumerable {
 
     /// @notice The organisations that committed in round `roundId`, in the order they committed
     /// (the coordinator's pricing treats the earlier of two copies as the original).
-    function committersOf(uint256 roundId) external view returns (address[] memory) {
-        return _committers[roundId];
+    /// @dev Derived from each member's commit order, so a commitment writes no array; the
+    /// call reads one slot per organisation ever registered.
+    function committersOf(uint256 roundId) external view returns (address[] memory committers) {
+        committers = new address[](_rounds[roundId].commitCount);
+        mapping(address org => Entry) storage entries = _entries[roundId];
+        for (uint256 i = 0; i < _members.length; ++i) {
+            uint256 order = entries[_members[i]].order;
+            if (order != 0) committers[order - 1] = _members[i];
+        }
     }
 
     /// @notice Whether `org` was scored in round `roundId`'s settlement (for a round settled by
     /// a Merkle root: whether `org` has claimed).
     function isSettled(uint256 roundId, address org) external view returns (bool) {
-        return _settlements[roundId][org].settled;
+        return _entries[roundId][org].settled;
     }
 
     /// @notice Whether `account` is a registered organisation.

@@ -35,6 +35,11 @@ log = logging.getLogger("fedledger.coordinator")
 RETIREMENT_POLL_S = 2.0
 """How often a round waiting for uploads rereads whether the missing organisations retired."""
 
+EXTEND_MARGIN_S = 5.0
+"""How long before a round's commit deadline the ``extend`` policy decides (a tenth of the round
+timeout when that is shorter): an extension must land on-chain before the deadline, after which
+uploads may have been seen and the ledger refuses one."""
+
 
 @dataclass(frozen=True)
 class Game:
@@ -135,9 +140,12 @@ class RoundMachine:
             expected = {o.lower() for o in self.expected_organisations(current.round_id)}
             waiting = expected - submitted
             all_in = bool(expected) and waiting <= self.retired(waiting).keys()
-            past = self.clock() > current.deadline + self.settings.upload_grace_s
-            if past and not all_in and self.extend_if_short(current, len(uploads)):
+            now = self.clock()
+            past = now > current.deadline + self.settings.upload_grace_s
+            if not all_in and self.extend_if_short(current, now):
                 return
+            if all_in and not past and not self.ledger.commits_closed(current.round_id, now=now):
+                return  # someone registered since the round opened may still commit
             if all_in or past:
                 with self.lock:
                     self.store.set_round_status(current.round_id, wire.RoundStatus.CLOSING)
@@ -147,25 +155,33 @@ class RoundMachine:
         elif current.round_id < self.settings.total_rounds:
             self.open_round(current.round_id + 1, current.new_model_hash or current.model_hash)
 
-    def extend_if_short(self, current: StoredRound, num_uploads: int) -> bool:
-        """Under the ``extend`` policy, give a round short of its quorum more time on-chain."""
+    def extend_if_short(self, current: StoredRound, now: float) -> bool:
+        """Under the ``extend`` policy, give a round short of its quorum of commitments more
+        time on-chain, deciding in the last ``EXTEND_MARGIN_S`` before the commit deadline
+        (the ledger takes no extension after it)."""
+        margin_s = min(EXTEND_MARGIN_S, self.settings.round_timeout_s / 10)
         if (
-            num_uploads >= self.settings.quorum
-            or self.settings.quorum_policy != "extend"
+            self.settings.quorum_policy != "extend"
             or current.extensions >= self.settings.max_extensions
+            or not current.deadline - margin_s <= now <= current.deadline
+        ):
+            return False
+        record = self.ledger.get_round(current.round_id)
+        if record.commit_count >= self.settings.quorum or self.ledger.commits_closed(
+            current.round_id
         ):
             return False
         deadline = self.deadline()
-        if self.ledger.get_round(current.round_id).deadline < deadline:
+        if record.deadline < deadline:
             self.ledger.extend_round(current.round_id, deadline)
-        record = self.ledger.get_round(current.round_id)
+            record = self.ledger.get_round(current.round_id)
         self.store.set_deadline(
             current.round_id, record.deadline, extensions=current.extensions + 1
         )
         log.warning(
-            "round %d: %d of %d required uploads at the deadline; extended to %d",
+            "round %d: %d of %d required commitments near the deadline; extended to %d",
             current.round_id,
-            num_uploads,
+            record.commit_count,
             self.settings.quorum,
             record.deadline,
         )

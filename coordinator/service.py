@@ -391,6 +391,7 @@ class RoundService:
             verifier.check_open(current)
             verifier.check_nonce(upload, store.nonce_used(signer, str(upload.auth.nonce)))
         verifier.check_commitment(upload)
+        verifier.check_commits_closed(current)
         verifier.check_content(body)
 
         store.put_blob(upload.body_hash, body)

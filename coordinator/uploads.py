@@ -77,6 +77,7 @@ class UploadVerifier:
         self.specs = specs
         self.clock = clock
         self.codec = codec or Codec()  # the task spec's [compression]
+        self._commits_closed: set[int] = set()  # rounds whose commit phase the chain ended
 
     # -------------------------------------------------- before the round is looked at
 
@@ -281,6 +282,25 @@ class UploadVerifier:
                 f"signed sample count {auth.num_samples} differs from the committed "
                 f"{commitment.num_samples}",
             )
+
+    def check_commits_closed(self, current: StoredRound) -> None:
+        """No upload is taken while the round still takes commitments (``commitments_open``):
+        an update seen before the commit phase ends could be copied into a later commitment."""
+        if current.round_id in self._commits_closed:
+            return
+        try:
+            closed = self.ledger.commits_closed(current.round_id, now=self.clock())
+        except ChainError as exc:
+            raise ChainUnavailable(f"cannot read the round's commit phase: {exc}") from exc
+        if not closed:
+            raise CoordinatorError(
+                ErrorCode.COMMITMENTS_OPEN,
+                f"round {current.round_id} takes commitments until {current.deadline} or until "
+                "every active organisation has committed; upload after that",
+                current_round=current.round_id,
+                deadline=current.deadline,
+            )
+        self._commits_closed.add(current.round_id)  # closed for good while the round lasts
 
     def check_content(self, body: bytes) -> dict[str, torch.Tensor]:
         """The body decodes to the model's tensors, all finite, within the norm bound."""

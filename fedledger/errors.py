@@ -208,6 +208,17 @@ class ErrorCode(enum.StrEnum):
             "sign the committed count",
         ),
     )
+    COMMITMENTS_OPEN = (
+        "commitments_open",
+        CodeSpec(
+            409,
+            Area.UPLOAD,
+            "the round still takes commitments (until its deadline, `details.deadline`, or until "
+            "every active organisation committed): no update is seen before every commitment is "
+            "final",
+            "upload once the commit phase is over (the node waits for it by itself)",
+        ),
+    )
     NOT_SAFETENSORS = (
         "not_safetensors",
         CodeSpec(
@@ -677,6 +688,25 @@ _OPENZEPPELIN_ERRORS = {
         "FedLedger",
         "`renounceRole` for an account other than the caller (AccessControl)",
     ),
+    "AccessControlEnforcedDefaultAdminRules()": (
+        "FedLedger",
+        "granting, revoking or renouncing the admin role other than by the two-step transfer "
+        "(AccessControlDefaultAdminRules)",
+    ),
+    "AccessControlEnforcedDefaultAdminDelay(uint48 schedule)": (
+        "FedLedger",
+        "accepting an admin transfer, or renouncing the admin role, before its `schedule` "
+        "(AccessControlDefaultAdminRules)",
+    ),
+    "AccessControlInvalidDefaultAdmin(address defaultAdmin)": (
+        "FedLedger",
+        "the zero address as the first admin, or an admin transfer accepted by another account "
+        "than the one proposed (AccessControlDefaultAdminRules)",
+    ),
+    "SafeCastOverflowedUintDowncast(uint8 bits, uint256 value)": (
+        "FedLedger",
+        "an admin delay too large for its 48 bits (`changeDefaultAdminDelay`; SafeCast)",
+    ),
     "OwnableUnauthorizedAccount(address account)": (
         "RewardToken",
         "minting other than through the ledger, its owner (Ownable)",
@@ -697,13 +727,19 @@ _OPENZEPPELIN_ERRORS = {
 }
 """The errors the contracts inherit from OpenZeppelin 5, whose NatSpec lives in its sources."""
 _NATSPEC_ERROR = re.compile(
-    r"///\s*@notice\s+(?P<notice>.+?)\n\s*error\s+(?P<signature>\w+\([^)]*\));"
+    r"[ \t]*///\s*@notice\s+(?P<notice>.+\n(?:[ \t]*///(?!\s*@).*\n)*)"
+    r"\s*error\s+(?P<signature>\w+\([^)]*\));"
 )
 
 
 def contract_errors(source: str) -> list[tuple[str, str]]:
-    """(``Name(type arg, ...)``, its NatSpec notice) for each custom error in a Solidity source."""
-    return [(m["signature"], m["notice"].strip()) for m in _NATSPEC_ERROR.finditer(source)]
+    """(``Name(type arg, ...)``, its NatSpec notice, however many ``///`` lines it takes) for
+    each custom error in a Solidity source."""
+    return [
+        (m["signature"], " ".join(line.strip().removeprefix("///").strip() for line in lines))
+        for m in _NATSPEC_ERROR.finditer(source)
+        if (lines := m["notice"].strip().splitlines())
+    ]
 
 
 def contract_sources() -> list[Path]:

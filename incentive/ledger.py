@@ -185,6 +185,10 @@ class LedgerClient:
             self.contract.functions.registerOrganisation(Web3.to_checksum_address(org))
         )
 
+    def revoke_organisation(self, org: str) -> TxReceipt:
+        """End ``org``'s membership (admin key): it commits in no later round; its records stand."""
+        return self._send(self.contract.functions.revokeOrganisation(Web3.to_checksum_address(org)))
+
     def set_round_budget(self, budget: int) -> TxReceipt:
         """Set the most one round may pay out, in token units (admin key)."""
         return self._send(self.contract.functions.setRoundBudget(budget))
@@ -256,8 +260,16 @@ class LedgerClient:
         flagged: Mapping[str, int] | None = None,
         valuation: ValuationRecord = NO_VALUATION,
     ) -> TxReceipt:
-        """Settle by claims: post the Merkle root of the round's leaves and announce the flagged."""
-        flagged = dict(flagged or {})
+        """Settle by claims: post the Merkle root of the round's leaves and announce the flagged.
+
+        The ledger takes the announcement in ascending address order, each organisation once,
+        with nonzero flags: an organisation with flags 0 is simply not announced.
+        """
+        announced: dict[str, int] = {}
+        for org, bits in (flagged or {}).items():
+            if bits:
+                announced[Web3.to_checksum_address(org)] = int(bits)
+        flagged = dict(sorted(announced.items(), key=lambda item: int(item[0], 16)))
         return self._send(
             self.contract.functions.finalizeRoundWithRoot(
                 round_id,
@@ -317,6 +329,26 @@ class LedgerClient:
 
     def round_count(self) -> int:
         return int(self._view(self.contract.functions.roundCount()))
+
+    def active_organisations(self) -> int:
+        """Registered organisations that have not retired: the commitments that end a round's
+        commit phase before its deadline (``activeOrganisations``)."""
+        return int(self._view(self.contract.functions.activeOrganisations()))
+
+    def commits_closed(self, round_id: int, *, now: float | None = None) -> bool:
+        """Whether open round ``round_id``'s commit phase is over, so that uploads may start and
+        the round may be finalized: every active organisation committed, or the deadline passed.
+
+        The chain judges by its latest block's time, which stands still while nobody sends a
+        transaction (anvil mines on demand); ``now``, a wall clock, also counts: the next block
+        is mined no earlier than it.
+        """
+        if self._view(self.contract.functions.commitsClosed(round_id)):
+            return True
+        if now is None:
+            return False
+        record = self.get_round(round_id)
+        return record.state is RoundState.OPEN and now > record.deadline
 
     def get_round(self, round_id: int) -> RoundRecord:
         raw = self._view(self.contract.functions.getRound(round_id))

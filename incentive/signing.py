@@ -128,11 +128,18 @@ def recover_reader(reader: str, expiry: int, signature: str, *, chain_id: int, l
     return _recover(read_typed_data(reader, expiry, chain_id=chain_id, ledger=ledger), signature)
 
 
+# The order of secp256k1: a signature (r, s) has a twin (r, n - s) that verifies as well, so
+# only the low half of s is taken (EIP-2), as Ethereum takes it for transactions.
+SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+
+
 def _recover(message: dict[str, Any], signature: str) -> str:
     try:
         raw = bytes.fromhex(signature.removeprefix("0x"))
         if len(raw) != 65:
             raise ValueError(f"a signature is 65 bytes, got {len(raw)}")
+        if int.from_bytes(raw[32:64], "big") > SECP256K1_N // 2:
+            raise ValueError("its s is in the upper half of the curve order (EIP-2: low s only)")
         signable = encode_typed_data(full_message=message)
         signer: str = Account.recover_message(signable, signature=raw)
     except Exception as exc:  # eth-keys raises several types for a malformed signature

@@ -352,6 +352,7 @@ class NodeRunner:
             self.done_rounds.add(round_id)
             return None
 
+        self._await_commits_closed(round_id)  # nothing leaves before every commitment is final
         auth = UploadAuthorization(
             organisation=self.account.address,
             round_id=round_id,
@@ -394,6 +395,23 @@ class NodeRunner:
         sent = {"coordinator": self.client.base_url, "round_id": round_id, "headers": headers}
         (folder / "upload.json").write_text(json.dumps(sent, indent=2) + "\n")
 
+    def _await_commits_closed(self, round_id: int) -> None:
+        """Wait, before uploading, for the round's commit phase to end on-chain (every active
+        organisation committed, or the deadline passed): the coordinator takes no update
+        before, so that nobody can commit with what others uploaded. Polls the chain, soon
+        after the commitment and then less often, never past the deadline."""
+        wait_s = 0.02
+        record = self.ledger.get_round(round_id)
+        # However the clocks disagree, give up waiting soon after the deadline, by wall time:
+        # the upload then gets the coordinator's reason.
+        give_up = time.monotonic() + max(0.0, record.deadline - self.clock()) + 2.0
+        while not self.ledger.commits_closed(round_id, now=self.clock()):
+            if record.state is not RoundState.OPEN or time.monotonic() > give_up:
+                return  # closed without us, or never by our clock
+            time.sleep(wait_s)
+            wait_s = min(wait_s * 2, self.poll_interval_s)
+            record = self.ledger.get_round(round_id)
+
     def _upload_with_retry(
         self, round_id: int, body: bytes, headers: dict[str, str]
     ) -> wire.UploadReceipt:
@@ -402,6 +420,11 @@ class NodeRunner:
         while True:
             try:
                 return self.client.upload(round_id, body, headers)
+            except CoordinatorRejected as exc:
+                # The coordinator's clock or chain view may trail ours by a moment.
+                if exc.code != ErrorCode.COMMITMENTS_OPEN or self.clock() + backoff_s > deadline:
+                    raise
+                time.sleep(backoff_s)
             except CoordinatorUnavailable as exc:
                 if self.clock() + backoff_s > deadline:
                     raise

@@ -22,3 +22,15 @@ def events(contract: Contract, name: str, receipt: TxReceipt) -> list[dict[str, 
     logs = contract.events[name]().process_receipt(receipt, errors=DISCARD)
     assert all(log["address"] == contract.address for log in logs)
     return [dict(log["args"]) for log in logs]
+
+
+def close_commits(ledger: Any, round_id: int) -> int:
+    """End round ``round_id``'s commit phase on ``ledger``'s in-process chain: move chain time
+    past the round's deadline and mine a block. Returns the new block's timestamp."""
+    tester: Any = ledger.w3.provider.ethereum_tester
+    deadline = ledger.get_round(round_id).deadline
+    pending_s = int(tester.get_block_by_number("pending")["timestamp"])
+    if deadline + 1 > pending_s:
+        tester.time_travel(deadline + 1)
+    tester.mine_blocks(1)
+    return int(ledger.w3.eth.get_block("latest")["timestamp"])

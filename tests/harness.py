@@ -22,6 +22,7 @@ from fedledger.coordinator.policy import PricingPolicy
 from fedledger.coordinator.service import RoundService
 from fedledger.incentive.commitment import encode_tensors
 from fedledger.incentive.ledger import LedgerClient
+from fedledger.incentive.onchain import RoundState
 from fedledger.incentive.signing import UploadAuthorization, sign_upload
 from fedledger.tasks import DigitsTask
 from fedledger.tasks.training import TrainConfig
@@ -85,8 +86,12 @@ class Harness:
         """Organisations 0 and 1 upload honestly and organisation 2 cheats (``uploads`` in
         that order); the round closes; the cheat is flagged a copy with ``note`` in its note,
         unpaid and left out, the honest ones unflagged. Returns the round's result."""
-        for org, tensors in zip(self.orgs, uploads, strict=True):
-            assert self.post(self.make_upload(org, tensors, round_id=round_id)).status_code == 201
+        # every member commits first: uploads wait for the commit phase to end
+        for upload in [
+            self.make_upload(org, tensors, round_id=round_id)
+            for org, tensors in zip(self.orgs, uploads, strict=True)
+        ]:
+            assert self.post(upload).status_code == 201
         self.service.step()
         result = self.member_result(round_id)
         by_org = {o["organisation"]: o for o in result["organisations"]}
@@ -155,7 +160,8 @@ class Harness:
             update_hash=digest,
             num_samples=num_samples,
             nonce=nonce if nonce is not None else UploadAuthorization.new_nonce(),
-            expiry=expiry if expiry is not None else int(self.clock[0]) + 300,
+            # valid from now until after the commit phase, which it may wait for
+            expiry=expiry if expiry is not None else self._expiry(round_id),
         )
         signature = sign_upload(
             signer or account,
@@ -166,7 +172,37 @@ class Harness:
         headers = wire.upload_headers(auth, signature)
         return Upload(round_id=round_id, body=body, headers=headers, digest=digest)
 
-    def post(self, upload: Upload, **overrides: str) -> object:
+    def _expiry(self, round_id: int) -> int:
+        deadline = self.ledger.get_round(round_id).deadline
+        return int(max(self.clock[0], deadline + 1)) + 300
+
+    def advance(self, seconds: float) -> None:
+        """Move the coordinator's clock on by ``seconds``, and the chain's time with it (the
+        ledger judges deadlines by block time)."""
+        self.advance_to(self.clock[0] + seconds)
+
+    def advance_to(self, timestamp: float) -> None:
+        """Set the coordinator's clock to ``timestamp`` and the next block's time to no less."""
+        self.clock[0] = timestamp
+        tester: Any = self.ledger.w3.provider.ethereum_tester  # type: ignore[attr-defined]
+        if int(timestamp) > int(tester.get_block_by_number("pending")["timestamp"]):
+            tester.time_travel(int(timestamp))
+
+    def end_commit_phase(self, round_id: int | None = None) -> None:
+        """What every node waits for before it uploads: the round's commit phase over. If a
+        member has yet to commit, both clocks move to just past the commit deadline (inside
+        the upload grace), as they would while the nodes waited."""
+        round_id = round_id if round_id is not None else self.service.current().round_id
+        if self.ledger.commits_closed(round_id, now=self.clock[0]):
+            return
+        record = self.ledger.get_round(round_id)
+        if record.state is RoundState.OPEN:
+            self.advance_to(record.deadline + 1)
+
+    def post(self, upload: Upload, *, wait_for_commits: bool = True, **overrides: str) -> object:
+        """POST ``upload``, once the commit phase is over unless ``wait_for_commits=False``."""
+        if wait_for_commits:
+            self.end_commit_phase(upload.round_id)
         headers = {**upload.headers, **overrides}
         return self.client.post(
             f"/v1/rounds/{upload.round_id}/updates", content=upload.body, headers=headers

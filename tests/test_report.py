@@ -43,20 +43,27 @@ def _three_rounds(make_harness: Callable[..., Harness]) -> Harness:
     """Round 1: three honest updates. Round 2: two, and organisation 2's zero update (flagged
     zero_update, unpaid). Round 3: one upload against a quorum of two, so it fails."""
     harness = make_harness(quorum=2)
-    for k, org in enumerate(harness.orgs):
-        upload = harness.make_upload(org, harness.trained_delta(k), num_samples=50 * (k + 1))
+    # every member commits first: uploads wait for the commit phase to end
+    for upload in [
+        harness.make_upload(org, harness.trained_delta(k), num_samples=50 * (k + 1))
+        for k, org in enumerate(harness.orgs)
+    ]:
         assert harness.post(upload).status_code == 201
     harness.service.step()  # closes round 1
     harness.service.step()  # opens round 2
     model = harness.model(harness.client.get("/v1/rounds/current").json()["model_hash"])
     zero = {name: torch.zeros_like(t) for name, t in model.items()}
     uploads = [harness.trained_delta(0, model), harness.trained_delta(1, model), zero]
-    for org, tensors in zip(harness.orgs, uploads, strict=True):
-        assert harness.post(harness.make_upload(org, tensors, num_samples=50)).status_code == 201
+    # every member commits first: uploads wait for the commit phase to end
+    for upload in [
+        harness.make_upload(org, tensors, num_samples=50)
+        for org, tensors in zip(harness.orgs, uploads, strict=True)
+    ]:
+        assert harness.post(upload).status_code == 201
     harness.service.step()  # closes round 2
     harness.service.step()  # opens round 3
     assert harness.post(harness.make_upload(harness.orgs[0])).status_code == 201
-    harness.clock[0] += harness.service.settings.round_timeout_s + 60
+    harness.advance(harness.service.settings.round_timeout_s + 60)
     harness.service.step()  # the deadline short of the quorum: round 3 fails
     return harness
 
@@ -148,8 +155,11 @@ def test_without_a_coordinator_the_report_comes_from_the_chain_alone(
     make_harness: Callable[..., Harness], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     harness = make_harness()
-    for k, org in enumerate(harness.orgs):
-        assert harness.post(harness.make_upload(org, harness.trained_delta(k))).status_code == 201
+    # every member commits first: uploads wait for the commit phase to end
+    for upload in [
+        harness.make_upload(org, harness.trained_delta(k)) for k, org in enumerate(harness.orgs)
+    ]:
+        assert harness.post(upload).status_code == 201
     harness.service.step()
     monkeypatch.setattr("fedledger.cli._ledger", lambda *_: (harness.ledger, None))
     from fedledger.cli import app

@@ -15,7 +15,7 @@ from eth_account import Account
 from hypothesis import given
 from hypothesis import strategies as st
 
-from evm import ONE, ExpectRevert, OpenRound, events
+from evm import ONE, ExpectRevert, OpenRound, close_commits, events
 from fedledger.incentive.ledger import LedgerClient
 from fedledger.incentive.merkle import SettlementLeaf, SettlementTree, verify
 from fedledger.incentive.onchain import NO_VALUATION, RoundState, ValuationRecord
@@ -296,7 +296,7 @@ def test_finalize_with_root_reverts_on_bad_input(
     coordinator_ledger: LedgerClient,
     expect_revert: ExpectRevert,
 ) -> None:
-    round_id, _ = open_round()
+    round_id, deadline = open_round()
     commit(chain, round_id, count=2)  # organisation 2 does not commit
     absent = chain.orgs[2].address
     root = b"\x77" * 32
@@ -313,6 +313,9 @@ def test_finalize_with_root_reverts_on_bad_input(
             flagged=args["flagged"],  # type: ignore[arg-type]
         )
 
+    # before the deadline, with one organisation yet to commit, nobody may have seen an upload
+    expect_revert(post(), "CommitPhaseOpen", round_id, deadline, 2, 3)
+    close_commits(coordinator_ledger, round_id)
     expect_revert(post(root=bytes(32)), "ZeroHash")
     expect_revert(post(new_model_hash=bytes(32)), "ZeroHash")
     expect_revert(post(flagged={absent: 1}), "NotCommitted", round_id, absent)
@@ -368,6 +371,7 @@ def test_a_round_closed_without_scores_records_no_valuation(
 ) -> None:
     round_id, _ = open_round()
     assert ledger.valuation_of(round_id) is None
+    close_commits(coordinator_ledger, round_id)
     coordinator_ledger.finalize_round(round_id, NEW_MODEL, [], [], [])
     assert ledger.valuation_of(round_id) == NO_VALUATION
 

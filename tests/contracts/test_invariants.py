@@ -52,6 +52,10 @@ COORDINATOR_ROLE = bytes(Web3.keccak(text="COORDINATOR_ROLE"))
 ORGANISATION_ROLE = bytes(Web3.keccak(text="ORGANISATION_ROLE"))
 INT256_MIN = -(2**255)
 INT256_MAX = 2**255 - 1
+INT96_MIN, INT96_MAX = -(2**95), 2**95 - 1  # a stored score
+REWARD_MAX = 2**88 - 1  # a stored reward (one organisation, one round)
+TOTAL_MAX = 2**128 - 1  # a round's stored total
+SAMPLES_MAX = 2**40 - 1  # a stored sample count
 UINT256_MAX = 2**256 - 1
 UINT64_MAX = 2**64 - 1
 # Chain time starts here (ahead of the wall clock) so that every block is its parent + 1 s and the
@@ -71,14 +75,19 @@ WATCHED: tuple[str, ...] = (*ADDRESSES, ZERO_ADDRESS)  # every address whose rec
 account_index = st.integers(0, NUM_ACCOUNTS - 1)
 nonzero_hash = st.binary(min_size=32, max_size=32).map(lambda b: b if any(b) else b"\x01" * 32)
 some_hash = st.one_of(nonzero_hash, nonzero_hash, nonzero_hash, st.just(ZERO))
-samples = st.one_of(st.just(0), st.integers(1, 10**6), st.integers(1, 10**6), st.just(UINT256_MAX))
-scores = st.integers(INT256_MIN, INT256_MAX)
-rewards = st.one_of(st.just(0), st.integers(1, 10**30))
+samples = st.one_of(
+    st.just(0), st.integers(1, 10**6), st.integers(1, 10**6), st.just(SAMPLES_MAX),
+    st.integers(SAMPLES_MAX + 1, UINT256_MAX),
+)  # fmt: skip
+valid_scores = st.integers(INT96_MIN, INT96_MAX)
+scores = st.one_of(valid_scores, valid_scores, valid_scores, st.integers(INT256_MIN, INT256_MAX))
+rewards = st.one_of(st.just(0), st.integers(1, 10**24), st.just(REWARD_MAX))
 any_uint256 = st.integers(0, UINT256_MAX)
 well_formed = st.sampled_from([True, True, False])  # two calls in three follow the protocol
 FLAWS = ("orgs", "orgs", "overflow", "lengths", "hash", "round", "caller", "chaos")
-huge_rewards = st.integers(2**255, UINT256_MAX)
-flag_bits = st.one_of(st.just(0), st.just(0), st.integers(1, 255), any_uint256)
+huge_rewards = st.one_of(st.integers(REWARD_MAX + 1, TOTAL_MAX), st.integers(2**255, UINT256_MAX))
+leaf_flags = st.one_of(st.just(0), st.just(0), st.integers(1, 255))
+flag_bits = st.one_of(leaf_flags, any_uint256)
 valuations = st.one_of(
     st.just(NO_VALUATION),
     st.builds(
@@ -140,6 +149,15 @@ class Model:
     def supply(self) -> int:
         return sum(self.balances.values())
 
+    def commit_phase_open(self, round_id: int, now: int) -> Revert | None:
+        """CommitPhaseOpen if round ``round_id`` (open) still takes commitments at ``now``: before
+        its deadline with fewer commitments than active (here: registered) organisations."""
+        rnd = self.rounds[round_id]
+        active = len(self.registered)
+        if now <= rnd.deadline and len(rnd.commits) < active:
+            return Revert("CommitPhaseOpen", (round_id, rnd.deadline, len(rnd.commits), active))
+        return None
+
     def state_of(self, round_id: int) -> RoundState:
         rnd = self.rounds.get(round_id)
         return RoundState.NONE if rnd is None else rnd.state
@@ -188,6 +206,20 @@ def _normalise(value: object) -> object:
 
 def unauthorized(index: int, role: bytes) -> Revert:
     return Revert("AccessControlUnauthorizedAccount", (ADDRESSES[index], role))
+
+
+def out_of_range(name: str, value: int, most: int) -> Revert:
+    """ValueOutOfRange: the field's name is ASCII, left-aligned in a bytes32."""
+    return Revert("ValueOutOfRange", (name.encode().ljust(32, b"\0"), value, most))
+
+
+def settlement_revert(round_id: int, org: str, score: int, reward: int) -> Revert | None:
+    """Why storing (score, reward) for ``org`` reverts, if it does (the ledger's stored ranges)."""
+    if not INT96_MIN <= score <= INT96_MAX:
+        return Revert("ScoreOutOfRange", (org, score))
+    if reward > REWARD_MAX:
+        return out_of_range("reward", reward, REWARD_MAX)
+    return None
 
 
 # ------------------------------------------------------------------ the machine
@@ -327,6 +359,8 @@ class LedgerMachine(RuleBasedStateMachine):
             outcome = unauthorized(caller, DEFAULT_ADMIN_ROLE)
         elif target == ZERO_ADDRESS:
             outcome = Revert("ZeroAddress")
+        elif target == ADDRESSES[COORDINATOR]:
+            outcome = Revert("CoordinatorCannotBeOrganisation", (target,))
         elif target in self.model.registered:
             outcome = Revert("OrganisationAlreadyRegistered", (target,))
         else:
@@ -425,10 +459,10 @@ class LedgerMachine(RuleBasedStateMachine):
             outcome = unauthorized(caller, COORDINATOR_ROLE)
         elif rnd is None or rnd.state is not RoundState.OPEN:
             outcome = Revert("RoundNotOpen", (round_id, self.model.state_of(round_id)))
+        elif now > previous:  # uploads may have been seen: no more time to commit
+            outcome = Revert("CommitmentDeadlinePassed", (round_id, previous, now))
         elif deadline <= previous:
             outcome = Revert("DeadlineNotLater", (previous, deadline))
-        elif deadline <= now:
-            outcome = Revert("DeadlineInPast", (deadline, now))
         else:
             outcome = self._emits(
                 "RoundExtended",
@@ -479,6 +513,8 @@ class LedgerMachine(RuleBasedStateMachine):
             outcome = Revert("ZeroHash")
         elif num_samples == 0:
             outcome = Revert("ZeroSamples")
+        elif num_samples > SAMPLES_MAX:
+            outcome = out_of_range("numSamples", num_samples, SAMPLES_MAX)
         elif org in rnd.commits:
             outcome = Revert("AlreadyCommitted", (round_id, org, rnd.commits[org][0]))
         else:
@@ -541,6 +577,8 @@ class LedgerMachine(RuleBasedStateMachine):
         rnd = self.model.rounds.get(round_id)
         if rnd is None or rnd.state is not RoundState.OPEN:
             return Revert("RoundNotOpen", (round_id, self.model.state_of(round_id)))
+        if (still_open := self.model.commit_phase_open(round_id, self._pending_time())) is not None:
+            return still_open
         if not len(orgs) == len(org_scores) == len(org_rewards):
             # The client sends one flag word per organisation, so flags never mismatch here.
             lengths = (len(orgs), len(org_scores), len(org_rewards), len(orgs))
@@ -549,15 +587,15 @@ class LedgerMachine(RuleBasedStateMachine):
             return Revert("ZeroHash")
         total = 0
         seen: set[str] = set()
-        for org, reward in zip(orgs, org_rewards, strict=True):
+        for org, score, reward in zip(orgs, org_scores, org_rewards, strict=True):
             if org not in rnd.commits:
                 return Revert("NotCommitted", (round_id, org))
             if org in seen:
                 return Revert("DuplicateSettlement", (round_id, org))
+            if (unstorable := settlement_revert(round_id, org, score, reward)) is not None:
+                return unstorable
             seen.add(org)
-            total += reward
-            if total > UINT256_MAX:
-                return Revert("")  # Panic(0x11): the running total overflows
+            total += reward  # at most five rewards below 2**88: never past the stored total
         if self.model.supply + total > UINT256_MAX:
             return Revert("")  # Panic(0x11): the token's total supply would overflow
         ledger, token = self.ledger.address, self.token_address
@@ -643,17 +681,32 @@ class LedgerMachine(RuleBasedStateMachine):
         else:
             self._finalize_anything(data)
 
+    def _wait_for_commits(self, data: st.DataObject, round_id: int) -> None:
+        """Mostly, as the coordinator does, wait out round ``round_id``'s commit phase (to just
+        past its deadline) before settling it; sometimes try while it is still on."""
+        rnd = self.model.rounds.get(round_id)
+        if rnd is None or rnd.state is not RoundState.OPEN or rnd.deadline >= 2**40:
+            return
+        if self.model.commit_phase_open(round_id, self._pending_time()) is None:
+            return
+        if data.draw(st.sampled_from([True, True, True, False]), label="wait_for_commits"):
+            before = self._latest()
+            self.tester.time_travel(rnd.deadline + 1)
+            if self.checked_head == before["hash"]:
+                self.checked_head = self._latest()["hash"]
+
     def _finalize_committers(self, data: st.DataObject, caller: int | None = None) -> None:
         if caller is None:
             caller = data.draw(st.one_of(st.just(COORDINATOR), account_index), label="caller")
         round_id = self.model.round_count
+        self._wait_for_commits(data, round_id)
         committers = sorted(self.model.rounds[round_id].commits)
         orgs = (
             data.draw(st.lists(st.sampled_from(committers), unique=True), label="orgs")
             if committers
             else []
         )
-        org_scores = data.draw(st.lists(scores, min_size=len(orgs), max_size=len(orgs)))
+        org_scores = data.draw(st.lists(valid_scores, min_size=len(orgs), max_size=len(orgs)))
         org_rewards = data.draw(st.lists(rewards, min_size=len(orgs), max_size=len(orgs)))
         new_hash = data.draw(nonzero_hash, label="new_hash")
         self._finalize(caller, round_id, new_hash, orgs, org_scores, org_rewards)
@@ -668,6 +721,7 @@ class LedgerMachine(RuleBasedStateMachine):
         round_id = self.model.round_count
         if flaw in ("round", "chaos"):
             round_id = self._round_id(data, "round_id")
+        self._wait_for_commits(data, round_id)
         rnd = self.model.rounds.get(round_id)
         committers = sorted(rnd.commits) if rnd is not None else []
         if flaw in ("orgs", "chaos"):  # duplicates, silent organisations, outsiders, 0x0
@@ -681,8 +735,11 @@ class LedgerMachine(RuleBasedStateMachine):
         if flaw in ("lengths", "chaos"):
             n_scores = data.draw(st.integers(0, 6), label="n_scores")
             n_rewards = data.draw(st.integers(0, 6), label="n_rewards")
-        huge = st.integers(2**255, UINT256_MAX)
-        reward = st.one_of(huge, huge, rewards) if flaw in ("overflow", "chaos") else rewards
+        reward = (
+            st.one_of(huge_rewards, huge_rewards, rewards)
+            if flaw in ("overflow", "chaos")
+            else rewards
+        )
         org_scores = data.draw(st.lists(scores, min_size=n_scores, max_size=n_scores))
         org_rewards = data.draw(st.lists(reward, min_size=n_rewards, max_size=n_rewards))
         new_hash = data.draw(
@@ -763,6 +820,7 @@ class LedgerMachine(RuleBasedStateMachine):
         round_id = self.model.round_count
         if flaw in ("round", "chaos"):
             round_id = self._round_id(data, "round_id")
+        self._wait_for_commits(data, round_id)
         rnd = self.model.rounds.get(round_id)
         committers = sorted(rnd.commits) if rnd is not None else []
         silent = [a for a in WATCHED if a not in committers]
@@ -785,9 +843,9 @@ class LedgerMachine(RuleBasedStateMachine):
                 SettlementLeaf(
                     leaf_round,
                     org,
-                    data.draw(scores, label="score"),
+                    data.draw(scores if flaw else valid_scores, label="score"),
                     data.draw(reward, label="reward"),
-                    data.draw(flag_bits, label="flags"),
+                    data.draw(flag_bits if flaw else leaf_flags, label="flags"),
                 )
                 for org in leaf_orgs
             ]
@@ -827,8 +885,16 @@ class LedgerMachine(RuleBasedStateMachine):
         ]
         flagged = [o for o, _ in pairs]
         words = [w for _, w in pairs]
+        raw = False  # send the list as drawn, not as the client would (sorted, no zero flags)
         if flaw in ("flagged", "chaos"):
-            how = data.draw(st.sampled_from(["any", "again", "other_flags"]), label="how")
+            how = data.draw(
+                st.sampled_from(["any", "again", "other_flags", "unsorted"]), label="how"
+            )
+            raw = data.draw(st.booleans(), label="raw")
+            if how == "unsorted":  # the right announcement, in descending address order
+                raw = True
+                pairs = sorted(pairs, key=lambda p: int(p[0], 16), reverse=True)
+                flagged, words = [o for o, _ in pairs], [w for _, w in pairs]
             if how == "any" or not committers:  # anyone, any word: outsiders, 0x0, duplicates
                 candidates = st.sampled_from([*committers, *committers, *committers, *WATCHED])
                 flagged = data.draw(st.lists(candidates, max_size=5), label="flagged")
@@ -852,7 +918,7 @@ class LedgerMachine(RuleBasedStateMachine):
             words = (words + data.draw(st.lists(flag_bits, min_size=6, max_size=6)))[:n_words]
         valuation = data.draw(valuations, label="valuation")
         self._post_root(
-            caller, round_id, new_hash, valuation, tree, root, total, num_orgs, flagged, words
+            caller, round_id, new_hash, valuation, tree, root, total, num_orgs, flagged, words, raw
         )
 
     def _root_outcome(
@@ -872,22 +938,30 @@ class LedgerMachine(RuleBasedStateMachine):
         rnd = self.model.rounds.get(round_id)
         if rnd is None or rnd.state is not RoundState.OPEN:
             return Revert("RoundNotOpen", (round_id, self.model.state_of(round_id)))
+        if (still_open := self.model.commit_phase_open(round_id, self._pending_time())) is not None:
+            return still_open
         if len(flagged) != len(words):
             return Revert("LengthMismatch", (len(flagged), len(words), len(words), len(words)))
         if new_hash == ZERO or root == ZERO:
             return Revert("ZeroHash")
-        for org in flagged:
+        previous = 0
+        for i, (org, word) in enumerate(zip(flagged, words, strict=True)):
+            # Strictly ascending addresses: no duplicates, and never the zero address.
+            if int(org, 16) <= previous:
+                return Revert("FlaggedNotAscending", (i, org))
+            previous = int(org, 16)
+            if not 0 < word <= 255:
+                return Revert("FlagsOutOfRange", (org, word))
             if org not in rnd.commits:
                 return Revert("NotCommitted", (round_id, org))
-        # No DuplicateSettlement here: an organisation flagged twice is announced twice, and
-        # the last of its flag words (even a zero) is the one recorded.
+        if total > TOTAL_MAX:
+            return out_of_range("totalReward", total, TOTAL_MAX)
         ledger: str = self.ledger.address
         method, seed, validation_hash = valuation.as_abi()
         return Success(
             [
                 (ledger, "OrganisationFlagged", {"roundId": round_id, "org": o, "flags": w})
                 for o, w in zip(flagged, words, strict=True)
-                if w != 0
             ]
             + [
                 (ledger, "RewardsRootPosted", {"roundId": round_id, "root": root}),
@@ -926,13 +1000,18 @@ class LedgerMachine(RuleBasedStateMachine):
         num_orgs: int,
         flagged: list[str],
         words: list[int],
+        raw: bool = False,
     ) -> None:
-        outcome = self._root_outcome(
-            caller, round_id, new_hash, valuation, root, total, num_orgs, flagged, words
-        )
-        if len(set(flagged)) == len(flagged) == len(words):
-            # What the client can say (a mapping: one flag word per distinct organisation).
+        if not raw and len(set(flagged)) == len(flagged) == len(words):
+            # What the client can say (a mapping: one flag word per distinct organisation),
+            # which it announces as the ledger takes it: ascending, without zero flags.
             mapping = dict(zip(flagged, words, strict=True))
+            announced = sorted((o, w) for o, w in mapping.items() if w)
+            announced.sort(key=lambda pair: int(pair[0], 16))
+            flagged, words = [o for o, _ in announced], [w for _, w in announced]
+            outcome = self._root_outcome(
+                caller, round_id, new_hash, valuation, root, total, num_orgs, flagged, words
+            )
             self._expect(
                 caller,
                 lambda: self.clients[caller].finalize_round_with_root(
@@ -941,7 +1020,10 @@ class LedgerMachine(RuleBasedStateMachine):
                 outcome,
             )
         else:
-            # Duplicates or mismatched lengths: only a raw call can send them.
+            # Duplicates, mismatched lengths or another order: only a raw call can send them.
+            outcome = self._root_outcome(
+                caller, round_id, new_hash, valuation, root, total, num_orgs, flagged, words
+            )
             call = self.ledger.contract.functions.finalizeRoundWithRoot(
                 round_id,
                 new_hash,
@@ -987,6 +1069,10 @@ class LedgerMachine(RuleBasedStateMachine):
             if leaf.round_id == i
             and leaf.organisation in r.commits
             and leaf.organisation not in r.settlements
+            # a leaf the ledger would refuse for ever (flags other than announced, a score or
+            # reward it cannot store) is the coordinator's fault, not a claim to make
+            and leaf.flags == r.flags.get(leaf.organisation, 0)
+            and settlement_revert(i, leaf.organisation, leaf.score, leaf.reward) is None
         ]
 
     def _claim_own(self, data: st.DataObject) -> None:
@@ -1110,6 +1196,9 @@ class LedgerMachine(RuleBasedStateMachine):
             return Revert("AlreadyClaimed", (round_id, org))
         if org not in rnd.commits:
             return Revert("NotCommitted", (round_id, org))
+        announced = rnd.flags.get(org, 0)
+        if flags != announced:  # a claim carries the flags announced at finalization
+            return Revert("FlagsMismatch", (round_id, org, announced, flags))
         # The model's notion of a valid proof: the claimed leaf is one of the tree's whose root
         # was posted, and the proof is that tree's proof of it, sibling for sibling.
         leaf = SettlementLeaf(round_id, org, score, reward, flags)
@@ -1127,6 +1216,8 @@ class LedgerMachine(RuleBasedStateMachine):
         remaining = rnd.total_reward - rnd.claimed_reward
         if reward > remaining:
             return Revert("ClaimExceedsTotal", (round_id, reward, remaining))
+        if (unstorable := settlement_revert(round_id, org, score, reward)) is not None:
+            return unstorable
         if self.model.supply + reward > UINT256_MAX:
             return Revert("")  # Panic(0x11): the token's total supply would overflow
         ledger = self.ledger.address

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from web3 import Web3
 
-from evm import ONE, ExpectRevert, OpenRound, events
+from evm import ONE, ExpectRevert, OpenRound, close_commits, events
 from fedledger.errors import ContractRevert
 from fedledger.incentive.chain import send_transaction
 from fedledger.incentive.ledger import CommitmentRecord, LedgerClient, RoundRecord
@@ -28,8 +28,9 @@ UPDATE_B = b"\xb2" * 32
 UPDATE_C = b"\xc3" * 32
 DEFAULT_ADMIN_ROLE = ZERO
 COORDINATOR_ROLE = bytes(Web3.keccak(text="COORDINATOR_ROLE"))
-INT256_MIN = -(2**255)
-INT256_MAX = 2**255 - 1
+INT96_MIN = -(2**95)  # the range of a stored score
+INT96_MAX = 2**95 - 1
+REWARD_MAX = 2**88 - 1  # the most one organisation is paid for one round
 
 
 def commit_all(org_ledgers: tuple[LedgerClient, ...], round_id: int) -> list[tuple[bytes, int]]:
@@ -174,6 +175,7 @@ def test_a_finalized_round_cannot_be_reopened_or_skipped(
     expect_revert: ExpectRevert,
 ) -> None:
     open_round()
+    close_commits(coordinator_ledger, 1)
     coordinator_ledger.finalize_round(1, NEW_MODEL, [], [], [])
     deadline = chain.now() + 600
     expect_revert(
@@ -267,6 +269,7 @@ def test_commitment_is_per_round(
 ) -> None:
     open_round()
     org_ledgers[0].commit_update(1, UPDATE_A, 10)
+    close_commits(coordinator_ledger, 1)
     coordinator_ledger.finalize_round(1, NEW_MODEL, [], [], [])
     open_round(NEW_MODEL)
     assert ledger.commitment_of(2, chain.orgs[0].address) is None
@@ -374,6 +377,7 @@ def test_commit_to_a_finalized_round_reverts(
     expect_revert: ExpectRevert,
 ) -> None:
     open_round()
+    close_commits(coordinator_ledger, 1)
     coordinator_ledger.finalize_round(1, NEW_MODEL, [], [], [])
     expect_revert(
         lambda: org_ledgers[0].commit_update(1, UPDATE_A, 10),
@@ -406,7 +410,7 @@ def test_finalize_records_scores_and_mints_rewards(
     commit_all(org_ledgers, 1)
     advance_past(deadline)  # settling happens after the deadline
     addresses = [org.address for org in chain.orgs]
-    scores = [ONE // 2, -(ONE // 4), INT256_MIN]
+    scores = [ONE // 2, -(ONE // 4), INT96_MIN]
     rewards = [700 * ONE, 0, 5]
 
     receipt = coordinator_ledger.finalize_round(1, NEW_MODEL, addresses, scores, rewards)
@@ -450,9 +454,9 @@ def test_finalize_may_settle_only_some_committers(
     open_round: OpenRound,
 ) -> None:
     open_round()
-    commit_all(org_ledgers, 1)
-    coordinator_ledger.finalize_round(1, NEW_MODEL, [chain.orgs[1].address], [INT256_MAX], [9])
-    assert ledger.score_of(1, chain.orgs[1].address) == INT256_MAX
+    commit_all(org_ledgers, 1)  # every organisation committed: no need to wait for the deadline
+    coordinator_ledger.finalize_round(1, NEW_MODEL, [chain.orgs[1].address], [INT96_MAX], [9])
+    assert ledger.score_of(1, chain.orgs[1].address) == INT96_MAX
     assert not ledger.is_settled(1, chain.orgs[0].address)
     assert ledger.reward_of(1, chain.orgs[0].address) == 0
     assert ledger.total_supply() == 9
@@ -515,6 +519,7 @@ def test_finalizing_twice_reverts(
     open_round()
     org_ledgers[0].commit_update(1, UPDATE_A, 10)
     org = chain.orgs[0].address
+    close_commits(coordinator_ledger, 1)
     coordinator_ledger.finalize_round(1, NEW_MODEL, [org], [ONE], [ONE])
     expect_revert(
         lambda: coordinator_ledger.finalize_round(1, NEW_MODEL, [org], [ONE], [ONE]),
@@ -580,6 +585,7 @@ def test_finalize_with_zero_model_hash_reverts(
     coordinator_ledger: LedgerClient, open_round: OpenRound, expect_revert: ExpectRevert
 ) -> None:
     open_round()
+    close_commits(coordinator_ledger, 1)
     expect_revert(lambda: coordinator_ledger.finalize_round(1, ZERO, [], [], []), "ZeroHash")
 
 
@@ -596,6 +602,7 @@ def test_settling_an_organisation_that_did_not_commit_reverts(
     org_ledgers[0].commit_update(1, UPDATE_A, 10)
     silent = chain.orgs[2].address if who == "registered_silent" else chain.outsider.address
     committed = chain.orgs[0].address
+    close_commits(coordinator_ledger, 1)
     expect_revert(
         lambda: coordinator_ledger.finalize_round(
             1, NEW_MODEL, [committed, silent], [ONE, ONE], [ONE, ONE]
@@ -615,8 +622,10 @@ def test_commitment_in_an_earlier_round_does_not_count(
 ) -> None:
     open_round()
     org_ledgers[0].commit_update(1, UPDATE_A, 10)
+    close_commits(coordinator_ledger, 1)
     coordinator_ledger.finalize_round(1, NEW_MODEL, [], [], [])
     open_round(NEW_MODEL)
+    close_commits(coordinator_ledger, 2)
     org = chain.orgs[0].address
     expect_revert(
         lambda: coordinator_ledger.finalize_round(2, MODEL, [org], [ONE], [ONE]),
@@ -682,6 +691,7 @@ def _play_rounds(chain: Chain, rounds: list[list[tuple[bool, bool, int, int]]]) 
                 chain.as_(org).commit_update(round_id, UPDATE_A, 1 + round_id)
                 if settles:
                     settled.append((org.address, score, reward))
+        close_commits(coordinator, round_id)
         coordinator.finalize_round(
             round_id,
             NEW_MODEL,
@@ -711,8 +721,8 @@ def test_total_supply_is_the_sum_of_rewards_over_rounds(chain: Chain, ledger: Le
 settlement = st.tuples(
     st.booleans(),
     st.booleans(),
-    st.integers(min_value=INT256_MIN, max_value=INT256_MAX),
-    st.integers(min_value=0, max_value=10**30),
+    st.integers(min_value=INT96_MIN, max_value=INT96_MAX),
+    st.integers(min_value=0, max_value=REWARD_MAX),
 )
 
 
@@ -729,7 +739,7 @@ def test_total_supply_equals_rewards_paid_property(
     chain = make_chain()
     chain.as_(chain.admin).set_round_budget(
         2**256 - 1
-    )  # rewards up to 3e30 a round; see test_budget
+    )  # rewards up to 3 * 2**88 a round; see test_budget
     paid = _play_rounds(chain, rounds)
     ledger = chain.ledger
     assert ledger.total_supply() == paid

@@ -24,10 +24,12 @@ def test_a_round_of_two_updates_fails_and_publishes_nothing(
 ) -> None:
     harness = make_harness(quorum=2, pricing=PricingPolicy())
     start = harness.ledger.get_round(1).model_hash
-    for k, org in enumerate(harness.orgs[:2]):
-        upload = harness.make_upload(org, harness.trained_delta(k))
+    # every member commits first: uploads wait for the commit phase to end
+    for upload in [
+        harness.make_upload(org, harness.trained_delta(k)) for k, org in enumerate(harness.orgs[:2])
+    ]:
         assert harness.post(upload).status_code == 201
-    harness.clock[0] += 601 + harness.service.settings.upload_grace_s
+    harness.advance(601 + harness.service.settings.upload_grace_s)
     harness.service.step()
     result = harness.client.get("/v1/rounds/1").json()
     assert result["status"] == "failed"
@@ -56,8 +58,12 @@ def test_updates_screened_out_do_not_count_towards_the_minimum(
         ([*honest[:2], {name: 2.0 * t for name, t in honest[0].items()}], "failed"),
     ):
         harness = make_harness(pricing=PricingPolicy())
-        for org, tensors in zip(harness.orgs, uploads, strict=True):
-            assert harness.post(harness.make_upload(org, tensors)).status_code == 201
+        # every member commits first: uploads wait for the commit phase to end
+        for upload in [
+            harness.make_upload(org, tensors)
+            for org, tensors in zip(harness.orgs, uploads, strict=True)
+        ]:
+            assert harness.post(upload).status_code == 201
         harness.service.step()
         result = harness.member_result(1)
         assert result["status"] == status, result.get("reason")

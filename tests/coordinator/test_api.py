@@ -147,11 +147,15 @@ def test_a_sample_count_above_the_consortium_cap_is_refused(
 ) -> None:
     harness = make_harness(pricing=PricingPolicy(max_samples=500))
     org = harness.orgs[0]
-    response = harness.post(harness.make_upload(org, num_samples=501))
+    above, at_cap = (
+        harness.make_upload(org, num_samples=501),
+        harness.make_upload(harness.orgs[1], num_samples=500),
+    )
+    response = harness.post(above)
     assert _error(response) == (422, "too_many_samples")
     assert "above the consortium's cap of 500" in response.json()["message"]
     assert harness.service.store.get_update(1, org.address) is None
-    assert harness.post(harness.make_upload(harness.orgs[1], num_samples=500)).status_code == 201
+    assert harness.post(at_cap).status_code == 201
     assert harness.service.settings.pricing.record()["max_samples"] == 500  # recorded per round
 
 
@@ -162,23 +166,30 @@ def test_wrong_shapes_names_and_dtypes_are_refused_with_the_differences(harness:
     bad[name] = torch.zeros(3, 3)
     bad["extra.weight"] = torch.zeros(2)
     del bad[sorted(good)[-1]]
-    response = harness.post(harness.make_upload(harness.orgs[0], bad))
+    as_double = {n: t.double() for n, t in good.items()}
+    misshapen, doubled = (
+        harness.make_upload(harness.orgs[0], bad),
+        harness.make_upload(harness.orgs[1], as_double),
+    )
+    response = harness.post(misshapen)
     assert _error(response) == (422, "tensor_mismatch")
     message = response.json()["message"]
     assert name in message and "extra.weight" in message and sorted(good)[-1] in message
 
-    as_double = {n: t.double() for n, t in good.items()}
-    response = harness.post(harness.make_upload(harness.orgs[1], as_double))
+    response = harness.post(doubled)
     assert _error(response) == (422, "tensor_mismatch")
     assert "float64" in response.json()["message"]
 
 
 def test_nan_and_infinity_are_refused_naming_the_tensor(harness: Harness) -> None:
+    uploads = []
     for k, bad_value in enumerate((float("nan"), float("inf"))):
         delta = harness.delta()
         name = sorted(delta)[1]
         delta[name].view(-1)[0] = bad_value
-        response = harness.post(harness.make_upload(harness.orgs[k], delta))
+        uploads.append(harness.make_upload(harness.orgs[k], delta))
+    for upload in uploads:
+        response = harness.post(upload)
         assert _error(response) == (422, "non_finite")
         assert name in response.json()["message"]
 
@@ -251,13 +262,12 @@ def test_served_model_matches_its_on_chain_hash(harness: Harness) -> None:
 
 def test_full_round_aggregates_prices_and_pays_on_chain(harness: Harness) -> None:
     bad_attempts = [harness.make_upload(harness.orgs[0], commit=False, seed=9)]
-    for k, org in enumerate(harness.orgs):
-        assert (
-            harness.post(
-                harness.make_upload(org, harness.trained_delta(k), num_samples=100 * (k + 1))
-            ).status_code
-            == 201
-        )
+    uploads = [
+        harness.make_upload(org, harness.trained_delta(k), num_samples=100 * (k + 1))
+        for k, org in enumerate(harness.orgs)
+    ]
+    for upload in uploads:
+        assert harness.post(upload).status_code == 201
     for attempt in bad_attempts:
         assert harness.post(attempt).status_code == 409
     harness.service.step()  # all in: aggregate, price, settle
@@ -281,7 +291,7 @@ def test_full_round_aggregates_prices_and_pays_on_chain(harness: Harness) -> Non
 def test_replayed_nonce_is_refused_in_a_later_round(harness: Harness) -> None:
     first = harness.make_upload(harness.orgs[0], nonce=42)
     assert harness.post(first).status_code == 201
-    harness.clock[0] += harness.service.settings.round_timeout_s + 60
+    harness.advance(harness.service.settings.round_timeout_s + 60)
     harness.service.step()  # deadline with quorum 1: round 1 closes
     harness.service.step()  # round 2 opens
     harness.clock[0] = harness.ledger.block_timestamp()
@@ -292,7 +302,7 @@ def test_replayed_nonce_is_refused_in_a_later_round(harness: Harness) -> None:
 def test_upload_after_the_deadline_is_refused(make_harness: Callable[..., Harness]) -> None:
     harness = make_harness(quorum=2)
     upload = harness.make_upload(harness.orgs[0], expiry=int(harness.clock[0]) + 3000)
-    harness.clock[0] += 601 + harness.service.settings.upload_grace_s
+    harness.advance(601 + harness.service.settings.upload_grace_s)
     response = harness.post(upload)
     assert _error(response) == (409, "deadline_passed")
     assert harness.service.store.get_update(1, harness.orgs[0].address) is None
@@ -303,7 +313,7 @@ def test_quorum_not_met_fails_the_round_without_payout(
 ) -> None:
     harness = make_harness(quorum=2)
     assert harness.post(harness.make_upload(harness.orgs[0])).status_code == 201
-    harness.clock[0] += 601 + harness.service.settings.upload_grace_s
+    harness.advance(601 + harness.service.settings.upload_grace_s)
     harness.service.step()
     result = harness.client.get("/v1/rounds/1").json()
     assert result["status"] == "failed"
@@ -318,11 +328,12 @@ def test_absent_organisation_is_missing_with_zero_score_and_reward(
 ) -> None:
     harness = make_harness(quorum=2)
     present, absent = harness.orgs[:2], harness.orgs[2]
-    for k, org in enumerate(present):
-        assert harness.post(harness.make_upload(org, seed=k)).status_code == 201
+    # every member commits first: uploads wait for the commit phase to end
+    for upload in [harness.make_upload(org, seed=k) for k, org in enumerate(present)]:
+        assert harness.post(upload).status_code == 201
     harness.service.step()
     assert harness.client.get("/v1/rounds/1").json()["status"] == "open"  # still waiting
-    harness.clock[0] += 601 + harness.service.settings.upload_grace_s
+    harness.advance(601 + harness.service.settings.upload_grace_s)
     harness.service.step()  # the deadline with a quorum: the round goes on without it
     result = harness.client.get("/v1/rounds/1").json()
     assert result["status"] == "finalized", result.get("reason")
@@ -337,28 +348,64 @@ def test_absent_organisation_is_missing_with_zero_score_and_reward(
 def test_extend_policy_gives_a_short_round_more_time(make_harness: Callable[..., Harness]) -> None:
     harness = make_harness(quorum=2, quorum_policy="extend", max_extensions=1)
     first_deadline = harness.ledger.get_round(1).deadline
-    assert harness.post(harness.make_upload(harness.orgs[0])).status_code == 201
-    harness.clock[0] = first_deadline + harness.service.settings.upload_grace_s + 1
-    harness.service.step()  # short of quorum: extended on-chain, not failed
+    # one commitment of the two required; its authorisation outlives the extension
+    early = harness.make_upload(harness.orgs[0], expiry=first_deadline + 3000)
+    harness.service.step()  # well before the deadline: nothing to decide yet
+    assert harness.ledger.get_round(1).deadline == first_deadline
+    harness.advance_to(first_deadline - 2)  # the last seconds of the commit phase
+    harness.service.step()  # short of quorum: extended on-chain before the deadline
     extended = harness.ledger.get_round(1).deadline
     assert extended > first_deadline
     assert harness.client.get("/v1/rounds/current").json()["deadline"] == extended
     assert harness.client.get("/v1/rounds/1").json()["status"] == "open"
-    harness.clock[0] = harness.ledger.block_timestamp()
-    assert harness.post(harness.make_upload(harness.orgs[1], seed=1)).status_code == 201
-    harness.clock[0] = extended + harness.service.settings.upload_grace_s + 1
+    harness.advance_to(first_deadline + 10)  # past the first deadline, inside the extension
+    late = harness.make_upload(harness.orgs[1], seed=1)  # a commitment the extension let in
+    for upload in (early, late):
+        assert harness.post(upload).status_code == 201
+    harness.advance_to(extended + harness.service.settings.upload_grace_s + 1)
     harness.service.step()
     assert harness.client.get("/v1/rounds/1").json()["status"] == "finalized"
 
 
 def test_extend_policy_fails_after_its_last_extension(make_harness: Callable[..., Harness]) -> None:
     harness = make_harness(quorum=2, quorum_policy="extend", max_extensions=1)
-    harness.clock[0] += 601 + harness.service.settings.upload_grace_s
+    harness.advance_to(harness.ledger.get_round(1).deadline - 2)
     harness.service.step()  # first miss: extended
-    harness.clock[0] += 601 + harness.service.settings.upload_grace_s
+    extended = harness.ledger.get_round(1).deadline
+    harness.advance_to(extended - 2)
     harness.service.step()  # second miss: no extensions left
+    assert harness.ledger.get_round(1).deadline == extended
+    harness.advance(3 + harness.service.settings.upload_grace_s)
+    harness.service.step()
     result = harness.client.get("/v1/rounds/1").json()
     assert result["status"] == "failed" and "quorum" in result["reason"]
+
+
+def test_a_round_past_its_deadline_is_not_extended(make_harness: Callable[..., Harness]) -> None:
+    """After the commit deadline uploads may have been seen: the extend policy has no say
+    any more (the ledger would refuse it too) and the short round fails."""
+    harness = make_harness(quorum=2, quorum_policy="extend", max_extensions=3)
+    deadline = harness.ledger.get_round(1).deadline
+    harness.advance_to(deadline + harness.service.settings.upload_grace_s + 1)
+    harness.service.step()
+    assert harness.ledger.get_round(1).deadline == deadline
+    result = harness.client.get("/v1/rounds/1").json()
+    assert result["status"] == "failed" and "quorum" in result["reason"]
+
+
+def test_no_upload_is_taken_while_commitments_are_open(harness: Harness) -> None:
+    """Two phases: until every active organisation committed (or the deadline passed), an
+    upload is refused, so nobody can commit with what another uploaded."""
+    first = harness.make_upload(harness.orgs[0])
+    response = harness.post(first, wait_for_commits=False)
+    assert _error(response) == (409, "commitments_open")
+    assert response.json()["details"]["deadline"] == harness.ledger.get_round(1).deadline  # type: ignore[attr-defined]
+    assert harness.service.store.get_update(1, harness.orgs[0].address) is None
+    rest = [harness.make_upload(org, seed=k) for k, org in enumerate(harness.orgs[1:], 1)]
+    # The last commitment ends the phase at once, long before the deadline.
+    assert harness.ledger.commits_closed(1)
+    for upload in (first, *rest):
+        assert harness.post(upload, wait_for_commits=False).status_code == 201
 
 
 def test_a_copied_update_is_flagged_in_the_api_and_on_chain(harness: Harness) -> None:
@@ -462,8 +509,9 @@ def test_a_long_poll_is_held_until_the_round_changes_then_answers_with_it(
     assert len(_polls_held_in(current_after)) == 1
 
     # Uploads change the round's counts, not its (round, status): the poll stays held.
-    for k, org in enumerate(harness.orgs):
-        assert harness.post(harness.make_upload(org, seed=k)).status_code == 201
+    # every member commits first: uploads wait for the commit phase to end
+    for upload in [harness.make_upload(org, seed=k) for k, org in enumerate(harness.orgs)]:
+        assert harness.post(upload).status_code == 201
     assert waiter.is_alive() and answers == []
 
     changed_at = time.monotonic()
@@ -486,8 +534,9 @@ def test_a_long_poll_is_held_until_the_round_changes_then_answers_with_it(
 def test_a_long_poll_answers_a_stale_state_at_once_and_waits_at_most_the_cap(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for k, org in enumerate(harness.orgs):
-        assert harness.post(harness.make_upload(org, seed=k)).status_code == 201
+    # every member commits first: uploads wait for the commit phase to end
+    for upload in [harness.make_upload(org, seed=k) for k, org in enumerate(harness.orgs)]:
+        assert harness.post(upload).status_code == 201
     assert harness.service.step()  # round 1 closes
     assert harness.service.step()  # round 2 opens
     current = harness.client.get("/v1/rounds/current").json()

@@ -18,8 +18,11 @@ from harness import Harness
 
 def _finished_round(make_harness: Callable[..., Harness], **settings: object) -> Harness:
     harness = make_harness(**settings)
-    for k, org in enumerate(harness.orgs):
-        upload = harness.make_upload(org, harness.trained_delta(k), num_samples=50 * (k + 1))
+    # every member commits first: uploads wait for the commit phase to end
+    for upload in [
+        harness.make_upload(org, harness.trained_delta(k), num_samples=50 * (k + 1))
+        for k, org in enumerate(harness.orgs)
+    ]:
         assert harness.post(upload).status_code == 201
     harness.service.step()
     assert harness.client.get("/v1/rounds/1").json()["status"] == "finalized"

@@ -89,15 +89,15 @@ def test_an_encoding_other_than_the_spec_s_is_refused(
     org = harness.orgs[0]  # type: ignore[attr-defined]
     delta = harness.delta(seed=1)  # type: ignore[attr-defined]
     dense = harness.make_upload(org, body=canonical_bytes(delta))  # type: ignore[attr-defined]
+    other = harness.orgs[1]  # type: ignore[attr-defined]
+    upload = harness.make_upload(other, body=canonical_bytes(compress(delta, "int8")))  # type: ignore[attr-defined]
+    good = harness.make_upload(harness.orgs[2], body=canonical_bytes(compress(delta, "topk", 0.1)))  # type: ignore[attr-defined]
     response = harness.post(dense)  # type: ignore[attr-defined]
     assert response.status_code == 422, response.text
     assert response.json()["code"] == "bad_encoding"
-    other = harness.orgs[1]  # type: ignore[attr-defined]
-    upload = harness.make_upload(other, body=canonical_bytes(compress(delta, "int8")))  # type: ignore[attr-defined]
     response = harness.post(upload)  # type: ignore[attr-defined]
     assert response.json()["code"] == "bad_encoding"
     assert "top-k encoding does not match the model" in response.json()["message"]
-    good = harness.make_upload(harness.orgs[2], body=canonical_bytes(compress(delta, "topk", 0.1)))  # type: ignore[attr-defined]
     assert harness.post(good).status_code == 201  # type: ignore[attr-defined]
 
 

@@ -16,6 +16,7 @@ CONCURRENT = 20
 def test_twenty_concurrent_identical_uploads_store_one(harness: Harness) -> None:
     org = harness.orgs[0]
     upload = harness.make_upload(org)
+    harness.end_commit_phase()
     with serve_in_thread(create_app(harness.service)) as url:
 
         def send(_: int) -> httpx.Response:
@@ -41,6 +42,7 @@ def test_twenty_concurrent_different_uploads_accept_only_the_committed_one(
     org = harness.orgs[0]
     committed = harness.make_upload(org, seed=0)
     others = [harness.make_upload(org, seed=s, commit=False) for s in range(1, CONCURRENT)]
+    harness.end_commit_phase()
     with serve_in_thread(create_app(harness.service)) as url:
 
         def send(upload: object) -> httpx.Response:

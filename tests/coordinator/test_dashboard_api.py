@@ -43,8 +43,11 @@ def _cheat_round(harness: Harness) -> None:
 
 
 def test_rounds_list_status_deadline_metrics_and_totals(harness: Harness) -> None:
-    for k, org in enumerate(harness.orgs[:2]):
-        assert harness.post(harness.make_upload(org, harness.trained_delta(k))).status_code == 201
+    # every member commits first: uploads wait for the commit phase to end
+    for upload in [
+        harness.make_upload(org, harness.trained_delta(k)) for k, org in enumerate(harness.orgs[:2])
+    ]:
+        assert harness.post(upload).status_code == 201
     (open_round,) = harness.client.get("/v1/rounds").json()
     assert open_round == {
         "round_id": 1,
@@ -59,7 +62,7 @@ def test_rounds_list_status_deadline_metrics_and_totals(harness: Harness) -> Non
         "settlement": None,
     }
     settings = harness.service.settings
-    harness.clock[0] += settings.round_timeout_s + settings.upload_grace_s + 1
+    harness.advance(settings.round_timeout_s + settings.upload_grace_s + 1)
     harness.service.step()  # the deadline: round 1 closes with two of three
     harness.service.step()  # round 2 opens
     first, second = harness.client.get("/v1/rounds").json()
@@ -113,8 +116,11 @@ def test_dashboard_shows_what_anonymous_readers_see_and_sums_the_ledger(
 def test_an_ended_round_is_shown_as_it_ended(harness: Harness) -> None:
     """Ended rounds are kept between polls; an open one is read afresh each time."""
     assert harness.client.get("/v1/dashboard").json()["rounds"][0]["status"] == "open"
-    for k, org in enumerate(harness.orgs):
-        assert harness.post(harness.make_upload(org, harness.trained_delta(k))).status_code == 201
+    # every member commits first: uploads wait for the commit phase to end
+    for upload in [
+        harness.make_upload(org, harness.trained_delta(k)) for k, org in enumerate(harness.orgs)
+    ]:
+        assert harness.post(upload).status_code == 201
     assert harness.client.get("/v1/dashboard").json()["rounds"][0]["uploads"] == 3
     harness.service.step()
     first = harness.client.get("/v1/dashboard").json()["rounds"][0]

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
+from fedledger.errors import ContractRevert
 from harness import Harness
 
 TOO_BIG = str(2**63)  # one past what the store's INTEGER holds
@@ -64,10 +65,15 @@ def test_a_sample_count_beyond_the_store_is_refused_before_anything_is_written(
     harness = make_harness()
     blobs = harness.service.settings.data_dir / "blobs"
     before = sorted(p.name for p in blobs.rglob("*") if p.is_file())
-    upload = harness.make_upload(harness.orgs[0], num_samples=2**63 + 5)  # the chain takes it
+    # The ledger stores at most 2**40 - 1 samples, so no such commitment exists ...
+    with pytest.raises(ContractRevert) as refused:
+        harness.make_upload(harness.orgs[0], num_samples=2**63 + 5)
+    assert refused.value.error == "ValueOutOfRange"
+    # ... and the coordinator refuses the count before it reads the chain or writes anything.
+    upload = harness.make_upload(harness.orgs[0], num_samples=2**63 + 5, commit=False)
+    again = harness.make_upload(harness.orgs[1], num_samples=100)
     response = harness.post(upload)
     assert response.status_code == 422 and response.json()["code"] == "too_many_samples"
     assert sorted(p.name for p in blobs.rglob("*") if p.is_file()) == before  # no orphan blob
-    # The organisation's next upload on the same connection is taken as usual.
-    again = harness.make_upload(harness.orgs[1], num_samples=100)
+    # The next upload on the same connection is taken as usual.
     assert harness.post(again).status_code == 201

@@ -18,8 +18,11 @@ HIDDEN = ("num_samples", "aggregated", "norm")
 @pytest.fixture
 def settled(make_harness: Callable[..., Harness]) -> Harness:
     harness = make_harness(quorum=3)
-    for k, org in enumerate(harness.orgs):
-        assert harness.post(harness.make_upload(org, harness.trained_delta(k))).status_code == 201
+    # every member commits first: uploads wait for the commit phase to end
+    for upload in [
+        harness.make_upload(org, harness.trained_delta(k)) for k, org in enumerate(harness.orgs)
+    ]:
+        assert harness.post(upload).status_code == 201
     harness.service.step()
     return harness
 

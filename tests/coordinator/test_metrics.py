@@ -40,7 +40,9 @@ def test_metrics_count_a_settled_round_its_uploads_chain_calls_and_payout(
     assert sample(before, "fedledger_rounds_ended_total", outcome="settled") == 0
     assert sample(before, "fedledger_chain_calls_total", function="openRound", outcome="ok") == 1
 
-    refused = harness.post(harness.make_upload(harness.outsider, commit=False))
+    refused = harness.post(
+        harness.make_upload(harness.outsider, commit=False), wait_for_commits=False
+    )
     code = refused.json()["code"]  # type: ignore[attr-defined]
     assert code == "unregistered_signer"
     uploads = [
@@ -86,7 +88,7 @@ def test_metrics_count_a_failed_round_without_payout(
 ) -> None:
     harness = make_harness(quorum=2)
     assert harness.post(harness.make_upload(harness.orgs[0])).status_code == 201  # type: ignore[attr-defined]
-    harness.clock[0] += 601 + harness.service.settings.upload_grace_s
+    harness.advance(601 + harness.service.settings.upload_grace_s)
     harness.service.step()
     assert harness.member_result(1)["status"] == "failed"
     samples, _ = scrape(harness)

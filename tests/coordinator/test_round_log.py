@@ -39,12 +39,15 @@ def test_one_line_per_ended_round_with_its_figures(
     harness: Harness, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="fedledger.coordinator")
-    for k, org in enumerate(harness.orgs):
-        response = harness.post(harness.make_upload(org, harness.trained_delta(k)))
+    # every member commits first: uploads wait for the commit phase to end
+    for upload in [
+        harness.make_upload(org, harness.trained_delta(k)) for k, org in enumerate(harness.orgs)
+    ]:
+        response = harness.post(upload)
         assert response.status_code == 201  # type: ignore[attr-defined]
     harness.service.step()  # round 1 settles
     harness.service.step()  # round 2 opens; nobody uploads
-    harness.clock[0] = (
+    harness.advance_to(
         harness.ledger.get_round(2).deadline + harness.service.settings.upload_grace_s + 1
     )
     harness.service.step()  # round 2 fails: no quorum
@@ -110,8 +113,11 @@ def test_a_close_redone_after_the_settlement_was_sent_logs_and_counts_once(
         return tx
 
     monkeypatch.setattr(settler, "settle", lost_after_sending)
-    for k, org in enumerate(harness.orgs):
-        response = harness.post(harness.make_upload(org, harness.trained_delta(k)))
+    # every member commits first: uploads wait for the commit phase to end
+    for upload in [
+        harness.make_upload(org, harness.trained_delta(k)) for k, org in enumerate(harness.orgs)
+    ]:
+        response = harness.post(upload)
         assert response.status_code == 201  # type: ignore[attr-defined]
     with pytest.raises(ChainError):
         harness.service.step()

@@ -80,9 +80,12 @@ def test_coordinator_answers_503_while_the_chain_is_down(
     )
     upload = harness.make_upload(org, body=body, num_samples=10, commit=False)
 
+    # The only member committed: the commit phase is over (the harness's own wait for it
+    # reads the chain, which is about to freeze).
+    assert chain.commits_closed(1)
     freeze(anvil)
     try:
-        response = harness.post(upload)
+        response = harness.post(upload, wait_for_commits=False)
     finally:
         thaw(anvil)
     assert response.status_code == 503  # type: ignore[attr-defined]
@@ -90,7 +93,7 @@ def test_coordinator_answers_503_while_the_chain_is_down(
     assert int(response.headers["retry-after"]) > 0  # type: ignore[attr-defined]
     assert service.store.updates_for(1) == []  # nothing accepted that could not be verified
 
-    response = harness.post(upload)  # the chain is back
+    response = harness.post(upload, wait_for_commits=False)  # the chain is back
     assert response.status_code == 201  # type: ignore[attr-defined]
 
 

@@ -75,8 +75,11 @@ def test_claim_takes_exactly_the_unclaimed_rewards_then_nothing(
             if round_id > 1:
                 service.step()  # opens it
             base = harness.model(harness.client.get("/v1/rounds/current").json()["model_hash"])
-            for k, member in enumerate(harness.orgs):
-                upload = harness.make_upload(member, harness.trained_delta(k, base))
+            # every member commits first: uploads wait for the commit phase to end
+            for upload in [
+                harness.make_upload(member, harness.trained_delta(k, base))
+                for k, member in enumerate(harness.orgs)
+            ]:
                 assert harness.post(upload).status_code == 201  # type: ignore[attr-defined]
             service.step()
             result = harness.member_result(round_id)

@@ -154,6 +154,11 @@ def test_devnet_up_register_rewards_down(tmp_path: Path) -> None:
         assert report["rounds"] == []
         assert report["balances"] == {org: "0" for org in ledger.organisations()}
 
+        # The newcomer leaves again (revokeOrganisation): the two founders are the active members.
+        admin = ledger.with_account(account_from_key(admin_key))
+        admin.revoke_organisation(newcomer)
+        assert not ledger.is_organisation(newcomer) and ledger.active_organisations() == 2
+
         # A round settled by Merkle root: one organisation claims, the other (flagged) not yet.
         orgs = deployment.accounts.organisations
         coordinator = ledger.with_account(

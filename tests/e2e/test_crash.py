@@ -238,6 +238,7 @@ def test_acknowledged_update_survives_kill9(federation: Federation) -> None:
     fed = federation
     fed.start()
     first = prepare(fed, 0, 1)
+    rest = [prepare(fed, k, 1) for k in (1, 2)]  # every commitment before any upload
     receipt = post(fed, first)
     assert receipt.status_code == 201
     fed.kill9()
@@ -249,7 +250,6 @@ def test_acknowledged_update_survives_kill9(federation: Federation) -> None:
     again = post(fed, first)  # the node's retry after a lost acknowledgement
     assert again.status_code == 200 and again.json()["duplicate"] is True
     base_hash = fed.current().model_hash
-    rest = [prepare(fed, k, 1) for k in (1, 2)]
     for upload in rest:
         assert post(fed, upload).status_code == 201
     result = fed.wait_round(1, "finalized")
@@ -261,6 +261,8 @@ def test_crash_mid_upload_leaves_nothing_and_the_retry_counts_once(federation: F
     fed = federation
     fed.start(UPLOAD_AFTER_BLOB)
     upload = prepare(fed, 0, 1)
+    for k in (1, 2):  # the others commit too, so that the commit phase is over
+        prepare(fed, k, 1)
     before = blob_names(fed)
     with pytest.raises(httpx.TransportError):
         post(fed, upload)  # the coordinator dies between fsync and commit: no acknowledgement
@@ -357,8 +359,9 @@ def test_node_killed_after_committing_rejoins_the_round(federation: Federation) 
     committed = fed.ledger.commitment_of(1, address)
     assert committed is not None  # on-chain, but never uploaded
     assert fed.current().uploads_received == 0
-    for k in (1, 2):
-        assert post(fed, prepare(fed, k, 1)).status_code == 201
+    # the others commit (which ends the commit phase), then upload
+    for upload in [prepare(fed, k, 1) for k in (1, 2)]:
+        assert post(fed, upload).status_code == 201
 
     restarted = node()
     try:

@@ -24,7 +24,7 @@ from fastapi import FastAPI, Request, Response
 from fedledger.coordinator.api import create_app
 from fedledger.demo import serve_in_thread
 from fedledger.incentive.onchain import TOKEN_UNIT, RoundState
-from harness import Harness
+from harness import Harness, Upload
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -183,19 +183,25 @@ class PollGate:
         return response
 
 
-def _upload_round(harness: Harness, orgs: range) -> None:
-    """Organisations ``orgs`` upload a real update of the current round's model."""
+def _upload_round(harness: Harness, orgs: range, *, now: range | None = None) -> list[Upload]:
+    """Organisations ``orgs`` commit a real update of the current round's model (every
+    commitment first: uploads wait for the commit phase to end), then those in ``now`` (all
+    by default) upload it; returns the uploads not yet sent."""
     current = harness.service.current()
     base = harness.model(current.model_hash)
-    for k in orgs:
-        upload = harness.make_upload(harness.orgs[k], harness.trained_delta(k, base))
-        assert harness.post(upload).status_code == 201
+    uploads = {
+        k: harness.make_upload(harness.orgs[k], harness.trained_delta(k, base)) for k in orgs
+    }
+    for k in orgs if now is None else now:
+        assert harness.post(uploads.pop(k)).status_code == 201
+    return list(uploads.values())
 
 
 @pytest.fixture
-def federation(make_harness: Callable[..., Harness]) -> Harness:
+def federation(make_harness: Callable[..., Harness]) -> tuple[Harness, list[Upload]]:
     """Round 1: organisation 2 uploads a rescaled copy of organisation 0's update (flagged
-    copied_update, unpaid). Round 2: three honest updates. Round 3: open, one upload in."""
+    copied_update, unpaid). Round 2: three honest updates. Round 3: open, all committed, one
+    upload in (the other two returned, to be sent while the page is open)."""
     harness = make_harness(total_rounds=4)
     honest = [harness.trained_delta(k) for k in range(2)]
     copied = {name: 3.0 * t for name, t in honest[0].items()}
@@ -204,14 +210,13 @@ def federation(make_harness: Callable[..., Harness]) -> Harness:
     _upload_round(harness, range(3))
     harness.service.step()  # closes round 2
     harness.service.step()  # opens round 3
-    _upload_round(harness, range(1))
-    return harness
+    return harness, _upload_round(harness, range(3), now=range(1))
 
 
 @pytest.fixture
-def served(federation: Harness) -> Iterator[tuple[str, PollGate]]:
+def served(federation: tuple[Harness, list[Upload]]) -> Iterator[tuple[str, PollGate]]:
     gate = PollGate()
-    app: FastAPI = create_app(federation.service)
+    app: FastAPI = create_app(federation[0].service)
     app.middleware("http")(gate)
     with serve_in_thread(app) as url:
         yield url, gate
@@ -222,9 +227,9 @@ def _utc(seconds: int) -> str:
 
 
 def test_the_dashboard_shows_the_federation_and_follows_it(
-    federation: Harness, served: tuple[str, PollGate], tmp_path: Path
+    federation: tuple[Harness, list[Upload]], served: tuple[str, PollGate], tmp_path: Path
 ) -> None:
-    harness = federation
+    harness, late = federation
     url, gate = served
     outcome: list[Page | BaseException] = []
 
@@ -242,7 +247,8 @@ def test_the_dashboard_shows_the_federation_and_follows_it(
             assert time.monotonic() < deadline, "the page never polled v1/dashboard and v1/health"
         if gate.first_poll.is_set():
             # While the page is open: round 3 closes with three updates and round 4 opens.
-            _upload_round(harness, range(1, 3))
+            for upload in late:
+                assert harness.post(upload).status_code == 201
             harness.service.step()
             harness.service.step()
     finally:

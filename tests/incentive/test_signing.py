@@ -5,13 +5,22 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from eth_account.messages import encode_typed_data
 from eth_account.signers.local import LocalAccount
+from eth_keys import keys
 from hypothesis import given
 from hypothesis import strategies as st
+from web3 import Web3
 
 from fedledger.errors import SignatureError
 from fedledger.incentive.chain import devnet_account
-from fedledger.incentive.signing import UploadAuthorization, recover_signer, sign_upload
+from fedledger.incentive.signing import (
+    SECP256K1_N,
+    UploadAuthorization,
+    recover_signer,
+    sign_upload,
+    typed_data,
+)
 
 ANVIL_CHAIN_ID = 31337
 ETH_TESTER_CHAIN_ID = 131277322940537
@@ -176,3 +185,29 @@ def test_a_signature_truncated_by_one_byte_is_malformed() -> None:
     with pytest.raises(SignatureError) as info:
         recover(authorization(), signature[:-2])
     assert info.value.code == "bad_signature"
+
+
+def test_the_high_s_twin_of_a_valid_signature_is_refused() -> None:
+    """(r, n - s) with v flipped verifies too (secp256k1 malleability); EIP-2 takes low s only."""
+    auth = authorization()
+    raw = bytes.fromhex(sign(ORG, auth).removeprefix("0x"))
+    r, s, v = raw[:32], int.from_bytes(raw[32:64], "big"), raw[64]
+    assert s <= SECP256K1_N // 2  # eth-account signs low s
+    twin = r + (SECP256K1_N - s).to_bytes(32, "big") + bytes([55 - v])  # 27 <-> 28
+    # The twin is a valid signature of the same signer as far as bare ECDSA goes ...
+    digest = bytes(Web3.keccak(b"\x19\x01" + _domain_and_struct(auth)))
+    recovered = keys.Signature(vrs=((v - 27) ^ 1, int.from_bytes(r, "big"), SECP256K1_N - s))
+    assert recovered.recover_public_key_from_msg_hash(digest).to_checksum_address() == ORG.address
+    # ... and the coordinator refuses it all the same.
+    with pytest.raises(SignatureError) as info:
+        recover(auth, "0x" + twin.hex())
+    assert info.value.code == "bad_signature"
+    assert "low s" in str(info.value)
+    assert recover(auth, "0x" + raw.hex()) == ORG.address
+
+
+def _domain_and_struct(auth: UploadAuthorization) -> bytes:
+    signable = encode_typed_data(
+        full_message=typed_data(auth, chain_id=ANVIL_CHAIN_ID, ledger=LEDGER)
+    )
+    return bytes(signable.header) + bytes(signable.body)

@@ -24,8 +24,11 @@ def _round(harness: Harness, round_id: int) -> dict[str, int]:
     current = harness.client.get("/v1/rounds/current").json()
     assert (current["round_id"], current["status"]) == (round_id, "open")
     base = harness.model(current["model_hash"])
-    for k, org in enumerate(harness.orgs):
-        upload = harness.make_upload(org, harness.trained_delta(k, base), round_id=round_id)
+    # every member commits first: uploads wait for the commit phase to end
+    for upload in [
+        harness.make_upload(org, harness.trained_delta(k, base), round_id=round_id)
+        for k, org in enumerate(harness.orgs)
+    ]:
         assert harness.post(upload).status_code == 201  # type: ignore[attr-defined]
     harness.service.step()
     result = harness.member_result(round_id)

@@ -110,6 +110,29 @@ def test_node_refuses_a_model_that_differs_from_the_chain(harness: Harness) -> N
     assert harness.ledger.commitment_of(current.round_id, harness.orgs[0].address) is None
 
 
+def test_a_node_uploads_only_once_the_commit_phase_is_over(harness: Harness) -> None:
+    """Committed, the node waits for the others' commitments before anything leaves it."""
+    harness.make_upload(harness.orgs[1], seed=1)  # one of the two others commits
+    with serve_in_thread(create_app(harness.service)) as url:
+        runner = _runner(harness, url, 0)
+        done: list[object] = []
+        worker = threading.Thread(
+            target=lambda: done.append(runner.take_part(runner.client.current_round()))
+        )
+        worker.start()
+        while harness.ledger.commitment_of(1, harness.orgs[0].address) is None:
+            assert worker.is_alive()
+            worker.join(timeout=0.05)
+        worker.join(timeout=0.5)  # committed; still waiting for organisation 2
+        assert worker.is_alive() and not done
+        assert harness.service.store.get_update(1, harness.orgs[0].address) is None
+        harness.make_upload(harness.orgs[2], seed=2)  # the last commitment ends the phase
+        worker.join(timeout=60)
+        assert not worker.is_alive()
+    assert done and done[0] is not None
+    assert harness.service.store.get_update(1, harness.orgs[0].address) is not None
+
+
 def test_restarted_node_reproduces_its_committed_update(harness: Harness) -> None:
     """A node that crashed after committing on-chain uploads the very update it committed."""
     with serve_in_thread(create_app(harness.service)) as url:
@@ -121,6 +144,8 @@ def test_restarted_node_reproduces_its_committed_update(harness: Harness) -> Non
             == harness.ledger.get_round(1).model_hash
         )
         del params
+        for k in (1, 2):  # the others have committed: node 0's commitment ends the phase
+            harness.make_upload(harness.orgs[k], seed=k)
         outcome = first.take_part(current)
         assert outcome is not None and not outcome.duplicate
         restarted = _runner(harness, url, 0)  # fresh process state, same key and data
