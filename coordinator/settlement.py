@@ -75,6 +75,47 @@ class Settler:
                 f"not {self.ledger.address}; use another --data-dir",
             )
 
+    def check_rounds_agree(self, store: Store, latest: int, chain_rounds: int) -> None:
+        """Refuse a data directory whose rounds are not this ledger's (``wrong_data_dir``),
+        naming the first difference: a round the ledger never opened, another model, or a
+        settled round whose new model the ledger does not record. What a crash can leave
+        behind (a round opened or settled on-chain but not yet recorded) is no difference."""
+        ledger = self.ledger.address
+        if chain_rounds < latest:
+            raise CoordinatorError(
+                ErrorCode.WRONG_DATA_DIR,
+                f"{store.data_dir} has round {chain_rounds + 1} but ledger {ledger} opened only "
+                f"{chain_rounds} round(s): the data directory belongs to another chain or "
+                "ledger; start with an empty --data-dir or the one that ran this ledger",
+            )
+        for round_id in range(1, latest + 1):
+            stored = store.get_round(round_id)
+            record = self.ledger.get_round(round_id)
+            if stored is None:
+                continue
+            difference = None
+            if hex32(record.model_hash) != stored.model_hash:
+                difference = (
+                    f"the data directory trained model {stored.model_hash} but the ledger "
+                    f"records {hex32(record.model_hash)}"
+                )
+            elif (
+                stored.status == wire.RoundStatus.FINALIZED
+                and stored.new_model_hash is not None
+                and hex32(record.new_model_hash) != stored.new_model_hash
+            ):
+                difference = (
+                    f"the data directory settled it with model {stored.new_model_hash} but the "
+                    f"ledger records {hex32(record.new_model_hash)}"
+                )
+            if difference is not None:
+                raise CoordinatorError(
+                    ErrorCode.WRONG_DATA_DIR,
+                    f"round {round_id} of {store.data_dir} disagrees with ledger {ledger}: "
+                    f"{difference}; start with an empty --data-dir or the one that ran this "
+                    "ledger",
+                )
+
     def reconcile(self, store: Store, initial_model_hash: str) -> bool:
         """Record in ``store`` what the chain did that the store missed (a crash in between).
 
@@ -98,6 +139,7 @@ class Settler:
                     "no state; start the coordinator on the data directory that ran them",
                 )
             return False
+        self.check_rounds_agree(store, latest.round_id, chain_rounds)
         if chain_rounds > latest.round_id:  # opened on-chain, crashed before recording it
             record = self.ledger.get_round(chain_rounds)
             store.add_round(chain_rounds, hex32(record.model_hash), record.deadline)

@@ -358,7 +358,9 @@ class ErrorCode(enum.StrEnum):
         CodeSpec(
             500,
             Area.SERVICE,
-            "the data directory belongs to another ledger, or is empty while the ledger has rounds",
+            "the data directory belongs to another chain or ledger (the message names the first "
+            "round that differs: one the ledger never opened, another model, another settled "
+            "model), or is empty while the ledger has rounds",
             "start on the data directory that ran this ledger's rounds",
         ),
     )
