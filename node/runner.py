@@ -405,7 +405,9 @@ class NodeRunner:
         # However the clocks disagree, give up waiting soon after the deadline, by wall time:
         # the upload then gets the coordinator's reason.
         give_up = time.monotonic() + max(0.0, record.deadline - self.clock()) + 2.0
-        while not self.ledger.commits_closed(round_id, now=self.clock()):
+        # The deadline by our clock from the record read anyway (commits_closed(now=) would
+        # read it again), the chain's own verdict for everything else.
+        while not (self.clock() > record.deadline or self.ledger.commits_closed(round_id)):
             if record.state is not RoundState.OPEN or time.monotonic() > give_up:
                 return  # closed without us, or never by our clock
             time.sleep(wait_s)

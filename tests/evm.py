@@ -24,13 +24,20 @@ def events(contract: Contract, name: str, receipt: TxReceipt) -> list[dict[str, 
     return [dict(log["args"]) for log in logs]
 
 
-def close_commits(ledger: Any, round_id: int) -> int:
-    """End round ``round_id``'s commit phase on ``ledger``'s in-process chain: move chain time
-    past the round's deadline and mine a block. Returns the new block's timestamp."""
-    tester: Any = ledger.w3.provider.ethereum_tester
-    deadline = ledger.get_round(round_id).deadline
+def advance_past(w3: Any, deadline_s: int) -> int:
+    """Move the in-process chain's time past ``deadline_s`` and mine a block; returns the new
+    block's timestamp."""
+    tester: Any = w3.provider.ethereum_tester
     pending_s = int(tester.get_block_by_number("pending")["timestamp"])
-    if deadline + 1 > pending_s:
-        tester.time_travel(deadline + 1)
+    if deadline_s + 1 > pending_s:
+        tester.time_travel(deadline_s + 1)
     tester.mine_blocks(1)
-    return int(ledger.w3.eth.get_block("latest")["timestamp"])
+    now_s = int(w3.eth.get_block("latest")["timestamp"])
+    assert now_s > deadline_s
+    return now_s
+
+
+def close_commits(ledger: Any, round_id: int) -> int:
+    """End round ``round_id``'s commit phase on ``ledger``'s in-process chain: chain time past
+    the round's deadline, a block mined. Returns the new block's timestamp."""
+    return advance_past(ledger.w3, ledger.get_round(round_id).deadline)

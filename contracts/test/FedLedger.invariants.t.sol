@@ -248,16 +248,12 @@ contract LedgerHandler is LedgerFixture {
                 roundId, MODEL, _noValuation(), none, new int256[](0), new uint256[](0), new uint256[](0)
             ) {
                 if (caller != COORDINATOR) _violate("only the coordinator settles");
-                if (!_commitsClosedAfter(roundId)) _violate("no settlement during the commit phase");
+                // counts cannot change within the call: read after it, as they were during it
+                if (!_commitsClosed(ledger.getRound(roundId))) {
+                    _violate("no settlement during the commit phase");
+                }
             } catch {}
         }
-    }
-
-    function _commitsClosedAfter(uint256 roundId) internal view returns (bool) {
-        // A settlement just succeeded: it must have been past the deadline or with every
-        // active organisation committed (counts cannot change within the call).
-        FedLedger.Round memory round = ledger.getRound(roundId);
-        return block.timestamp > round.deadline || round.commitCount >= ledger.activeOrganisations();
     }
 }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -10,6 +11,7 @@ import pytest
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
+import evm
 from fedledger.devnet.deploy import deploy_devnet
 from fedledger.devnet.embedded import embedded_web3
 from fedledger.errors import ContractRevert
@@ -137,18 +139,7 @@ def set_next_block_time(w3: Web3) -> Callable[[int], None]:
 @pytest.fixture
 def advance_past(w3: Web3) -> Callable[[int], int]:
     """Move chain time past ``deadline_s`` and mine a block; returns the new block's timestamp."""
-    tester: Any = w3.provider.ethereum_tester  # type: ignore[attr-defined]
-
-    def advance(deadline_s: int) -> int:
-        pending_s = int(tester.get_block_by_number("pending")["timestamp"])
-        if deadline_s + 1 > pending_s:
-            tester.time_travel(deadline_s + 1)
-        tester.mine_blocks(1)
-        now_s = int(w3.eth.get_block("latest")["timestamp"])
-        assert now_s > deadline_s
-        return now_s
-
-    return advance
+    return functools.partial(evm.advance_past, w3)
 
 
 @pytest.fixture
