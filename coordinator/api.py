@@ -1,11 +1,14 @@
 """The coordinator's HTTP API (FastAPI): rounds, models, uploads, results and health.
 
-Domain errors map to an HTTP status and a stable ``code`` here and nowhere else. Request
-bodies are read with a hard size limit before anything is buffered beyond it.
+Domain errors map to an HTTP status and a stable ``code`` here and nowhere else. An upload's
+headers are verified before its body is read; the body is then read with a hard size limit and
+deadlines, so nobody makes the coordinator buffer or wait for what it would refuse. Long polls
+wait on the event loop, holding no thread (``waits``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,12 +21,14 @@ from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from pydantic import BeforeValidator
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from fedledger import wire
 from fedledger.coordinator.dashboard import router as dashboard_router
 from fedledger.coordinator.metrics import metrics_router
 from fedledger.coordinator.results import for_non_members
 from fedledger.coordinator.service import RoundService
+from fedledger.coordinator.waits import UploadSlots, WaitLimiter
 from fedledger.errors import ChainError, ChainUnavailable, CodedError, CoordinatorError, ErrorCode
 from fedledger.incentive.onchain import hex32
 
@@ -35,29 +40,52 @@ def _error(status: int, code: str, message: str, **details: object) -> JSONRespo
     return JSONResponse(status_code=status, content=body.model_dump(mode="json"))
 
 
-async def read_limited_body(request: Request, limit_bytes: int) -> bytes:
-    """The request body, refusing (413) as soon as it is known to exceed ``limit_bytes``.
-
-    A declared Content-Length over the limit is refused before reading; otherwise bytes are
-    counted while streaming, so a missing, lying or chunked length cannot make us buffer more.
-    """
+def check_declared_length(request: Request, limit_bytes: int) -> None:
+    """Refuse a declared Content-Length that is not an integer or is over ``limit_bytes``."""
     declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            declared_bytes = int(declared)
-        except ValueError:
-            raise CoordinatorError(
-                ErrorCode.BAD_CONTENT_LENGTH, "Content-Length is not an integer"
-            ) from None
-        if declared_bytes > limit_bytes:
-            raise CoordinatorError(
-                ErrorCode.TOO_LARGE,
-                f"the body of {declared_bytes} bytes exceeds the limit of {limit_bytes} bytes",
-                limit_bytes=limit_bytes,
-            )
+    if declared is None:
+        return
+    if not (declared.isascii() and declared.isdigit()):
+        raise CoordinatorError(ErrorCode.BAD_CONTENT_LENGTH, "Content-Length is not an integer")
+    if int(declared) > limit_bytes:
+        raise CoordinatorError(
+            ErrorCode.TOO_LARGE,
+            f"the body of {int(declared)} bytes exceeds the limit of {limit_bytes} bytes",
+            limit_bytes=limit_bytes,
+        )
+
+
+async def read_limited_body(
+    request: Request, limit_bytes: int, *, idle_timeout_s: float, total_timeout_s: float
+) -> bytes:
+    """The request body, refusing (413) as soon as it is known to exceed ``limit_bytes``, and
+    (408) once it pauses longer than ``idle_timeout_s`` or takes longer than ``total_timeout_s``.
+
+    Bytes are counted while streaming, so a missing, lying or chunked length cannot make us
+    buffer more; a client that sends nothing cannot hold the request. A client that goes away
+    raises starlette's ``ClientDisconnect``.
+    """
+    check_declared_length(request, limit_bytes)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + total_timeout_s
     chunks: list[bytes] = []
     received = 0
-    async for chunk in request.stream():
+    stream = request.stream()
+    while True:
+        wait_s = min(idle_timeout_s, deadline - loop.time())
+        try:
+            chunk = await asyncio.wait_for(anext(stream), max(wait_s, 0.0))
+        except StopAsyncIteration:
+            return b"".join(chunks)
+        except TimeoutError:
+            paused = wait_s >= idle_timeout_s
+            raise CoordinatorError(
+                ErrorCode.BODY_TIMEOUT,
+                f"the body stopped arriving for {idle_timeout_s:g} s after {received} bytes"
+                if paused
+                else f"the body took longer than {total_timeout_s:g} s ({received} bytes arrived)",
+                received=received,
+            ) from None
         received += len(chunk)
         if received > limit_bytes:
             raise CoordinatorError(
@@ -66,7 +94,6 @@ async def read_limited_body(request: Request, limit_bytes: int) -> bytes:
                 limit_bytes=limit_bytes,
             )
         chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def get_service(request: Request) -> RoundService:
@@ -163,8 +190,18 @@ def create_app(
             training=current.training,
         )
 
-    @app.get(f"{prefix}/rounds/current", response_model=wire.CurrentRound)
-    def current_round(
+    settings = service.settings
+    waits = WaitLimiter(per_client=settings.max_waits_per_client, total=settings.max_waits)
+    slots = UploadSlots(settings.max_concurrent_uploads)
+    app.state.waits, app.state.uploads = waits, slots  # what clients hold now
+
+    @app.get(
+        f"{prefix}/rounds/current",
+        response_model=wire.CurrentRound,
+        responses={429: {"model": wire.ErrorBody}},
+    )
+    async def current_round(
+        request: Request,
         svc: Service,
         after_round: Annotated[
             int | None, BeforeValidator(_decimal), Query(ge=0, le=MAX_ID)
@@ -174,11 +211,15 @@ def create_app(
     ) -> wire.CurrentRound:
         """The current round. With ``after_round``, ``after_status`` and ``wait_s``, a long
         poll: answers once the round or its status differs from those, or after ``wait_s``
-        seconds (at most 30)."""
-        known = None
-        if after_round is not None and after_status is not None:
+        seconds (at most 30). A client address holds at most ``max_waits_per_client`` polls
+        at once (429 ``too_many_waits`` beyond)."""
+        if after_round is not None and after_status is not None and wait_s > 0:
             known = (after_round, after_status)
-        return svc.current_after(known, wait_s)
+            if svc.watch.state == known:
+                client = request.client.host if request.client else "unknown"
+                with waits.hold(client):
+                    await svc.wait_for_change(known, wait_s)
+        return await run_in_threadpool(svc.current)
 
     @app.get(f"{prefix}/rounds/{{round_id}}", response_model=wire.RoundResult)
     def round_result(round_id: RoundId, request: Request, svc: Service) -> wire.RoundResult:
@@ -245,16 +286,38 @@ def create_app(
     )
     async def upload(
         round_id: RoundId, request: Request, response: Response, svc: Service
-    ) -> wire.UploadReceipt:
+    ) -> wire.UploadReceipt | Response:
         """Upload a model update (canonical safetensors bytes) signed with EIP-712 headers.
 
         Acknowledged (201) only once the update is durably stored; an identical re-upload
         answers 200 with the original receipt.
         """
-        body = await read_limited_body(request, svc.settings.max_upload_bytes)
-        receipt, created = await run_in_threadpool(
-            svc.accept_upload, round_id, request.headers, body
-        )
+        limits = svc.settings
+        read = False  # once the body is read, the connection can serve the next request
+        try:
+            check_declared_length(request, limits.max_upload_bytes)
+            admitted = await run_in_threadpool(svc.admit_upload, round_id, request.headers)
+            with slots.hold(admitted.organisation):
+                try:
+                    body = await read_limited_body(
+                        request,
+                        limits.max_upload_bytes,
+                        idle_timeout_s=limits.body_idle_timeout_s,
+                        total_timeout_s=limits.body_timeout_s,
+                    )
+                except CoordinatorError as exc:
+                    svc.refuse_upload(exc.code, admitted.started)
+                    raise
+                read = True
+                receipt, created = await run_in_threadpool(svc.store_upload, admitted, body)
+        except CoordinatorError as exc:
+            if not read:  # what is left of the body is not worth reading: close after answering
+                exc.headers["Connection"] = "close"
+            raise
+        except ClientDisconnect:
+            client = request.client.host if request.client else "a client"
+            log.info("upload for round %d: %s disconnected before its body ended", round_id, client)
+            return Response(status_code=400)  # nobody reads it
         response.status_code = 201 if created else 200
         return receipt
 

@@ -34,6 +34,24 @@ class CoordinatorSettings(BaseModel):
     )
     max_extensions: int = Field(1, ge=0, description="extensions before a round fails anyway")
     max_upload_bytes: int = Field(64 * 2**20, gt=0)
+    # Nobody stalls the service: what a connection, a body and a long poll may take.
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="a request's line and headers must arrive within this"
+    )
+    body_idle_timeout_s: float = Field(
+        10.0, gt=0, description="an upload's body may pause this long between bytes"
+    )
+    body_timeout_s: float = Field(120.0, gt=0, description="an upload's whole body arrives within")
+    max_connections: int = Field(
+        512, ge=1, description="open connections and requests in progress (503 beyond)"
+    )
+    max_concurrent_uploads: int = Field(
+        16, ge=1, description="upload bodies read at once (503 `busy` beyond); one per organisation"
+    )
+    max_waits_per_client: int = Field(
+        8, ge=0, description="long polls held at once for one client address (429 beyond)"
+    )
+    max_waits: int = Field(1024, ge=0, description="long polls held at once in all (429 beyond)")
     max_update_norm: float | None = Field(
         None, gt=0, description="refuse updates with a larger L2 norm"
     )

@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
@@ -20,8 +22,9 @@ from fedledger.coordinator.metrics import CoordinatorMetrics
 from fedledger.coordinator.policy import PricingPolicy, PrivacyNoise
 from fedledger.coordinator.results import claim_ticket, pending_result
 from fedledger.coordinator.rounds import Game, RoundMachine
-from fedledger.coordinator.store import Store, StoredUpdate
-from fedledger.coordinator.uploads import UploadVerifier
+from fedledger.coordinator.store import Store, StoredRound, StoredUpdate
+from fedledger.coordinator.uploads import AuthenticatedUpload, UploadVerifier
+from fedledger.coordinator.waits import RoundState, RoundWatch
 from fedledger.devices import default_device
 from fedledger.errors import (
     ChainError,
@@ -110,7 +113,7 @@ class RoundService:
         self.last_error: str | None = None
         self._lock = threading.RLock()  # guards upload acceptance against round transitions
         self._wake = threading.Event()
-        self._changed = threading.Condition()  # notified when the latest round's state changes
+        self.watch = RoundWatch()  # the latest round's state; long polls wait on it
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._parts: tuple[Store, ValidatorTask, RoundMachine, UploadVerifier] | None = None
@@ -175,6 +178,7 @@ class RoundService:
             machine.open_round(1, hex32(digest))
         latest = store.latest_round()
         self.metrics.current_round.set(0 if latest is None else latest.round_id)
+        self.watch.set(self._round_state())
         if background:
             self.start_driver()
 
@@ -231,8 +235,7 @@ class RoundService:
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
-        with self._changed:
-            self._changed.notify_all()
+        self.watch.close()
         if self._thread is not None:
             self._thread.join(timeout=30)
         if self._parts is not None:
@@ -267,15 +270,13 @@ class RoundService:
         try:
             self.machine.step()
         finally:
-            changed = self._round_state() != before
-            if changed:
-                with self._changed:
-                    self._changed.notify_all()
-        return changed
+            after = self._round_state()
+            self.watch.set(after)
+        return after != before
 
     # ------------------------------------------------------------------ reads
 
-    def _round_state(self) -> tuple[int, wire.RoundStatus] | None:
+    def _round_state(self) -> RoundState:
         latest = self.store.latest_round()
         return None if latest is None else (latest.round_id, latest.status)
 
@@ -289,21 +290,18 @@ class RoundService:
             return wire.TrainingStatus.DONE
         return wire.TrainingStatus.RUNNING
 
-    def current_after(
-        self, known: tuple[int, wire.RoundStatus] | None, wait_s: float
-    ) -> wire.CurrentRound:
+    def current_after(self, known: RoundState, wait_s: float) -> wire.CurrentRound:
         """The current round once its (round, status) differs from ``known``, or after
-        ``wait_s`` seconds: a long poll, so that nodes learn of a new round at once."""
-        deadline = time.monotonic() + min(max(wait_s, 0.0), MAX_LONG_POLL_S)
-        with self._changed:
-            while (
-                known is not None
-                and self._round_state() == known
-                and not self._stop.is_set()
-                and (left := deadline - time.monotonic()) > 0
-            ):
-                self._changed.wait(left)
+        ``wait_s`` seconds (at most ``MAX_LONG_POLL_S``); blocks the calling thread. The API
+        waits with ``watch.wait_async`` instead, holding no thread."""
+        if known is not None:
+            self.watch.wait(known, min(max(wait_s, 0.0), MAX_LONG_POLL_S))
         return self.current()
+
+    async def wait_for_change(self, known: RoundState, wait_s: float) -> None:
+        """Until the round's state differs from ``known``, or ``wait_s`` seconds (at most
+        ``MAX_LONG_POLL_S``) pass; holds no thread."""
+        await self.watch.wait_async(known, min(max(wait_s, 0.0), MAX_LONG_POLL_S))
 
     def current(self) -> wire.CurrentRound:
         current = self.store.latest_round()
@@ -360,41 +358,74 @@ class RoundService:
         """Verify an upload against its signature and on-chain commitment, then store it durably.
 
         Returns the receipt and whether it was newly stored (False for an identical re-upload).
-        Counted in ``metrics`` by result, a refusal by the code the API answers it with.
+        The API calls the two halves, ``admit_upload`` before it reads the body and
+        ``store_upload`` after; this is both, for a body already in hand.
         """
+        return self.store_upload(self.admit_upload(path_round_id, headers), body)
+
+    def admit_upload(self, path_round_id: int, headers: Mapping[str, str]) -> AdmittedUpload:
+        """Everything the headers decide, before the body is read: the signature and the
+        signer's registration, the round, the nonce, the on-chain commitment of the signed hash
+        and count, the end of the commit phase. Refusals are counted in ``metrics``."""
         started = time.perf_counter()
-        try:
-            receipt, created = self._accept_upload(path_round_id, headers, body)
-        except CodedError as exc:
-            self.metrics.upload_refused(exc.code, seconds=time.perf_counter() - started)
-            raise
-        except ChainError:  # the API answers it as the chain being unavailable
-            self.metrics.upload_refused(
-                ErrorCode.CHAIN_UNAVAILABLE, seconds=time.perf_counter() - started
-            )
-            raise
-        self.metrics.upload_handled(created=created, seconds=time.perf_counter() - started)
+        with self._counting_refusals(started):
+            return self._admit_upload(path_round_id, headers, started)
+
+    def store_upload(
+        self, admitted: AdmittedUpload, body: bytes
+    ) -> tuple[wire.UploadReceipt, bool]:
+        """The body's checks (its hash is the signed one, its tensors fit the model), then
+        durable storage; counted in ``metrics`` by result."""
+        with self._counting_refusals(admitted.started):
+            receipt, created = self._store_upload(admitted, body)
+        self.metrics.upload_handled(created=created, seconds=time.perf_counter() - admitted.started)
         return receipt, created
 
-    def _accept_upload(
-        self, path_round_id: int, headers: Mapping[str, str], body: bytes
-    ) -> tuple[wire.UploadReceipt, bool]:
+    def refuse_upload(self, code: ErrorCode, started: float) -> None:
+        """Count a refusal the API made by itself (a body too large, too slow, or cut off)."""
+        self.metrics.upload_refused(code, seconds=time.perf_counter() - started)
+
+    @contextmanager
+    def _counting_refusals(self, started: float) -> Iterator[None]:
+        try:
+            yield
+        except CodedError as exc:
+            self.refuse_upload(exc.code, started)
+            raise
+        except ChainError:  # the API answers it as the chain being unavailable
+            self.refuse_upload(ErrorCode.CHAIN_UNAVAILABLE, started)
+            raise
+
+    def _admit_upload(
+        self, path_round_id: int, headers: Mapping[str, str], started: float
+    ) -> AdmittedUpload:
         store, _, _, verifier = self._started()
-        upload = verifier.authenticate(headers, path_round_id, body)
+        upload = verifier.authenticate(headers, path_round_id)
         signer = upload.signer
         with self._lock:
             current = verifier.check_round(upload, store.latest_round())
             existing = store.get_update(current.round_id, signer)
-            if existing is not None:
-                verifier.check_same_bytes(existing, upload.body_hash)
-                return _receipt(existing, duplicate=True), False
+            if existing is not None:  # a re-upload: the body must still be the accepted bytes
+                verifier.check_same_bytes(existing, upload.update_hash)
+                return AdmittedUpload(upload, current, started, existing)
             verifier.check_open(current)
             verifier.check_nonce(upload, store.nonce_used(signer, str(upload.auth.nonce)))
         verifier.check_commitment(upload)
         verifier.check_commits_closed(current)
+        return AdmittedUpload(upload, current, started)
+
+    def _store_upload(
+        self, admitted: AdmittedUpload, body: bytes
+    ) -> tuple[wire.UploadReceipt, bool]:
+        store, _, _, verifier = self._started()
+        upload, current = admitted.upload, admitted.round
+        signer = upload.signer
+        verifier.check_body_hash(upload, body)
+        if admitted.existing is not None:
+            return _receipt(admitted.existing, duplicate=True), False
         verifier.check_content(body)
 
-        store.put_blob(upload.body_hash, body)
+        store.put_blob(upload.update_hash, body)
         failpoint(UPLOAD_AFTER_BLOB)
         with self._lock:
             latest = store.latest_round()
@@ -412,17 +443,31 @@ class RoundService:
                 StoredUpdate(
                     round_id=current.round_id,
                     organisation=signer,
-                    update_hash=upload.body_hash,
+                    update_hash=upload.update_hash,
                     num_samples=upload.auth.num_samples,
                     nonce=str(upload.auth.nonce),
                     received_at=self.clock(),
                 )
             )
         if not created:  # a concurrent request for the same organisation and round won
-            verifier.check_same_bytes(stored, upload.body_hash)
+            verifier.check_same_bytes(stored, upload.update_hash)
             return _receipt(stored, duplicate=True), False
         self._wake.set()
         return _receipt(stored), True
+
+
+@dataclass(frozen=True)
+class AdmittedUpload:
+    """An upload whose headers passed every check: the body it may now send is read next."""
+
+    upload: AuthenticatedUpload
+    round: StoredRound
+    started: float  # perf_counter when the request was first looked at
+    existing: StoredUpdate | None = None  # set for a re-upload of accepted bytes
+
+    @property
+    def organisation(self) -> str:
+        return self.upload.signer
 
 
 def _receipt(update: StoredUpdate, *, duplicate: bool = False) -> wire.UploadReceipt:

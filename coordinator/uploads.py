@@ -1,6 +1,10 @@
 """Upload verification: who signed it, whether the round takes it, whether the chain committed it,
 whether its tensors fit the model. One small check per rule, run in the order docs/errors.md
 lists them; the service stores what passes.
+
+Everything but the body's own checks runs on the headers alone: the signed authorisation names
+the update's hash and sample count, so who may upload what is settled before a byte of the body
+is read (an unsigned or uncommitted request is refused without buffering it).
 """
 
 from __future__ import annotations
@@ -31,11 +35,12 @@ from fedledger.incentive.tensors import l2_norm
 
 @dataclass(frozen=True)
 class AuthenticatedUpload:
-    """An upload whose signature, signer and body hash check out; not yet admitted to a round."""
+    """An upload whose signature and signer check out; not yet admitted to a round, its body
+    not yet read (it must hash to ``update_hash``: ``check_body_hash``)."""
 
     auth: UploadAuthorization
     signer: str  # checksummed; equals auth.organisation
-    body_hash: str  # 0x-hex keccak256 of the body
+    update_hash: str  # 0x-hex, as signed (and, once admitted, as committed on-chain)
 
 
 MAX_STORED_SAMPLES = 2**63 - 1
@@ -81,16 +86,14 @@ class UploadVerifier:
 
     # -------------------------------------------------- before the round is looked at
 
-    def authenticate(
-        self, headers: Mapping[str, str], path_round_id: int, body: bytes
-    ) -> AuthenticatedUpload:
-        """Signature, signer's registration, expiry and body hash: the request's own checks."""
+    def authenticate(self, headers: Mapping[str, str], path_round_id: int) -> AuthenticatedUpload:
+        """Signature, signer's registration, expiry and sample count: the headers' own checks."""
         signed = read_authorization(headers, path_round_id)
         signer = self.recover(signed)
         self.check_signer(signer, signed.auth.organisation)
         self.check_expiry(signed.auth)
         self.check_sample_count(signed.auth)
-        return AuthenticatedUpload(signed.auth, signer, self.check_body_hash(signed.auth, body))
+        return AuthenticatedUpload(signed.auth, signer, hex32(signed.auth.update_hash))
 
     def recover(self, signed: wire.SignedUpload) -> str:
         try:
@@ -200,14 +203,13 @@ class UploadVerifier:
             )
 
     @staticmethod
-    def check_body_hash(auth: UploadAuthorization, body: bytes) -> str:
+    def check_body_hash(upload: AuthenticatedUpload, body: bytes) -> None:
         body_hash = hex32(keccak(body))
-        if body_hash != hex32(auth.update_hash):
+        if body_hash != upload.update_hash:
             raise CoordinatorError(
                 ErrorCode.BODY_HASH_MISMATCH,
-                f"the body hashes to {body_hash}, the signed hash is {hex32(auth.update_hash)}",
+                f"the body hashes to {body_hash}, the signed hash is {upload.update_hash}",
             )
-        return body_hash
 
     # -------------------------------------------------- against the round (under the lock)
 
@@ -246,9 +248,9 @@ class UploadVerifier:
             )
 
     @staticmethod
-    def check_same_bytes(existing: StoredUpdate, body_hash: str) -> None:
+    def check_same_bytes(existing: StoredUpdate, update_hash: str) -> None:
         """A second upload for an organisation and round must be the accepted bytes again."""
-        if existing.update_hash != body_hash:
+        if existing.update_hash != update_hash:
             raise CoordinatorError(
                 ErrorCode.ALREADY_SUBMITTED,
                 f"{existing.organisation} already submitted {existing.update_hash} for round "
@@ -270,10 +272,10 @@ class UploadVerifier:
                 f"{signer} has not committed an update for round {auth.round_id} on-chain; "
                 "call commitUpdate first",
             )
-        if hex32(commitment.update_hash) != upload.body_hash:
+        if hex32(commitment.update_hash) != upload.update_hash:
             raise CoordinatorError(
                 ErrorCode.COMMITMENT_MISMATCH,
-                f"the body hashes to {upload.body_hash} but {signer} committed "
+                f"the signed update hash is {upload.update_hash} but {signer} committed "
                 f"{hex32(commitment.update_hash)} for round {auth.round_id}",
             )
         if commitment.num_samples != auth.num_samples:

@@ -878,6 +878,7 @@ def coordinator_serve(
     from fedledger.config import file_knobs
     from fedledger.coordinator.api import create_app
     from fedledger.coordinator.config import CoordinatorSettings
+    from fedledger.coordinator.server import server_config
     from fedledger.coordinator.service import RoundService
     from fedledger.logs import access_log_enabled
 
@@ -942,7 +943,7 @@ def coordinator_serve(
         + (", client certificates required" if client_ca else "")
     )
     try:
-        uvicorn.run(
+        uvicorn_config = server_config(
             create_app(service, members_only=client_ca is not None),
             host=host,
             port=port,
@@ -954,6 +955,7 @@ def coordinator_serve(
             ssl_ca_certs=tls.ca_certs,
             ssl_cert_reqs=tls.cert_reqs,
         )
+        uvicorn.Server(uvicorn_config).run()
     finally:
         service.stop()
 

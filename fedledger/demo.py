@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 import uvicorn
+from fastapi import FastAPI
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -22,6 +23,7 @@ from fedledger import wire
 from fedledger.coordinator.api import create_app
 from fedledger.coordinator.config import CoordinatorSettings
 from fedledger.coordinator.policy import PricingPolicy
+from fedledger.coordinator.server import server_config
 from fedledger.coordinator.service import RoundService
 from fedledger.devnet.anvil import free_port, start_anvil
 from fedledger.devnet.deploy import deploy_devnet
@@ -59,11 +61,11 @@ class DemoResult:
 
 @contextmanager
 def serve_in_thread(
-    app: object, *, host: str = "127.0.0.1", port: int | None = None
+    app: FastAPI, *, host: str = "127.0.0.1", port: int | None = None
 ) -> Iterator[str]:
     """Run a uvicorn server for ``app`` in a thread; yields its base URL."""
     port = port or free_port(host)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))  # type: ignore[arg-type]
+    server = uvicorn.Server(server_config(app, host=host, port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -51,7 +51,8 @@ class ErrorCode(enum.StrEnum):
     def status(self) -> int:
         return self.spec.status
 
-    # Uploads, in the order the coordinator checks them.
+    # Uploads, in the order the coordinator checks them: the headers, the round and the chain
+    # first; the body is read only once they pass.
     BAD_CONTENT_LENGTH = (
         "bad_content_length",
         CodeSpec(
@@ -63,7 +64,8 @@ class ErrorCode(enum.StrEnum):
         CodeSpec(
             413,
             Area.UPLOAD,
-            "the body exceeds the limit (declared, streamed or chunked)",
+            "the body exceeds the limit: a declared `Content-Length` before anything else is looked "
+            "at, a streamed or chunked body as soon as it goes over",
             "send a smaller update",
         ),
     )
@@ -129,15 +131,6 @@ class ErrorCode(enum.StrEnum):
             "use a shorter expiry",
         ),
     )
-    BODY_HASH_MISMATCH = (
-        "body_hash_mismatch",
-        CodeSpec(
-            401,
-            Area.UPLOAD,
-            "the body's keccak256 differs from the signed update hash",
-            "send the bytes you signed",
-        ),
-    )
     WRONG_ROUND = (
         "wrong_round",
         CodeSpec(
@@ -186,7 +179,7 @@ class ErrorCode(enum.StrEnum):
         CodeSpec(
             409,
             Area.UPLOAD,
-            "the body's hash differs from the on-chain commitment",
+            "the signed update hash differs from the on-chain commitment",
             "upload exactly the committed bytes",
         ),
     )
@@ -217,6 +210,44 @@ class ErrorCode(enum.StrEnum):
             "every active organisation committed): no update is seen before every commitment is "
             "final",
             "upload once the commit phase is over (the node waits for it by itself)",
+        ),
+    )
+    BUSY = (
+        "busy",
+        CodeSpec(
+            503,
+            Area.UPLOAD,
+            "`max_concurrent_uploads` bodies are being received already (`Retry-After` set); "
+            "checked once the headers are verified, before the body is read",
+            "retry after the given seconds (the node does)",
+        ),
+    )
+    UPLOAD_IN_PROGRESS = (
+        "upload_in_progress",
+        CodeSpec(
+            409,
+            Area.UPLOAD,
+            "this organisation's body for the round is being received on another connection",
+            "wait for that upload's answer; send one upload at a time",
+        ),
+    )
+    BODY_TIMEOUT = (
+        "body_timeout",
+        CodeSpec(
+            408,
+            Area.UPLOAD,
+            "the body paused longer than `body_idle_timeout_s` or took longer than "
+            "`body_timeout_s` in all (`details.received` bytes arrived); the connection is closed",
+            "send the body right after the headers, over a link that sustains it",
+        ),
+    )
+    BODY_HASH_MISMATCH = (
+        "body_hash_mismatch",
+        CodeSpec(
+            401,
+            Area.UPLOAD,
+            "the body's keccak256 differs from the signed update hash",
+            "send the bytes you signed",
         ),
     )
     NOT_SAFETENSORS = (
@@ -280,6 +311,16 @@ class ErrorCode(enum.StrEnum):
             Area.READ,
             "`GET /v1/rounds/current` or `/v1/health` before the first round is open",
             "wait for the coordinator to open round 1",
+        ),
+    )
+    TOO_MANY_WAITS = (
+        "too_many_waits",
+        CodeSpec(
+            429,
+            Area.READ,
+            "a long poll (`GET /v1/rounds/current?wait_s=...`) beyond `max_waits_per_client` held "
+            "for this client's address, or `max_waits` in all (`Retry-After` set)",
+            "hold one long poll at a time, or poll without `wait_s`",
         ),
     )
     UNKNOWN_ROUND = (

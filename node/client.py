@@ -95,7 +95,7 @@ class CoordinatorClient:
                     "refused this node's client certificate (--client-cert, --client-key)",
                 ) from exc
             raise CoordinatorUnavailable(f"coordinator unreachable: {exc}") from exc
-        if response.status_code >= 500:
+        if response.status_code >= 500 or response.status_code == 429:  # try again later
             retry = response.headers.get("retry-after")
             raise CoordinatorUnavailable(
                 f"coordinator answered {response.status_code}: {response.text[:300]}",

@@ -8,7 +8,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import FrameType
 
 import httpx
 import pytest
@@ -114,6 +113,7 @@ def test_expired_request_is_refused(harness: Harness) -> None:
 def test_body_that_differs_from_the_signed_hash_is_refused(harness: Harness) -> None:
     upload = harness.make_upload(harness.orgs[0])
     tampered = canonical_bytes(harness.delta(seed=7))
+    harness.end_commit_phase()  # the body is read only once the headers pass every check
     response = harness.client.post(
         f"/v1/rounds/{upload.round_id}/updates", content=tampered, headers=upload.headers
     )
@@ -459,23 +459,6 @@ def test_an_unexpected_error_in_the_round_driver_shows_in_health_and_is_retried(
         time.sleep(0.05)
 
 
-def _polls_held_in(current_after: Callable[..., object]) -> list[int]:
-    """The threads now blocked in a ``threading.Condition.wait`` made (at any depth) by
-    ``current_after``: requests the service is holding, not ones still on their way in."""
-    target = current_after.__code__
-    wait = threading.Condition.wait.__code__
-    held = []
-    for ident, frame in sys._current_frames().items():
-        if frame.f_code is not wait:
-            continue
-        caller: FrameType | None = frame
-        while caller is not None and caller.f_code is not target:
-            caller = caller.f_back
-        if caller is not None:
-            held.append(ident)
-    return held
-
-
 def _wait_for(condition: Callable[[], object], what: str, timeout_s: float = 20.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -488,11 +471,11 @@ def test_a_long_poll_is_held_until_the_round_changes_then_answers_with_it(
 ) -> None:
     """GET /v1/rounds/current?after_round&after_status&wait_s is held while the round is the
     one the caller knows, and answered with the new state as soon as the round changes."""
-    current_after = type(harness.service).current_after
+    watch = harness.service.watch  # a held poll is a wait on it, not a blocked thread
     current = harness.client.get("/v1/rounds/current").json()
     assert (current["round_id"], current["status"]) == (1, "open")
     known = {"after_round": 1, "after_status": "open"}
-    assert _polls_held_in(current_after) == []
+    assert watch.waiting == 0
 
     wait_s = 25.0
     answers: list[tuple[float, httpx.Response]] = []
@@ -504,9 +487,9 @@ def test_a_long_poll_is_held_until_the_round_changes_then_answers_with_it(
     asked_at = time.monotonic()
     waiter = threading.Thread(target=poll, name="long-poll", daemon=True)
     waiter.start()
-    _wait_for(lambda: _polls_held_in(current_after) or answers, "the poll to be held")
+    _wait_for(lambda: watch.waiting or answers, "the poll to be held")
     assert answers == [], "a poll for the current state was answered without a change"
-    assert len(_polls_held_in(current_after)) == 1
+    assert watch.waiting == 1
 
     # Uploads change the round's counts, not its (round, status): the poll stays held.
     # every member commits first: uploads wait for the commit phase to end
@@ -528,7 +511,7 @@ def test_a_long_poll_is_held_until_the_round_changes_then_answers_with_it(
     now = harness.client.get("/v1/rounds/current").json()
     assert now["status"] == "finalized"
     assert {**answer, "status": None} == {**now, "status": None}
-    assert _polls_held_in(current_after) == []
+    assert watch.waiting == 0
 
 
 def test_a_long_poll_answers_a_stale_state_at_once_and_waits_at_most_the_cap(
@@ -560,7 +543,7 @@ def test_a_long_poll_answers_a_stale_state_at_once_and_waits_at_most_the_cap(
     assert response.json() == current
 
     # wait_s is capped by MAX_LONG_POLL_S (here lowered to 0.5 s, so the test need not wait 30).
-    service_module = sys.modules[type(harness.service).current_after.__module__]
+    service_module = sys.modules[type(harness.service).__module__]
     monkeypatch.setattr(service_module, "MAX_LONG_POLL_S", 0.5)
     capped: list[tuple[float, httpx.Response]] = []
 

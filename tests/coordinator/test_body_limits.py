@@ -24,6 +24,7 @@ HUGE = 64 << 20  # what the client would send if it were allowed to finish
 @pytest.fixture
 def server(harness: Harness) -> Iterator[tuple[str, int, dict[str, str]]]:
     upload = harness.make_upload(harness.orgs[0])
+    harness.end_commit_phase()  # bodies are read only once the headers pass every check
     with serve_in_thread(create_app(harness.service)) as url:
         host, port = url.removeprefix("http://").split(":")
         yield host, int(port), upload.headers
