@@ -3,7 +3,8 @@
 Each benchmark is a script in this folder with ``main(argv) -> int``; ``--quick`` is passed on
 to each (a smoke run of seconds), and arguments after ``--`` go to a single named benchmark.
 
-Usage: python bench/run.py [digits10|aggregation|gas|scale|robust|shapley|fairness|privacy ...]
+Usage: python bench/run.py [digits10|aggregation|gas|scale|robust|shapley|fairness|privacy|
+       compression|stall ...]
        [--quick] [-- ARGS]
 """
 
@@ -28,6 +29,7 @@ BENCHMARKS = {
     "fairness": "each organisation's total reward against its Shapley value by retraining",
     "privacy": "DP-SGD at epsilon 1, 3, 8 against none: accuracy, flags and reward shares",
     "compression": "int8 and top-k updates against float32: bytes, accuracy, flags",
+    "stall": "honest upload latency while 0, 50, 200 hostile clients poll, drip and flood",
 }
 
 

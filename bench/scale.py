@@ -157,7 +157,8 @@ def coordinator_main(argv: Sequence[str]) -> int:
     from fedledger.incentive.ledger import LedgerClient
     from fedledger.incentive.shapley import ExactShapley
 
-    _wrap(RoundService, "accept_upload", "upload verification (each)")
+    _wrap(RoundService, "admit_upload", "upload verification (each)")  # headers, chain
+    _wrap(RoundService, "store_upload", "upload body check and store (each)")
     _wrap(RoundMachine, "close", "round close (all)")
     _wrap(rounds, "close_books", "pricing: screen, value, aggregate")
     _wrap(books, "aggregate", "aggregation (FedAvg)")

@@ -225,7 +225,7 @@ def test_a_client_gone_mid_body_is_one_log_line(
     harness: Harness, caplog: pytest.LogCaptureFixture
 ) -> None:
     upload = committed_upload(harness)
-    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.INFO, logger="fedledger.coordinator")  # whatever set it before
     with served(harness) as (url, host, port):
         with socket.create_connection((host, port), 10) as sock:
             length = f"Content-Length: {len(upload.body)}\r\n"
