@@ -827,6 +827,27 @@ def coordinator_serve(
     poll_interval: Annotated[
         float, typer.Option(min=0.001, help="Seconds between the round driver's chain polls.")
     ] = 0.2,
+    header_timeout: Annotated[
+        float, typer.Option(min=0.001, help="Seconds a request's line and headers may take.")
+    ] = 10.0,
+    body_idle_timeout: Annotated[
+        float, typer.Option(min=0.001, help="Seconds an upload's body may pause (408 beyond).")
+    ] = 10.0,
+    body_timeout: Annotated[
+        float, typer.Option(min=0.001, help="Seconds an upload's whole body may take (408).")
+    ] = 120.0,
+    max_connections: Annotated[
+        int, typer.Option(min=1, help="Open connections at once (503 beyond).")
+    ] = 512,
+    max_concurrent_uploads: Annotated[
+        int, typer.Option(min=1, help="Upload bodies read at once (503 busy beyond).")
+    ] = 16,
+    max_waits_per_client: Annotated[
+        int, typer.Option(min=0, help="Long polls held at once for one client address (429).")
+    ] = 8,
+    max_waits: Annotated[
+        int, typer.Option(min=0, help="Long polls held at once in all (429 beyond).")
+    ] = 1024,
     tls_cert: Annotated[
         Path | None, typer.Option(help="Serve HTTPS with this certificate (PEM).")
     ] = None,
@@ -929,6 +950,13 @@ def coordinator_serve(
             max_expiry_s=max_expiry,
             device=device,
             poll_interval_s=poll_interval,
+            header_timeout_s=header_timeout,
+            body_idle_timeout_s=body_idle_timeout,
+            body_timeout_s=body_timeout,
+            max_connections=max_connections,
+            max_concurrent_uploads=max_concurrent_uploads,
+            max_waits_per_client=max_waits_per_client,
+            max_waits=max_waits,
         )
     except ValidationError as exc:
         raise _fail(f"invalid coordinator settings: {_problems(exc, {})}") from exc

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -70,7 +71,7 @@ def test_three_hospitals_train_their_csv_files_and_the_round_audits(
             "--validation", str(data / "validation.csv"),
             "--data-dir", str(tmp_path / "coordinator"),
             "--port", str(port), "--rounds", str(ROUNDS), "--round-timeout", "120",
-            "--quorum", str(len(HOSPITALS)),
+            "--quorum", str(len(HOSPITALS)), "--header-timeout", "1",
         ),
         stdout=coordinator_log.open("wb"), stderr=subprocess.STDOUT,
         env=_env(deployment.accounts.coordinator.private_key),
@@ -80,6 +81,10 @@ def test_three_hospitals_train_their_csv_files_and_the_round_audits(
         wait_http(f"{url}/v1/health", 60, coordinator, coordinator_log)
         served = httpx.get(f"{url}/v1/task", timeout=10)
         assert served.content == spec_file.read_bytes()
+        # --header-timeout reaches the server: a connection that sends nothing is closed in 1 s
+        # (the default is 10 s, past this socket's 8 s timeout).
+        with socket.create_connection(("127.0.0.1", port), timeout=8) as silent:
+            assert silent.recv(1) == b""
 
         # A hospital with a spec that differs in one field is told which, and trains nothing.
         other = tmp_path / "other" / "spec.toml"
