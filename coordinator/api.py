@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated
 
@@ -35,8 +35,39 @@ from fedledger.incentive.onchain import hex32
 log = logging.getLogger("fedledger.coordinator.api")
 
 
+MAX_MESSAGE_CHARS = 2000
+"""The longest message an error answer carries; a longer one is cut, saying how much was."""
+MAX_DETAIL_CHARS = 200
+MAX_DETAIL_ITEMS = 20
+
+
+def clip(text: str, limit: int) -> str:
+    """``text``, or its first ``limit`` characters and how many more there were."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
+def _clip_detail(value: object) -> object:
+    """A detail value bounded in size: strings cut, lists and maps to their first items."""
+    if isinstance(value, str):
+        return clip(value, MAX_DETAIL_CHARS)
+    if isinstance(value, list | tuple):
+        kept = [_clip_detail(v) for v in value[:MAX_DETAIL_ITEMS]]
+        more = len(value) - MAX_DETAIL_ITEMS
+        return [*kept, f"... ({more} more)"] if more > 0 else kept
+    if isinstance(value, dict):
+        return {clip(str(k), MAX_DETAIL_CHARS): _clip_detail(v) for k, v in value.items()}
+    return value
+
+
 def _error(status: int, code: str, message: str, **details: object) -> JSONResponse:
-    body = wire.ErrorBody(code=code, message=message, details=details)
+    """An error answer, bounded in size whatever the refused input made of its message."""
+    body = wire.ErrorBody(
+        code=code,
+        message=clip(message, MAX_MESSAGE_CHARS),
+        details={k: _clip_detail(v) for k, v in list(details.items())[:MAX_DETAIL_ITEMS]},
+    )
     return JSONResponse(status_code=status, content=body.model_dump(mode="json"))
 
 
@@ -56,20 +87,29 @@ def check_declared_length(request: Request, limit_bytes: int) -> None:
 
 
 async def read_limited_body(
-    request: Request, limit_bytes: int, *, idle_timeout_s: float, total_timeout_s: float
+    request: Request,
+    limit_bytes: int,
+    *,
+    idle_timeout_s: float,
+    total_timeout_s: float,
+    check_head: Callable[[bytes], int | None] | None = None,
 ) -> bytes:
     """The request body, refusing (413) as soon as it is known to exceed ``limit_bytes``, and
     (408) once it pauses longer than ``idle_timeout_s`` or takes longer than ``total_timeout_s``.
 
     Bytes are counted while streaming, so a missing, lying or chunked length cannot make us
     buffer more; a client that sends nothing cannot hold the request. A client that goes away
-    raises starlette's ``ClientDisconnect``.
+    raises starlette's ``ClientDisconnect``. ``check_head`` is given the body's first bytes
+    until it returns the body's exact length (or refuses them): an upload's safetensors header
+    is judged as soon as it is in, and nothing past the length it implies is read.
     """
     check_declared_length(request, limit_bytes)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + total_timeout_s
     chunks: list[bytes] = []
     received = 0
+    head = b""  # the first bytes, while check_head still wants more
+    expected: int | None = None  # the body's length, once check_head knows it
     stream = request.stream()
     while True:
         wait_s = min(idle_timeout_s, deadline - loop.time())
@@ -94,6 +134,15 @@ async def read_limited_body(
                 limit_bytes=limit_bytes,
             )
         chunks.append(chunk)
+        if check_head is not None and expected is None:
+            head += chunk
+            expected = check_head(head)
+        if expected is not None and received > expected:
+            raise CoordinatorError(
+                ErrorCode.TOO_LARGE,
+                f"the body goes on past the {expected} bytes its safetensors header describes",
+                limit_bytes=expected,
+            )
 
 
 def get_service(request: Request) -> RoundService:
@@ -304,6 +353,7 @@ def create_app(
                         limits.max_upload_bytes,
                         idle_timeout_s=limits.body_idle_timeout_s,
                         total_timeout_s=limits.body_timeout_s,
+                        check_head=svc.check_head,
                     )
                 except CoordinatorError as exc:
                     svc.refuse_upload(exc.code, admitted.started)

@@ -381,6 +381,12 @@ class RoundService:
         self.metrics.upload_handled(created=created, seconds=time.perf_counter() - admitted.started)
         return receipt, created
 
+    def check_head(self, prefix: bytes) -> int | None:
+        """An upload body's first bytes: its exact length once its safetensors header is in
+        and lists the model's tensors (``tensor_mismatch``, ``bad_encoding``, ``not_safetensors``
+        otherwise); None while more of the header is to come."""
+        return self._started()[3].check_head(prefix)
+
     def refuse_upload(self, code: ErrorCode, started: float) -> None:
         """Count a refusal the API made by itself (a body too large, too slow, or cut off)."""
         self.metrics.upload_refused(code, seconds=time.perf_counter() - started)

@@ -25,7 +25,13 @@ from fedledger.errors import (
     ErrorCode,
     SignatureError,
 )
-from fedledger.incentive.commitment import TensorSpec, keccak
+from fedledger.incentive.commitment import (
+    TensorSpec,
+    buffer_bytes,
+    header_bound,
+    header_end,
+    keccak,
+)
 from fedledger.incentive.compression import Codec
 from fedledger.incentive.ledger import LedgerClient
 from fedledger.incentive.onchain import hex32
@@ -82,6 +88,8 @@ class UploadVerifier:
         self.specs = specs
         self.clock = clock
         self.codec = codec or Codec()  # the task spec's [compression]
+        layout = self.codec.layout(specs)  # what an upload's safetensors header must list
+        self._header_bound, self._buffer_bytes = header_bound(layout), buffer_bytes(layout)
         self._commits_closed: set[int] = set()  # rounds whose commit phase the chain ended
 
     # -------------------------------------------------- before the round is looked at
@@ -303,6 +311,23 @@ class UploadVerifier:
                 deadline=current.deadline,
             )
         self._commits_closed.add(current.round_id)  # closed for good while the round lasts
+
+    def check_head(self, prefix: bytes) -> int | None:
+        """The exact length of a body starting with ``prefix``, once its safetensors header is
+        in and lists the model's tensors (None while more of the header is to come).
+
+        Run as the body streams, so a header naming other tensors, or thousands of them, is
+        refused after its first bytes, and no more is read than the model's update takes."""
+        end = header_end(prefix)
+        if end is None:
+            return None
+        if end - 8 > self._header_bound or len(prefix) >= end:  # refuse now, or check it whole
+            try:
+                self.codec.check_header(prefix, self.specs)
+            except CodedError as exc:
+                raise CoordinatorError(exc.code, exc.message) from exc
+            return end + self._buffer_bytes
+        return None
 
     def check_content(self, body: bytes) -> dict[str, torch.Tensor]:
         """The body decodes to the model's tensors, all finite, within the norm bound."""

@@ -65,7 +65,8 @@ class ErrorCode(enum.StrEnum):
             413,
             Area.UPLOAD,
             "the body exceeds the limit: a declared `Content-Length` before anything else is looked "
-            "at, a streamed or chunked body as soon as it goes over",
+            "at, a streamed or chunked body as soon as it goes over, or past the length its "
+            "safetensors header implies (`details.limit_bytes`)",
             "send a smaller update",
         ),
     )
@@ -255,7 +256,9 @@ class ErrorCode(enum.StrEnum):
         CodeSpec(
             422,
             Area.UPLOAD,
-            "the body is not a safetensors file (pickles are refused unread)",
+            "the body is not a safetensors file (pickles are refused unread): a header length "
+            "past the body or the format's limit, a header that is not JSON or an entry that "
+            "is not a tensor",
             "send canonical safetensors bytes",
         ),
     )
@@ -276,7 +279,8 @@ class ErrorCode(enum.StrEnum):
         CodeSpec(
             422,
             Area.UPLOAD,
-            "tensor names, shapes or dtypes differ from the model (each difference listed)",
+            "tensor names, shapes or dtypes differ from the model (the first 8 differences "
+            "listed, the rest counted), or the header is longer than the model's tensors need",
             "train the round's model",
         ),
     )
@@ -811,7 +815,10 @@ def render_markdown(contract_sources: list[Path]) -> str:
         lines += [f"## {area.value}", ""]
         if area is Area.UPLOAD:
             lines += [
-                "Checked in this order; the first that fails answers.",
+                "Checked in this order; the first that fails answers. The body's safetensors "
+                "header is judged as soon as it has arrived, against the tensors the model's "
+                "update holds (`not_safetensors`, `bad_encoding`, `tensor_mismatch`), before the "
+                "rest of the body is read and its hash checked.",
                 "",
                 "| status | code | when | what to do |",
                 "|---|---|---|---|",

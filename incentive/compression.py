@@ -38,9 +38,11 @@ from torch import Tensor
 from fedledger.errors import CommitmentError, ErrorCode
 from fedledger.incentive.commitment import (
     TensorSpec,
+    check_header,
     check_update,
     decode_tensors,
     decode_update,
+    listing,
     non_finite_tensors,
     spec_differences,
     specs_of,
@@ -86,6 +88,28 @@ def topk_count(numel: int, fraction: float) -> int:
 def encoded_names(names: Iterable[str], scheme: Scheme) -> set[str]:
     """The tensor names of an update's encoding under ``scheme``."""
     return {name + suffix for name in names for suffix in _SUFFIXES[scheme]}
+
+
+def encoded_layout(
+    expected: Mapping[str, TensorSpec], scheme: Scheme, fraction: float | None = None
+) -> dict[str, TensorSpec]:
+    """The names, dtypes and shapes of an update's encoding under ``scheme``: each fixed by the
+    model's tensor specs (a top-k tensor sends ``topk_count`` values, whatever the delta)."""
+    _check_scheme(scheme, fraction)
+    if scheme == "none":
+        return dict(expected)
+    layout: dict[str, TensorSpec] = {}
+    for name, spec in expected.items():
+        numel = math.prod(spec.shape)
+        if scheme == "int8":
+            layout[name + ".q"] = TensorSpec((numel,), torch.int8)
+            layout[name + ".scale"] = TensorSpec((), torch.float32)
+        else:
+            assert fraction is not None  # _check_scheme
+            k = topk_count(numel, fraction)
+            layout[name + ".idx"] = TensorSpec((k,), torch.int64)
+            layout[name + ".val"] = TensorSpec((k,), torch.float32)
+    return layout
 
 
 def compress(
@@ -253,7 +277,7 @@ def decompress(
         label = "top-k" if scheme == "topk" else scheme
         raise CommitmentError(
             ErrorCode.BAD_ENCODING,
-            f"the {label} encoding does not match the model: " + "; ".join(problems),
+            f"the {label} encoding does not match the model: " + listing(problems),
         )
     if scheme == "int8":
         return {name: _int8_tensor(encoded, name, expected[name]) for name in sorted(expected)}
@@ -335,10 +359,30 @@ class Codec:
 
     def decode(self, data: bytes, expected: Mapping[str, TensorSpec]) -> dict[str, Tensor]:
         """The dense update the bytes encode, checked against the model's tensor specs
-        (``not_safetensors``, ``tensor_mismatch``, ``non_finite``, ``bad_encoding``)."""
+        (``not_safetensors``, ``tensor_mismatch``, ``non_finite``, ``bad_encoding``). The
+        header is checked against the encoding's layout before a tensor is parsed."""
         if self.scheme == "none":
             return decode_update(data, expected)
+        self.check_header(data, expected)
         return decompress(decode_tensors(data), expected, self.scheme, self.fraction)
+
+    def layout(self, expected: Mapping[str, TensorSpec]) -> dict[str, TensorSpec]:
+        """The tensors an upload of the model's update holds under this encoding."""
+        return encoded_layout(expected, self.scheme, self.fraction)
+
+    def check_header(self, data: bytes, expected: Mapping[str, TensorSpec]) -> None:
+        """``check_header`` against this encoding's layout: ``tensor_mismatch`` for an
+        uncompressed update, ``bad_encoding`` for a compressed one."""
+        if self.scheme == "none":
+            check_header(data, expected)
+            return
+        label = "top-k" if self.scheme == "topk" else self.scheme
+        check_header(
+            data,
+            self.layout(expected),
+            code=ErrorCode.BAD_ENCODING,
+            what=f"the {label} encoding does not match the model",
+        )
 
 
 class FeedbackFile:

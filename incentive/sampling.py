@@ -290,7 +290,9 @@ class TMCShapley:
                 spare = budget - coalitions.evaluations
                 if spare <= 0:
                     break
-                block = max(1, min(block, math.ceil(spare / max(cost, 1.0))))
+                # No more than the spare budget can finish: the first block's cost, K - 1, is
+                # what a permutation takes at most, so with K + 1 evaluations one completes.
+                block = max(1, min(block, math.floor(spare / max(cost, 1.0))))
             before = coalitions.evaluations
             perms = np.argsort(rng.random((block, num_players)), axis=1)
             walk = _walk_permutations(

@@ -77,3 +77,20 @@ def test_a_sample_count_beyond_the_store_is_refused_before_anything_is_written(
     assert sorted(p.name for p in blobs.rglob("*") if p.is_file()) == before  # no orphan blob
     # The next upload on the same connection is taken as usual.
     assert harness.post(again).status_code == 201
+
+
+def test_an_error_answer_is_bounded_whatever_its_message() -> None:
+    """A refusal that would repeat a huge input (a message naming 400,000 tensors, a detail
+    list as long) is cut to a bounded answer that says how much was left out."""
+    import json
+
+    from fedledger.coordinator.api import MAX_MESSAGE_CHARS, _error
+
+    names = [f"tensor {k}" * 10 for k in range(400_000)]
+    response = _error(422, "tensor_mismatch", "; ".join(names), names=names, note="x" * 10_000)
+    body = json.loads(bytes(response.body))
+    assert len(response.body) < 2 * MAX_MESSAGE_CHARS + 10_000
+    assert body["message"].startswith("tensor 0tensor 0")
+    assert body["message"].endswith("more characters)")
+    assert body["details"]["names"][-1] == f"... ({400_000 - 20} more)"
+    assert body["details"]["note"].endswith("(9800 more characters)")

@@ -383,10 +383,16 @@ def test_malformed_headers_raise_only_commitment_errors(
     ("dtype", "num_bytes"), [("F4", 4), ("F6_E2M3", 6), ("F6_E3M2", 6), ("F8_E8M0", 8)]
 )
 def test_dtypes_torch_cannot_load_are_refused(dtype: str, num_bytes: int) -> None:
-    """Eight elements of a valid safetensors dtype that torch has no type for."""
+    """Eight elements of a valid safetensors dtype that torch has no type for: not a tensor
+    file torch reads, and not the model's tensor (its header says so before it is parsed)."""
     entry = {"dtype": dtype, "shape": [8], "data_offsets": [0, num_bytes]}
     data = _safetensors_file({"w": entry}, bytes(num_bytes))
-    refused(data, "not_safetensors")
+    with pytest.raises(CommitmentError) as info:
+        decode_tensors(data)
+    assert info.value.code == "not_safetensors"
+    entries = {n: {**entry, "shape": list(s.shape)} for n, s in specs_of(model()).items()}
+    mismatch = refused(_safetensors_file(entries, bytes(num_bytes)), "tensor_mismatch")
+    assert f"is {dtype}[" in mismatch.message
 
 
 def test_tied_weights_can_be_committed() -> None:
