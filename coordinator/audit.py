@@ -11,11 +11,18 @@ ledger records for the round is recomputed with the same code the coordinator cl
 - the validation set hashes to the ``validationHash`` recorded with the scores;
 - the recomputed aggregate hashes to the on-chain new model hash;
 - the recomputed scores, rewards and flags equal the on-chain settlement (each organisation's
-  records, or the Merkle root and total of a round settled by claims).
+  records, or the Merkle root and total of a round settled by claims);
+- every organisation that committed on-chain (``committersOf``) has its upload in the store.
+
+A member who uploaded holds the coordinator's signed receipt (``fedledger.receipts``); given
+to the audit (``--receipt FILE``), it is checked against the ledger's coordinator role, and an
+acknowledged update missing from the store or from the round's settlement is reported as a
+dropped upload, with the coordinator's own signature as the proof.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,10 +33,12 @@ from fedledger.coordinator.books import Books, close_books
 from fedledger.coordinator.inputs import load_round_inputs
 from fedledger.coordinator.policy import PricingPolicy
 from fedledger.coordinator.store import Store
+from fedledger.errors import ReceiptError
 from fedledger.incentive.commitment import decode_tensors, keccak
 from fedledger.incentive.compression import Codec
 from fedledger.incentive.ledger import LedgerClient, RoundRecord
 from fedledger.incentive.onchain import RoundState, hex32
+from fedledger.receipts import verify_receipt
 from fedledger.tasks import TaskSpec, load_spec, load_task, load_validation, parse_spec
 
 
@@ -54,11 +63,29 @@ class Check:
     detail: str = ""
 
 
+@dataclass(frozen=True)
+class DroppedUpload:
+    """An upload the coordinator acknowledged with a valid signed receipt, then left out of its
+    store or of the round's settlement: the receipt proves it was accepted."""
+
+    receipt: wire.UploadReceipt
+    missing_from: tuple[str, ...]  # "the coordinator's store", "the round's settlement"
+
+    def __str__(self) -> str:
+        r = self.receipt
+        return (
+            f"round {r.round_id}, organisation {r.organisation}: coordinator {r.coordinator} "
+            f"signed a receipt for update {r.update_hash} ({r.num_samples} samples, received at "
+            f"{r.received_at}), which is missing from {' and '.join(self.missing_from)}"
+        )
+
+
 @dataclass
 class AuditReport:
     round_id: int
     checks: list[Check] = field(default_factory=list)
     books: Books | None = None
+    dropped: list[DroppedUpload] = field(default_factory=list)  # proven by receipts
 
     @property
     def ok(self) -> bool:
@@ -81,23 +108,29 @@ def audit_round(
     spec: Path | None = None,
     validation: str | None = None,
     device: torch.device | None = None,
+    receipts: Sequence[wire.UploadReceipt] = (),
 ) -> AuditReport:
     """Recompute round ``round_id`` from ``data_dir`` and compare everything with ``ledger``.
 
     The task spec and validation set are the ones the coordinator kept in ``data_dir`` unless
     ``spec`` (a spec file) or ``validation`` (as the task loads it) are given; either way they
-    are checked against the chain."""
+    are checked against the chain. Each of ``receipts`` (members' receipts for the round) is
+    verified, and the update it acknowledges looked for in the store and the settlement; those
+    missing are the report's ``dropped``."""
     report = AuditReport(round_id)
     record = ledger.get_round(round_id)
-    if not report.check(
+    finalized = report.check(
         "round finalized on-chain",
         record.state == RoundState.FINALIZED,
         f"state {record.state.name.lower()}",
-    ):
+    )
+    if not finalized and not receipts:
         return report
     store = Store(data_dir, read_only=True)
     try:
-        _audit(report, record, ledger, store, device or torch.device("cpu"), spec, validation)
+        if finalized:
+            _audit(report, record, ledger, store, device or torch.device("cpu"), spec, validation)
+        _check_receipts(report, record, ledger, store, receipts)
     finally:
         store.close()
     return report
@@ -194,7 +227,8 @@ def _audit(
 def _check_inputs(
     report: AuditReport, record: RoundRecord, ledger: LedgerClient, store: Store, model_hash: str
 ) -> None:
-    """The round's start model and every stored update, each against its on-chain hash."""
+    """The round's start model and every stored update, each against its on-chain hash; every
+    on-chain committer's upload in the store."""
     start = store.get_blob(model_hash)
     report.check(
         "start model matches the on-chain model hash",
@@ -215,6 +249,119 @@ def _check_inputs(
             if committed is not None
             else "nothing committed on-chain",
         )
+    _check_committers(report, ledger, store)
+
+
+def _check_committers(report: AuditReport, ledger: LedgerClient, store: Store) -> None:
+    """Every organisation that committed on-chain has an upload in the store. One that has none
+    never uploaded, was refused, or was dropped by the coordinator; its receipt tells which."""
+    round_id = report.round_id
+    committers = ledger.commit_order(round_id)
+    stored = {u.organisation.lower() for u in store.updates_for(round_id)}
+    missing = [org for org in committers if org.lower() not in stored]
+    for org in missing:
+        report.check(
+            f"upload of {org}, committed on-chain, is in the store",
+            False,
+            f"round {round_id}: {org} committed on-chain, but the store holds no upload from "
+            "it: it never uploaded, its upload was refused, or the coordinator dropped it (the "
+            "organisation's signed receipt proves a drop: fedledger audit --receipt FILE)",
+        )
+    if not missing:
+        report.check(
+            "every on-chain committer's upload is in the store",
+            True,
+            f"{len(committers)} committer(s) on-chain",
+        )
+
+
+def _check_receipts(
+    report: AuditReport,
+    record: RoundRecord,
+    ledger: LedgerClient,
+    store: Store,
+    receipts: Sequence[wire.UploadReceipt],
+) -> None:
+    """Each receipt: for this round, signed by an account holding COORDINATOR_ROLE; then the
+    update it acknowledges in the store and in the settlement, or recorded as dropped."""
+    chain_id = ledger.chain_id() if receipts else 0
+    for receipt in receipts:
+        org = receipt.organisation
+        if not report.check(
+            f"receipt of {org} is for round {report.round_id}",
+            receipt.round_id == report.round_id,
+            f"it acknowledges an upload for round {receipt.round_id}",
+        ):
+            continue
+        try:
+            signer = verify_receipt(receipt, ledger, chain_id=chain_id)
+        except ReceiptError as exc:
+            report.check(
+                f"receipt of {org} is signed by the ledger's coordinator",
+                False,
+                f"{exc.code.value}: {exc.message}",
+            )
+            continue
+        report.check(
+            f"receipt of {org} is signed by the ledger's coordinator",
+            True,
+            f"{signer} holds COORDINATOR_ROLE; received at {receipt.received_at}",
+        )
+        committed = ledger.commitment_of(report.round_id, org)
+        report.check(
+            f"receipt of {org} acknowledges its on-chain commitment",
+            committed is not None
+            and hex32(committed.update_hash) == receipt.update_hash.lower()
+            and committed.num_samples == receipt.num_samples,
+            f"receipt {receipt.update_hash} ({receipt.num_samples} samples)",
+        )
+        missing = []
+        stored, detail = _stored(store, receipt)
+        if not report.check(
+            f"upload of {org} acknowledged by its receipt is in the store", stored, detail
+        ):
+            missing.append("the coordinator's store")
+        settled = _settled(report, record, ledger, org)
+        if settled is not None and not report.check(
+            f"upload of {org} acknowledged by its receipt is in the round's settlement",
+            settled,
+            "settled on-chain" if settled else "the settlement leaves it out",
+        ):
+            missing.append("the round's settlement")
+        if missing:
+            report.dropped.append(DroppedUpload(receipt, tuple(missing)))
+
+
+def _stored(store: Store, receipt: wire.UploadReceipt) -> tuple[bool, str]:
+    """Whether the store holds the receipt's update (its record and its bytes), and what it has."""
+    update = store.get_update(receipt.round_id, receipt.organisation)
+    if update is None:
+        return False, "DROPPED: the store has no record of this acknowledged upload"
+    if update.update_hash != receipt.update_hash.lower():
+        return False, f"DROPPED: the store records another update, {update.update_hash}"
+    blob = store.get_blob(update.update_hash)
+    if blob is None or hex32(keccak(blob)) != update.update_hash:
+        return False, "DROPPED: the store records it, but its bytes are missing or altered"
+    return True, "recorded, bytes intact"
+
+
+def _settled(
+    report: AuditReport, record: RoundRecord, ledger: LedgerClient, org: str
+) -> bool | None:
+    """Whether a finalized round's settlement includes ``org``: scored on-chain (a direct
+    settlement, or a claim made), or a leaf of the recomputed books whose root the chain holds.
+    None where there is no settlement to look in: the round is not finalized, or it failed
+    (its model unchanged: it paid nobody), or settled by claims that cannot be recomputed."""
+    if record.state != RoundState.FINALIZED or record.new_model_hash == record.model_hash:
+        return None
+    if ledger.is_settled(report.round_id, org):
+        return True
+    if not record.by_claims:
+        return False
+    books = report.books
+    if books is None:
+        return None
+    return org.lower() in {o.lower() for o in books.organisations}
 
 
 def _recompute(

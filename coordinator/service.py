@@ -39,6 +39,8 @@ from fedledger.incentive.commitment import canonical_bytes, encode_tensors, kecc
 from fedledger.incentive.compression import Codec
 from fedledger.incentive.ledger import LedgerClient, as_bytes32
 from fedledger.incentive.onchain import METRICS, hex32
+from fedledger.incentive.signing import UploadAcknowledgement
+from fedledger.receipts import ReceiptSigner
 from fedledger.tasks import TaskSpec, ValidatorTask, load_spec, load_task, load_validation
 from fedledger.tasks.spec import CLASSIFICATION_METRICS, REGRESSION_METRICS
 
@@ -118,6 +120,7 @@ class RoundService:
         self._thread: threading.Thread | None = None
         self._parts: tuple[Store, ValidatorTask, RoundMachine, UploadVerifier] | None = None
         self.spec: TaskSpec | None = None
+        self.receipt_signer: ReceiptSigner | None = None  # signs each upload's receipt
 
     # -------------------------------------------------------------- lifecycle
 
@@ -168,6 +171,9 @@ class RoundService:
             codec=Codec.of(spec.compression),
         )
         self._parts = (store, task, machine, verifier)
+        self.receipt_signer = ReceiptSigner(
+            account, chain_id=verifier.chain_id, ledger=self.ledger.address
+        )
         machine.settler.check_data_dir(store)
         store.keep_task(hex32(spec.hash), spec.raw.decode("utf-8"), spec.source)
         validation = canonical_bytes({"x": x_val, "y": y_val})
@@ -428,7 +434,7 @@ class RoundService:
         signer = upload.signer
         verifier.check_body_hash(upload, body)
         if admitted.existing is not None:
-            return _receipt(admitted.existing, duplicate=True), False
+            return self._receipt(admitted.existing, duplicate=True), False
         verifier.check_content(body)
 
         store.put_blob(upload.update_hash, body)
@@ -457,9 +463,24 @@ class RoundService:
             )
         if not created:  # a concurrent request for the same organisation and round won
             verifier.check_same_bytes(stored, upload.update_hash)
-            return _receipt(stored, duplicate=True), False
+            return self._receipt(stored, duplicate=True), False
         self._wake.set()
-        return _receipt(stored), True
+        return self._receipt(stored), True
+
+    def _receipt(self, update: StoredUpdate, *, duplicate: bool = False) -> wire.UploadReceipt:
+        """The receipt of a stored update, signed with the coordinator's key over the stored
+        fields (received_at in whole seconds): a re-upload gets the original, signature and all."""
+        signer = self.receipt_signer
+        if signer is None:
+            raise RuntimeError("RoundService used before start()")
+        ack = UploadAcknowledgement(
+            round_id=update.round_id,
+            organisation=update.organisation,
+            update_hash=as_bytes32(update.update_hash),
+            num_samples=update.num_samples,
+            received_at=int(update.received_at),
+        )
+        return signer.receipt(ack, duplicate=duplicate)
 
 
 @dataclass(frozen=True)
@@ -474,14 +495,3 @@ class AdmittedUpload:
     @property
     def organisation(self) -> str:
         return self.upload.signer
-
-
-def _receipt(update: StoredUpdate, *, duplicate: bool = False) -> wire.UploadReceipt:
-    return wire.UploadReceipt(
-        round_id=update.round_id,
-        organisation=update.organisation,
-        update_hash=update.update_hash,
-        num_samples=update.num_samples,
-        received_at=update.received_at,
-        duplicate=duplicate,
-    )

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from eth_account.signers.local import LocalAccount
     from pydantic import ValidationError
 
+    from fedledger import wire
     from fedledger.incentive.compression import FeedbackFile
     from fedledger.incentive.deployment import Deployment
     from fedledger.incentive.ledger import LedgerClient, RetirementRecord
@@ -1062,6 +1063,14 @@ def node_run(
             "(default: .fedledger/privacy/LEDGER-ORGANISATION.json). Keep it: it is the budget."
         ),
     ] = None,
+    receipts: Annotated[
+        Path | None,
+        typer.Option(
+            help="Where this node keeps the coordinator's signed receipt of each upload, "
+            "round-NNNN.json (default: .fedledger/receipts/LEDGER-ORGANISATION/). Keep them: "
+            "they prove an upload the coordinator acknowledged (`fedledger audit --receipt`)."
+        ),
+    ] = None,
     ca_cert: CaCertOpt = None,
     client_cert: ClientCertOpt = None,
     client_key: ClientKeyOpt = None,
@@ -1071,6 +1080,7 @@ def node_run(
 ) -> None:
     """Take part in every round: check the spec, verify the model, train, commit, upload signed."""
     from fedledger.node.runner import NodeRunner, RoundOutcome, Settled
+    from fedledger.receipts import ReceiptBox
     from fedledger.tasks import load_data, load_spec, load_task
 
     _logging(verbose, log_format)
@@ -1125,6 +1135,10 @@ def node_run(
             f"DP-SGD: epsilon {spent.epsilon:.3f} of {spent.budget:g} spent so far "
             f"(delta {spent.delta:g}, {spent.rounds} rounds; ledger {path})"
         )
+    receipt_box = ReceiptBox(
+        receipts or DEFAULT_STATE_DIR / "receipts" / f"{ledger.address}-{ledger.account.address}"
+    )
+    console.print(f"receipts of the uploads kept in {escape(str(receipt_box.folder))}")
     with coordinator_client as client:
         runner = NodeRunner(
             client,
@@ -1135,6 +1149,7 @@ def node_run(
             privacy=privacy,
             feedback=_feedback_file(learning_task.spec, ledger),
             outbox=outbox,
+            receipts=receipt_box,
             on_round=report,
             on_settled=settled,
         )
@@ -1380,7 +1395,14 @@ def report_command(
 
 @app.command()
 def audit(
-    round_id: Annotated[int, typer.Option("--round", help="The finished round to recompute.")],
+    round_id: Annotated[
+        int | None,
+        typer.Option(
+            "--round",
+            help="The finished round to recompute (default: the round of the --receipt files).",
+            show_default=False,
+        ),
+    ] = None,
     data_dir: Annotated[
         Path,
         typer.Option(help="The coordinator's data directory (or a copy); opened read-only."),
@@ -1398,15 +1420,30 @@ def audit(
         str | None,
         typer.Option(help="Your copy of the validation data (default: the kept one)."),
     ] = None,
+    receipt: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--receipt",
+            help="A receipt the coordinator signed for an upload (a node keeps one a round, "
+            "in .fedledger/receipts/); repeat for several organisations of one round.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Recompute a round from the coordinator's stored updates and check it against the chain.
 
-    Checks the task spec against the ledger's, every update against its commitment, the
-    validation set against its recorded hash, the aggregate against the new model hash, and
-    the scores, rewards, flags (or the Merkle root) against the ledger. Exits 1 on any mismatch.
+    Checks the task spec against the ledger's, every update against its commitment, every
+    on-chain committer for an upload in the store, the validation set against its recorded
+    hash, the aggregate against the new model hash, and the scores, rewards, flags (or the
+    Merkle root) against the ledger. With --receipt, checks the receipt is signed by the
+    ledger's coordinator and reports its update dropped if the store or the settlement lacks
+    it. Exits 1 on any mismatch.
     """
     from fedledger.coordinator.audit import audit_round
+    from fedledger.receipts import read_receipt
 
+    receipts = [read_receipt(path) for path in receipt or []]
+    round_id = _audited_round(round_id, receipts, receipt or [])
     ledger, _ = _ledger(deployment, rpc, None)
     if not 1 <= round_id <= ledger.round_count():
         raise _fail(
@@ -1414,7 +1451,9 @@ def audit(
             f"({ledger.round_count()} rounds so far)"
         )
     try:
-        report = audit_round(round_id, ledger, data_dir, spec=spec, validation=validation)
+        report = audit_round(
+            round_id, ledger, data_dir, spec=spec, validation=validation, receipts=receipts
+        )
     except FileNotFoundError as exc:
         raise _fail(str(exc)) from exc
     table = Table(title=f"Audit of round {round_id} on ledger {ledger.address}")
@@ -1428,6 +1467,26 @@ def audit(
             escape(check.detail),
         )
     console.print(table)
+    for dropped in report.dropped:
+        errors.print(f"[bold red]dropped acknowledged upload:[/] {escape(str(dropped))}")
     if not report.ok:
         raise _fail(f"round {round_id}: {len(report.mismatches)} check(s) failed")
     console.print(f"round {round_id}: all {len(report.checks)} checks passed")
+
+
+def _audited_round(
+    round_id: int | None, receipts: list[wire.UploadReceipt], paths: list[Path]
+) -> int:
+    """The round to audit: ``--round``, which every receipt must be for, or the receipts' one."""
+    rounds = {r.round_id for r in receipts}
+    if round_id is None:
+        if len(rounds) != 1:
+            raise _fail(
+                "give --round, or --receipt files of one round"
+                + (f" (they are for rounds {sorted(rounds)})" if rounds else "")
+            )
+        return rounds.pop()
+    for path, r in zip(paths, receipts, strict=True):
+        if r.round_id != round_id:
+            raise _fail(f"{path} is a receipt for round {r.round_id}, not round {round_id}")
+    return round_id

@@ -24,6 +24,10 @@ class Area(enum.StrEnum):
     UPLOAD = "Uploads: `POST /v1/rounds/{round_id}/updates`"
     READ = "Other endpoints"
     SERVICE = "The coordinator service (start-up, the round driver, the audit)"
+    RECEIPT = (
+        "Receipts: the coordinator's signed acknowledgement of an upload, checked by the node "
+        "and by `fedledger audit --receipt`"
+    )
     TASK = "Task specs, plug-ins and data files (checked before anything is trained or sent)"
     SETUP = "Start-up settings of a node or the coordinator (checked before anything is sent)"
 
@@ -457,6 +461,32 @@ class ErrorCode(enum.StrEnum):
         ),
     )
 
+    # Receipts: what the coordinator signed for an upload, checked by the node and the audit.
+    BAD_RECEIPT = (
+        "bad_receipt",
+        CodeSpec(
+            502,
+            Area.RECEIPT,
+            "the coordinator acknowledged an upload with a receipt that does not prove itself: "
+            "unsigned or malformed, signed for another chain id or ledger, its signature not "
+            "recovering to the coordinator it names (another key, or an altered field), or its "
+            "signer not holding `COORDINATOR_ROLE` on the ledger",
+            "keep the outbox copy and tell the consortium: the upload may not be stored; the "
+            "operator runs the coordinator with the ledger's coordinator key, on this chain",
+        ),
+    )
+    RECEIPT_MISMATCH = (
+        "receipt_mismatch",
+        CodeSpec(
+            502,
+            Area.RECEIPT,
+            "a validly signed receipt acknowledges something else than the upload it answers: "
+            "another round, organisation, update hash or sample count (each field named)",
+            "the coordinator did not acknowledge this update: upload again (an identical "
+            "re-upload answers with the original receipt) and tell the consortium if it persists",
+        ),
+    )
+
     # Task specs, plug-ins and data: refused locally by the node, the coordinator or the audit.
     BAD_SPEC = (
         "bad_spec",
@@ -714,6 +744,11 @@ class TaskError(CodedError):
 
 class SetupError(CodedError):
     """A node's or the coordinator's start-up settings (certificates, transport) are unusable."""
+
+
+class ReceiptError(CodedError):
+    """A coordinator's receipt that does not prove the upload it should acknowledge: the node
+    refuses it, the audit reports it."""
 
 
 class DevnetError(FedledgerError):

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from web3 import Web3
 
 from fedledger.errors import CoordinatorError, ErrorCode
-from fedledger.incentive.signing import UploadAuthorization
+from fedledger.incentive.signing import UploadAcknowledgement, UploadAuthorization
 
 API_PREFIX = "/v1"
 
@@ -178,14 +178,35 @@ class CurrentRound(_Schema):
 
 
 class UploadReceipt(_Schema):
-    """The coordinator's acknowledgement: the update is durably stored."""
+    """The coordinator's acknowledgement that the update is durably stored, signed with its key
+    (EIP-712 ``Receipt``, ``incentive/signing.py``) so that the organisation can prove it later.
+
+    Every field but ``duplicate`` is exactly what was signed, or the domain and signer it was
+    signed with; ``fedledger.receipts`` checks it against the ledger."""
 
     round_id: int
     organisation: str
-    update_hash: str
+    update_hash: str  # 0x-hex keccak256 of the update's bytes
     num_samples: int
-    received_at: float  # unix seconds
-    duplicate: bool = False
+    received_at: int  # unix seconds, as signed
+    chain_id: int  # the EIP-712 domain: the chain and the ledger the receipt is valid for
+    ledger: str
+    coordinator: str  # the account that signed: it must hold COORDINATOR_ROLE on the ledger
+    signature: str  # 0x-hex, 65 bytes
+    duplicate: bool = False  # not signed: this answers an identical re-upload
+
+    def acknowledgement(self) -> UploadAcknowledgement:
+        """The signed message; ValueError when a field is not an address or a 32-byte hash."""
+        digest = bytes.fromhex(self.update_hash.removeprefix("0x"))
+        if len(digest) != 32:
+            raise ValueError(f"update_hash must be a 32-byte hash, got {len(digest)} bytes")
+        return UploadAcknowledgement(
+            round_id=self.round_id,
+            organisation=Web3.to_checksum_address(self.organisation),
+            update_hash=digest,
+            num_samples=self.num_samples,
+            received_at=self.received_at,
+        )
 
 
 class OrganisationResult(_Schema):

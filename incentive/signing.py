@@ -1,4 +1,5 @@
-"""EIP-712 signed upload authorisations, bound to the chain id and the ledger contract."""
+"""EIP-712 signed messages, bound to the chain id and the ledger contract: an organisation's upload
+authorisation and read request, the coordinator's receipt for an upload."""
 
 from __future__ import annotations
 
@@ -45,6 +46,19 @@ UPLOAD_TYPES: dict[str, list[dict[str, str]]] = {
     ],
 }
 
+RECEIPT_TYPES: dict[str, list[dict[str, str]]] = {
+    "EIP712Domain": _DOMAIN_TYPE,
+    "Receipt": [
+        {"name": "roundId", "type": "uint256"},
+        {"name": "organisation", "type": "address"},
+        {"name": "updateHash", "type": "bytes32"},
+        {"name": "numSamples", "type": "uint256"},
+        {"name": "receivedAt", "type": "uint256"},
+    ],
+}
+"""The coordinator's acknowledgement that it stored an upload: signed with its key, so that an
+organisation holding it can prove an upload the coordinator later dropped."""
+
 
 @dataclass(frozen=True)
 class UploadAuthorization:
@@ -61,6 +75,18 @@ class UploadAuthorization:
     def new_nonce() -> int:
         """A fresh random 128-bit nonce (replays are refused per organisation and nonce)."""
         return secrets.randbits(128)
+
+
+@dataclass(frozen=True)
+class UploadAcknowledgement:
+    """What the coordinator signs when it has durably stored an upload: whose, for which round,
+    which bytes and sample count, and when it received them."""
+
+    round_id: int
+    organisation: str
+    update_hash: bytes
+    num_samples: int
+    received_at: int  # unix seconds
 
 
 def _domain(chain_id: int, ledger: str) -> dict[str, Any]:
@@ -99,6 +125,22 @@ def read_typed_data(reader: str, expiry: int, *, chain_id: int, ledger: str) -> 
     }
 
 
+def receipt_typed_data(ack: UploadAcknowledgement, *, chain_id: int, ledger: str) -> dict[str, Any]:
+    """The full EIP-712 message of the coordinator's receipt ``ack``."""
+    return {
+        "types": RECEIPT_TYPES,
+        "primaryType": "Receipt",
+        "domain": _domain(chain_id, ledger),
+        "message": {
+            "roundId": ack.round_id,
+            "organisation": Web3.to_checksum_address(ack.organisation),
+            "updateHash": ack.update_hash,
+            "numSamples": ack.num_samples,
+            "receivedAt": ack.received_at,
+        },
+    }
+
+
 def _sign(account: LocalAccount, message: dict[str, Any]) -> str:
     signed = account.sign_message(encode_typed_data(full_message=message))
     return "0x" + bytes(signed.signature).hex()
@@ -118,6 +160,15 @@ def sign_read(account: LocalAccount, expiry: int, *, chain_id: int, ledger: str)
     )
 
 
+def sign_receipt(
+    account: LocalAccount, ack: UploadAcknowledgement, *, chain_id: int, ledger: str
+) -> str:
+    """The coordinator's (``account``'s) signature of the receipt ``ack``, as 0x-hex.
+
+    Deterministic (RFC 6979 nonces): the same receipt signed again is the same signature."""
+    return _sign(account, receipt_typed_data(ack, chain_id=chain_id, ledger=ledger))
+
+
 def recover_signer(auth: UploadAuthorization, signature: str, *, chain_id: int, ledger: str) -> str:
     """The checksum address that signed ``auth``; SignatureError ``bad_signature`` if malformed."""
     return _recover(typed_data(auth, chain_id=chain_id, ledger=ledger), signature)
@@ -126,6 +177,13 @@ def recover_signer(auth: UploadAuthorization, signature: str, *, chain_id: int, 
 def recover_reader(reader: str, expiry: int, signature: str, *, chain_id: int, ledger: str) -> str:
     """The checksum address that signed a read request; SignatureError if malformed."""
     return _recover(read_typed_data(reader, expiry, chain_id=chain_id, ledger=ledger), signature)
+
+
+def recover_receipt_signer(
+    ack: UploadAcknowledgement, signature: str, *, chain_id: int, ledger: str
+) -> str:
+    """The checksum address that signed the receipt ``ack``; SignatureError if malformed."""
+    return _recover(receipt_typed_data(ack, chain_id=chain_id, ledger=ledger), signature)
 
 
 # The order of secp256k1: a signature (r, s) has a twin (r, n - s) that verifies as well, so

@@ -8,9 +8,16 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+from pydantic import ValidationError
 
 from fedledger import wire
-from fedledger.errors import CoordinatorRejected, CoordinatorUnavailable, ErrorCode, SetupError
+from fedledger.errors import (
+    CoordinatorRejected,
+    CoordinatorUnavailable,
+    ErrorCode,
+    ReceiptError,
+    SetupError,
+)
 
 _CERTIFICATE_ALERTS = ("CERTIFICATE_VERIFY_FAILED", "CERTIFICATE_REQUIRED", "BAD_CERTIFICATE",
                        "UNKNOWN_CA", "CERTIFICATE_UNKNOWN")  # fmt: skip
@@ -141,10 +148,20 @@ class CoordinatorClient:
         return self._request("GET", f"/models/{model_hash}").content
 
     def upload(self, round_id: int, body: bytes, headers: dict[str, str]) -> wire.UploadReceipt:
+        """POST an update; the coordinator's receipt as sent (``bad_receipt`` if it is not one:
+        unsigned, say). The caller checks its signature and fields (``fedledger.receipts``)."""
         response = self._request(
             "POST",
             f"/rounds/{round_id}/updates",
             content=body,
             headers={**headers, "Content-Type": "application/octet-stream"},
         )
-        return wire.UploadReceipt.model_validate(response.json())
+        try:
+            return wire.UploadReceipt.model_validate_json(response.content)
+        except ValidationError as exc:
+            fields = ", ".join(".".join(map(str, e["loc"])) or "(body)" for e in exc.errors())
+            raise ReceiptError(
+                ErrorCode.BAD_RECEIPT,
+                f"the coordinator at {self.base_url} acknowledged the upload of round {round_id} "
+                f"with no valid signed receipt (check {fields}): nothing proves it was stored",
+            ) from exc

@@ -30,6 +30,7 @@ from fedledger.incentive.onchain import TOKEN_UNIT, RoundState, flag_names, hex3
 from fedledger.incentive.signing import UploadAuthorization, sign_upload
 from fedledger.node.claims import Claim, NotClaimed, claim_round, rounds_to_claim
 from fedledger.node.client import CoordinatorClient
+from fedledger.receipts import ReceiptBox, check_acknowledges, verify_receipt
 from fedledger.tasks import Dataset, NodeTask, diff_specs, parse_spec
 from fedledger.tasks.privacy import PrivacyBudgetSpent, PrivacyLedger
 
@@ -47,6 +48,7 @@ class RoundOutcome:
     duplicate: bool
     local_metrics: dict[str, float]  # the trained local model's metrics on the node's own data
     epsilon: float | None = None  # DP-SGD: epsilon spent over every round so far (spec's delta)
+    receipt: wire.UploadReceipt | None = None  # the coordinator's, checked (signature, fields)
 
 
 @dataclass(frozen=True)
@@ -63,14 +65,16 @@ class Settled:
 def _log_uploaded(outcome: RoundOutcome, organisation: str) -> None:
     local = ", ".join(f"{k} {v:.4f}" for k, v in outcome.local_metrics.items())
     spent = "" if outcome.epsilon is None else f"; epsilon {outcome.epsilon:.3f} spent"
+    signer = None if outcome.receipt is None else outcome.receipt.coordinator
     log.info(
-        "round %d: uploaded %s (%d samples, train loss %.4f; local %s%s)",
+        "round %d: uploaded %s (%d samples, train loss %.4f; local %s%s); receipt signed by %s",
         outcome.round_id,
         outcome.update_hash,
         outcome.num_samples,
         outcome.train_loss,
         local,
         spent,
+        signer,
         extra={
             "organisation": organisation,
             "round_id": outcome.round_id,
@@ -79,6 +83,7 @@ def _log_uploaded(outcome: RoundOutcome, organisation: str) -> None:
             "train_loss": outcome.train_loss,
             "local_metrics": outcome.local_metrics,
             "epsilon": outcome.epsilon,
+            "receipt_signed_by": signer,
         },
     )
 
@@ -117,6 +122,7 @@ class NodeRunner:
         privacy: PrivacyLedger | None = None,
         feedback: FeedbackFile | None = None,
         outbox: Path | None = None,
+        receipts: ReceiptBox | None = None,
         on_settled: Callable[[Settled], None] | None = None,
         poll_interval_s: float = 0.2,
         long_poll_s: float = 5.0,
@@ -143,6 +149,7 @@ class NodeRunner:
         # unless the caller keeps it in a file, which a node that may restart should).
         self.feedback = None if codec.scheme == "none" else feedback or FeedbackFile(codec)
         self.outbox = outbox
+        self.receipts = receipts  # where each checked receipt is kept (None: not on disk)
         self.on_settled = on_settled
         self.poll_interval_s = poll_interval_s
         self.long_poll_s = long_poll_s
@@ -373,6 +380,7 @@ class NodeRunner:
             log.warning("round %d: upload refused: %s", round_id, exc)
             self.done_rounds.add(round_id)
             return None
+        self._accept_receipt(receipt, auth)
         self.done_rounds.add(round_id)
         self.unclaimed.add(round_id)
         return RoundOutcome(
@@ -383,7 +391,18 @@ class NodeRunner:
             duplicate=receipt.duplicate,
             local_metrics=local_metrics,
             epsilon=epsilon,
+            receipt=receipt,
         )
+
+    def _accept_receipt(self, receipt: wire.UploadReceipt, auth: UploadAuthorization) -> None:
+        """Refuse a receipt that does not prove this upload (``bad_receipt``: not signed by an
+        account holding COORDINATOR_ROLE on this ledger and chain; ``receipt_mismatch``: signed
+        over other fields than those uploaded), and keep a good one on disk: it is what shows,
+        after any restart, that the coordinator acknowledged the upload."""
+        verify_receipt(receipt, self.ledger, chain_id=self._chain_id)
+        check_acknowledges(receipt, auth)
+        if self.receipts is not None:
+            self.receipts.keep(receipt)
 
     def _keep(self, round_id: int, body: bytes, headers: dict[str, str]) -> None:
         """Write what is about to leave the organisation to the outbox: the update's exact bytes

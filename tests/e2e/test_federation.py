@@ -83,7 +83,7 @@ negative_sigmas = 4.0
             node_config = tmp_path / f"node{k}.toml"
             node_config.write_text(
                 f'[node]\ncoordinator = "{url}"\ndeployment = "{deployment_file}"\n'
-                f'data = "{k}/{ORGS}"\n'
+                f'data = "{k}/{ORGS}"\nreceipts = "{tmp_path / "receipts" / str(k)}"\n'
             )
             nodes.append(
                 subprocess.Popen(
@@ -155,6 +155,20 @@ negative_sigmas = 4.0
         )  # fmt: skip
         assert audited.returncode == 0, audited.stdout + audited.stderr
         assert f"round {round_id}: all" in audited.stdout and "checks passed" in audited.stdout
+    # Each node kept the coordinator's signed receipt of each upload; with them, the audit
+    # (of the receipts' round) finds every acknowledged update stored and settled.
+    kept = [tmp_path / "receipts" / str(k) / "round-0002.json" for k in range(ORGS)]
+    proven = subprocess.run(
+        _cli(
+            "audit", "--data-dir", str(tmp_path / "coordinator"),
+            "--deployment", str(deployment_file),
+            *(arg for path in kept for arg in ("--receipt", str(path))),
+        ),
+        capture_output=True, text=True, timeout=120, env={**env, "COLUMNS": "200"},
+    )  # fmt: skip
+    assert proven.returncode == 0, proven.stdout + proven.stderr
+    assert proven.stdout.count("is signed by the ledger's coordinator") == ORGS
+    assert "round 2: all" in proven.stdout and "dropped" not in proven.stderr
 
 
 def _check_chain(deployment: Deployment, results: list[dict], model_1: bytes) -> None:  # type: ignore[type-arg]

@@ -1,4 +1,5 @@
-"""EIP-712 upload authorisations: round trip, binding to domain and fields, malformed signatures."""
+"""EIP-712 upload authorisations and receipts: round trip, binding to domain and fields, malformed
+signatures."""
 
 from __future__ import annotations
 
@@ -16,8 +17,11 @@ from fedledger.errors import SignatureError
 from fedledger.incentive.chain import devnet_account
 from fedledger.incentive.signing import (
     SECP256K1_N,
+    UploadAcknowledgement,
     UploadAuthorization,
+    recover_receipt_signer,
     recover_signer,
+    sign_receipt,
     sign_upload,
     typed_data,
 )
@@ -211,3 +215,71 @@ def _domain_and_struct(auth: UploadAuthorization) -> bytes:
         full_message=typed_data(auth, chain_id=ANVIL_CHAIN_ID, ledger=LEDGER)
     )
     return bytes(signable.header) + bytes(signable.body)
+
+
+# ------------------------------------------------------------------ receipts
+
+COORDINATOR = devnet_account(1)
+
+
+def acknowledgement(**changes: object) -> UploadAcknowledgement:
+    base = UploadAcknowledgement(
+        round_id=4,
+        organisation=ORG.address,
+        update_hash=bytes(range(32)),
+        num_samples=1_000,
+        received_at=1_800_000_000,
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def test_a_receipt_recovers_to_the_coordinator_that_signed_it() -> None:
+    ack = acknowledgement()
+    signature = sign_receipt(COORDINATOR, ack, chain_id=ANVIL_CHAIN_ID, ledger=LEDGER)
+    assert len(bytes.fromhex(signature.removeprefix("0x"))) == 65
+    recovered = recover_receipt_signer(ack, signature, chain_id=ANVIL_CHAIN_ID, ledger=LEDGER)
+    assert recovered == COORDINATOR.address
+    # Signed again, the same receipt: a re-upload gets the original, signature and all.
+    assert sign_receipt(COORDINATOR, ack, chain_id=ANVIL_CHAIN_ID, ledger=LEDGER) == signature
+
+
+@pytest.mark.parametrize(
+    ("changes", "chain_id", "ledger"),
+    [
+        ({"round_id": 5}, ANVIL_CHAIN_ID, LEDGER),
+        ({"organisation": OTHER_ORG.address}, ANVIL_CHAIN_ID, LEDGER),
+        ({"update_hash": bytes(31) + b"\x01"}, ANVIL_CHAIN_ID, LEDGER),
+        ({"num_samples": 999}, ANVIL_CHAIN_ID, LEDGER),
+        ({"received_at": 1_800_000_001}, ANVIL_CHAIN_ID, LEDGER),
+        ({}, ETH_TESTER_CHAIN_ID, LEDGER),
+        ({}, ANVIL_CHAIN_ID, OTHER_LEDGER),
+    ],
+    ids=["round", "organisation", "hash", "samples", "received-at", "chain-id", "ledger"],
+)
+def test_any_changed_field_or_domain_breaks_a_receipt(
+    changes: dict[str, object], chain_id: int, ledger: str
+) -> None:
+    signature = sign_receipt(COORDINATOR, acknowledgement(), chain_id=ANVIL_CHAIN_ID, ledger=LEDGER)
+    recovered = recover_receipt_signer(
+        acknowledgement(**changes), signature, chain_id=chain_id, ledger=ledger
+    )
+    assert recovered != COORDINATOR.address
+
+
+def test_a_receipt_is_not_an_upload_authorisation() -> None:
+    """Other types, other digests: a coordinator's receipt cannot pass for anything else."""
+    auth = authorization(round_id=4, num_samples=1_000)
+    signature = sign_receipt(COORDINATOR, acknowledgement(), chain_id=ANVIL_CHAIN_ID, ledger=LEDGER)
+    assert recover(auth, signature) != COORDINATOR.address
+
+
+def test_the_high_s_twin_of_a_receipt_signature_is_refused() -> None:
+    ack = acknowledgement()
+    raw = bytes.fromhex(
+        sign_receipt(COORDINATOR, ack, chain_id=ANVIL_CHAIN_ID, ledger=LEDGER).removeprefix("0x")
+    )
+    s = int.from_bytes(raw[32:64], "big")
+    twin = raw[:32] + (SECP256K1_N - s).to_bytes(32, "big") + bytes([55 - raw[64]])
+    with pytest.raises(SignatureError) as info:
+        recover_receipt_signer(ack, "0x" + twin.hex(), chain_id=ANVIL_CHAIN_ID, ledger=LEDGER)
+    assert info.value.code == "bad_signature"
