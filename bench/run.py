@@ -4,7 +4,7 @@ Each benchmark is a script in this folder with ``main(argv) -> int``; ``--quick`
 to each (a smoke run of seconds), and arguments after ``--`` go to a single named benchmark.
 
 Usage: python bench/run.py [digits10|aggregation|gas|scale|robust|shapley|fairness|privacy|
-       compression|stall ...]
+       compression|stall|txpath ...]
        [--quick] [-- ARGS]
 """
 
@@ -30,6 +30,7 @@ BENCHMARKS = {
     "privacy": "DP-SGD at epsilon 1, 3, 8 against none: accuracy, flags and reward shares",
     "compression": "int8 and top-k updates against float32: bytes, accuracy, flags",
     "stall": "honest upload latency while 0, 50, 200 hostile clients poll, drip and flood",
+    "txpath": "a transaction's time and JSON-RPC calls on anvil against web3's defaults",
 }
 
 

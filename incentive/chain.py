@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 import time
@@ -11,6 +12,7 @@ from typing import Any, TypeVar, cast
 
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
+from eth_typing import ChecksumAddress
 from eth_utils.abi import function_signature_to_4byte_selector
 from web3 import Web3
 from web3.contract.contract import ContractConstructor, ContractFunction
@@ -151,6 +153,89 @@ def chain_id_of(w3: Web3) -> int:
     return cached
 
 
+_NONCES: weakref.WeakKeyDictionary[Web3, dict[str, int]] = weakref.WeakKeyDictionary()
+"""Per connection, each account's next nonce as this process counts it."""
+
+_FEES: weakref.WeakKeyDictionary[Web3, tuple[float, dict[str, int]]] = weakref.WeakKeyDictionary()
+"""Per connection, the fee fields last read from the chain and when (``FEE_TTL_S``)."""
+
+FEE_TTL_S = 2.0
+"""How long fee data read from the chain is reused. A fee the chain has since outgrown is
+refused at the send, and the transaction is signed again with fresh fees."""
+
+RECEIPT_POLL_S = (0.002, 0.05)
+"""The first and the longest wait between receipt polls (doubling from the first): a devnet
+mines at once, a public chain in seconds; web3's default is a fixed 0.1 s."""
+
+_GAS: weakref.WeakKeyDictionary[Web3, dict[tuple[str, str], int]] = weakref.WeakKeyDictionary()
+"""Per connection, the gas limit reused for a (contract, function) whose cost does not grow
+with its arguments (``reuse_gas``)."""
+
+GAS_HEADROOM = 2.0
+"""A reused gas limit is this many times the first estimate: a limit only caps what a
+transaction may burn (what it uses is what it pays), and a call of fixed-size arguments varies
+by a few hundred gas (storage written fresh or again). A transaction that still runs out is
+sent again once with a fresh estimate."""
+
+_SEND_ATTEMPTS = 3
+_NONCE_REFUSALS = ("nonce", "already known", "replacement transaction underpriced")
+_FEE_REFUSALS = ("fee", "underpriced", "base fee")
+
+
+def _refused_for(exc: BaseException, reasons: tuple[str, ...]) -> bool:
+    text = str(exc).lower()
+    return any(reason in text for reason in reasons)
+
+
+def _next_nonce(w3: Web3, address: ChecksumAddress) -> int:
+    """The account's next nonce: read from the chain once (pending), then counted locally."""
+    nonces = _NONCES.setdefault(w3, {})
+    if address not in nonces:
+        nonces[address] = int(w3.eth.get_transaction_count(address, "pending"))
+    return nonces[address]
+
+
+def _fees(w3: Web3) -> dict[str, int]:
+    """EIP-1559 fee fields, read at most once every ``FEE_TTL_S`` per connection: web3's own
+    rule (twice the latest base fee plus the suggested tip). Empty on a chain without a base
+    fee: web3 then fills in what that chain takes."""
+    cached = _FEES.get(w3)
+    now = time.monotonic()
+    if cached is not None and now - cached[0] < FEE_TTL_S:
+        return cached[1]
+    base = w3.eth.get_block("latest").get("baseFeePerGas")
+    fees: dict[str, int] = {}
+    if base is not None:
+        tip = int(w3.eth.max_priority_fee)
+        fees = {"maxPriorityFeePerGas": tip, "maxFeePerGas": 2 * int(base) + tip}
+    _FEES[w3] = (now, fees)
+    return fees
+
+
+def forget_account(w3: Web3, address: ChecksumAddress) -> None:
+    """Drop the locally counted nonce of ``address`` (read again from the chain next time)."""
+    _NONCES.get(w3, {}).pop(address, None)
+
+
+def wait_for_receipt(w3: Web3, tx_hash: bytes, *, timeout_s: float) -> TxReceipt:
+    """The receipt of ``tx_hash``, polled with a doubling wait from ``RECEIPT_POLL_S[0]``."""
+    from web3.exceptions import TransactionNotFound
+
+    deadline = time.monotonic() + timeout_s
+    wait_s, longest = RECEIPT_POLL_S
+    while True:
+        try:
+            receipt = w3.eth.get_transaction_receipt(tx_hash)  # type: ignore[arg-type]
+            if receipt is not None:
+                return receipt
+        except TransactionNotFound:
+            pass  # not mined yet (anvil may say so for a moment even under automine)
+        if time.monotonic() + wait_s > deadline:
+            raise ChainError(f"no receipt for 0x{bytes(tx_hash).hex()} within {timeout_s:g} s")
+        time.sleep(wait_s)
+        wait_s = min(2 * wait_s, longest)
+
+
 def send_transaction(
     w3: Web3,
     account: LocalAccount,
@@ -158,34 +243,67 @@ def send_transaction(
     selectors: Mapping[bytes, tuple[str, list[str]]],
     *,
     gas: int | None = None,
+    reuse_gas: bool = False,
     timeout_s: float = 120.0,
 ) -> TxReceipt:
     """Sign ``call`` with ``account``'s key, send it and wait for a successful receipt.
 
-    One lock per account keeps its nonces in sequence inside this process. A revert (at
-    gas estimation or in the mined transaction) raises ContractRevert with the decoded error.
+    The critical path of a round is made of these, so the calls around the send are few: the
+    nonce is counted locally (one lock per account keeps it in sequence in this process), the
+    chain id is asked once per connection and fee data once every ``FEE_TTL_S``; the gas is
+    estimated unless ``gas`` is given, and with ``reuse_gas`` (a function whose cost does not
+    grow with its arguments) estimated once per connection and reused with ``GAS_HEADROOM``;
+    one that runs out of that is sent again with a fresh estimate. A send refused for its nonce (another process sent from
+    the same account) or its fee reads them again from the chain and signs again, up to
+    ``_SEND_ATTEMPTS`` times. A revert (at gas estimation or in the mined transaction) raises
+    ContractRevert with the decoded error.
     """
-    with _lock_for(account.address):
-        try:
-            params: dict[str, Any] = {
-                "from": account.address,
-                "nonce": w3.eth.get_transaction_count(account.address, "pending"),
-                "chainId": chain_id_of(w3),
-            }
-            if gas is not None:
-                params["gas"] = gas
-            tx = call.build_transaction(params)  # type: ignore[arg-type]
-            signed = account.sign_transaction(cast(dict[str, Any], tx))
-            tx_hash = w3.eth.send_raw_transaction(signed.raw_transaction)
-            receipt = w3.eth.wait_for_transaction_receipt(tx_hash, timeout=timeout_s)
-        except Exception as exc:
-            if is_revert(exc):
-                raise decode_revert(exc, selectors) from exc
-            if isinstance(exc, ChainError):
-                raise
-            raise ChainError(f"transaction {_name(call)} failed: {exc}") from exc
+    address = account.address
+    key = (str(getattr(call, "address", "")), _name(call))
+    limits = _GAS.setdefault(w3, {})
+    reused = gas is None and reuse_gas and key in limits
+    if reused:
+        gas = limits[key]
+    with _lock_for(address):
+        for attempt in range(1, _SEND_ATTEMPTS + 1):
+            try:
+                if gas is None and reuse_gas:
+                    estimate = call.estimate_gas({"from": address})
+                    gas = limits[key] = math.ceil(estimate * GAS_HEADROOM)
+                nonce = _next_nonce(w3, address)
+                params: dict[str, Any] = {
+                    "from": address,
+                    "nonce": nonce,
+                    "chainId": chain_id_of(w3),
+                    **_fees(w3),
+                }
+                if gas is not None:
+                    params["gas"] = gas
+                tx = call.build_transaction(params)  # type: ignore[arg-type]
+                signed = account.sign_transaction(cast(dict[str, Any], tx))
+                tx_hash = w3.eth.send_raw_transaction(signed.raw_transaction)
+            except Exception as exc:
+                forget_account(w3, address)  # whatever happened, ask the chain next time
+                if is_revert(exc):
+                    raise decode_revert(exc, selectors) from exc
+                if isinstance(exc, ChainError):
+                    raise
+                # A stale nonce is refused at the send, or at the gas estimate on some nodes.
+                retry = attempt < _SEND_ATTEMPTS
+                if retry and _refused_for(exc, _NONCE_REFUSALS):
+                    continue
+                if retry and _refused_for(exc, _FEE_REFUSALS):
+                    _FEES.pop(w3, None)
+                    continue
+                raise ChainError(f"transaction {_name(call)} failed: {exc}") from exc
+            _NONCES.setdefault(w3, {})[address] = nonce + 1
+            break
+        receipt = wait_for_receipt(w3, tx_hash, timeout_s=timeout_s)
+    if receipt["status"] != 1 and reused and receipt["gasUsed"] >= (gas or 0):
+        limits.pop(key, None)  # out of gas under the reused limit: estimate afresh, once
+        return send_transaction(w3, account, call, selectors, reuse_gas=True, timeout_s=timeout_s)
     if receipt["status"] != 1:
-        reason = _replay_revert(w3, account.address, call, selectors, receipt["blockNumber"])
+        reason = _replay_revert(w3, address, call, selectors, receipt["blockNumber"])
         raise reason
     return receipt
 

@@ -235,3 +235,12 @@ def test_compression_shrinks_the_uploads(tmp_path: Path) -> None:
     assert rows[("int8", None)]["bytes_per_round"] < 0.35 * none["bytes_per_round"]
     for row in rows.values():
         assert 0.0 <= row["accuracy"] <= 1.0
+
+
+def test_txpath_sends_with_fewer_calls_than_web3_defaults(tmp_path: Path) -> None:
+    report = run_quick("txpath", tmp_path)
+    calls = {row["path"]: row["rpc_calls"] for row in report["paths"]}
+    # web3's defaults read the nonce, fees and gas each time; the ledger's repeated calls only
+    # send and fetch the receipt (anvil may answer the first receipt poll with null).
+    assert calls["fedledger, reused gas"] <= 3 < calls["fedledger"] < calls["web3 defaults"]
+    assert set(report["signing"]) >= {"NativeECCBackend", "CoinCurveECCBackend"}

@@ -1,0 +1,141 @@
+"""The transaction path: nonces counted locally and recovered when another sender used them,
+fees reused and refreshed when the chain outgrew them, a failed call consuming no nonce.
+
+Two ``Web3`` connections to one in-process chain keep their counts apart exactly as two
+processes do (the count is per connection), so "another process sent from this account" is
+a second connection here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from web3 import Web3
+
+from fedledger.devnet.deploy import deploy_devnet
+from fedledger.devnet.embedded import LockedEthereumTesterProvider, embedded_web3
+from fedledger.errors import ContractRevert
+from fedledger.incentive import chain
+from fedledger.incentive.chain import devnet_account
+from fedledger.incentive.ledger import LedgerClient
+
+
+@pytest.fixture
+def ledgers() -> tuple[LedgerClient, LedgerClient]:
+    """The admin's client on two connections to one chain."""
+    w3 = embedded_web3(4)
+    deployment = deploy_devnet(w3, 1)
+    tester: Any = w3.provider.ethereum_tester  # type: ignore[attr-defined]
+    other = Web3(LockedEthereumTesterProvider(tester))
+    admin = devnet_account(0)
+    return LedgerClient(w3, deployment.ledger, admin), LedgerClient(other, deployment.ledger, admin)
+
+
+def _nonce(ledger: LedgerClient, receipt: Any) -> int:
+    return int(ledger.w3.eth.get_transaction(receipt["transactionHash"])["nonce"])
+
+
+def test_nonces_are_counted_locally_after_the_first_read(
+    ledgers: tuple[LedgerClient, LedgerClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ledger, _ = ledgers
+    first = ledger.set_round_budget(10)
+    reads: list[str] = []
+    original = ledger.w3.eth.get_transaction_count
+    monkeypatch.setattr(
+        ledger.w3.eth,
+        "get_transaction_count",
+        lambda *a, **k: reads.append("read") or original(*a, **k),
+    )
+    second, third = ledger.set_round_budget(11), ledger.set_round_budget(12)
+    assert [_nonce(ledger, r) for r in (first, second, third)] == [
+        _nonce(ledger, first) + k for k in range(3)
+    ]
+    assert reads == []  # no nonce read once the account's count is known
+    assert ledger.round_budget() == 12
+
+
+def test_a_nonce_another_sender_used_is_recovered(
+    ledgers: tuple[LedgerClient, LedgerClient],
+) -> None:
+    """Connection A counts its nonce; B sends twice from the same account; A's next send is
+    refused for its stale nonce, reads the chain again and goes through."""
+    a, b = ledgers
+    a.set_round_budget(10)
+    stale = chain._NONCES[a.w3][a.account.address]  # type: ignore[union-attr]
+    b.set_round_budget(20)
+    b.set_round_budget(30)
+    receipt = a.set_round_budget(40)
+    assert _nonce(a, receipt) == stale + 2
+    assert a.round_budget() == b.round_budget() == 40
+
+
+def test_a_reverted_call_consumes_no_nonce(ledgers: tuple[LedgerClient, LedgerClient]) -> None:
+    ledger, _ = ledgers
+    before = ledger.set_round_budget(10)
+    with pytest.raises(ContractRevert):  # round 0 does not exist: refused at gas estimation
+        ledger.extend_round(999, 60)
+    after = ledger.set_round_budget(11)
+    assert _nonce(ledger, after) == _nonce(ledger, before) + 1
+
+
+def test_fees_the_chain_outgrew_are_read_again(
+    ledgers: tuple[LedgerClient, LedgerClient],
+) -> None:
+    """A cached max fee below the chain's base fee is refused at the send; the transaction is
+    signed again with fresh fees and mined."""
+    ledger, _ = ledgers
+    ledger.set_round_budget(10)
+    base = int(ledger.w3.eth.get_block("latest")["baseFeePerGas"])
+    assert base > 1
+    chain._FEES[ledger.w3] = (1e18, {"maxPriorityFeePerGas": 0, "maxFeePerGas": 1})
+    receipt = ledger.set_round_budget(11)
+    assert receipt["status"] == 1 and ledger.round_budget() == 11
+    assert chain._FEES[ledger.w3][1]["maxFeePerGas"] >= base
+
+
+@pytest.fixture
+def open_round() -> tuple[Web3, list[LedgerClient]]:
+    """An in-process chain with round 1 open and a client for each of four organisations."""
+    w3 = embedded_web3(8)
+    deployment = deploy_devnet(w3, 4)
+    coordinator = LedgerClient(w3, deployment.ledger, devnet_account(1))
+    deadline = int(w3.eth.get_block("latest")["timestamp"]) + 3600
+    coordinator.open_round(1, b"\x01" * 32, deadline)
+    return w3, [LedgerClient(w3, deployment.ledger, devnet_account(2 + k)) for k in range(4)]
+
+
+def test_a_reused_gas_limit_covers_every_later_call(
+    open_round: tuple[Web3, list[LedgerClient]],
+) -> None:
+    """The limit reused for commitUpdate, from the first commitment's estimate, is above what
+    every later commitment uses and what a fresh estimate of it asks."""
+    w3, orgs = open_round
+    receipts = []
+    for k, org in enumerate(orgs):
+        call = org.contract.functions.commitUpdate(1, bytes([k + 1]) * 32, 10 + k)
+        estimate = call.estimate_gas({"from": org.account.address})  # type: ignore[union-attr]
+        receipts.append((estimate, org.commit_update(1, bytes([k + 1]) * 32, 10 + k)))
+    limit = chain._GAS[w3][(orgs[0].address, "commitUpdate")]
+    sent = [int(w3.eth.get_transaction(r["transactionHash"])["gas"]) for _, r in receipts]
+    assert sent == [limit] * len(orgs)  # estimated once, then reused
+    for estimate, receipt in receipts:
+        assert receipt["status"] == 1
+        assert limit >= 1.5 * max(estimate, int(receipt["gasUsed"]))
+
+
+def test_a_call_out_of_gas_under_a_reused_limit_is_sent_again_with_an_estimate(
+    open_round: tuple[Web3, list[LedgerClient]],
+) -> None:
+    w3, orgs = open_round
+    key = (orgs[0].address, "commitUpdate")
+    chain._GAS.setdefault(w3, {})[key] = 30_000  # a limit the call cannot live with
+    receipt = orgs[0].commit_update(1, b"\x07" * 32, 5)
+    assert receipt["status"] == 1
+    commitment = orgs[0].commitment_of(1, orgs[0].account.address)  # type: ignore[union-attr]
+    assert commitment is not None and commitment.num_samples == 5
+    assert chain._GAS[w3][key] >= int(receipt["gasUsed"])
+    out_of_gas = w3.eth.get_block(receipt["blockNumber"] - 1, full_transactions=True)
+    failed = w3.eth.get_transaction_receipt(out_of_gas["transactions"][0]["hash"])
+    assert failed["status"] == 0 and failed["gasUsed"] == 30_000
