@@ -184,7 +184,7 @@ class RoundService:
             machine.open_round(1, hex32(digest))
         latest = store.latest_round()
         self.metrics.current_round.set(0 if latest is None else latest.round_id)
-        self.watch.set(self._round_state())
+        self.watch.set(self._round_state(latest))
         if background:
             self.start_driver()
 
@@ -282,8 +282,9 @@ class RoundService:
 
     # ------------------------------------------------------------------ reads
 
-    def _round_state(self) -> RoundState:
-        latest = self.store.latest_round()
+    def _round_state(self, latest: StoredRound | None = None) -> RoundState:
+        """The watched state of ``latest`` (read from the store when not given)."""
+        latest = latest or self.store.latest_round()
         return None if latest is None else (latest.round_id, latest.status)
 
     def training_status(self) -> wire.TrainingStatus:

@@ -114,15 +114,14 @@ class WaitLimiter:
     @contextmanager
     def hold(self, client: str) -> Iterator[None]:
         if self._held[client] >= self.per_client or self.held >= self.total:
-            error = CoordinatorError(
+            raise CoordinatorError(
                 ErrorCode.TOO_MANY_WAITS,
                 f"{self._held[client]} long polls are held for {client} already (at most "
                 f"{self.per_client} a client, {self.total} in all); poll without wait_s or "
                 "hold one at a time",
+                retry_after_s=self.RETRY_AFTER_S,
                 per_client=self.per_client,
             )
-            error.headers["Retry-After"] = str(self.RETRY_AFTER_S)
-            raise error
         self._held[client] += 1
         self.held += 1
         try:
@@ -160,13 +159,12 @@ class UploadSlots:
                 "wait for its answer",
             )
         if len(self._receiving) >= self.total:
-            error = CoordinatorError(
+            raise CoordinatorError(
                 ErrorCode.BUSY,
                 f"{self.total} uploads are being received already; retry in a moment",
+                retry_after_s=self.RETRY_AFTER_S,
                 max_concurrent_uploads=self.total,
             )
-            error.headers["Retry-After"] = str(self.RETRY_AFTER_S)
-            raise error
         self._receiving.add(organisation)
         try:
             yield

@@ -698,17 +698,19 @@ class CoordinatorError(CodedError):
 
     headers: dict[str, str]
 
-    def __init__(self, code: ErrorCode, message: str, **details: Any) -> None:
+    def __init__(
+        self, code: ErrorCode, message: str, *, retry_after_s: int | None = None, **details: Any
+    ) -> None:
+        """``retry_after_s``: a refusal that passes; the answer says when to try again."""
         super().__init__(code, message, **details)
-        self.headers = {}
+        self.headers = {} if retry_after_s is None else {"Retry-After": str(retry_after_s)}
 
 
 class ChainUnavailable(CoordinatorError):
     """The chain could not be read, so nothing can be verified now; retry later (503)."""
 
     def __init__(self, message: str, *, retry_after_s: int = 5) -> None:
-        super().__init__(ErrorCode.CHAIN_UNAVAILABLE, message)
-        self.headers = {"Retry-After": str(retry_after_s)}
+        super().__init__(ErrorCode.CHAIN_UNAVAILABLE, message, retry_after_s=retry_after_s)
 
 
 class NodeError(FedledgerError):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import re
 import threading
 import time
@@ -167,16 +166,6 @@ RECEIPT_POLL_S = (0.002, 0.05)
 """The first and the longest wait between receipt polls (doubling from the first): a devnet
 mines at once, a public chain in seconds; web3's default is a fixed 0.1 s."""
 
-_GAS: weakref.WeakKeyDictionary[Web3, dict[tuple[str, str], int]] = weakref.WeakKeyDictionary()
-"""Per connection, the gas limit reused for a (contract, function) whose cost does not grow
-with its arguments (``reuse_gas``)."""
-
-GAS_HEADROOM = 2.0
-"""A reused gas limit is this many times the first estimate: a limit only caps what a
-transaction may burn (what it uses is what it pays), and a call of fixed-size arguments varies
-by a few hundred gas (storage written fresh or again). A transaction that still runs out is
-sent again once with a fresh estimate."""
-
 _SEND_ATTEMPTS = 3
 _NONCE_REFUSALS = ("nonce", "already known", "replacement transaction underpriced")
 _FEE_REFUSALS = ("fee", "underpriced", "base fee")
@@ -243,7 +232,6 @@ def send_transaction(
     selectors: Mapping[bytes, tuple[str, list[str]]],
     *,
     gas: int | None = None,
-    reuse_gas: bool = False,
     timeout_s: float = 120.0,
 ) -> TxReceipt:
     """Sign ``call`` with ``account``'s key, send it and wait for a successful receipt.
@@ -251,25 +239,17 @@ def send_transaction(
     The critical path of a round is made of these, so the calls around the send are few: the
     nonce is counted locally (one lock per account keeps it in sequence in this process), the
     chain id is asked once per connection and fee data once every ``FEE_TTL_S``; the gas is
-    estimated unless ``gas`` is given, and with ``reuse_gas`` (a function whose cost does not
-    grow with its arguments) estimated once per connection and reused with ``GAS_HEADROOM``;
-    one that runs out of that is sent again with a fresh estimate. A send refused for its nonce (another process sent from
+    estimated unless ``gas`` is given. The estimate is also the check that the call would not
+    revert: a reverting call is refused there, before anything is mined or paid for (reusing a
+    gas limit would save it, at the price of mining and paying for every revert). A send refused for its nonce (another process sent from
     the same account) or its fee reads them again from the chain and signs again, up to
     ``_SEND_ATTEMPTS`` times. A revert (at gas estimation or in the mined transaction) raises
     ContractRevert with the decoded error.
     """
     address = account.address
-    key = (str(getattr(call, "address", "")), _name(call))
-    limits = _GAS.setdefault(w3, {})
-    reused = gas is None and reuse_gas and key in limits
-    if reused:
-        gas = limits[key]
     with _lock_for(address):
         for attempt in range(1, _SEND_ATTEMPTS + 1):
             try:
-                if gas is None and reuse_gas:
-                    estimate = call.estimate_gas({"from": address})
-                    gas = limits[key] = math.ceil(estimate * GAS_HEADROOM)
                 nonce = _next_nonce(w3, address)
                 params: dict[str, Any] = {
                     "from": address,
@@ -299,9 +279,6 @@ def send_transaction(
             _NONCES.setdefault(w3, {})[address] = nonce + 1
             break
         receipt = wait_for_receipt(w3, tx_hash, timeout_s=timeout_s)
-    if receipt["status"] != 1 and reused and receipt["gasUsed"] >= (gas or 0):
-        limits.pop(key, None)  # out of gas under the reused limit: estimate afresh, once
-        return send_transaction(w3, account, call, selectors, reuse_gas=True, timeout_s=timeout_s)
     if receipt["status"] != 1:
         reason = _replay_revert(w3, address, call, selectors, receipt["blockNumber"])
         raise reason
@@ -319,13 +296,16 @@ def _replay_revert(
     selectors: Mapping[bytes, tuple[str, list[str]]],
     block: int,
 ) -> ContractRevert:
-    """Find out why a mined transaction failed by replaying it as a call at its block."""
+    """Find out why a mined transaction failed by replaying it as a call: at its own block
+    first (a failed transaction changed nothing, and a revert that depends on the block's time,
+    such as a deadline, shows only there), then at the block before."""
     if isinstance(call, ContractFunction):
-        try:
-            call.call({"from": sender}, block_identifier=max(block - 1, 0))
-        except Exception as exc:
-            if is_revert(exc):
-                return decode_revert(exc, selectors)
+        for at in (block, max(block - 1, 0)):
+            try:
+                call.call({"from": sender}, block_identifier=at)
+            except Exception as exc:
+                if is_revert(exc):
+                    return decode_revert(exc, selectors)
     return ContractRevert("", (), raw=f"{_name(call)} mined with status 0 in block {block}")
 
 

@@ -171,17 +171,13 @@ class LedgerClient:
 
     # ----------------------------------------------------------------- writes
 
-    def _send(self, call: Any, *, gas: int | None = None, reuse_gas: bool = False) -> TxReceipt:
-        """Send ``call`` from this client's key; ``reuse_gas`` for the calls a round repeats
-        whose cost does not grow with their arguments (``send_transaction``)."""
+    def _send(self, call: Any, *, gas: int | None = None) -> TxReceipt:
         account = self.account
         if account is None:
             raise ChainError("this ledger client has no signing key; pass --key")
         return self._observe(
             str(call.fn_name),
-            lambda: send_transaction(
-                self.w3, account, call, self.selectors, gas=gas, reuse_gas=reuse_gas
-            ),
+            lambda: send_transaction(self.w3, account, call, self.selectors, gas=gas),
         )
 
     def register_organisation(self, org: str) -> TxReceipt:
@@ -206,9 +202,7 @@ class LedgerClient:
         return self._send(self.contract.functions.setSampleCap(organisation, cap))
 
     def open_round(self, round_id: int, model_hash: bytes, deadline: int) -> TxReceipt:
-        return self._send(
-            self.contract.functions.openRound(round_id, model_hash, deadline), reuse_gas=True
-        )
+        return self._send(self.contract.functions.openRound(round_id, model_hash, deadline))
 
     def commit_update(
         self, round_id: int, update_hash: bytes, num_samples: int, *, epsilon: float | None = None
@@ -221,7 +215,7 @@ class LedgerClient:
             call = self.contract.functions.commitPrivateUpdate(
                 round_id, update_hash, num_samples, to_fixed_point(epsilon)
             )
-        return self._send(call, reuse_gas=True)
+        return self._send(call)
 
     def retire(self, epsilon: float | None = None) -> TxReceipt:
         """Stop this organisation training for good (its privacy budget is spent)."""
@@ -229,7 +223,7 @@ class LedgerClient:
         return self._send(self.contract.functions.retire(fixed))
 
     def extend_round(self, round_id: int, deadline: int) -> TxReceipt:
-        return self._send(self.contract.functions.extendRound(round_id, deadline), reuse_gas=True)
+        return self._send(self.contract.functions.extendRound(round_id, deadline))
 
     def finalize_round(
         self,
