@@ -57,7 +57,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _procs import tail
 from torch import nn
 
 from fedledger.tasks import DigitsTask
@@ -428,15 +427,22 @@ def _spawn(
         )
 
 
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
 def _wait_all(procs: Sequence[tuple[str, subprocess.Popen[bytes], Path]], deadline: float) -> None:
     """Wait for every process to exit 0 by ``deadline`` (monotonic); raise with its log if not."""
     for name, proc, log in procs:
         try:
             code = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            raise RuntimeError(f"{name} did not finish in time; its log:\n{tail(log)}") from None
+            raise RuntimeError(f"{name} did not finish in time; its log:\n{_tail(log)}") from None
         if code != 0:
-            raise RuntimeError(f"{name} exited with {code}; its log:\n{tail(log)}")
+            raise RuntimeError(f"{name} exited with {code}; its log:\n{_tail(log)}")
 
 
 @contextlib.contextmanager
@@ -517,14 +523,14 @@ def run_anvil(rounds: int, clients: int, workdir: Path) -> VariantResult:
             deadline = time.monotonic() + 120
             while True:
                 if coordinator.poll() is not None:
-                    raise RuntimeError(f"the coordinator exited:\n{tail(coordinator_log)}")
+                    raise RuntimeError(f"the coordinator exited:\n{_tail(coordinator_log)}")
                 try:
                     if httpx.get(f"{url}/v1/health", timeout=1).status_code == 200:
                         break
                 except httpx.TransportError:
                     pass
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"the coordinator did not answer:\n{tail(coordinator_log)}")
+                    raise RuntimeError(f"the coordinator did not answer:\n{_tail(coordinator_log)}")
                 time.sleep(0.1)
             nodes = []
             for k, org in enumerate(deployment.accounts.organisations):
@@ -812,7 +818,7 @@ def run_variant(
             env={**os.environ, **CHILD_ENV}, check=False,
         )  # fmt: skip
     if completed.returncode != 0 or not result_file.exists():
-        return VariantResult(name, status=f"failed (exit {completed.returncode}):\n{tail(log)}")
+        return VariantResult(name, status=f"failed (exit {completed.returncode}):\n{_tail(log)}")
     raw = json.loads(result_file.read_text())
     return VariantResult(**raw)
 

@@ -37,8 +37,6 @@ BENCHMARKS = {
 def load(name: str) -> ModuleType:
     """The benchmark script ``bench/<name>.py`` as a module."""
     path = BENCH_DIR / f"{name}.py"
-    if str(BENCH_DIR) not in sys.path:  # the scripts import their shared helpers by name
-        sys.path.insert(0, str(BENCH_DIR))
     spec = importlib.util.spec_from_file_location(f"fedledger_bench_{name}", path)
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot load {path}")

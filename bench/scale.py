@@ -24,21 +24,22 @@ import contextlib
 import functools
 import importlib.util
 import json
+import os
 import resource
 import shlex
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from _procs import proc_status, process, tail
 from torch import nn
 
 from fedledger.tasks import DigitsTask, TaskSpec, load_spec, load_task
@@ -49,6 +50,7 @@ QUICK_ORGS, QUICK_HIDDEN = 4, 256
 ALPHA = 0.5
 SEED = 0
 TASK_NAME = "digits-wide"
+CHILD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 class WideDigitsTask(DigitsTask):
@@ -203,9 +205,43 @@ class ScaleResult:
     round: dict[str, Any] = field(default_factory=dict)
 
 
-def _rss_mib(pid: int, key: str) -> float:
-    """A memory field of the process's status in MiB (0 once it is gone)."""
-    return (proc_status(pid, key) or 0) / 1024
+def _proc_status(pid: int, key: str) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def _tail(path: Path, lines: int = 12) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+@contextlib.contextmanager
+def _process(cmd: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **CHILD_ENV},
+        )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
 
 
 def run(num_orgs: int, hidden: int, workdir: Path, *, close_timeout_s: float) -> ScaleResult:
@@ -251,21 +287,21 @@ def run(num_orgs: int, hidden: int, workdir: Path, *, close_timeout_s: float) ->
             "--spec", str(spec_file),
             "--round-timeout", str(max(300.0, 3.0 * num_orgs)),
         ]  # fmt: skip
-        with process(cmd, log) as coordinator:
+        with _process(cmd, log) as coordinator:
             phase = time.perf_counter()
             client = CoordinatorClient(url, timeout_s=300)
             deadline = time.monotonic() + 120
             while True:
                 if coordinator.poll() is not None:
-                    raise RuntimeError(f"the coordinator exited:\n{tail(log)}")
+                    raise RuntimeError(f"the coordinator exited:\n{_tail(log)}")
                 with contextlib.suppress(httpx.TransportError, OSError):
                     if httpx.get(f"{url}/v1/health", timeout=1).status_code == 200:
                         break
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"the coordinator did not answer:\n{tail(log)}")
+                    raise RuntimeError(f"the coordinator did not answer:\n{_tail(log)}")
                 time.sleep(0.1)
             result.phases_s["coordinator start-up (round 1 open)"] = time.perf_counter() - phase
-            result.memory_mib["coordinator RSS, idle"] = _rss_mib(coordinator.pid, "VmRSS")
+            result.memory_mib["coordinator RSS, idle"] = _proc_status(coordinator.pid, "VmRSS") or 0
 
             node_times: dict[str, float] = {}
             original_train = task_base.train_local
@@ -299,15 +335,15 @@ def run(num_orgs: int, hidden: int, workdir: Path, *, close_timeout_s: float) ->
                     outcomes = list(pool.map(lambda runner: runner.take_part(current), runners))
                 for k, outcome in enumerate(outcomes):
                     if outcome is None:
-                        raise RuntimeError(f"organisation {k} could not take part:\n{tail(log)}")
+                        raise RuntimeError(f"organisation {k} could not take part:\n{_tail(log)}")
             finally:
                 task_base.train_local = original_train
             result.node_s = node_times
             result.phases_s[f"{num_orgs} organisations: train, commit, upload (concurrent)"] = (
                 time.perf_counter() - phase
             )
-            result.memory_mib["coordinator RSS, all uploads stored"] = _rss_mib(
-                coordinator.pid, "VmRSS"
+            result.memory_mib["coordinator RSS, all uploads stored"] = (
+                _proc_status(coordinator.pid, "VmRSS") or 0
             )
 
             phase = time.perf_counter()
@@ -317,15 +353,17 @@ def run(num_orgs: int, hidden: int, workdir: Path, *, close_timeout_s: float) ->
                 outcome = client.round_result(1).model_dump(mode="json")
                 if outcome["status"] in (wire.RoundStatus.FINALIZED, wire.RoundStatus.FAILED):
                     break
-                if "Traceback" in tail(log, 200):
-                    result.status = "round close crashed in the coordinator:\n" + tail(log)
+                if "Traceback" in _tail(log, 200):
+                    result.status = "round close crashed in the coordinator:\n" + _tail(log)
                     break
                 time.sleep(0.2)
             else:
-                result.status = f"round not closed within {close_timeout_s:.0f} s:\n{tail(log)}"
+                result.status = f"round not closed within {close_timeout_s:.0f} s:\n{_tail(log)}"
             closed = "settled" if result.status == "ok" else "it stopped"
             result.phases_s[f"round close (last upload to {closed})"] = time.perf_counter() - phase
-            result.memory_mib["coordinator peak (VmHWM)"] = _rss_mib(coordinator.pid, "VmHWM")
+            result.memory_mib["coordinator peak (VmHWM)"] = (
+                _proc_status(coordinator.pid, "VmHWM") or 0
+            )
             client.close()
             result.round = {
                 k: outcome.get(k)

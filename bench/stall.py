@@ -34,12 +34,10 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-
-from _procs import CHILD_ENV, proc_status, process, tail
 
 SCRIPT = Path(__file__).resolve()
 LEVELS = (0, 50, 200)
@@ -47,6 +45,7 @@ QUICK_LEVELS = (0, 6)
 UPLOADS, QUICK_UPLOADS = 100, 5
 KINDS = ("pollers", "drippers", "flooders")
 FLOOD_BODY = b"\0" * 2**20
+CHILD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 # ------------------------------------------------------------------ the hostile clients
@@ -206,6 +205,36 @@ def split(n: int) -> dict[str, int]:
     return counts
 
 
+def _proc_status(pid: int, key: str) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return float(line.split()[1])
+    return 0.0
+
+
+@contextlib.contextmanager
+def _process(cmd: list[str], log: Path, **env: str) -> Iterator[subprocess.Popen[bytes]]:
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            env={**os.environ, **CHILD_ENV, **env},
+        )  # fmt: skip
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
 @dataclass(frozen=True)
 class SignedUpload:
     body: bytes
@@ -298,16 +327,16 @@ def run(levels: Sequence[int], per_level: int, workdir: Path, *, seconds: float)
             "--deployment", str(deployment_file), "--data-dir", str(workdir / "coordinator"),
             "--port", str(port), "--rounds", "1", "--round-timeout", "3600",
         ]  # fmt: skip
-        with process(cmd, log, FEDLEDGER_KEY=key) as coordinator:
+        with _process(cmd, log, FEDLEDGER_KEY=key) as coordinator:
             deadline = time.monotonic() + 120
             while True:
                 if coordinator.poll() is not None:
-                    raise RuntimeError(f"the coordinator exited:\n{tail(log)}")
+                    raise RuntimeError(f"the coordinator exited:\n{_tail(log)}")
                 with contextlib.suppress(httpx.HTTPError):
                     if httpx.get(f"{url}/v1/rounds/current", timeout=2).status_code == 200:
                         break
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"the coordinator did not open round 1:\n{tail(log)}")
+                    raise RuntimeError(f"the coordinator did not open round 1:\n{_tail(log)}")
                 time.sleep(0.2)
             from fedledger.incentive.chain import devnet_account
             from fedledger.incentive.commitment import keccak
@@ -333,18 +362,18 @@ def run(levels: Sequence[int], per_level: int, workdir: Path, *, seconds: float)
                         raise RuntimeError("the hostile clients did not start")
                     time.sleep(min(3.0, seconds / 4) if n else 0)  # they connect, polls are held
                     measure(url, uploads[i * per_level : (i + 1) * per_level], level)
-                    level.coordinator_rss_mib = (proc_status(coordinator.pid, "VmRSS") or 0) / 1024
-                    level.coordinator_threads = int(proc_status(coordinator.pid, "Threads") or 0)
+                    level.coordinator_rss_mib = _proc_status(coordinator.pid, "VmRSS") / 1024
+                    level.coordinator_threads = int(_proc_status(coordinator.pid, "Threads"))
                 finally:
                     proc.terminate()
                     out, _ = proc.communicate(timeout=60)
                 level.hostile_stats = json.loads(out.strip().splitlines()[-1])
                 results.append(level)
             if coordinator.poll() is not None:
-                raise RuntimeError(f"the coordinator exited:\n{tail(log)}")
+                raise RuntimeError(f"the coordinator exited:\n{_tail(log)}")
             tracebacks = log.read_text(errors="replace").count("Traceback")
             if tracebacks:
-                raise RuntimeError(f"the coordinator logged {tracebacks} tracebacks:\n{tail(log)}")
+                raise RuntimeError(f"the coordinator logged {tracebacks} tracebacks:\n{_tail(log)}")
     finally:
         anvil.stop()
     return results

@@ -21,8 +21,6 @@ pytestmark = pytest.mark.slow
 
 
 def load(name: str) -> ModuleType:
-    if str(BENCH_DIR) not in sys.path:  # the scripts import their shared helpers by name
-        sys.path.insert(0, str(BENCH_DIR))
     spec = importlib.util.spec_from_file_location(
         f"fedledger_bench_{name}", BENCH_DIR / f"{name}.py"
     )
