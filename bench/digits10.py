@@ -291,7 +291,8 @@ def install_timers() -> None:
     _wrap(LedgerClient, "_send", "chain: transactions")
     _wrap(LedgerClient, "_view", "chain: reads")
     _wrap(LedgerClient, "commit_order", "chain: commit-order log query")
-    _wrap(RoundService, "accept_upload", "upload verification")
+    _wrap(RoundService, "admit_upload", "upload check: headers, chain")
+    _wrap(RoundService, "store_upload", "upload check: body, store")
     _wrap(rounds, "close_books", "pricing (screen, value, aggregate)")
     _wrap(books, "aggregate", "aggregation")
     _wrap(ExactShapley, "value", "Shapley valuation")
@@ -892,7 +893,8 @@ BREAKDOWN_ORDER = (
     ("nodes", "HTTP: model download"),
     ("nodes", "HTTP: upload (incl. verification)"),
     ("nodes", "HTTP: polling"),
-    ("coordinator", "upload verification"),
+    ("coordinator", "upload check: headers, chain"),
+    ("coordinator", "upload check: body, store"),
     ("coordinator", "chain: transactions"),
     ("coordinator", "chain: reads"),
     ("coordinator", "chain: commit-order log query"),

@@ -256,17 +256,21 @@ def create_app(
             int | None, BeforeValidator(_decimal), Query(ge=0, le=MAX_ID)
         ] = None,
         after_status: wire.RoundStatus | None = None,
+        after_commits_closed: bool | None = None,
         wait_s: Annotated[float, Query(ge=0, allow_inf_nan=False)] = 0.0,
     ) -> wire.CurrentRound:
         """The current round. With ``after_round``, ``after_status`` and ``wait_s``, a long
-        poll: answers once the round or its status differs from those, or after ``wait_s``
+        poll: answers once the round or its status differs from those (or, with
+        ``after_commits_closed``, whether its commit phase is over), or after ``wait_s``
         seconds (at most 30). A client address holds at most ``max_waits_per_client`` polls
         at once (429 ``too_many_waits`` beyond)."""
         if after_round is not None and after_status is not None and wait_s > 0:
-            known = (after_round, after_status)
-            if svc.watch.state == known:
+            known = (after_round, after_status, after_commits_closed)
+            if not svc.watch.news(known):
                 client = request.client.host if request.client else "unknown"
                 with waits.hold(client):
+                    if after_commits_closed is False:
+                        svc.hint_commits()  # a node that committed: the phase may be over
                     await svc.wait_for_change(known, wait_s)
         return await run_in_threadpool(svc.current)
 

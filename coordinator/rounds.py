@@ -35,6 +35,13 @@ log = logging.getLogger("fedledger.coordinator")
 RETIREMENT_POLL_S = 2.0
 """How often a round waiting for uploads rereads whether the missing organisations retired."""
 
+COMMIT_POLL_S = 1.0
+"""How often an open round rereads on-chain whether its commit phase is over, unprompted."""
+
+COMMIT_CHECK_MIN_S = 0.005
+"""The least time between two such reads when nodes prompt them (``commit_hint``): each node
+waiting for the phase to end prompts one, so the last commitment is seen within a read."""
+
 EXTEND_MARGIN_S = 5.0
 """How long before a round's commit deadline the ``extend`` policy decides (a tenth of the round
 timeout when that is shorter): an extension must land on-chain before the deadline, after which
@@ -83,12 +90,22 @@ class RoundMachine:
         self._expected: dict[int, list[str]] = {}
         self._retired: dict[str, RetirementRecord] = {}  # lower-case address -> for good
         self._retired_read = -math.inf
+        # Rounds whose commit phase is over (seen on-chain, or past the deadline): shared with
+        # the upload verifier, which takes no upload before, and published to long polls.
+        self.commits_closed: set[int] = set()
+        self.commit_hint = False  # a node waits for the commit phase: read it soon
+        self._commits_read = -math.inf
 
     def expected_organisations(self, round_id: int) -> list[str]:
         """The organisations registered when the round opened (read once per round)."""
         if round_id not in self._expected:
             self._expected[round_id] = self.ledger.organisations()
         return self._expected[round_id]
+
+    def registered_at_open(self, round_id: int) -> frozenset[str]:
+        """The organisations (lower case) registered when round ``round_id`` opened, as read
+        then; empty for a round whose list this process has not read (nothing is read here)."""
+        return frozenset(o.lower() for o in self._expected.get(round_id, ()))
 
     def retired(
         self, organisations: Iterable[str], *, fresh: bool = False
@@ -106,6 +123,26 @@ class RoundMachine:
                     self._retired[org] = record
         return {o: self._retired[o] for o in wanted if o in self._retired}
 
+    def commit_phase_over(self, round_id: int, deadline: int, now: float) -> bool:
+        """Whether open round ``round_id``'s commit phase is over: known already, past the
+        ``deadline`` by ``now``, or read on-chain (at most every ``COMMIT_POLL_S``, or
+        ``COMMIT_CHECK_MIN_S`` after a ``commit_hint``)."""
+        if round_id in self.commits_closed:
+            return True
+        since = time.monotonic() - self._commits_read
+        if now > deadline or (
+            since >= (COMMIT_CHECK_MIN_S if self.commit_hint else COMMIT_POLL_S)
+            and self._read_commits(round_id, now)
+        ):
+            self.commits_closed.add(round_id)
+            return True
+        return False
+
+    def _read_commits(self, round_id: int, now: float) -> bool:
+        self.commit_hint = False
+        self._commits_read = time.monotonic()
+        return self.ledger.commits_closed(round_id, now=now)
+
     def deadline(self) -> int:
         """round_timeout_s from now, by the later of our clock and the chain's: a chain whose
         blocks run ahead of the wall clock (the in-process EVM adds a second a block) must
@@ -114,24 +151,35 @@ class RoundMachine:
         return int(now + self.settings.round_timeout_s)
 
     def open_round(self, round_id: int, model_hash: str) -> None:
+        """Open ``round_id`` on-chain on ``model_hash`` (unless a crash left it open there
+        already: then the chain's round must be on that model) and record it."""
         if self.ledger.round_count() < round_id:
-            self.ledger.open_round(round_id, as_bytes32(model_hash), self.deadline())
+            deadline = self.deadline()
+            self.ledger.open_round(round_id, as_bytes32(model_hash), deadline)
             failpoint(OPEN_AFTER_TX)
-        record = self.ledger.get_round(round_id)
-        if hex32(record.model_hash) != model_hash:
-            raise CoordinatorError(
-                ErrorCode.CHAIN_MISMATCH,
-                f"round {round_id} on-chain has model {hex32(record.model_hash)}, "
-                f"expected {model_hash}",
-            )
-        self.store.add_round(round_id, model_hash, record.deadline)
+        else:
+            record = self.ledger.get_round(round_id)
+            if hex32(record.model_hash) != model_hash:
+                raise CoordinatorError(
+                    ErrorCode.CHAIN_MISMATCH,
+                    f"round {round_id} on-chain has model {hex32(record.model_hash)}, "
+                    f"expected {model_hash}",
+                )
+            deadline = record.deadline
+        self.store.add_round(round_id, model_hash, deadline)
         self._expected[round_id] = self.ledger.organisations()
         self.metrics.current_round.set(round_id)
-        log.info("round %d open until %d on model %s", round_id, record.deadline, model_hash)
+        log.info("round %d open until %d on model %s", round_id, deadline, model_hash)
 
     def step(self) -> None:
         """Take the next transition of the latest round, if one is due."""
         current = self.store.latest_round()
+        if (
+            current is None
+            or current.status != wire.RoundStatus.OPEN
+            or current.round_id in self.commits_closed
+        ):
+            self.commit_hint = False  # nothing left to read of a commit phase
         if current is None:
             return
         if current.status == wire.RoundStatus.OPEN:
@@ -144,7 +192,8 @@ class RoundMachine:
             past = now > current.deadline + self.settings.upload_grace_s
             if not all_in and self.extend_if_short(current, now):
                 return
-            if all_in and not past and not self.ledger.commits_closed(current.round_id, now=now):
+            over = self.commit_phase_over(current.round_id, current.deadline, now)
+            if all_in and not past and not over:
                 return  # someone registered since the round opened may still commit
             if all_in or past:
                 with self.lock:
@@ -292,10 +341,8 @@ class RoundMachine:
                     books.notes.get(i, ""),
                 )
         metrics = self.game.report(books.params) if self.game.report is not None else {}
-        epsilons = {
-            u.organisation.lower(): self.ledger.epsilon_of(round_id, u.organisation)
-            for u in uploads
-        }
+        read = self.ledger.epsilons_of(round_id, [u.organisation for u in uploads])
+        epsilons = {u.organisation.lower(): e for u, e in zip(uploads, read, strict=True)}
         result = finalized_result(
             stored,
             books,

@@ -21,10 +21,10 @@ from fedledger.coordinator.config import CoordinatorSettings
 from fedledger.coordinator.metrics import CoordinatorMetrics
 from fedledger.coordinator.policy import PricingPolicy, PrivacyNoise
 from fedledger.coordinator.results import claim_ticket, pending_result
-from fedledger.coordinator.rounds import Game, RoundMachine
+from fedledger.coordinator.rounds import COMMIT_CHECK_MIN_S, Game, RoundMachine
 from fedledger.coordinator.store import Store, StoredRound, StoredUpdate
 from fedledger.coordinator.uploads import AuthenticatedUpload, UploadVerifier
-from fedledger.coordinator.waits import RoundState, RoundWatch
+from fedledger.coordinator.waits import Known, RoundState, RoundWatch
 from fedledger.devices import default_device
 from fedledger.errors import (
     ChainError,
@@ -169,6 +169,8 @@ class RoundService:
             specs=specs_of(model.state_dict()),
             clock=self.clock,
             codec=Codec.of(spec.compression),
+            commits_closed=machine.commits_closed,  # what the driver saw, the uploads need
+            members=machine.registered_at_open,
         )
         self._parts = (store, task, machine, verifier)
         self.receipt_signer = ReceiptSigner(
@@ -250,7 +252,9 @@ class RoundService:
     def _run(self) -> None:
         backoff_s = 1.0
         while not self._stop.is_set():
-            self._wake.wait(self.settings.poll_interval_s)
+            # A hint the last step was too soon to act on is taken at its earliest.
+            hinted = self._parts is not None and self.machine.commit_hint
+            self._wake.wait(COMMIT_CHECK_MIN_S if hinted else self.settings.poll_interval_s)
             self._wake.clear()
             try:
                 if self.step():
@@ -285,7 +289,17 @@ class RoundService:
     def _round_state(self, latest: StoredRound | None = None) -> RoundState:
         """The watched state of ``latest`` (read from the store when not given)."""
         latest = latest or self.store.latest_round()
-        return None if latest is None else (latest.round_id, latest.status)
+        if latest is None:
+            return None
+        closed = latest.round_id in self.machine.commits_closed
+        return (latest.round_id, latest.status, closed)
+
+    def hint_commits(self) -> None:
+        """A node waits for the commit phase to end (it has just committed, so the phase may be
+        over): have the driver read it from the chain now rather than at its next poll. The
+        driver reads it at most every ``COMMIT_CHECK_MIN_S``, however many hints arrive."""
+        self.machine.commit_hint = True
+        self._wake.set()
 
     def training_status(self) -> wire.TrainingStatus:
         current = self.store.latest_round()
@@ -297,15 +311,15 @@ class RoundService:
             return wire.TrainingStatus.DONE
         return wire.TrainingStatus.RUNNING
 
-    def current_after(self, known: RoundState, wait_s: float) -> wire.CurrentRound:
-        """The current round once its (round, status) differs from ``known``, or after
+    def current_after(self, known: Known, wait_s: float) -> wire.CurrentRound:
+        """The current round once its state differs from ``known`` (``waits.differs``), or after
         ``wait_s`` seconds (at most ``MAX_LONG_POLL_S``); blocks the calling thread. The API
         waits with ``watch.wait_async`` instead, holding no thread."""
         if known is not None:
             self.watch.wait(known, min(max(wait_s, 0.0), MAX_LONG_POLL_S))
         return self.current()
 
-    async def wait_for_change(self, known: RoundState, wait_s: float) -> None:
+    async def wait_for_change(self, known: Known, wait_s: float) -> None:
         """Until the round's state differs from ``known``, or ``wait_s`` seconds (at most
         ``MAX_LONG_POLL_S``) pass; holds no thread."""
         await self.watch.wait_async(known, min(max(wait_s, 0.0), MAX_LONG_POLL_S))
@@ -318,6 +332,7 @@ class RoundService:
             training=self.training_status(),
             round_id=current.round_id,
             status=current.status,
+            commits_closed=current.round_id in self.machine.commits_closed,
             model_hash=current.model_hash,
             deadline=current.deadline,
             total_rounds=self.settings.total_rounds,

@@ -9,7 +9,7 @@ is read (an unsigned or uncommitted request is refused without buffering it).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -81,6 +81,8 @@ class UploadVerifier:
         specs: Mapping[str, TensorSpec],
         clock: Callable[[], float],
         codec: Codec | None = None,
+        commits_closed: set[int] | None = None,
+        members: Callable[[int], Collection[str]] | None = None,
     ) -> None:
         self.settings = settings
         self.ledger = ledger
@@ -90,7 +92,12 @@ class UploadVerifier:
         self.codec = codec or Codec()  # the task spec's [compression]
         layout = self.codec.layout(specs)  # what an upload's safetensors header must list
         self._header_bound, self._buffer_bytes = header_bound(layout), buffer_bytes(layout)
-        self._commits_closed: set[int] = set()  # rounds whose commit phase the chain ended
+        # Rounds whose commit phase the chain ended (the round driver's set, when given).
+        self._commits_closed = commits_closed if commits_closed is not None else set()
+        # The organisations registered when a round opened, by lower-case address (the round
+        # driver's record, read once a round); anyone else is looked up on-chain. A revocation
+        # takes effect from the next round; the commitment is read for every upload.
+        self._members = members
 
     # -------------------------------------------------- before the round is looked at
 
@@ -98,7 +105,7 @@ class UploadVerifier:
         """Signature, signer's registration, expiry and sample count: the headers' own checks."""
         signed = read_authorization(headers, path_round_id)
         signer = self.recover(signed)
-        self.check_signer(signer, signed.auth.organisation)
+        self.check_signer(signer, signed.auth.organisation, round_id=signed.auth.round_id)
         self.check_expiry(signed.auth)
         self.check_sample_count(signed.auth)
         return AuthenticatedUpload(signed.auth, signer, hex32(signed.auth.update_hash))
@@ -111,9 +118,12 @@ class UploadVerifier:
         except SignatureError as exc:
             raise CoordinatorError(exc.code, exc.message) from exc
 
-    def check_signer(self, signer: str, organisation: str) -> None:
+    def check_signer(self, signer: str, organisation: str, *, round_id: int = 0) -> None:
+        """The signer is the organisation signed for, and registered on the ledger: among those
+        registered when round ``round_id`` opened, or else read on-chain now."""
+        known = self._members(round_id) if self._members is not None and round_id else ()
         try:
-            registered = self.ledger.is_organisation(signer)
+            registered = signer.lower() in known or self.ledger.is_organisation(signer)
         except ChainError as exc:
             raise ChainUnavailable(f"cannot verify the signer on-chain: {exc}") from exc
         if signer != organisation:

@@ -20,14 +20,27 @@ from contextlib import contextmanager
 from fedledger import wire
 from fedledger.errors import CoordinatorError, ErrorCode
 
-RoundState = tuple[int, wire.RoundStatus] | None
-"""The latest round's id and status (None before the first round opens)."""
+RoundState = tuple[int, wire.RoundStatus, bool] | None
+"""The latest round's id, status and whether its commit phase is over (None before the first
+round opens)."""
+
+Known = tuple[int, wire.RoundStatus, bool | None]
+"""What a long poll knows of the round: its id, status and, when the poller waits for the end
+of the commit phase, whether it is over (None: that part is not waited on)."""
+
+
+def differs(state: RoundState, known: Known) -> bool:
+    """Whether ``state`` is news to a poller that knows ``known``."""
+    if state is None:
+        return False
+    round_id, status, closed = known
+    return state[:2] != (round_id, status) or (closed is not None and state[2] != closed)
 
 
 class RoundWatch:
     """The latest round's ``RoundState``, set by whoever moves the round on, and waits for it to
-    differ from what a caller knows. Thread-safe; ``wait`` blocks a thread, ``wait_async`` only
-    a coroutine."""
+    differ from what a caller knows (``differs``). Thread-safe; ``wait`` blocks a thread,
+    ``wait_async`` only a coroutine."""
 
     def __init__(self) -> None:
         self._state: RoundState = None
@@ -65,17 +78,22 @@ class RoundWatch:
             loop.call_soon_threadsafe(_resolve, future)
         self._futures.clear()
 
-    def _settled(self, known: RoundState) -> bool:
-        return self._closed or self._state != known
+    def _settled(self, known: Known) -> bool:
+        return self._closed or differs(self._state, known)
 
-    def wait(self, known: RoundState, timeout_s: float) -> None:
+    def news(self, known: Known) -> bool:
+        """Whether the state already differs from ``known`` (a poll is answered at once)."""
+        with self._changed:
+            return self._settled(known)
+
+    def wait(self, known: Known, timeout_s: float) -> None:
         """Block until the state differs from ``known`` (or ``timeout_s`` passes)."""
         deadline = time.monotonic() + timeout_s
         with self._changed:
             while not self._settled(known) and (left := deadline - time.monotonic()) > 0:
                 self._changed.wait(left)
 
-    async def wait_async(self, known: RoundState, timeout_s: float) -> None:
+    async def wait_async(self, known: Known, timeout_s: float) -> None:
         """``wait`` without holding a thread: the coroutine sleeps on a future."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()

@@ -169,6 +169,9 @@ class CurrentRound(_Schema):
     training: TrainingStatus
     round_id: int
     status: RoundStatus
+    # The commit phase is over, as far as the coordinator has seen on-chain: uploads are taken.
+    # A node confirms it on-chain before it uploads; the coordinator's word is not enough.
+    commits_closed: bool = False
     model_hash: str  # 0x-hex keccak256 of the global model's canonical bytes
     deadline: int  # unix seconds: commitments on-chain and uploads close then
     total_rounds: int

@@ -9,7 +9,7 @@ from functools import cached_property
 from typing import Any, Protocol, TypeVar
 
 from eth_account.signers.local import LocalAccount
-from web3 import Web3
+from web3 import HTTPProvider, Web3
 from web3.contract import Contract
 from web3.types import TxReceipt
 
@@ -296,6 +296,21 @@ class LedgerClient:
     def _view(self, fn: Any) -> Any:
         return self._observe(str(fn.fn_name), lambda: call_view(fn.call, self.selectors))
 
+    def _views(self, fns: Sequence[Any]) -> list[Any]:
+        """Several reads, as one JSON-RPC batch (one round trip) where the provider takes
+        batches, one by one where it does not (the in-process EVM)."""
+        if len(fns) < 2 or not isinstance(self.w3.provider, HTTPProvider):
+            return [self._view(fn) for fn in fns]
+
+        def batch() -> list[Any]:
+            with self.w3.batch_requests() as requests:
+                for fn in fns:
+                    requests.add(fn)
+                return list(requests.execute())
+
+        name = "batch:" + ",".join(sorted({str(fn.fn_name) for fn in fns}))
+        return self._observe(name, lambda: call_view(batch, self.selectors))
+
     @cached_property
     def token_address(self) -> str:
         return str(self._view(self.contract.functions.token()))
@@ -376,6 +391,27 @@ class LedgerClient:
             return None
         return CommitmentRecord(update_hash=bytes(update_hash), num_samples=int(num_samples))
 
+    def epsilons_of(self, round_id: int, orgs: Sequence[str]) -> list[float | None]:
+        """``epsilon_of`` for each of ``orgs``, read in one batch."""
+        fixed = self._views(
+            [
+                self.contract.functions.epsilonOf(round_id, Web3.to_checksum_address(org))
+                for org in orgs
+            ]
+        )
+        return [from_fixed_point(int(f)) if int(f) else None for f in fixed]
+
+    def settled_of(self, round_id: int, org: str) -> tuple[int, int]:
+        """``reward_of`` and ``flags_of`` together, in one batch."""
+        org = Web3.to_checksum_address(org)
+        reward, flags = self._views(
+            [
+                self.contract.functions.rewardOf(round_id, org),
+                self.contract.functions.flagsOf(round_id, org),
+            ]
+        )
+        return int(reward), int(flags)
+
     def epsilon_of(self, round_id: int, org: str) -> float | None:
         """The epsilon the organisation reported with its commitment (None: no DP, or none)."""
         fixed = int(
@@ -433,8 +469,13 @@ class LedgerClient:
     def organisations(self) -> list[str]:
         return [str(a) for a in self._view(self.contract.functions.organisations())]
 
+    @cached_property
+    def coordinator_role(self) -> bytes:
+        """``COORDINATOR_ROLE``'s id: a constant of the contract, read once."""
+        return bytes(self._view(self.contract.functions.COORDINATOR_ROLE()))
+
     def has_coordinator_role(self, account: str) -> bool:
-        role = self._view(self.contract.functions.COORDINATOR_ROLE())
+        role = self.coordinator_role
         return bool(
             self._view(self.contract.functions.hasRole(role, Web3.to_checksum_address(account)))
         )

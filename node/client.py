@@ -120,9 +120,14 @@ class CoordinatorClient:
         return wire.Health.model_validate(self._request("GET", "/health").json())
 
     def current_round(
-        self, *, after: wire.CurrentRound | None = None, wait_s: float = 0.0
+        self,
+        *,
+        after: wire.CurrentRound | None = None,
+        wait_s: float = 0.0,
+        commit_phase: bool = False,
     ) -> wire.CurrentRound:
-        """The current round; with ``after``, wait up to ``wait_s`` for it to change from that."""
+        """The current round; with ``after``, wait up to ``wait_s`` for its round or status to
+        change from that (``commit_phase``: or the end of its commit phase)."""
         params: dict[str, str | float] = {}
         if after is not None and wait_s > 0:
             params = {
@@ -130,6 +135,8 @@ class CoordinatorClient:
                 "after_status": after.status.value,
                 "wait_s": wait_s,
             }
+            if commit_phase:
+                params["after_commits_closed"] = "true" if after.commits_closed else "false"
         response = self._request("GET", "/rounds/current", params=params)
         return wire.CurrentRound.model_validate(response.json())
 

@@ -36,6 +36,10 @@ from fedledger.tasks.privacy import PrivacyBudgetSpent, PrivacyLedger
 
 log = logging.getLogger("fedledger.node")
 
+COMMIT_WAIT_S = 2.0
+"""How long one long poll for the end of the commit phase waits before the node asks the chain
+itself (the coordinator answers as soon as it has seen the phase end)."""
+
 
 @dataclass(frozen=True)
 class RoundOutcome:
@@ -359,7 +363,7 @@ class NodeRunner:
             self.done_rounds.add(round_id)
             return None
 
-        self._await_commits_closed(round_id)  # nothing leaves before every commitment is final
+        self._await_commits_closed(current)  # nothing leaves before every commitment is final
         auth = UploadAuthorization(
             organisation=self.account.address,
             round_id=round_id,
@@ -414,24 +418,47 @@ class NodeRunner:
         sent = {"coordinator": self.client.base_url, "round_id": round_id, "headers": headers}
         (folder / "upload.json").write_text(json.dumps(sent, indent=2) + "\n")
 
-    def _await_commits_closed(self, round_id: int) -> None:
+    def _await_commits_closed(self, current: wire.CurrentRound) -> None:
         """Wait, before uploading, for the round's commit phase to end on-chain (every active
         organisation committed, or the deadline passed): the coordinator takes no update
-        before, so that nobody can commit with what others uploaded. Polls the chain, soon
-        after the commitment and then less often, never past the deadline."""
-        wait_s = 0.02
-        record = self.ledger.get_round(round_id)
+        before, so that nobody can commit with what others uploaded.
+
+        The coordinator says when it has seen the phase end (a long poll, which also prompts it
+        to look: this node has just committed); the chain confirms it, so that a coordinator
+        saying so early learns nothing. Without its word, the chain is polled."""
+        round_id = current.round_id
         # However the clocks disagree, give up waiting soon after the deadline, by wall time:
         # the upload then gets the coordinator's reason.
-        give_up = time.monotonic() + max(0.0, record.deadline - self.clock()) + 2.0
-        # The deadline by our clock from the record read anyway (commits_closed(now=) would
-        # read it again), the chain's own verdict for everything else.
-        while not (self.clock() > record.deadline or self.ledger.commits_closed(round_id)):
-            if record.state is not RoundState.OPEN or time.monotonic() > give_up:
-                return  # closed without us, or never by our clock
+        give_up = time.monotonic() + max(0.0, current.deadline - self.clock()) + 2.0
+        seen = current
+        while not seen.commits_closed and time.monotonic() < give_up:
+            try:
+                seen = self.client.current_round(
+                    after=seen, wait_s=COMMIT_WAIT_S, commit_phase=True
+                )
+            except (CoordinatorUnavailable, CoordinatorRejected):
+                break  # the chain alone decides
+            if seen.round_id != round_id or seen.status is not wire.RoundStatus.OPEN:
+                return  # the round moved on: the upload gets the coordinator's reason
+            if not seen.commits_closed and self.ledger.commits_closed(round_id):
+                return  # no word from the coordinator, but the chain's is what counts
+        self._poll_commits_closed(round_id, give_up)
+
+    def _poll_commits_closed(self, round_id: int, give_up: float) -> None:
+        """Until the chain says the commit phase is over: read at once, then polled soon and
+        less and less often, never past the deadline (or ``give_up``, by ``time.monotonic``)."""
+        wait_s = 0.02
+        while not self.ledger.commits_closed(round_id):
+            # The deadline by our clock (commits_closed(now=) would read the record again).
+            record = self.ledger.get_round(round_id)
+            if (
+                record.state is not RoundState.OPEN
+                or self.clock() > record.deadline
+                or time.monotonic() > give_up
+            ):
+                return  # closed without us, over by our clock, or never by it
             time.sleep(wait_s)
             wait_s = min(wait_s * 2, self.poll_interval_s)
-            record = self.ledger.get_round(round_id)
 
     def _upload_with_retry(
         self, round_id: int, body: bytes, headers: dict[str, str]
@@ -490,12 +517,8 @@ class NodeRunner:
             validation = dict(self.client.round_result(round_id).validation_metrics)
         except CoordinatorRejected:
             validation = {}
-        return Settled(
-            round_id=round_id,
-            validation=validation,
-            reward=self.ledger.reward_of(round_id, me),
-            flags=self.ledger.flags_of(round_id, me),
-        )
+        reward, flags = self.ledger.settled_of(round_id, me)
+        return Settled(round_id=round_id, validation=validation, reward=reward, flags=flags)
 
     def _claim(self, record: RoundRecord) -> Claim | None:
         """Claim in a round settled by root (``claims.claim_round``); a ticket that does not

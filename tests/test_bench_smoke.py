@@ -240,8 +240,9 @@ def test_compression_shrinks_the_uploads(tmp_path: Path) -> None:
 def test_txpath_sends_with_fewer_calls_than_web3_defaults(tmp_path: Path) -> None:
     report = run_quick("txpath", tmp_path)
     calls = {row["path"]: row["rpc_calls"] for row in report["paths"]}
-    # web3's defaults read the nonce, fees and gas each time; with the nonce and fees known and
-    # the gas given, a transaction is only sent and its receipt fetched (anvil may answer the
-    # first receipt poll with null).
-    assert calls["fedledger, fixed gas"] <= 3 < calls["fedledger"] < calls["web3 defaults"]
+    # web3's defaults read the nonce, fees, gas and chain id each time; with the nonce, fees
+    # and chain id known and the gas given, a transaction is only sent and its receipt fetched
+    # (anvil may answer the first receipt poll with null); the estimate is one call more.
+    fixed, ours = calls["fedledger, fixed gas"], calls["fedledger"]
+    assert fixed <= 3 and fixed < ours <= fixed + 1.5 and ours + 3 < calls["web3 defaults"]
     assert set(report["signing"]) >= {"NativeECCBackend", "CoinCurveECCBackend"}

@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -512,6 +513,82 @@ def test_a_long_poll_is_held_until_the_round_changes_then_answers_with_it(
     assert now["status"] == "finalized"
     assert {**answer, "status": None} == {**now, "status": None}
     assert watch.waiting == 0
+
+
+def test_a_long_poll_for_the_commit_phase_is_answered_when_the_last_commitment_lands(
+    harness: Harness,
+) -> None:
+    """``after_commits_closed=false`` is held while members may still commit, and prompts the
+    coordinator to read the chain: the last committer's poll ends every wait at once."""
+    watch = harness.service.watch
+    for k, org in enumerate(harness.orgs[:-1]):
+        harness.make_upload(org, seed=k)  # commits on-chain
+    current = harness.client.get("/v1/rounds/current").json()
+    assert (current["status"], current["commits_closed"]) == ("open", False)
+    params = {"after_round": 1, "after_status": "open", "after_commits_closed": "false"}
+    answers: list[dict[str, Any]] = []
+
+    def poll() -> None:
+        response = harness.client.get("/v1/rounds/current", params={**params, "wait_s": 25})
+        answers.append(response.json())
+
+    first = threading.Thread(target=poll, daemon=True)
+    first.start()
+    _wait_for(lambda: watch.waiting == 1 or answers, "the poll to be held")
+    harness.service.step()  # prompted: the driver reads the chain, a member has not committed
+    assert answers == [] and watch.waiting == 1
+    assert 1 not in harness.service.machine.commits_closed
+
+    harness.make_upload(harness.orgs[-1], seed=9)  # the last commitment, then its node's poll
+    second = threading.Thread(target=poll, daemon=True)
+    second.start()
+    _wait_for(lambda: watch.waiting == 2 or answers, "the second poll to be held")
+    harness.service.step()  # prompted again: the phase is over on-chain
+    for waiter in (first, second):
+        waiter.join(timeout=20)
+        assert not waiter.is_alive()
+    assert [(a["round_id"], a["status"], a["commits_closed"]) for a in answers] == [
+        (1, "open", True)
+    ] * 2
+    # Uploads are taken now; a poll that does not ask about the commit phase still waits for
+    # the round's status to change.
+    upload = harness.make_upload(harness.orgs[0], seed=0, commit=False)  # as committed
+    assert harness.post(upload).status_code == 201
+    held = threading.Thread(target=poll, daemon=True)
+    answers.clear()
+    params.pop("after_commits_closed")
+    held.start()
+    _wait_for(lambda: watch.waiting == 1 or answers, "a status poll to be held")
+    assert answers == []
+    harness.service.watch.close()
+    held.join(timeout=20)
+    assert not held.is_alive()
+
+
+def test_membership_is_read_once_a_round_and_a_newcomer_is_looked_up(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Uploads from the organisations registered when the round opened are checked against
+    the list read then; one registered since is looked up on-chain, and accepted."""
+    from fedledger.incentive.chain import devnet_account
+    from fedledger.incentive.ledger import LedgerClient
+
+    newcomer = devnet_account(2 + len(harness.orgs))
+    admin = LedgerClient(harness.ledger.w3, harness.ledger.address, devnet_account(0))
+    admin.register_organisation(newcomer.address)
+    looked_up: list[str] = []
+    ledger = harness.service.ledger
+    original = ledger.is_organisation
+    monkeypatch.setattr(
+        ledger, "is_organisation", lambda a: looked_up.append(a.lower()) or original(a)
+    )
+    members = [*harness.orgs, newcomer]
+    uploads = [harness.make_upload(org, seed=k) for k, org in enumerate(members)]
+    for upload in uploads:
+        assert harness.post(upload).status_code == 201
+    assert looked_up == [newcomer.address.lower()]
+    stored = {u.organisation.lower() for u in harness.service.store.updates_for(1)}
+    assert stored == {m.address.lower() for m in members}
 
 
 def test_a_long_poll_answers_a_stale_state_at_once_and_waits_at_most_the_cap(

@@ -125,3 +125,45 @@ def test_every_cast_command_of_the_page_answers_what_the_ledger_client_reads(
     # (flagged in round 1, its round-2 reward not claimed yet).
     assert ledger.total_reward_of(orgs[0]) == 8 * TOKEN_UNIT
     assert ledger.total_reward_of(orgs[1]) == 0
+
+
+def test_a_read_is_one_round_trip(anvil: AnvilProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chain id web3 checks before every call is asked once per connection, not each
+    time (it doubled the round trips of every read)."""
+    from web3.providers.rpc.rpc import HTTPProvider
+
+    w3 = connect(anvil.rpc_url)
+    ledger = LedgerClient(w3, deploy_devnet(w3, 1).ledger)
+    sent: list[str] = []
+    original = HTTPProvider._make_request
+    monkeypatch.setattr(
+        HTTPProvider,
+        "_make_request",
+        lambda self, method, params: sent.append(method) or original(self, method, params),
+    )
+    assert [ledger.round_count() for _ in range(3)] == [0, 0, 0]
+    assert sent == ["eth_call"] * 3
+
+
+def test_batched_reads_answer_what_single_reads_do_in_one_round_trip(
+    anvil: AnvilProcess,
+) -> None:
+    """A round's epsilons and an organisation's reward and flags are read in one JSON-RPC
+    batch over HTTP, with the values the reads one by one give."""
+    w3 = connect(anvil.rpc_url)
+    calls: list[str] = []
+    ledger = LedgerClient(
+        w3, deploy_devnet(w3, 2).ledger, on_call=lambda name, _s, ok: calls.append(name)
+    )
+    orgs = settle_two_rounds(ledger)
+    calls.clear()
+    assert ledger.epsilons_of(1, orgs) == [2.5, None]
+    assert ledger.settled_of(1, orgs[1]) == (0, int(Flag.NEGATIVE_CONTRIBUTION))
+    assert ledger.settled_of(1, orgs[0]) == (3 * TOKEN_UNIT, 0)
+    assert calls == ["batch:epsilonOf", "batch:flagsOf,rewardOf", "batch:flagsOf,rewardOf"]
+    calls.clear()
+    singles = [ledger.epsilon_of(1, o) for o in orgs]
+    singles_settled = [(ledger.reward_of(1, o), ledger.flags_of(1, o)) for o in orgs]
+    assert len(calls) == 6
+    assert singles == ledger.epsilons_of(1, orgs)
+    assert singles_settled == [ledger.settled_of(1, o) for o in orgs]

@@ -110,11 +110,16 @@ def test_node_refuses_a_model_that_differs_from_the_chain(harness: Harness) -> N
     assert harness.ledger.commitment_of(current.round_id, harness.orgs[0].address) is None
 
 
-def test_a_node_uploads_only_once_the_commit_phase_is_over(harness: Harness) -> None:
-    """Committed, the node waits for the others' commitments before anything leaves it."""
-    harness.make_upload(harness.orgs[1], seed=1)  # one of the two others commits
+def _uploads_only_once_every_member_committed(harness: Harness, *, told_early: bool) -> None:
+    """Organisation 1 has committed; organisation 0's node takes part (in a thread): once
+    committed it waits, uploading nothing, until organisation 2's commitment ends the phase.
+    ``told_early``: the coordinator says the phase is over from the start, wrongly."""
+    harness.make_upload(harness.orgs[1], seed=1)
+    if told_early:
+        harness.service.machine.commits_closed.add(1)  # organisation 2 has not committed
     with serve_in_thread(create_app(harness.service)) as url:
         runner = _runner(harness, url, 0)
+        assert runner.client.current_round().commits_closed is told_early
         done: list[object] = []
         worker = threading.Thread(
             target=lambda: done.append(runner.take_part(runner.client.current_round()))
@@ -131,6 +136,19 @@ def test_a_node_uploads_only_once_the_commit_phase_is_over(harness: Harness) -> 
         assert not worker.is_alive()
     assert done and done[0] is not None
     assert harness.service.store.get_update(1, harness.orgs[0].address) is not None
+
+
+def test_a_node_uploads_only_once_the_commit_phase_is_over(harness: Harness) -> None:
+    """Committed, the node waits for the others' commitments before anything leaves it."""
+    _uploads_only_once_every_member_committed(harness, told_early=False)
+
+
+def test_a_node_takes_only_the_chains_word_for_the_end_of_the_commit_phase(
+    harness: Harness,
+) -> None:
+    """A coordinator that says the commit phase is over before it is (one colluding with a
+    member yet to commit) gets nothing early: the node confirms on-chain before it uploads."""
+    _uploads_only_once_every_member_committed(harness, told_early=True)
 
 
 def test_restarted_node_reproduces_its_committed_update(harness: Harness) -> None:

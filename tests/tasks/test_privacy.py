@@ -187,7 +187,7 @@ def test_a_node_trains_privately_until_its_budget_is_spent(
     service = harness.service  # type: ignore[attr-defined]
     current = service.current()
     while current.status not in ("failed", "finalized"):  # the driver closes round 3
-        current = service.current_after((current.round_id, current.status), wait_s=10)
+        current = service.current_after((current.round_id, current.status, None), wait_s=10)
     third = service.round_result(3)
     assert third.status == "failed" and "every organisation has retired" in third.reason
     assert sorted(o.status for o in third.organisations) == ["retired"] * 3
