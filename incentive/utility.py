@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -187,6 +188,91 @@ a batch's forward pass holds activations of every model at once, so large models
 smaller batches."""
 
 
+ELEMENTWISE = (
+    torch.nn.ReLU,
+    torch.nn.LeakyReLU,
+    torch.nn.ELU,
+    torch.nn.GELU,
+    torch.nn.SiLU,
+    torch.nn.Tanh,
+    torch.nn.Sigmoid,
+    torch.nn.Softplus,
+    torch.nn.Identity,
+    torch.nn.Dropout,  # the identity in eval mode, where coalitions are scored
+)
+"""Modules an MLP's layers may be joined with for ``mlp_layers``: they act on each number
+alone, whatever the tensor's shape."""
+
+MlpLayers = list[str | Callable[[Tensor], Tensor]]
+"""An MLP as ``mlp_layers`` sees it: a Linear layer's name, or an elementwise function that
+may overwrite its input (which the layer before made)."""
+
+
+def mlp_layers(model: torch.nn.Module) -> MlpLayers | None:
+    """``model``'s layers when it is an MLP (an ``nn.Sequential`` of ``nn.Linear`` layers and
+    ``ELEMENTWISE`` modules, starting with a Linear, without buffers), else None.
+
+    Such a model's coalition models are scored with batched matrix products and activations
+    applied in place (``batched_mlp``): for a 64-13,333-10 MLP about three times faster than
+    ``vmap`` over ``functional_call``, whose activations allocate a new batch of hidden
+    states each (1.3 GB for 67 models on 360 samples)."""
+    if type(model) is not torch.nn.Sequential or any(True for _ in model.buffers()):
+        return None
+    layers: MlpLayers = []
+    for name, module in model.named_children():
+        if type(module) is torch.nn.Linear:
+            layers.append(name)
+        elif type(module) not in ELEMENTWISE or not layers:
+            return None
+        elif type(module) not in (torch.nn.Identity, torch.nn.Dropout):
+            layers.append(_in_place(module))
+    return layers
+
+
+def _in_place(module: torch.nn.Module) -> Callable[[Tensor], Tensor]:
+    """``module`` as a function that may overwrite its input (a copy: ``module`` is kept)."""
+    if type(module) is torch.nn.Tanh:
+        return torch.tanh_
+    if type(module) is torch.nn.Sigmoid:
+        return torch.sigmoid_
+    if hasattr(module, "inplace"):  # ReLU, LeakyReLU, ELU, SiLU
+        twin = copy.copy(module)
+        setattr(twin, "inplace", True)  # noqa: B010 (an attribute the type does not declare)
+        return twin
+    return module  # GELU, Softplus: no in-place form
+
+
+def batched_mlp(
+    layers: MlpLayers,
+    params: Mapping[str, Tensor],
+    x: Tensor,
+    scratch: dict[str, Tensor] | None = None,
+) -> Tensor:
+    """The outputs (c, n, out) of c MLPs whose parameters are batched (``params[name]`` of
+    shape (c, *shape)) on the same inputs ``x`` (n, in).
+
+    With ``scratch``, each layer's outputs are written into the buffer kept there under its
+    name (made, or remade for another shape, as needed): a batch of hidden states is often
+    gigabytes, and writing it to fresh memory costs more than the product that fills it. The
+    result is then that buffer, overwritten by the next call."""
+    count = next(iter(params.values())).shape[0]
+    h = x.expand(count, *x.shape)
+    for layer in layers:
+        if not isinstance(layer, str):
+            h = layer(h)
+            continue
+        weight = params[f"{layer}.weight"].transpose(1, 2)  # (c, in, out); h is new from here
+        shape = (count, h.shape[1], weight.shape[2])
+        out = None if scratch is None else scratch.get(layer)
+        if scratch is not None and (out is None or out.shape != shape or out.dtype != h.dtype):
+            out = scratch[layer] = torch.empty(shape, dtype=h.dtype, device=h.device)
+        h = torch.bmm(h, weight, out=out)
+        bias = params.get(f"{layer}.bias")
+        if bias is not None:
+            h.add_(bias.unsqueeze(1))
+    return h
+
+
 def default_max_batch(num_params: int) -> int:
     """Coalition models per batch for a model of ``num_params`` parameters (1 to 256)."""
     return max(1, min(256, MAX_BATCH_FLOATS // max(num_params, 1)))
@@ -253,6 +339,10 @@ class CoalitionUtility:
         )  # (K, P)
         self._x = x_val.to(self.device)
         self._y = y_val.to(self.device, torch.int64)
+        # An MLP is scored with batched matrix products; any other model with vmap.
+        self._mlp = mlp_layers(model)
+        self._scratch: dict[str, Tensor] = {}  # the MLP path's hidden states, reused
+        self.path = "batched-mlp" if self._mlp is not None else "vmap"
         # With rescale_steps, every coalition's step has the whole consortium's length.
         self._reference: Tensor | None = None
         if rescale_steps and self.num_players:
@@ -294,15 +384,23 @@ class CoalitionUtility:
                 steps = weights @ self._deltas  # (c, P)
                 lengths = torch.linalg.vector_norm(steps, dim=1, keepdim=True)
                 scale = torch.where(lengths > 0, self._reference / lengths.clamp(min=1e-30), 0.0)
-                flat = self._base_flat + self.eta * scale * steps
+                flat = steps.mul_(self.eta * scale).add_(self._base_flat)  # in place: (c, P)
             params = unflatten_batched(flat, self._like, batch_shape=(count,))
+            if self._mlp is not None:
+                logits = batched_mlp(self._mlp, params, self._x, self._scratch)  # (c, n, out)
+                n = self._y.shape[0]
+                per_sample = per_sample_scores(
+                    logits.reshape(count * n, -1), self._y.repeat(count), self.metric
+                ).reshape(count, n)
+                scores = per_sample if self.per_sample else per_sample.mean(dim=1)
+                return scores.to("cpu", torch.float64).numpy()
 
             def utility_of(p: dict[str, Tensor]) -> Tensor:
                 logits = functional_call(self.model, p, (self._x,))
                 scores = per_sample_scores(logits, self._y, self.metric)
                 return scores if self.per_sample else scores.mean()
 
-            scores: Tensor = vmap(utility_of)(params)
+            scores = vmap(utility_of)(params)
         result: np.ndarray = scores.to("cpu", torch.float64).numpy()
         return result
 

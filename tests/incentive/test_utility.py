@@ -266,3 +266,78 @@ def test_large_models_are_scored_in_smaller_batches() -> None:
     assert default_max_batch(2410) == 256  # the digits MLP: every game of 8 players in one call
     assert default_max_batch(1_000_000) == MAX_BATCH_FLOATS // 1_000_000 == 67
     assert default_max_batch(10**9) == 1
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "neg_log_loss", "neg_brier"])
+@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.parametrize("rescale", [False, True])
+def test_an_mlp_is_scored_by_batched_products_as_vmap_scores_it(
+    setup: tuple[nn.Module, dict[str, Tensor], list[dict[str, Tensor]], Tensor, Tensor],
+    metric: Literal["accuracy", "neg_log_loss", "neg_brier"],
+    per_sample: bool,
+    rescale: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The MLP path (batched matrix products) gives what vmap over functional_call gives, for
+    every metric, per sample or averaged, with steps rescaled or not."""
+    from fedledger.incentive import utility
+
+    model, base, deltas, x, y = setup
+    kwargs = {"eta": ETA, "metric": metric, "device": CPU, "per_sample": per_sample}
+    fast = CoalitionUtility(model, base, deltas, NUM_SAMPLES, x, y, rescale_steps=rescale, **kwargs)
+    monkeypatch.setattr(utility, "mlp_layers", lambda _model: None)
+    generic = CoalitionUtility(
+        model, base, deltas, NUM_SAMPLES, x, y, rescale_steps=rescale, **kwargs
+    )
+    assert (fast.path, generic.path) == ("batched-mlp", "vmap")
+    masks = all_coalitions(K)
+    ours, theirs = fast(masks), generic(masks)
+    assert ours.shape == theirs.shape == ((2**K, len(y)) if per_sample else (2**K,))
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
+    assert len({row.tobytes() for row in np.atleast_2d(ours.T).T}) > 4  # coalitions differ
+
+
+class Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(64, 64)
+        self.out = nn.Linear(64, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(x + torch.relu(self.inner(x)))
+
+
+def test_only_a_plain_mlp_takes_the_batched_path() -> None:
+    from fedledger.incentive.utility import mlp_layers
+
+    model = make_model()
+    layers = mlp_layers(model)
+    assert layers is not None and [type(x) for x in layers] == [str, nn.ReLU, str]
+    relu = layers[1]
+    assert isinstance(relu, nn.ReLU) and relu.inplace and relu is not model[1]
+    assert not model[1].inplace  # the model itself is left as it was
+    assert mlp_layers(Residual()) is None
+    assert mlp_layers(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))) is None
+    assert mlp_layers(nn.Sequential(nn.ReLU(), nn.Linear(4, 4))) is None  # would overwrite x
+    layers = mlp_layers(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Dropout(), nn.Linear(8, 2)))
+    assert layers == ["0", torch.tanh_, "3"]
+
+
+def test_every_elementwise_activation_scores_as_the_model_does() -> None:
+    """In place or not, each activation the MLP path takes gives the model's own outputs."""
+    from fedledger.incentive.utility import ELEMENTWISE, batched_mlp, mlp_layers
+
+    x = torch.randn(20, 6, generator=torch.Generator().manual_seed(2))
+    for kind in ELEMENTWISE:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 5), kind(), nn.Linear(5, 3)).eval()
+        layers = mlp_layers(model)
+        assert layers is not None, kind
+        params = {
+            n: t.detach().unsqueeze(0).repeat(2, *[1] * t.dim())
+            for n, t in model.state_dict().items()
+        }
+        with torch.no_grad():
+            out = batched_mlp(layers, params, x)
+            expected = model(x)
+        torch.testing.assert_close(out, expected.expand(2, -1, -1), msg=str(kind))
