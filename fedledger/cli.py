@@ -282,8 +282,12 @@ def demo(
     organisations: Annotated[int, typer.Option(min=1, max=12, help="Number of organisations.")] = 5,
     rounds: Annotated[int, typer.Option(min=1, help="Number of federated rounds.")] = 10,
     chain: Annotated[
-        str, typer.Option(help="`embedded` (in-process EVM) or `anvil`.")
-    ] = "embedded",
+        str,
+        typer.Option(
+            help="`anvil` (a devnet the demo starts and stops), `embedded` (an in-process EVM, "
+            "slower) or `auto`: anvil when it is installed, else embedded."
+        ),
+    ] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of the initial model and local training.")] = 0,
     spec: Annotated[
         Path | None,
@@ -296,8 +300,18 @@ def demo(
     """Run a whole federation locally: chain, coordinator on loopback, organisation nodes."""
     from fedledger.demo import run_demo
 
-    if chain not in ("embedded", "anvil"):
-        raise _fail("--chain must be `embedded` or `anvil`")
+    if chain not in ("auto", "embedded", "anvil"):
+        raise _fail("--chain must be `auto`, `anvil` or `embedded`")
+    if chain == "auto":
+        from fedledger.devnet.anvil import find_anvil
+        from fedledger.errors import DevnetError
+
+        try:
+            find_anvil()
+            chain = "anvil"
+        except DevnetError:
+            console.print("anvil is not installed (`npm install` in devnet/): the in-process EVM")
+            chain = "embedded"
     run_demo(
         organisations=organisations,
         rounds=rounds,

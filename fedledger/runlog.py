@@ -86,16 +86,14 @@ def read_ledger(ledger: LedgerClient, organisations: Sequence[str] | None = None
                 total_reward=record.total_reward,
             )
         )
-        for address in orgs:
-            committed = ledger.commitment_of(round_id, address)
-            settled = ledger.is_settled(round_id, address)
+        for address, held in zip(orgs, ledger.records_of(round_id, orgs), strict=True):
+            committed, settled, score = held.commitment, held.settled, held.score
             if not finalized or committed is None:
                 payment = "-"
             elif not record.by_claims:
                 payment = "paid" if settled else "-"
             else:
                 payment = "claimed" if settled else "unclaimed"
-            score = ledger.score_of(round_id, address)
             rows.append(
                 RewardRow(
                     round=round_id,
@@ -107,10 +105,10 @@ def read_ledger(ledger: LedgerClient, organisations: Sequence[str] | None = None
                     payment=payment,
                     score=str(score),
                     value=from_fixed_point(score),
-                    reward=str(reward := ledger.reward_of(round_id, address)),
-                    reward_tokens=reward / TOKEN_UNIT,
-                    flags=flag_names(ledger.flags_of(round_id, address)),
-                    epsilon=ledger.epsilon_of(round_id, address) if committed else None,
+                    reward=str(held.reward),
+                    reward_tokens=held.reward / TOKEN_UNIT,
+                    flags=flag_names(held.flags),
+                    epsilon=held.epsilon if committed else None,
                 )
             )
     return LedgerLog(

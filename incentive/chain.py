@@ -33,6 +33,34 @@ CACHED_REQUESTS = {RPCEndpoint("eth_chainId")}
 """What a connection asks the node once and then remembers (per thread)."""
 
 
+class LeanFunctions:
+    """``contract.functions`` for calls made many times: each function is bound to a contract
+    whose ABI is that function's entry alone (built on first use, then kept).
+
+    web3 looks a call's ABI entry up anew on every call, and validates the whole ABI as it does
+    (a selector for each of its functions): for the ledger's 57 functions about 3 ms of CPU a
+    call, as much as the call itself takes on anvil. Names must not be overloaded."""
+
+    def __init__(self, w3: Web3, address: str, abi: list[dict[str, Any]]) -> None:
+        self._w3 = w3
+        self._address = Web3.to_checksum_address(address)
+        entries = [e for e in abi if e.get("type") == "function"]
+        self._entries = {e["name"]: e for e in entries}
+        if len(self._entries) != len(entries):
+            raise ValueError("LeanFunctions needs an ABI without overloaded functions")
+        self._bound: dict[str, Any] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if name not in self._bound:
+            if name not in self._entries:
+                raise AttributeError(f"the contract has no function {name!r}")
+            contract = self._w3.eth.contract(address=self._address, abi=[self._entries[name]])
+            self._bound[name] = getattr(contract.functions, name)
+        return self._bound[name]
+
+
 def connect(rpc_url: str, *, timeout_s: float = 30.0) -> Web3:
     """A Web3 connected to a JSON-RPC endpoint over HTTP.
 

@@ -15,7 +15,12 @@ from web3.types import TxReceipt
 
 from fedledger.contracts.compile import load_artifact
 from fedledger.errors import ChainError
-from fedledger.incentive.chain import call_view, error_selectors, send_transaction
+from fedledger.incentive.chain import (
+    LeanFunctions,
+    call_view,
+    error_selectors,
+    send_transaction,
+)
 from fedledger.incentive.onchain import (
     DEFAULT_ROUND_BUDGET,
     NO_VALUATION,
@@ -68,6 +73,18 @@ class CommitmentRecord:
 
 
 @dataclass(frozen=True)
+class OrganisationRecord:
+    """What the ledger holds of one organisation in one round (``records_of``)."""
+
+    commitment: CommitmentRecord | None
+    settled: bool
+    score: int  # fixed point, 1e18 = 1.0
+    reward: int  # token units
+    flags: int
+    epsilon: float | None
+
+
+@dataclass(frozen=True)
 class RetirementRecord:
     """An organisation that stopped training for good (``retire``), and what it had spent."""
 
@@ -110,6 +127,8 @@ class LedgerClient:
         self.contract: Contract = w3.eth.contract(
             address=self.address, abi=load_artifact("FedLedger")["abi"]
         )
+        # The same functions, each bound to its own ABI entry: the calls made every round.
+        self.functions = LeanFunctions(w3, self.address, load_artifact("FedLedger")["abi"])
         self.selectors = error_selectors(_abis())
 
     # ----------------------------------------------------------------- deploy
@@ -182,27 +201,27 @@ class LedgerClient:
 
     def register_organisation(self, org: str) -> TxReceipt:
         return self._send(
-            self.contract.functions.registerOrganisation(Web3.to_checksum_address(org))
+            self.functions.registerOrganisation(Web3.to_checksum_address(org))
         )
 
     def revoke_organisation(self, org: str) -> TxReceipt:
         """End ``org``'s membership (admin key): it commits in no later round; its records stand."""
-        return self._send(self.contract.functions.revokeOrganisation(Web3.to_checksum_address(org)))
+        return self._send(self.functions.revokeOrganisation(Web3.to_checksum_address(org)))
 
     def set_round_budget(self, budget: int) -> TxReceipt:
         """Set the most one round may pay out, in token units (admin key)."""
-        return self._send(self.contract.functions.setRoundBudget(budget))
+        return self._send(self.functions.setRoundBudget(budget))
 
     def set_task_spec(self, spec_hash: bytes) -> TxReceipt:
         """Record the keccak256 of the consortium's task spec file (admin key; before round 1)."""
-        return self._send(self.contract.functions.setTaskSpec(as_bytes32(spec_hash)))
+        return self._send(self.functions.setTaskSpec(as_bytes32(spec_hash)))
 
     def set_sample_cap(self, organisation: str, cap: int) -> TxReceipt:
         """Set the most samples ``organisation`` may declare in a commitment, 0 for none (admin key)."""
-        return self._send(self.contract.functions.setSampleCap(organisation, cap))
+        return self._send(self.functions.setSampleCap(organisation, cap))
 
     def open_round(self, round_id: int, model_hash: bytes, deadline: int) -> TxReceipt:
-        return self._send(self.contract.functions.openRound(round_id, model_hash, deadline))
+        return self._send(self.functions.openRound(round_id, model_hash, deadline))
 
     def commit_update(
         self, round_id: int, update_hash: bytes, num_samples: int, *, epsilon: float | None = None
@@ -210,9 +229,9 @@ class LedgerClient:
         """Commit an update; with ``epsilon`` (DP-SGD: spent so far, this round included) by
         ``commitPrivateUpdate``, which records it on-chain beside the commitment."""
         if epsilon is None:
-            call = self.contract.functions.commitUpdate(round_id, update_hash, num_samples)
+            call = self.functions.commitUpdate(round_id, update_hash, num_samples)
         else:
-            call = self.contract.functions.commitPrivateUpdate(
+            call = self.functions.commitPrivateUpdate(
                 round_id, update_hash, num_samples, to_fixed_point(epsilon)
             )
         return self._send(call)
@@ -220,10 +239,10 @@ class LedgerClient:
     def retire(self, epsilon: float | None = None) -> TxReceipt:
         """Stop this organisation training for good (its privacy budget is spent)."""
         fixed = 0 if epsilon is None else to_fixed_point(epsilon)
-        return self._send(self.contract.functions.retire(fixed))
+        return self._send(self.functions.retire(fixed))
 
     def extend_round(self, round_id: int, deadline: int) -> TxReceipt:
-        return self._send(self.contract.functions.extendRound(round_id, deadline))
+        return self._send(self.functions.extendRound(round_id, deadline))
 
     def finalize_round(
         self,
@@ -238,7 +257,7 @@ class LedgerClient:
     ) -> TxReceipt:
         """Settle directly: every organisation's score, reward and flags in one transaction."""
         return self._send(
-            self.contract.functions.finalizeRound(
+            self.functions.finalizeRound(
                 round_id,
                 new_model_hash,
                 valuation.as_abi(),
@@ -271,7 +290,7 @@ class LedgerClient:
                 announced[Web3.to_checksum_address(org)] = int(bits)
         flagged = dict(sorted(announced.items(), key=lambda item: int(item[0], 16)))
         return self._send(
-            self.contract.functions.finalizeRoundWithRoot(
+            self.functions.finalizeRoundWithRoot(
                 round_id,
                 new_model_hash,
                 valuation.as_abi(),
@@ -288,7 +307,7 @@ class LedgerClient:
     ) -> TxReceipt:
         """Claim this client's account's reward for a round settled by a Merkle root."""
         return self._send(
-            self.contract.functions.claimReward(round_id, score, reward, flags, list(proof))
+            self.functions.claimReward(round_id, score, reward, flags, list(proof))
         )
 
     # ------------------------------------------------------------------ reads
@@ -313,7 +332,7 @@ class LedgerClient:
 
     @cached_property
     def token_address(self) -> str:
-        return str(self._view(self.contract.functions.token()))
+        return str(self._view(self.functions.token()))
 
     @cached_property
     def token(self) -> Contract:
@@ -332,23 +351,23 @@ class LedgerClient:
 
     def round_budget(self) -> int:
         """The most one round may pay out, in token units (``roundBudget``)."""
-        return int(self._view(self.contract.functions.roundBudget()))
+        return int(self._view(self.functions.roundBudget()))
 
     def task_spec(self) -> bytes:
         """keccak256 of the consortium's task spec file; 32 zero bytes before one is set."""
-        return bytes(self._view(self.contract.functions.taskSpec()))
+        return bytes(self._view(self.functions.taskSpec()))
 
     def sample_cap_of(self, organisation: str) -> int:
         """The most samples ``organisation`` may declare in a commitment; 0: no cap (``sampleCapOf``)."""
-        return int(self._view(self.contract.functions.sampleCapOf(organisation)))
+        return int(self._view(self.functions.sampleCapOf(organisation)))
 
     def round_count(self) -> int:
-        return int(self._view(self.contract.functions.roundCount()))
+        return int(self._view(self.functions.roundCount()))
 
     def active_organisations(self) -> int:
         """Registered organisations that have not retired: the commitments that end a round's
         commit phase before its deadline (``activeOrganisations``)."""
-        return int(self._view(self.contract.functions.activeOrganisations()))
+        return int(self._view(self.functions.activeOrganisations()))
 
     def commits_closed(self, round_id: int, *, now: float | None = None) -> bool:
         """Whether open round ``round_id``'s commit phase is over, so that uploads may start and
@@ -358,7 +377,7 @@ class LedgerClient:
         transaction (anvil mines on demand); ``now``, a wall clock, also counts: the next block
         is mined no earlier than it.
         """
-        if self._view(self.contract.functions.commitsClosed(round_id)):
+        if self._view(self.functions.commitsClosed(round_id)):
             return True
         if now is None:
             return False
@@ -366,7 +385,7 @@ class LedgerClient:
         return record.state is RoundState.OPEN and now > record.deadline
 
     def get_round(self, round_id: int) -> RoundRecord:
-        raw = self._view(self.contract.functions.getRound(round_id))
+        raw = self._view(self.functions.getRound(round_id))
         (model_hash, new_model_hash, deadline, state, commit_count, total_reward, root, claimed) = (
             raw
         )
@@ -385,7 +404,7 @@ class LedgerClient:
     def commitment_of(self, round_id: int, org: str) -> CommitmentRecord | None:
         """The organisation's commitment in the round, or None if it made none."""
         update_hash, num_samples = self._view(
-            self.contract.functions.commitmentOf(round_id, Web3.to_checksum_address(org))
+            self.functions.commitmentOf(round_id, Web3.to_checksum_address(org))
         )
         if bytes(update_hash) == ZERO_HASH:
             return None
@@ -395,19 +414,52 @@ class LedgerClient:
         """``epsilon_of`` for each of ``orgs``, read in one batch."""
         fixed = self._views(
             [
-                self.contract.functions.epsilonOf(round_id, Web3.to_checksum_address(org))
+                self.functions.epsilonOf(round_id, Web3.to_checksum_address(org))
                 for org in orgs
             ]
         )
         return [from_fixed_point(int(f)) if int(f) else None for f in fixed]
+
+    def records_of(self, round_id: int, orgs: Sequence[str]) -> list[OrganisationRecord]:
+        """What the ledger holds of each of ``orgs`` in round ``round_id`` (commitment,
+        settlement, score, reward, flags, epsilon), read in one batch."""
+        calls = []
+        for org in orgs:
+            address = Web3.to_checksum_address(org)
+            f = self.functions
+            calls += [
+                f.commitmentOf(round_id, address),
+                f.isSettled(round_id, address),
+                f.scoreOf(round_id, address),
+                f.rewardOf(round_id, address),
+                f.flagsOf(round_id, address),
+                f.epsilonOf(round_id, address),
+            ]
+        answers = self._views(calls)
+        records = []
+        for i in range(len(orgs)):
+            (update_hash, samples), settled, score, reward, flags, epsilon = answers[6 * i : 6 * i + 6]
+            records.append(
+                OrganisationRecord(
+                    commitment=None
+                    if bytes(update_hash) == ZERO_HASH
+                    else CommitmentRecord(update_hash=bytes(update_hash), num_samples=int(samples)),
+                    settled=bool(settled),
+                    score=int(score),
+                    reward=int(reward),
+                    flags=int(flags),
+                    epsilon=from_fixed_point(int(epsilon)) if int(epsilon) else None,
+                )
+            )
+        return records
 
     def settled_of(self, round_id: int, org: str) -> tuple[int, int]:
         """``reward_of`` and ``flags_of`` together, in one batch."""
         org = Web3.to_checksum_address(org)
         reward, flags = self._views(
             [
-                self.contract.functions.rewardOf(round_id, org),
-                self.contract.functions.flagsOf(round_id, org),
+                self.functions.rewardOf(round_id, org),
+                self.functions.flagsOf(round_id, org),
             ]
         )
         return int(reward), int(flags)
@@ -415,14 +467,14 @@ class LedgerClient:
     def epsilon_of(self, round_id: int, org: str) -> float | None:
         """The epsilon the organisation reported with its commitment (None: no DP, or none)."""
         fixed = int(
-            self._view(self.contract.functions.epsilonOf(round_id, Web3.to_checksum_address(org)))
+            self._view(self.functions.epsilonOf(round_id, Web3.to_checksum_address(org)))
         )
         return from_fixed_point(fixed) if fixed else None
 
     def retirement_of(self, org: str) -> RetirementRecord | None:
         """Since when and having spent what the organisation stopped training (None: it trains)."""
         retired, since, epsilon = self._view(
-            self.contract.functions.retirementOf(Web3.to_checksum_address(org))
+            self.functions.retirementOf(Web3.to_checksum_address(org))
         )
         if not retired:
             return None
@@ -431,53 +483,53 @@ class LedgerClient:
     def score_of(self, round_id: int, org: str) -> int:
         """The organisation's score in the round: its Shapley value in fixed point (1e18 = 1.0)."""
         return int(
-            self._view(self.contract.functions.scoreOf(round_id, Web3.to_checksum_address(org)))
+            self._view(self.functions.scoreOf(round_id, Web3.to_checksum_address(org)))
         )
 
     def reward_of(self, round_id: int, org: str) -> int:
         return int(
-            self._view(self.contract.functions.rewardOf(round_id, Web3.to_checksum_address(org)))
+            self._view(self.functions.rewardOf(round_id, Web3.to_checksum_address(org)))
         )
 
     def total_reward_of(self, org: str) -> int:
         """Token units paid to the organisation over every round (``totalRewardOf``)."""
-        return int(self._view(self.contract.functions.totalRewardOf(Web3.to_checksum_address(org))))
+        return int(self._view(self.functions.totalRewardOf(Web3.to_checksum_address(org))))
 
     def commit_order(self, round_id: int) -> list[str]:
         """The organisations that committed in the round, earliest first (``committersOf``)."""
-        return [str(org) for org in self._view(self.contract.functions.committersOf(round_id))]
+        return [str(org) for org in self._view(self.functions.committersOf(round_id))]
 
     def flags_of(self, round_id: int, org: str) -> int:
         return int(
-            self._view(self.contract.functions.flagsOf(round_id, Web3.to_checksum_address(org)))
+            self._view(self.functions.flagsOf(round_id, Web3.to_checksum_address(org)))
         )
 
     def valuation_of(self, round_id: int) -> ValuationRecord | None:
         """How the round was valued, or None before it is finalized."""
-        return ValuationRecord.from_abi(self._view(self.contract.functions.valuationOf(round_id)))
+        return ValuationRecord.from_abi(self._view(self.functions.valuationOf(round_id)))
 
     def is_settled(self, round_id: int, org: str) -> bool:
         return bool(
-            self._view(self.contract.functions.isSettled(round_id, Web3.to_checksum_address(org)))
+            self._view(self.functions.isSettled(round_id, Web3.to_checksum_address(org)))
         )
 
     def is_organisation(self, account: str) -> bool:
         return bool(
-            self._view(self.contract.functions.isOrganisation(Web3.to_checksum_address(account)))
+            self._view(self.functions.isOrganisation(Web3.to_checksum_address(account)))
         )
 
     def organisations(self) -> list[str]:
-        return [str(a) for a in self._view(self.contract.functions.organisations())]
+        return [str(a) for a in self._view(self.functions.organisations())]
 
     @cached_property
     def coordinator_role(self) -> bytes:
         """``COORDINATOR_ROLE``'s id: a constant of the contract, read once."""
-        return bytes(self._view(self.contract.functions.COORDINATOR_ROLE()))
+        return bytes(self._view(self.functions.COORDINATOR_ROLE()))
 
     def has_coordinator_role(self, account: str) -> bool:
         role = self.coordinator_role
         return bool(
-            self._view(self.contract.functions.hasRole(role, Web3.to_checksum_address(account)))
+            self._view(self.functions.hasRole(role, Web3.to_checksum_address(account)))
         )
 
     def balance_of(self, account: str) -> int:

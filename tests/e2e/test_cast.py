@@ -167,3 +167,21 @@ def test_batched_reads_answer_what_single_reads_do_in_one_round_trip(
     assert len(calls) == 6
     assert singles == ledger.epsilons_of(1, orgs)
     assert singles_settled == [ledger.settled_of(1, o) for o in orgs]
+    for round_id in (1, 2):  # a round settled directly, one by claims
+        calls.clear()
+        records = ledger.records_of(round_id, orgs)
+        assert calls == ["batch:commitmentOf,epsilonOf,flagsOf,isSettled,rewardOf,scoreOf"]
+        assert [
+            (r.commitment, r.settled, r.score, r.reward, r.flags, r.epsilon) for r in records
+        ] == [
+            (
+                ledger.commitment_of(round_id, o),
+                ledger.is_settled(round_id, o),
+                ledger.score_of(round_id, o),
+                ledger.reward_of(round_id, o),
+                ledger.flags_of(round_id, o),
+                ledger.epsilon_of(round_id, o),
+            )
+            for o in orgs
+        ]
+    assert [r.settled for r in records] == [True, False]  # organisation 1 has not claimed

@@ -263,3 +263,42 @@ def test_deploy_to_any_rpc_endpoint_with_keys(tmp_path: Path) -> None:
         assert ledger.organisations() == [org.address]
     finally:
         anvil.stop()
+
+
+def test_demo_runs_on_an_anvil_it_starts_and_stops(tmp_path: Path) -> None:
+    """`fedledger demo` by default: a devnet of its own, gone when the demo ends."""
+    from fedledger.devnet.anvil import find_anvil
+
+    pid_file = tmp_path / "anvil.pid"
+    wrapper = tmp_path / "anvil"  # records the pid of the anvil the demo starts
+    wrapper.write_text(f'#!/bin/sh\necho $$ > {pid_file}\nexec {find_anvil()} "$@"\n')
+    wrapper.chmod(0o755)
+    done = fedledger(
+        "demo", "--organisations", "3", "--rounds", "2", cwd=tmp_path, FEDLEDGER_ANVIL=str(wrapper)
+    )
+    assert done.returncode == 0, done.stderr
+    assert "chain anvil (id 31337)" in done.stdout
+    assert "final validation accuracy" in done.stdout
+    assert (tmp_path / ".fedledger" / "demo-report" / "summary.md").is_file()
+    assert not _running(int(pid_file.read_text()))
+
+
+def test_demo_without_anvil_says_so_and_uses_the_in_process_chain(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from typer.testing import CliRunner
+
+    from fedledger import cli, demo
+    from fedledger.devnet import anvil
+    from fedledger.errors import DevnetError
+
+    def missing() -> Path:
+        raise DevnetError("anvil not found")
+
+    chains: list[str] = []
+    monkeypatch.setattr(anvil, "find_anvil", missing)
+    monkeypatch.setattr(demo, "run_demo", lambda **kwargs: chains.append(kwargs["chain"]))
+    result = CliRunner().invoke(cli.app, ["demo"])
+    assert result.exit_code == 0, result.output
+    assert chains == ["embedded"]
+    assert "anvil is not installed" in result.output

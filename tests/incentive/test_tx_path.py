@@ -93,3 +93,26 @@ def test_fees_the_chain_outgrew_are_read_again(
     receipt = ledger.set_round_budget(11)
     assert receipt["status"] == 1 and ledger.round_budget() == 11
     assert chain._FEES[ledger.w3][1]["maxFeePerGas"] >= base
+
+
+def test_lean_functions_answer_as_the_whole_contract_does(
+    ledgers: tuple[LedgerClient, LedgerClient],
+) -> None:
+    """Each function bound to its own ABI entry reads and sends as the full contract does."""
+    ledger, _ = ledgers
+    ledger.set_round_budget(77)  # sent through the lean function
+    assert ledger.functions.roundBudget().call() == 77
+    assert ledger.contract.functions.roundBudget().call() == 77
+    assert ledger.functions.roundBudget is ledger.functions.roundBudget  # built once
+    with pytest.raises(AttributeError, match="no function 'noSuchThing'"):
+        _ = ledger.functions.noSuchThing
+    entry = {
+        "type": "function",
+        "name": "f",
+        "inputs": [],
+        "outputs": [],
+        "stateMutability": "view",
+    }
+    overloaded = [entry, {**entry, "inputs": [{"name": "x", "type": "uint256"}]}]
+    with pytest.raises(ValueError, match="overloaded"):
+        chain.LeanFunctions(ledger.w3, ledger.address, overloaded)
