@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -449,9 +449,11 @@ def value(
     *,
     valuator: Valuator | None = None,
     device: torch.device | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Values:
     """Each kept organisation's Shapley value in the round's coalition game and its standard
-    error over the validation samples (0 for the rest)."""
+    error over the validation samples (0 for the rest); ``progress`` is told (coalitions
+    scored, coalitions asked) as the valuation goes."""
     values = [0.0] * len(inputs.updates)
     errors = [0.0] * len(inputs.updates)
     if not kept:
@@ -467,6 +469,7 @@ def value(
         device=device,
         per_sample=True,
     )
+    utility.on_progress = progress
     if valuator is None:
         valuator = choose_valuator(
             len(kept),
@@ -548,8 +551,10 @@ def close_books(
     *,
     valuator: Valuator | None = None,
     device: torch.device | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Books:
-    """Screen, clip, value, aggregate and pay one round: deterministic for given inputs."""
+    """Screen, clip, value, aggregate and pay one round: deterministic for given inputs
+    (``progress``: see ``value``)."""
     updates = inputs.updates
     if not updates:
         raise ValueError("a round needs at least one update to close its books")
@@ -566,7 +571,9 @@ def close_books(
     for k in clipping.clipped:
         flags[k] |= Flag.NORM_CLIPPED
         notes[k] = f"norm {norms[k]:.4g} above the round's bound {clipping.bound:.4g}: clipped"
-    values = value(inputs, clipping, kept, policy, valuator=valuator, device=device)
+    values = value(
+        inputs, clipping, kept, policy, valuator=valuator, device=device, progress=progress
+    )
     for k in kept:
         v, error = values.values[k], values.errors[k]
         if clearly_negative(v, error, policy):

@@ -9,12 +9,22 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+)
 
 from fedledger import wire
 from fedledger.coordinator.books import Books, close_books
@@ -46,6 +56,65 @@ EXTEND_MARGIN_S = 5.0
 """How long before a round's commit deadline the ``extend`` policy decides (a tenth of the round
 timeout when that is shorter): an extension must land on-chain before the deadline, after which
 uploads may have been seen and the ledger refuses one."""
+
+
+class ValuationProgress:
+    """A valuation that takes a while, shown as it goes: once it has run ``show_after_s``, a
+    progress bar on a terminal (the coordinator run by hand), else an INFO line every
+    ``log_every_s`` (a service's log). A ``CoalitionUtility`` progress callback."""
+
+    def __init__(
+        self,
+        round_id: int,
+        *,
+        show_after_s: float = 3.0,
+        log_every_s: float = 10.0,
+        terminal: bool | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.round_id = round_id
+        self.show_after_s = show_after_s
+        self.log_every_s = log_every_s
+        self.terminal = sys.stderr.isatty() if terminal is None else terminal
+        self.clock = clock
+        self.started = clock()
+        self._logged = -math.inf
+        self._bar: Progress | None = None
+        self._task: TaskID | None = None
+
+    def __call__(self, done: int, total: int) -> None:
+        now = self.clock()
+        elapsed = now - self.started
+        if elapsed < self.show_after_s:
+            return
+        if self.terminal:
+            if self._bar is None:
+                self._bar = Progress(
+                    TextColumn(f"round {self.round_id}: valuing"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TimeRemainingColumn(),
+                    console=Console(stderr=True),
+                    transient=True,
+                )
+                self._bar.start()
+                self._task = self._bar.add_task("coalitions", total=total)
+            assert self._task is not None
+            self._bar.update(self._task, completed=done, total=total)
+        elif now - self._logged >= self.log_every_s:
+            self._logged = now
+            log.info(
+                "round %d: valued %d of %d coalitions in %.0f s",
+                self.round_id,
+                done,
+                total,
+                elapsed,
+            )
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
 
 
 @dataclass(frozen=True)
@@ -247,7 +316,11 @@ class RoundMachine:
             self.game.y_val,
             self.game.codec,
         )
-        return close_books(inputs, self.settings.pricing, device=self.device)
+        progress = ValuationProgress(round_id)
+        try:
+            return close_books(inputs, self.settings.pricing, device=self.device, progress=progress)
+        finally:
+            progress.close()
 
     def _ended(self, result: wire.RoundResult, committed: int, started: float) -> None:
         """Report a round just recorded as ended: one INFO line and the metrics. Called once

@@ -200,9 +200,7 @@ class LedgerClient:
         )
 
     def register_organisation(self, org: str) -> TxReceipt:
-        return self._send(
-            self.functions.registerOrganisation(Web3.to_checksum_address(org))
-        )
+        return self._send(self.functions.registerOrganisation(Web3.to_checksum_address(org)))
 
     def revoke_organisation(self, org: str) -> TxReceipt:
         """End ``org``'s membership (admin key): it commits in no later round; its records stand."""
@@ -306,9 +304,7 @@ class LedgerClient:
         self, round_id: int, score: int, reward: int, flags: int, proof: Sequence[bytes]
     ) -> TxReceipt:
         """Claim this client's account's reward for a round settled by a Merkle root."""
-        return self._send(
-            self.functions.claimReward(round_id, score, reward, flags, list(proof))
-        )
+        return self._send(self.functions.claimReward(round_id, score, reward, flags, list(proof)))
 
     # ------------------------------------------------------------------ reads
 
@@ -413,10 +409,7 @@ class LedgerClient:
     def epsilons_of(self, round_id: int, orgs: Sequence[str]) -> list[float | None]:
         """``epsilon_of`` for each of ``orgs``, read in one batch."""
         fixed = self._views(
-            [
-                self.functions.epsilonOf(round_id, Web3.to_checksum_address(org))
-                for org in orgs
-            ]
+            [self.functions.epsilonOf(round_id, Web3.to_checksum_address(org)) for org in orgs]
         )
         return [from_fixed_point(int(f)) if int(f) else None for f in fixed]
 
@@ -438,7 +431,9 @@ class LedgerClient:
         answers = self._views(calls)
         records = []
         for i in range(len(orgs)):
-            (update_hash, samples), settled, score, reward, flags, epsilon = answers[6 * i : 6 * i + 6]
+            (update_hash, samples), settled, score, reward, flags, epsilon = answers[
+                6 * i : 6 * i + 6
+            ]
             records.append(
                 OrganisationRecord(
                     commitment=None
@@ -466,9 +461,7 @@ class LedgerClient:
 
     def epsilon_of(self, round_id: int, org: str) -> float | None:
         """The epsilon the organisation reported with its commitment (None: no DP, or none)."""
-        fixed = int(
-            self._view(self.functions.epsilonOf(round_id, Web3.to_checksum_address(org)))
-        )
+        fixed = int(self._view(self.functions.epsilonOf(round_id, Web3.to_checksum_address(org))))
         return from_fixed_point(fixed) if fixed else None
 
     def retirement_of(self, org: str) -> RetirementRecord | None:
@@ -482,14 +475,10 @@ class LedgerClient:
 
     def score_of(self, round_id: int, org: str) -> int:
         """The organisation's score in the round: its Shapley value in fixed point (1e18 = 1.0)."""
-        return int(
-            self._view(self.functions.scoreOf(round_id, Web3.to_checksum_address(org)))
-        )
+        return int(self._view(self.functions.scoreOf(round_id, Web3.to_checksum_address(org))))
 
     def reward_of(self, round_id: int, org: str) -> int:
-        return int(
-            self._view(self.functions.rewardOf(round_id, Web3.to_checksum_address(org)))
-        )
+        return int(self._view(self.functions.rewardOf(round_id, Web3.to_checksum_address(org))))
 
     def total_reward_of(self, org: str) -> int:
         """Token units paid to the organisation over every round (``totalRewardOf``)."""
@@ -500,23 +489,17 @@ class LedgerClient:
         return [str(org) for org in self._view(self.functions.committersOf(round_id))]
 
     def flags_of(self, round_id: int, org: str) -> int:
-        return int(
-            self._view(self.functions.flagsOf(round_id, Web3.to_checksum_address(org)))
-        )
+        return int(self._view(self.functions.flagsOf(round_id, Web3.to_checksum_address(org))))
 
     def valuation_of(self, round_id: int) -> ValuationRecord | None:
         """How the round was valued, or None before it is finalized."""
         return ValuationRecord.from_abi(self._view(self.functions.valuationOf(round_id)))
 
     def is_settled(self, round_id: int, org: str) -> bool:
-        return bool(
-            self._view(self.functions.isSettled(round_id, Web3.to_checksum_address(org)))
-        )
+        return bool(self._view(self.functions.isSettled(round_id, Web3.to_checksum_address(org))))
 
     def is_organisation(self, account: str) -> bool:
-        return bool(
-            self._view(self.functions.isOrganisation(Web3.to_checksum_address(account)))
-        )
+        return bool(self._view(self.functions.isOrganisation(Web3.to_checksum_address(account))))
 
     def organisations(self) -> list[str]:
         return [str(a) for a in self._view(self.functions.organisations())]
@@ -528,9 +511,7 @@ class LedgerClient:
 
     def has_coordinator_role(self, account: str) -> bool:
         role = self.coordinator_role
-        return bool(
-            self._view(self.functions.hasRole(role, Web3.to_checksum_address(account)))
-        )
+        return bool(self._view(self.functions.hasRole(role, Web3.to_checksum_address(account))))
 
     def balance_of(self, account: str) -> int:
         return int(self._view(self.token.functions.balanceOf(Web3.to_checksum_address(account))))

@@ -329,6 +329,8 @@ class CoalitionUtility:
         num_params = sum(t.numel() for t in base.values())
         self.max_batch = max_batch if max_batch is not None else default_max_batch(num_params)
         self.evaluations = 0
+        # Told (coalitions scored, coalitions asked) after each batch of a call.
+        self.on_progress: Callable[[int, int], None] | None = None
         self._like = {name: t.detach() for name, t in base.items()}
         self._base_flat = flatten(base).to(self.device)  # (P,)
         num_params = self._base_flat.numel()
@@ -367,6 +369,8 @@ class CoalitionUtility:
         for start in range(0, masks.shape[0], self.max_batch):
             chunk = masks[start : start + self.max_batch]
             out[start : start + chunk.shape[0]] = self._evaluate_chunk(chunk)
+            if self.on_progress is not None:
+                self.on_progress(start + chunk.shape[0], masks.shape[0])
         self.evaluations += int(masks.shape[0])
         return out
 

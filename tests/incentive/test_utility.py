@@ -341,3 +341,13 @@ def test_every_elementwise_activation_scores_as_the_model_does() -> None:
             out = batched_mlp(layers, params, x)
             expected = model(x)
         torch.testing.assert_close(out, expected.expand(2, -1, -1), msg=str(kind))
+
+
+def test_progress_is_told_after_every_batch(
+    setup: tuple[nn.Module, dict[str, Tensor], list[dict[str, Tensor]], Tensor, Tensor],
+) -> None:
+    told: list[tuple[int, int]] = []
+    utility = utility_for(setup, "accuracy", max_batch=5)
+    utility.on_progress = lambda done, total: told.append((done, total))
+    utility(all_coalitions(K))
+    assert told == [(5, 16), (10, 16), (15, 16), (16, 16)]
