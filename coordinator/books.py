@@ -458,13 +458,14 @@ def value(
     errors = [0.0] * len(inputs.updates)
     if not kept:
         return Values(values=values, errors=errors, method="none", evaluations=0)
+    drawn = validation_draw(len(inputs.y_val), len(kept), policy, seed=inputs.round_id)
     utility = coalition_game(
         inputs.model,
         inputs.base,
         [clipping.inputs[k] for k in kept],
         [inputs.updates[k].num_samples for k in kept],
-        inputs.x_val,
-        inputs.y_val,
+        inputs.x_val if drawn is None else inputs.x_val[drawn],
+        inputs.y_val if drawn is None else inputs.y_val[drawn],
         policy,
         device=device,
         per_sample=True,
@@ -486,6 +487,19 @@ def value(
     return Values(
         values=values, errors=errors, method=result.method, evaluations=result.evaluations
     )
+
+
+def validation_draw(
+    num_samples: int, num_players: int, policy: PricingPolicy, *, seed: int
+) -> Tensor | None:
+    """The validation samples a round's coalitions are scored on, when fewer than all
+    (``valuation_samples``, for a round valued by sampling): sorted indices drawn without
+    replacement from ``seed`` (the round), so the audit draws the same."""
+    wanted = policy.valuation_samples
+    if wanted is None or wanted >= num_samples or num_players <= policy.max_exact_players:
+        return None
+    picked = np.random.default_rng(seed).choice(num_samples, size=wanted, replace=False)
+    return torch.from_numpy(np.sort(picked))
 
 
 def clearly_negative(value: float, error: float, policy: PricingPolicy) -> bool:

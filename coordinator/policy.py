@@ -138,6 +138,14 @@ class PricingPolicy(BaseModel):
         ge=1,
         description="Utility evaluations of the sampled valuator (default: 40 a player).",
     )
+    valuation_samples: int | None = Field(
+        None,
+        ge=2,
+        description="A round valued by sampling (more than max_exact_players organisations) "
+        "scores its coalitions on at most this many validation samples, drawn from the round's "
+        "seed (None: all). The cost falls in proportion; each value's standard error, taken "
+        "over the samples drawn, widens to cover the draw.",
+    )
     # Screens and defences.
     copy_cosine: float = Field(
         0.99999,

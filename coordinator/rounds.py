@@ -48,7 +48,7 @@ RETIREMENT_POLL_S = 2.0
 COMMIT_POLL_S = 1.0
 """How often an open round rereads on-chain whether its commit phase is over, unprompted."""
 
-COMMIT_CHECK_MIN_S = 0.005
+COMMIT_CHECK_MIN_S = 0.02
 """The least time between two such reads when nodes prompt them (``commit_hint``): each node
 waiting for the phase to end prompts one, so the last commitment is seen within a read."""
 

@@ -36,9 +36,10 @@ from fedledger.tasks.privacy import PrivacyBudgetSpent, PrivacyLedger
 
 log = logging.getLogger("fedledger.node")
 
-COMMIT_WAIT_S = 2.0
+COMMIT_WAIT_S = 10.0
 """How long one long poll for the end of the commit phase waits before the node asks the chain
-itself (the coordinator answers as soon as it has seen the phase end)."""
+itself (the coordinator answers as soon as it has seen the phase end). Each poll prompts the
+coordinator to read the chain once: 100 nodes waiting cost it 10 reads a second."""
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,7 @@ class NodeRunner:
         on_settled: Callable[[Settled], None] | None = None,
         poll_interval_s: float = 0.2,
         long_poll_s: float = 5.0,
+        commit_wait_s: float = COMMIT_WAIT_S,
         upload_ttl_s: int = 600,
         max_retry_s: float = 30.0,
         device: torch.device | None = None,
@@ -156,6 +158,7 @@ class NodeRunner:
         self.receipts = receipts  # where each checked receipt is kept (None: not on disk)
         self.on_settled = on_settled
         self.poll_interval_s = poll_interval_s
+        self.commit_wait_s = commit_wait_s
         self.long_poll_s = long_poll_s
         self.upload_ttl_s = upload_ttl_s
         self.max_retry_s = max_retry_s
@@ -431,17 +434,19 @@ class NodeRunner:
         # the upload then gets the coordinator's reason.
         give_up = time.monotonic() + max(0.0, current.deadline - self.clock()) + 2.0
         seen = current
-        while not seen.commits_closed and time.monotonic() < give_up:
+        while time.monotonic() < give_up and self.clock() <= current.deadline:
+            if self.ledger.commits_closed(round_id):
+                return  # at once when this node committed last, else on the coordinator's word
+            if seen.commits_closed:
+                break  # the coordinator says it is over, the chain not (yet): poll the chain
             try:
                 seen = self.client.current_round(
-                    after=seen, wait_s=COMMIT_WAIT_S, commit_phase=True
+                    after=seen, wait_s=self.commit_wait_s, commit_phase=True
                 )
             except (CoordinatorUnavailable, CoordinatorRejected):
                 break  # the chain alone decides
             if seen.round_id != round_id or seen.status is not wire.RoundStatus.OPEN:
                 return  # the round moved on: the upload gets the coordinator's reason
-            if not seen.commits_closed and self.ledger.commits_closed(round_id):
-                return  # no word from the coordinator, but the chain's is what counts
         self._poll_commits_closed(round_id, give_up)
 
     def _poll_commits_closed(self, round_id: int, give_up: float) -> None:

@@ -31,6 +31,7 @@ def _runner(harness: Harness, url: str, k: int, task: DigitsTask | None = None) 
         task.load_data(f"{k}/{len(harness.orgs)}"),
         seed=k,
         poll_interval_s=0.02,
+        commit_wait_s=0.5,  # no round driver here announces the end of the commit phase
         clock=lambda: harness.clock[0],
     )
 
