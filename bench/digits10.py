@@ -9,6 +9,11 @@ so every variant starts from the same updates. Variants:
 - ``floor``: FedAvg in one process, plain PyTorch, no framework;
 - ``flwr``: Flower's FedAvg, its (legacy, gRPC) server in one process and one process per
   client on loopback, the server evaluating the global model after each round (no Ray);
+- ``flwr-deploy``: Flower's FedAvg on its deployment runtime: ``flower-superlink`` and one
+  ``flower-supernode`` per client (insecure, on loopback), the Flower App written at run time
+  (its ServerApp and ClientApp are this script's ``flwr_server_app``, ``flwr_client_app``) and
+  submitted with ``flwr run``; the ServerApp evaluates after each round. Flower starts a
+  ClientApp process for every client every round;
 - ``embedded``: fedledger on the in-process EVM: the coordinator under uvicorn and the nodes
   as threads of one process (``fedledger demo``'s path, ``fedledger.demo.run_demo``);
 - ``anvil``: fedledger on anvil: ``fedledger coordinator serve`` and one ``fedledger node run``
@@ -24,7 +29,8 @@ benchmark's processes only, the functions the coordinator and nodes call (traini
 chain transactions and reads, verification, aggregation, Shapley valuation): no fedledger
 file is changed. Round wall time is the mean over rounds 2..R (round 1 includes start-up).
 
-Usage: python bench/digits10.py [--quick] [--rounds 30] [--variants floor flwr embedded anvil]
+Usage: python bench/digits10.py [--quick] [--rounds 30]
+       [--variants floor flwr flwr-deploy embedded anvil]
        [--plot FILE] [--json FILE]
 """
 
@@ -41,6 +47,7 @@ import logging
 import os
 import resource
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
@@ -48,11 +55,12 @@ import sys
 import tempfile
 import threading
 import time
-from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+import traceback
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -62,7 +70,7 @@ from torch import nn
 from fedledger.tasks import DigitsTask
 
 SCRIPT = Path(__file__).resolve()
-VARIANTS = ("floor", "flwr", "embedded", "anvil")
+VARIANTS = ("floor", "flwr", "flwr-deploy", "embedded", "anvil")
 ALPHA = 0.5
 SEED = 0
 LR = 0.05
@@ -76,6 +84,7 @@ CHILD_ENV = {
     "MKL_NUM_THREADS": "1",
     "PYTHONUNBUFFERED": "1",
     "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",  # no request off this machine for a newer flwr
 }
 
 
@@ -733,6 +742,609 @@ def flwr_client_main(args: Sequence[str]) -> int:
     return 0
 
 
+# ------------------------------------------------------------ Flower: deployment runtime
+
+FLWR_COMMANDS = (
+    "flower-superlink",
+    "flower-supernode",
+    "flower-superexec",
+    "flwr",
+    "flwr-serverapp",
+    "flwr-clientapp",
+)
+"""Flower's commands the deployment runtime runs (the SuperLink and SuperNodes start the last
+three themselves, by name, from PATH)."""
+FLWR_CONNECTION = "bench"  # the SuperLink connection in the run's own FLWR_HOME/config.toml
+FLWR_APP_MODULE = "digits10_flwr_app"
+FLWR_SERVER_REPORT = "serverapp.json"  # what the ServerApp measured, in the run's folder
+FLWR_ROUND_TIMEOUT_S = 600.0  # how long the ServerApp waits for a round's replies
+FLWR_START_TIMEOUT_S = 120.0  # SuperLink and SuperNodes up, and `flwr run` answered
+FLWR_STARTUP_PART = "ClientApp process start-up"  # process start to the ClientApp's call
+FLWR_CONFIG_TOML = """\
+[superlink]
+default = "{name}"
+
+[superlink.{name}]
+address = "127.0.0.1:{port}"
+insecure = true
+"""
+FLWR_APP_PYPROJECT = """\
+[project]
+name = "digits10-bench"
+version = "1.0.0"
+description = "digits-10 FedAvg for fedledger's benchmark against Flower's deployment runtime"
+license = "Apache-2.0"
+dependencies = ["flwr>=1.42,<2"]
+
+[tool.flwr.app]
+publisher = "fedledger"
+
+[tool.flwr.app.components]
+serverapp = "{module}:server_app"
+clientapp = "{module}:client_app"
+
+[tool.flwr.app.config]
+rounds = {rounds}
+clients = {clients}
+workdir = {workdir}
+"""
+FLWR_APP_SOURCE = '''\
+"""digits-10's Flower App, written by bench/digits10.py for its flwr-deploy variant.
+
+The ServerApp and the ClientApp are the benchmark's own (flwr_server_app, flwr_client_app in
+the script, loaded here from its path), so they train, average and evaluate with the helpers
+every other variant uses.
+"""
+
+import importlib.util
+import sys
+
+_spec = importlib.util.spec_from_file_location({name!r}, {script!r})
+assert _spec is not None and _spec.loader is not None
+_bench = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = _bench  # dataclasses look their module up while the script loads
+_spec.loader.exec_module(_bench)
+
+server_app = _bench.flwr_server_app()
+client_app = _bench.flwr_client_app()
+'''
+
+
+def _write_json_atomic(path: Path, value: Any) -> None:
+    """Write ``value`` as JSON to ``path`` by a rename, so that a reader never sees half of it."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(value))
+    os.replace(partial, path)
+
+
+def _process_age_s() -> float | None:
+    """Seconds since this process started (Linux: its start time in /proc/self/stat)."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")
+        return float(Path("/proc/uptime").read_text().split()[0]) - started
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def flwr_server_app() -> Any:
+    """The flwr-deploy variant's ServerApp: Flower's FedAvg (the Message API's) over every
+    SuperNode for ``rounds`` rounds from the seed-0 model, evaluating the global model on the
+    test set before round 1 and after each round, as the legacy variant's server does.
+
+    What it measures (the time of each evaluation, the accuracies, the replies averaged each
+    round, its peak RSS, or why it failed) goes to ``workdir/serverapp.json`` after every round.
+    """
+    from flwr.app import ArrayRecord, Context, Message, MetricRecord
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.serverapp.strategy import FedAvg
+
+    class CountingFedAvg(FedAvg):
+        """Flower's FedAvg, counting the training replies it averages each round."""
+
+        def __init__(self, replies: list[int], **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.replies = replies
+
+        def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> Any:
+            replies = list(replies)
+            self.replies.append(sum(1 for m in replies if not m.has_error()))
+            return super().aggregate_train(server_round, replies)
+
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        config = context.run_config
+        rounds, clients = int(config["rounds"]), int(config["clients"])
+        out = Path(str(config["workdir"])) / FLWR_SERVER_REPORT
+        marks: list[float] = []  # unix time of each evaluation: round 0 (initial model), 1, ...
+        accuracies: list[float] = []
+        replies: list[int] = []
+        report: dict[str, Any] = {"marks": marks, "accuracies": accuracies, "replies": replies}
+        try:
+            torch.set_num_threads(1)
+            task = DigitsTask()
+            model = task.build_model(seed=SEED)
+            x_test, y_test = task.validation_data(seed=SEED)
+
+            def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+                marks.append(time.time())
+                model.load_state_dict(arrays.to_torch_state_dict())
+                acc = accuracy(model, x_test, y_test)
+                if server_round > 0:
+                    accuracies.append(acc)
+                _write_json_atomic(out, {**report, "done": False, "peak_rss_mib": peak_rss_mib()})
+                return MetricRecord({"accuracy": acc})
+
+            strategy = CountingFedAvg(
+                replies,
+                fraction_train=1.0,
+                fraction_evaluate=0.0,  # the server evaluates, as in the legacy variant
+                min_train_nodes=clients,
+                min_available_nodes=clients,
+            )
+            strategy.start(
+                grid=grid,
+                initial_arrays=ArrayRecord(model.state_dict()),
+                num_rounds=rounds,
+                timeout=FLWR_ROUND_TIMEOUT_S,
+                evaluate_fn=evaluate,
+            )
+        except BaseException:
+            report["error"] = traceback.format_exc()
+            raise
+        finally:
+            _write_json_atomic(out, {**report, "done": True, "peak_rss_mib": peak_rss_mib()})
+
+    return app
+
+
+def flwr_client_app() -> Any:
+    """The flwr-deploy variant's ClientApp: client ``partition-id`` of ``num-partitions`` (its
+    SuperNode's node config) trains one round from the global model, as the legacy client
+    does, shuffling with seed index * ROUND_SEED_STRIDE + round.
+
+    The deployment runtime starts a ClientApp process for every message, so each call loads
+    the data and builds the model anew; it appends its timings (training, and the process's
+    start-up before it was called) and peak RSS to ``workdir/client<index>.jsonl``.
+    """
+    from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        called_unix, age = time.time(), _process_age_s()
+        index = int(context.node_config["partition-id"])
+        clients = int(context.node_config["num-partitions"])
+        round_id = int(cast(int, msg.content.config_records["config"]["server-round"]))
+        torch.set_num_threads(1)
+        task = DigitsTask()
+        model = task.build_model(seed=SEED)
+        x, y = task.partition(index, clients, alpha=ALPHA, seed=SEED)
+        model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
+        start_unix, started = time.time(), time.perf_counter()
+        local_sgd(model, x, y, seed=index * ROUND_SEED_STRIDE + round_id)
+        records = [("clients/training", start_unix, time.perf_counter() - started)]
+        if age is not None:
+            records.append((f"clients/{FLWR_STARTUP_PART}", called_unix - age, age))
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord(model.state_dict()),
+                "metrics": MetricRecord({"num-examples": int(y.shape[0])}),
+            }
+        )
+        line = {"round": round_id, "pid": os.getpid(), "records": records}
+        line["peak_rss_mib"] = peak_rss_mib()
+        log = Path(str(context.run_config["workdir"])) / f"client{index}.jsonl"
+        with log.open("a") as out:
+            out.write(json.dumps(line) + "\n")
+        return Message(content, reply_to=msg)
+
+    return app
+
+
+@dataclass
+class _Watched:
+    """One process seen in the watched trees."""
+
+    pid: int
+    parent: tuple[int, int] | None  # (pid, start time) of its parent when first seen
+    command: str  # the Flower command it runs (flower-superlink, flwr-clientapp, ...)
+    peak_mib: float = 0.0  # VmHWM, as last read
+    alive: bool = True
+
+
+def _proc_table() -> dict[int, tuple[int, int, str]]:
+    """Every process: pid -> (parent pid, start time in clock ticks, state), from /proc."""
+    table = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+            table[int(entry.name)] = (int(fields[1]), int(fields[19]), fields[0])
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+    return table
+
+
+def _memory_mib(pid: int) -> tuple[float, float] | None:
+    """(VmHWM, VmRSS) of ``pid`` in MiB; None for a zombie or a process gone."""
+    values = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(("VmHWM:", "VmRSS:")):
+                values[line[:5]] = int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        return None
+    if "VmHWM" not in values or "VmRSS" not in values:
+        return None
+    return values["VmHWM"], values["VmRSS"]
+
+
+def _command_of(pid: int) -> str:
+    """The Flower command ``pid`` runs (``python .../flwr-clientapp ...`` -> flwr-clientapp)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "?"
+    names = [Path(a.decode(errors="replace")).name for a in argv if a]
+    flower = [n for n in names if n.startswith(("flower-", "flwr"))]
+    return flower[0] if flower else (names[0] if names else "?")
+
+
+class _TreeWatch:
+    """The process trees under some root processes, sampled from /proc on a thread: what ran,
+    the peak RSS (VmHWM) of each process, the most alive at once and their largest summed RSS.
+
+    A process is known by its pid and start time (a reused pid is another process), and one
+    seen once is still followed when its parent exits before it: ``stop_all`` can then stop
+    everything the roots started, however deep.
+    """
+
+    def __init__(self, interval_s: float = 0.2) -> None:
+        self.interval_s = interval_s
+        self.roots: set[tuple[int, int]] = set()
+        self.seen: dict[tuple[int, int], _Watched] = {}
+        self.most_at_once = 0
+        self.most_rss_mib = 0.0
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="tree-watch", daemon=True)
+
+    def __enter__(self) -> _TreeWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stopped.set()
+        self._thread.join(timeout=10)
+
+    def add_root(self, pid: int) -> None:
+        start = _proc_table().get(pid)
+        if start is not None:
+            with self._lock:
+                self.roots.add((pid, start[1]))
+        self.sample()
+
+    def _loop(self) -> None:
+        while not self._stopped.wait(self.interval_s):
+            self.sample()
+
+    def sample(self) -> list[tuple[int, int]]:
+        """Read /proc once; return the processes of the trees alive now (zombies left out)."""
+        table = _proc_table()
+        children: dict[int, list[int]] = defaultdict(list)
+        for pid, (ppid, _, _) in table.items():
+            children[ppid].append(pid)
+        with self._lock:
+            frontier = [
+                key
+                for key in self.roots | set(self.seen)
+                if table.get(key[0], (0, -1))[1] == key[1]
+            ]
+            live: set[tuple[int, int]] = set()
+            while frontier:
+                key = frontier.pop()
+                if key in live:
+                    continue
+                live.add(key)
+                frontier.extend((c, table[c][1]) for c in children.get(key[0], ()) if c in table)
+            alive, rss = [], 0.0
+            for key in live:
+                memory = None if table[key[0]][2] == "Z" else _memory_mib(key[0])
+                if memory is None:
+                    continue
+                watched = self.seen.get(key)
+                if watched is None:
+                    ppid = table[key[0]][0]
+                    parent = (ppid, table[ppid][1]) if ppid in table else None
+                    watched = _Watched(key[0], parent, _command_of(key[0]))
+                    self.seen[key] = watched
+                watched.peak_mib = max(watched.peak_mib, memory[0])
+                alive.append(key)
+                rss += memory[1]
+            for key, watched in self.seen.items():
+                watched.alive = key in alive
+            self.most_at_once = max(self.most_at_once, len(alive))
+            self.most_rss_mib = max(self.most_rss_mib, rss)
+            return alive
+
+    def ended(self, command: str) -> bool:
+        """Whether a process running ``command`` was seen and none is alive any more."""
+        with self._lock:
+            runs = [w for w in self.seen.values() if w.command == command]
+            return bool(runs) and not any(w.alive for w in runs)
+
+    def label(self, watched: _Watched) -> str:
+        """The process's part: a SuperExec is the SuperLink's or a SuperNode's."""
+        if watched.command == "flower-superexec":
+            parent = self.seen.get(watched.parent) if watched.parent else None
+            owner = parent.command if parent else "?"
+            return "superlink's superexec" if owner == "flower-superlink" else "superexec"
+        return watched.command.removeprefix("flower-").removeprefix("flwr-")
+
+    def stop_all(self, roots: Sequence[subprocess.Popen[bytes]], grace_s: float = 10.0) -> None:
+        """SIGTERM the roots, then whatever is left of their trees; SIGKILL what outlives
+        ``grace_s`` at each step; reap the roots."""
+        self.sample()
+        for proc in roots:
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + grace_s
+        for proc in roots:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            left = self.sample()
+            for pid, _ in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            deadline = time.monotonic() + grace_s
+            while left and time.monotonic() < deadline:
+                time.sleep(0.05)
+                left = self.sample()
+            if not left:
+                break
+        for proc in roots:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=10)
+
+
+def _flwr_bin() -> Path | None:
+    """The folder that holds Flower's commands: this Python's, else the one on PATH."""
+    found = shutil.which("flower-superlink")
+    for folder in (Path(sys.executable).parent, *([Path(found).parent] if found else [])):
+        if all((folder / c).exists() for c in FLWR_COMMANDS):
+            return folder
+    return None
+
+
+def _start(cmd: Sequence[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            list(cmd), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env
+        )
+
+
+def _wait_until(
+    ready: Callable[[], bool],
+    what: str,
+    procs: Sequence[tuple[str, subprocess.Popen[bytes], Path]],
+    deadline: float,
+) -> None:
+    """Poll ``ready`` until it holds; raise, with the log, if a process exits or time runs out."""
+    while not ready():
+        for name, proc, log in procs:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{_tail(log)}")
+        if time.monotonic() > deadline:
+            logs = "\n".join(f"{name}:\n{_tail(log)}" for name, _, log in procs)
+            raise RuntimeError(f"{what}: not in time\n{logs}")
+        time.sleep(0.1)
+
+
+def _http_ok(url: str) -> Callable[[], bool]:
+    import httpx
+
+    def ok() -> bool:
+        try:
+            return httpx.get(url, timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    return ok
+
+
+def _log_has(log: Path, text: str) -> Callable[[], bool]:
+    return lambda: text in log.read_text(errors="replace")
+
+
+def run_flwr_deploy(rounds: int, clients: int, workdir: Path) -> VariantResult:
+    """Flower's deployment runtime: a SuperLink and one SuperNode per client (``--insecure``, on
+    loopback, ports chosen now), the Flower App (``flwr_server_app`` and ``flwr_client_app``)
+    submitted with ``flwr run``; Flower's FedAvg over every client each round, the ServerApp
+    evaluating after each round. Every process started, theirs included, is stopped on the way
+    out."""
+    from fedledger.devnet.anvil import free_port
+
+    bin_dir = _flwr_bin()
+    if bin_dir is None:
+        return VariantResult(
+            "flwr-deploy",
+            status=f"flwr's commands ({', '.join(FLWR_COMMANDS)}) not installed beside "
+            f"{sys.executable} nor on PATH",
+        )
+    started, start_unix = time.perf_counter(), time.time()
+    workdir = workdir.resolve()
+    home, app_dir = workdir / "flwr-home", workdir / "app"
+    home.mkdir(parents=True, exist_ok=True)
+    app_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    (home / "config.toml").write_text(FLWR_CONFIG_TOML.format(name=FLWR_CONNECTION, port=port))
+    (app_dir / "pyproject.toml").write_text(
+        FLWR_APP_PYPROJECT.format(
+            module=FLWR_APP_MODULE, rounds=rounds, clients=clients, workdir=json.dumps(str(workdir))
+        )
+    )
+    (app_dir / f"{FLWR_APP_MODULE}.py").write_text(
+        FLWR_APP_SOURCE.format(name="fedledger_bench_digits10", script=str(SCRIPT))
+    )
+    report_file = workdir / FLWR_SERVER_REPORT
+    env = {
+        **os.environ,
+        **CHILD_ENV,
+        "FLWR_HOME": str(home),
+        "PATH": os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")]),
+    }
+    superlink_cmd = [
+        str(bin_dir / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port),
+        "--disable-runtime-dependency-installation",
+    ]  # fmt: skip
+    procs: list[subprocess.Popen[bytes]] = []
+    marks: dict[str, float] = {}
+    with _TreeWatch() as watch:
+        try:
+            superlink_log = workdir / "superlink.log"
+            superlink = _start(superlink_cmd, superlink_log, env)
+            procs.append(superlink)
+            watch.add_root(superlink.pid)
+            deadline = time.monotonic() + FLWR_START_TIMEOUT_S
+            core = [("the SuperLink", superlink, superlink_log)]
+            _wait_until(_http_ok(f"http://127.0.0.1:{port}/health"), "SuperLink", core, deadline)
+            marks["superlink"] = time.time()
+            nodes = []
+            for k in range(clients):
+                log = workdir / f"supernode{k}.log"
+                node = _start(
+                    [
+                        str(bin_dir / "flower-supernode"), "--insecure",
+                        "--superlink", f"127.0.0.1:{port}",
+                        "--host", "127.0.0.1", "--port", str(free_port()),
+                        "--node-config", f"partition-id={k} num-partitions={clients}",
+                    ],
+                    log,
+                    env,
+                )  # fmt: skip
+                procs.append(node)
+                watch.add_root(node.pid)
+                nodes.append((f"SuperNode {k}", node, log))
+            core += nodes
+            for name, _, log in nodes:  # each has registered with the SuperLink
+                _wait_until(_log_has(log, "SuperNode ID:"), name, core, deadline)
+            marks["supernodes"] = time.time()
+            cli_log = workdir / "flwr-run.log"
+            cli = _start(
+                [str(bin_dir / "flwr"), "run", str(app_dir), FLWR_CONNECTION, "--format", "json"],
+                cli_log,
+                env,
+            )
+            procs.append(cli)
+            watch.add_root(cli.pid)
+            try:
+                code = cli.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"flwr run did not answer in time:\n{_tail(cli_log)}") from None
+            if code != 0:
+                raise RuntimeError(f"flwr run exited with {code}:\n{_tail(cli_log)}")
+            marks["submitted"] = time.time()
+
+            def finished() -> bool:
+                ended = watch.ended("flwr-serverapp")  # before reading: it writes, then exits
+                report = _load_timings(report_file)
+                if report is not None and report.get("done"):
+                    return True
+                if ended:
+                    raise RuntimeError(
+                        f"the ServerApp exited before the run ended:\n{_tail(superlink_log)}"
+                    )
+                return False
+
+            _wait_until(finished, "the run", core, time.monotonic() + 120 + 180 * rounds)
+        finally:
+            watch.stop_all(procs)
+
+    report = _load_timings(report_file) or {}
+    if report.get("error"):
+        raise RuntimeError(f"the ServerApp failed:\n{report['error']}")
+    evaluations = [float(t) for t in report.get("marks", [])]
+    result = VariantResult("flwr-deploy", accuracies=[float(a) for a in report["accuracies"]])
+    result.round_s = [b - a for a, b in itertools.pairwise(evaluations[: rounds + 1])]
+    result.total_s = evaluations[-1] - start_unix if evaluations else time.perf_counter() - started
+    if evaluations:
+        result.notes.append(
+            "start-up before the ServerApp's first evaluation: "
+            + ", ".join(
+                f"{what} {t - start_unix:.1f} s"
+                for what, t in (
+                    ("SuperLink up", marks["superlink"]),
+                    (f"{clients} SuperNodes connected", marks["supernodes"]),
+                    ("flwr run answered", marks["submitted"]),
+                    ("ServerApp evaluated the initial model", evaluations[0]),
+                )
+            )
+        )
+    short = [r for r, n in enumerate(report.get("replies", []), 1) if n < clients]
+    if short:
+        result.notes.append(f"round(s) {short} averaged fewer than {clients} replies")
+    records: list[Sequence[Any]] = []
+    client_peaks: list[float] = []
+    for k in range(clients):
+        lines = (workdir / f"client{k}.jsonl").read_text().splitlines()
+        if not lines:
+            result.notes.append(f"no timings from client {k}")
+        for line in lines:
+            part = json.loads(line)
+            records.extend(part["records"])
+            client_peaks.append(float(part["peak_rss_mib"]))
+    since, steady_rounds = (
+        (evaluations[1], rounds - 1) if rounds > 1 and len(evaluations) > 1 else (0.0, 1)
+    )
+    result.breakdown, result.calls = per_round(records, since=since, rounds=steady_rounds)
+    by_label: dict[str, list[float]] = defaultdict(list)
+    for watched in watch.seen.values():
+        by_label[watch.label(watched)].append(watched.peak_mib)
+    by_label["clientapp"] += client_peaks  # each ClientApp's own ru_maxrss, however short-lived
+    if "peak_rss_mib" in report:
+        by_label["serverapp"].append(float(report["peak_rss_mib"]))
+    peaks = {
+        "superlink": max(by_label["superlink"], default=0.0),
+        "superlink's superexec": max(by_label["superlink's superexec"], default=0.0),
+        "serverapp": max(by_label["serverapp"], default=0.0),
+        "supernode (max)": max(by_label["supernode"], default=0.0),
+        "supernodes (sum)": sum(by_label["supernode"]),
+        "superexecs (sum)": sum(by_label["superexec"]),
+        "clientapp (max)": max(by_label["clientapp"], default=0.0),
+    }
+    # One ClientApp a SuperNode at a time: the sum counts each SuperNode's largest once.
+    peaks["all processes (sum)"] = (
+        peaks["superlink"]
+        + peaks["superlink's superexec"]
+        + peaks["serverapp"]
+        + peaks["supernodes (sum)"]
+        + peaks["superexecs (sum)"]
+        + clients * peaks["clientapp (max)"]
+    )
+    peaks["all processes at once (sampled)"] = watch.most_rss_mib
+    peaks["flwr run"] = max(by_label["flwr"], default=0.0)
+    peaks["driver"] = peak_rss_mib()
+    result.peak_rss_mib = {k: v for k, v in peaks.items() if v > 0}
+    result.processes = watch.most_at_once
+    counts = Counter(watch.label(w) for w in watch.seen.values())
+    counts["clientapp"] = max(counts["clientapp"], len(client_peaks))
+    result.notes.append(
+        f"processes: {watch.most_at_once} at most at once, {len(watch.seen)} started in all ("
+        + ", ".join(f"{n} {label}" for label, n in sorted(counts.items()) if n)
+        + "): a ClientApp process for every client every round; "
+        "peak RSS 'all processes (sum)' counts one ClientApp per SuperNode, the driver not"
+    )
+    return result
+
+
 # ----------------------------------------------------------------------------- roles
 
 
@@ -776,6 +1388,7 @@ def _variant_main(variant: str, rounds: int, clients: int, result_file: Path, wo
     runners: dict[str, Callable[[], VariantResult]] = {
         "floor": lambda: run_floor(rounds, clients),
         "flwr": lambda: run_flwr(rounds, clients, workdir),
+        "flwr-deploy": lambda: run_flwr_deploy(rounds, clients, workdir),
         "embedded": lambda: run_embedded(rounds, clients),
         "anvil": lambda: run_anvil(rounds, clients, workdir),
     }
@@ -790,8 +1403,8 @@ def run_variant(
     """Run one variant in a fresh process and read back what it measured; with ``in_process``
     the single-process variants (floor, embedded) run here instead, faster to start, and their
     peak memory is then this process's."""
-    if name == "flwr" and importlib.util.find_spec("flwr") is None:
-        return VariantResult("flwr", status="flwr not installed (pip install -e '.[bench]')")
+    if name.startswith("flwr") and importlib.util.find_spec("flwr") is None:
+        return VariantResult(name, status="flwr not installed (pip install -e '.[bench]')")
     if in_process and name in ("floor", "embedded"):
         threads = torch.get_num_threads()
         level = logging.getLogger("fedledger").level
@@ -834,7 +1447,7 @@ def _fmt(value: float | None, spec: str, width: int) -> str:
 def print_summary(results: Sequence[VariantResult]) -> None:
     floor = next((r for r in results if r.name == "floor" and r.status == "ok"), None)
     header = (
-        f"{'variant':<10} {'final acc':>9} {'Δ floor':>8} {'s/round':>8} {'median':>7} "
+        f"{'variant':<11} {'final acc':>9} {'Δ floor':>8} {'s/round':>8} {'median':>7} "
         f"{'total s':>8} {'procs':>5} {'peak RSS MiB':>13}  status"
     )
     print(header)
@@ -842,7 +1455,7 @@ def print_summary(results: Sequence[VariantResult]) -> None:
     for r in results:
         if r.status != "ok":
             print(
-                f"{r.name:<10} {'-':>9} {'-':>8} {'-':>8} {'-':>7} {'-':>8} {'-':>5} {'-':>13}  {r.status.splitlines()[0]}"
+                f"{r.name:<11} {'-':>9} {'-':>8} {'-':>8} {'-':>7} {'-':>8} {'-':>5} {'-':>13}  {r.status.splitlines()[0]}"
             )
             continue
         delta = (
@@ -853,7 +1466,7 @@ def print_summary(results: Sequence[VariantResult]) -> None:
         steady = r.round_s[1:] or r.round_s
         peak = r.peak_rss_mib.get("all processes (sum)", max(r.peak_rss_mib.values(), default=0.0))
         print(
-            f"{r.name:<10} {_fmt(100 * r.final_accuracy if r.final_accuracy is not None else None, '.2f', 8)}%"
+            f"{r.name:<11} {_fmt(100 * r.final_accuracy if r.final_accuracy is not None else None, '.2f', 8)}%"
             f" {_fmt(delta, '+.2f', 8)} {_fmt(r.steady_round_s, '.3f', 8)} "
             f"{_fmt(statistics.median(steady) if steady else None, '.3f', 7)} "
             f"{r.total_s:>8.1f} {r.processes:>5} {peak:>13.0f}  ok"
@@ -874,13 +1487,17 @@ def print_summary(results: Sequence[VariantResult]) -> None:
 
 def print_curves(results: Sequence[VariantResult], rounds: int) -> None:
     shown = [r for r in results if r.status == "ok"]
-    print(f"{'round':>5} " + " ".join(f"{r.name + ' acc%':>13} {'s':>6}" for r in shown))
+    widths = [max(13, len(r.name) + 5) for r in shown]
+    print(
+        f"{'round':>5} "
+        + " ".join(f"{r.name + ' acc%':>{w}} {'s':>6}" for r, w in zip(shown, widths, strict=True))
+    )
     for i in range(rounds):
         cells = []
-        for r in shown:
+        for r, width in zip(shown, widths, strict=True):
             acc = 100 * r.accuracies[i] if i < len(r.accuracies) else None
             sec = r.round_s[i] if i < len(r.round_s) else None
-            cells.append(f"{_fmt(acc, '.2f', 13)} {_fmt(sec, '.3f', 6)}")
+            cells.append(f"{_fmt(acc, '.2f', width)} {_fmt(sec, '.3f', 6)}")
         print(f"{i + 1:>5} " + " ".join(cells))
 
 
@@ -930,14 +1547,24 @@ def print_breakdown(results: Sequence[VariantResult]) -> None:
                 f"{_fmt(r.calls.get(role, {}).get(part), '.1f', 7)}"
             )
         print(f"{role:<12} {part:<36}" + "".join(cells))
+
+
+def print_training(results: Sequence[VariantResult]) -> None:
+    """The floor's and Flower's time per round in training (and aggregation, start-up)."""
     for r in results:
-        if r.status == "ok" and r.name in ("floor", "flwr"):
+        if r.status == "ok" and r.name in ("floor", "flwr", "flwr-deploy"):
             parts = next(iter(r.breakdown.values()), {})
             print(
                 f"{r.name}: training {parts.get('training', 0.0):.4f} s/round (summed over clients)"
                 + (
                     f", aggregation {parts['aggregation']:.4f} s/round"
                     if "aggregation" in parts
+                    else ""
+                )
+                + (
+                    f", ClientApp process start-up {parts[FLWR_STARTUP_PART]:.4f} s/round "
+                    "(summed over clients)"
+                    if FLWR_STARTUP_PART in parts
                     else ""
                 )
             )
@@ -959,16 +1586,57 @@ def check_targets(results: Sequence[VariantResult]) -> list[str]:
             f"accuracy within 1 point of the floor ({name}): {verdict} "
             f"({100 * r.final_accuracy:.2f}% vs {100 * floor.final_accuracy:.2f}%, {gap:+.2f})"
         )
-    anvil, flwr = by_name.get("anvil"), by_name.get("flwr")
-    if anvil is None or flwr is None or anvil.steady_round_s is None or flwr.steady_round_s is None:
-        missing = "flwr not installed" if flwr is None else "not measured"
-        lines.append(f"anvil no slower per round than Flower: not measured ({missing})")
-    else:
+    anvil = by_name.get("anvil")
+    for name, runtime in (("flwr", "legacy gRPC runtime"), ("flwr-deploy", "deployment runtime")):
+        flwr = by_name.get(name)
+        target = f"anvil no slower per round than Flower, {runtime} ({name})"
+        missing = [
+            next((r.status.splitlines()[0] for r in results if r.name == n), f"{n} not run")
+            for n, r in (("anvil", anvil), (name, flwr))
+            if r is None or not r.steady_round_s
+        ]
+        if anvil is None or flwr is None or not anvil.steady_round_s or not flwr.steady_round_s:
+            lines.append(f"{target}: not measured ({'; '.join(missing)})")
+            continue
         verdict = "met" if anvil.steady_round_s <= flwr.steady_round_s else "MISSED"
         lines.append(
-            f"anvil no slower per round than Flower: {verdict} ({anvil.steady_round_s:.3f} s vs "
-            f"{flwr.steady_round_s:.3f} s, {anvil.steady_round_s / flwr.steady_round_s:.1f}x)"
+            f"{target}: {verdict} ({anvil.steady_round_s:.3f} s vs "
+            f"{flwr.steady_round_s:.3f} s, {anvil.steady_round_s / flwr.steady_round_s:.2f}x)"
         )
+    return lines
+
+
+def check_curves(results: Sequence[VariantResult]) -> list[str]:
+    """Flower's curves against the floor's, round by round: the same updates and the same
+    average give the same test accuracy after every round (to a test sample, 1/360); any
+    round that differs is listed."""
+    by_name = {r.name: r for r in results if r.status == "ok"}
+    floor = by_name.get("floor")
+    lines = []
+    for name in ("flwr", "flwr-deploy"):
+        r = by_name.get(name)
+        if floor is None or r is None:
+            lines.append(
+                f"{name} against the floor: not compared ({name if r is None else 'floor'} not run)"
+            )
+            continue
+        rounds = max(len(r.accuracies), len(floor.accuracies))
+        differ = [
+            f"round {i + 1}: {_fmt(100 * a if a is not None else None, '.2f', 0)}% vs "
+            f"{_fmt(100 * b if b is not None else None, '.2f', 0)}%"
+            for i, (a, b) in enumerate(
+                itertools.zip_longest(r.accuracies, floor.accuracies, fillvalue=None)
+            )
+            if a is None or b is None or abs(a - b) > 1e-9
+        ]
+        if differ:
+            lines.append(
+                f"{name} against the floor: DIFFERS in {len(differ)} of {rounds} rounds ("
+                + "; ".join(differ)
+                + ")"
+            )
+        else:
+            lines.append(f"{name} against the floor: the same accuracy after all {rounds} rounds")
     return lines
 
 
@@ -981,7 +1649,8 @@ def plot(results: Sequence[VariantResult], path: Path) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    styles = {"floor": ("k", "--", 2.5), "flwr": ("C1", "-", 1.2)}  # they overlap exactly
+    # floor, flwr and flwr-deploy overlap exactly: wide to narrow, so that all three show
+    styles = {"floor": ("k", "--", 3.5), "flwr": ("C1", "-", 2.0), "flwr-deploy": ("C4", ":", 1.2)}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in results:
         if r.status == "ok" and r.accuracies:
@@ -1055,14 +1724,21 @@ def main(argv: Sequence[str]) -> int:
     print_curves(results, rounds)
     print()
     print_breakdown(results)
+    print_training(results)
     print()
+    curves = check_curves(results)
+    for line in curves:
+        print("curve: " + line)
     targets = check_targets(results)
     for line in targets:
         print("target: " + line)
     print(plot(results, args.plot))
     if args.json:
         args.json.write_text(
-            json.dumps({"results": [asdict(r) for r in results], "targets": targets}, indent=2)
+            json.dumps(
+                {"results": [asdict(r) for r in results], "curves": curves, "targets": targets},
+                indent=2,
+            )
         )
     return 0 if all(r.status == "ok" or "not installed" in r.status for r in results) else 1
 
