@@ -1115,6 +1115,23 @@ class _TreeWatch:
             proc.wait(timeout=10)
 
 
+def _raise_exit(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def _terminate_raises() -> Iterator[None]:
+    """Within the block, SIGTERM raises SystemExit (in the main thread), so cleanups run."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_exit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _flwr_bin() -> Path | None:
     """The folder that holds Flower's commands: this Python's, else the one on PATH."""
     found = shutil.which("flower-superlink")
@@ -1207,7 +1224,7 @@ def run_flwr_deploy(rounds: int, clients: int, workdir: Path) -> VariantResult:
     ]  # fmt: skip
     procs: list[subprocess.Popen[bytes]] = []
     marks: dict[str, float] = {}
-    with _TreeWatch() as watch:
+    with _terminate_raises(), _TreeWatch() as watch:
         try:
             superlink_log = workdir / "superlink.log"
             superlink = _start(superlink_cmd, superlink_log, env)
@@ -1252,19 +1269,33 @@ def run_flwr_deploy(rounds: int, clients: int, workdir: Path) -> VariantResult:
             if code != 0:
                 raise RuntimeError(f"flwr run exited with {code}:\n{_tail(cli_log)}")
             marks["submitted"] = time.time()
+            progress = {"evaluations": 0, "since": time.monotonic()}
 
             def finished() -> bool:
+                """The ServerApp is done; raise if it exited, or stalled, before that."""
                 ended = watch.ended("flwr-serverapp")  # before reading: it writes, then exits
-                report = _load_timings(report_file)
-                if report is not None and report.get("done"):
+                report = _load_timings(report_file) or {}
+                if report.get("done"):
                     return True
                 if ended:
                     raise RuntimeError(
                         f"the ServerApp exited before the run ended:\n{_tail(superlink_log)}"
                     )
+                evaluations = len(report.get("marks", []))
+                if evaluations > progress["evaluations"]:
+                    progress.update(evaluations=evaluations, since=time.monotonic())
+                # The first evaluation comes at start-up, each next one a round later.
+                limit = FLWR_ROUND_TIMEOUT_S + 60 if evaluations else FLWR_START_TIMEOUT_S
+                if time.monotonic() - progress["since"] > limit:
+                    raise RuntimeError(
+                        f"the ServerApp made no progress in {limit:.0f} s (evaluations: "
+                        f"{evaluations}):\n{_tail(superlink_log)}"
+                    )
                 return False
 
-            _wait_until(finished, "the run", core, time.monotonic() + 120 + 180 * rounds)
+            # Bounded by finished() as well: no round may take longer than the ServerApp
+            # waits for replies.
+            _wait_until(finished, "the run", core, time.monotonic() + 120 + 660 * rounds)
         finally:
             watch.stop_all(procs)
 
@@ -1273,7 +1304,9 @@ def run_flwr_deploy(rounds: int, clients: int, workdir: Path) -> VariantResult:
         raise RuntimeError(f"the ServerApp failed:\n{report['error']}")
     evaluations = [float(t) for t in report.get("marks", [])]
     result = VariantResult("flwr-deploy", accuracies=[float(a) for a in report["accuracies"]])
-    result.round_s = [b - a for a, b in itertools.pairwise(evaluations[: rounds + 1])]
+    # Round 1 from the first process's start, as start-up is in the other variants' round 1.
+    bounds = [start_unix, *evaluations[1 : rounds + 1]]
+    result.round_s = [b - a for a, b in itertools.pairwise(bounds)]
     result.total_s = evaluations[-1] - start_unix if evaluations else time.perf_counter() - started
     if evaluations:
         result.notes.append(
@@ -1294,7 +1327,8 @@ def run_flwr_deploy(rounds: int, clients: int, workdir: Path) -> VariantResult:
     records: list[Sequence[Any]] = []
     client_peaks: list[float] = []
     for k in range(clients):
-        lines = (workdir / f"client{k}.jsonl").read_text().splitlines()
+        timings = workdir / f"client{k}.jsonl"
+        lines = timings.read_text().splitlines() if timings.exists() else []
         if not lines:
             result.notes.append(f"no timings from client {k}")
         for line in lines:
@@ -1335,9 +1369,9 @@ def run_flwr_deploy(rounds: int, clients: int, workdir: Path) -> VariantResult:
     result.peak_rss_mib = {k: v for k, v in peaks.items() if v > 0}
     result.processes = watch.most_at_once
     counts = Counter(watch.label(w) for w in watch.seen.values())
-    counts["clientapp"] = max(counts["clientapp"], len(client_peaks))
+    counts["clientapp"] = max(counts["clientapp"], len(client_peaks))  # some too short to see
     result.notes.append(
-        f"processes: {watch.most_at_once} at most at once, {len(watch.seen)} started in all ("
+        f"processes: {watch.most_at_once} at most at once, {counts.total()} started in all ("
         + ", ".join(f"{n} {label}" for label, n in sorted(counts.items()) if n)
         + "): a ClientApp process for every client every round; "
         "peak RSS 'all processes (sum)' counts one ClientApp per SuperNode, the driver not"
@@ -1616,9 +1650,12 @@ def check_curves(results: Sequence[VariantResult]) -> list[str]:
     for name in ("flwr", "flwr-deploy"):
         r = by_name.get(name)
         if floor is None or r is None:
-            lines.append(
-                f"{name} against the floor: not compared ({name if r is None else 'floor'} not run)"
-            )
+            why = [
+                next((x.status.splitlines()[0] for x in results if x.name == n), f"{n} not run")
+                for n, x in ((name, r), ("floor", floor))
+                if x is None
+            ]
+            lines.append(f"{name} against the floor: not compared ({'; '.join(why)})")
             continue
         rounds = max(len(r.accuracies), len(floor.accuracies))
         differ = [

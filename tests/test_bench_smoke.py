@@ -97,11 +97,11 @@ def test_gas_covers_every_ledger_call(tmp_path: Path) -> None:
 def test_digits10_variants_agree(tmp_path: Path) -> None:
     report = run_quick("digits10", tmp_path, "--plot", str(tmp_path / "curves.png"))
     results = {r["name"]: r for r in report["results"]}
-    assert list(results) == ["floor", "flwr", "embedded", "anvil"]
+    assert list(results) == ["floor", "flwr", "flwr-deploy", "embedded", "anvil"]
     floor = results["floor"]
     assert floor["status"] == "ok" and len(floor["accuracies"]) == 2
     assert 0.3 < floor["accuracies"][-1] <= 1.0
-    ran = ["floor", "embedded", "anvil"] + (["flwr"] if HAS_FLWR else [])
+    ran = ["floor", "embedded", "anvil"] + (["flwr", "flwr-deploy"] if HAS_FLWR else [])
     for name in ran:
         r = results[name]
         assert r["status"] == "ok", r["status"]
@@ -111,8 +111,11 @@ def test_digits10_variants_agree(tmp_path: Path) -> None:
         # Same split, model, seeds and FedAvg: the same model within a rounding or a screened update.
         assert abs(r["accuracies"][-1] - floor["accuracies"][-1]) <= 0.05, name
     if not HAS_FLWR:
-        assert "not installed" in results["flwr"]["status"]
-        assert results["flwr"]["accuracies"] == [] and results["flwr"]["round_s"] == []
+        for name in ("flwr", "flwr-deploy"):
+            assert "not installed" in results[name]["status"]
+            assert results[name]["accuracies"] == [] and results[name]["round_s"] == []
+    # Each Flower runtime's curve is compared with the floor's, round by round.
+    assert [line.split(" ")[0] for line in report["curves"]] == ["flwr", "flwr-deploy"]
     for name in ("embedded", "anvil"):
         breakdown = results[name]["breakdown"]
         assert breakdown["nodes"]["training"] > 0
