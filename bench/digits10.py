@@ -792,14 +792,17 @@ FLWR_APP_SOURCE = '''\
 """digits-10's Flower App, written by bench/digits10.py for its flwr-deploy variant.
 
 The ServerApp and the ClientApp are the benchmark's own (flwr_server_app, flwr_client_app in
-the script, loaded here from its path), so they train, average and evaluate with the helpers
-every other variant uses.
+the copy of the script beside this file, in the same Flower App Bundle), so they train,
+average and evaluate with the helpers every other variant uses.
 """
 
 import importlib.util
 import sys
+from pathlib import Path
 
-_spec = importlib.util.spec_from_file_location({name!r}, {script!r})
+_spec = importlib.util.spec_from_file_location(
+    {name!r}, Path(__file__).with_name({script!r})
+)
 assert _spec is not None and _spec.loader is not None
 _bench = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = _bench  # dataclasses look their module up while the script loads
@@ -1005,7 +1008,7 @@ class _TreeWatch:
     everything the roots started, however deep.
     """
 
-    def __init__(self, interval_s: float = 0.2) -> None:
+    def __init__(self, interval_s: float = 0.5) -> None:
         self.interval_s = interval_s
         self.roots: set[tuple[int, int]] = set()
         self.seen: dict[tuple[int, int], _Watched] = {}
@@ -1208,8 +1211,11 @@ def run_flwr_deploy(rounds: int, clients: int, workdir: Path) -> VariantResult:
             module=FLWR_APP_MODULE, rounds=rounds, clients=clients, workdir=json.dumps(str(workdir))
         )
     )
+    # The bundle carries a copy of this script: a ClientApp process starts every round and
+    # loads it, so an edit to bench/ while the run goes on does not reach the run.
+    shutil.copyfile(SCRIPT, app_dir / SCRIPT.name)
     (app_dir / f"{FLWR_APP_MODULE}.py").write_text(
-        FLWR_APP_SOURCE.format(name="fedledger_bench_digits10", script=str(SCRIPT))
+        FLWR_APP_SOURCE.format(name="fedledger_bench_digits10", script=SCRIPT.name)
     )
     report_file = workdir / FLWR_SERVER_REPORT
     env = {
@@ -1635,7 +1641,7 @@ def check_targets(results: Sequence[VariantResult]) -> list[str]:
         verdict = "met" if anvil.steady_round_s <= flwr.steady_round_s else "MISSED"
         lines.append(
             f"{target}: {verdict} ({anvil.steady_round_s:.3f} s vs "
-            f"{flwr.steady_round_s:.3f} s, {anvil.steady_round_s / flwr.steady_round_s:.2f}x)"
+            f"{flwr.steady_round_s:.3f} s, {anvil.steady_round_s / flwr.steady_round_s:.3g}x)"
         )
     return lines
 
@@ -1687,7 +1693,13 @@ def plot(results: Sequence[VariantResult], path: Path) -> str:
     import matplotlib.pyplot as plt
 
     # floor, flwr and flwr-deploy overlap exactly: wide to narrow, so that all three show
-    styles = {"floor": ("k", "--", 3.5), "flwr": ("C1", "-", 2.0), "flwr-deploy": ("C4", ":", 1.2)}
+    styles = {
+        "floor": ("k", "--", 3.5),
+        "flwr": ("C1", "-", 2.0),
+        "flwr-deploy": ("C4", ":", 1.2),
+        "embedded": ("C0", "-", 1.2),
+        "anvil": ("C2", "-", 1.2),
+    }
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in results:
         if r.status == "ok" and r.accuracies:

@@ -20,7 +20,7 @@ from types import ModuleType
 
 BENCH_DIR = Path(__file__).resolve().parent
 BENCHMARKS = {
-    "digits10": "digits-10 end to end: the floor, Flower, fedledger (embedded and anvil)",
+    "digits10": "digits-10 end to end: the floor, Flower (legacy and deployment runtimes), fedledger",
     "aggregation": "FedAvg throughput against memory bandwidth, torch.stack and Flower",
     "gas": "gas of every ledger call and of a round's settlement for K = 10, 50, 100",
     "scale": "one round with 100 organisations and a 1e6-parameter model",
