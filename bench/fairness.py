@@ -1,7 +1,7 @@
 """Does the total reward each organisation earns over a run follow what its data really adds?
 
 Federations of at most six organisations are built from the digits training pool (1437
-samples) with a numpy Generator seeded by ``--seed`` and the federation's draw; seed 0 uses
+samples), or for ``tabular`` from the breast-cancer example's records (455), with a numpy Generator seeded by ``--seed`` and the federation's draw; seed 0 uses
 the sizes below, other seeds draw sizes (and partitions) at random, so the figures can be
 checked on federations nothing was tuned for. Kinds (organisation 5 is the odd one out):
 
@@ -16,7 +16,12 @@ checked on federations nothing was tuned for. Kinds (organisation 5 is the odd o
   its norm (``replay_global_step``);
 - ``replay-update`` / ``replay-update-noisy``: the same honest shares and a replayer uploading
   the largest organisation's update of the round before, plus noise of 0 / 1 x its norm
-  (``replay_update``). The four replay kinds share one draw: the same honest data, the same truth.
+  (``replay_update``). The four replay kinds share one draw: the same honest data, the same truth;
+- ``tabular``: the built-in tabular task on examples/breast_cancer (its spec: CSV files checked
+  and scaled by the agreed ranges, the plug-in MLP, 3 local epochs at lr 0.1 with momentum 0.5,
+  metric log-loss; validation: the coordinator's 114 records), five honest IID shares of the
+  pooled hospitals' records (seed 0: 30, 40, 60, 80, 120) and a ``mislabelled`` one (seed 0:
+  80 records, 80% of its labels replaced by uniform random ones, so about 40% wrong).
 
 A replayer holds placeholder data of the honest median size (the simulator trains it, but its
 honest delta only scales the noise it uploads in round 1, and its count is what it declares).
@@ -40,7 +45,9 @@ Per federation x policy:
   either side is constant); rho*: the same with true shares that lie within 2 points of a
   neighbour (in sorted order, chained) tied, so that organisations the truth does not tell
   apart may be paid in either order (nan when the truth leaves a single group);
-- the largest and the mean |paid share - true share|, in points;
+- the largest and the mean |paid share - true share|, in points, and (err0) the largest
+  against the true shares with every negative truth set to 0 first: rewards are never
+  negative, so an organisation whose truth is -12% is 12 points off even when paid nothing;
 - honest organisation-rounds flagged (any flag bit), with the flags' names;
 - the odd one out's paid share against its true share;
 - the final validation accuracy against the floor;
@@ -65,7 +72,9 @@ import argparse
 import json
 import math
 import shlex
+import subprocess
 import sys
+import tempfile
 import time
 import zlib
 from collections import Counter
@@ -73,12 +82,13 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from scipy.stats import spearmanr
-from torch import Tensor
+from torch import Tensor, nn
 
 from fedledger.coordinator.policy import PricingPolicy
 from fedledger.incentive.onchain import flag_names
@@ -93,7 +103,17 @@ from fedledger.simulation import (
     run_federation,
     train_fedavg,
 )
-from fedledger.tasks import DigitsTask, dirichlet_partition
+from fedledger.tasks import (
+    DigitsTask,
+    ValidatorTask,
+    dirichlet_partition,
+    load_data,
+    load_spec,
+    load_task,
+    load_validation,
+)
+from fedledger.tasks.base import BaseTask
+from fedledger.tasks.training import TrainConfig
 
 Data = tuple[Tensor, Tensor]
 Params = dict[str, Tensor]
@@ -106,13 +126,17 @@ KINDS = (
     "replay-step-noisy",
     "replay-update",
     "replay-update-noisy",
+    "tabular",
 )
-QUICK_KINDS = ("iid-sizes", "replay-update")
+QUICK_KINDS = ("iid-sizes", "replay-update", "tabular")
 MAX_ORGS = 6
 SEED0_HONEST_SIZES = (60, 60, 120, 120, 240)
 SEED0_MISLABELLED_SIZE = 120
+SEED0_TABULAR_SIZES = (30, 40, 60, 80, 120)  # of the 455 breast-cancer training records
+SEED0_TABULAR_MISLABELLED_SIZE = 80
 MISLABELLED_FRACTION = 0.8
-NUM_CLASSES = 10
+BREAST_CANCER = Path(__file__).resolve().parents[1] / "examples" / "breast_cancer"
+HOSPITALS = ("hospital_a", "hospital_b", "hospital_c")
 ALPHA = 0.5
 SEED0_PER_ORG = 120  # label-skewed pools hold this many samples per organisation at seed 0
 MIN_SHARE = 20  # a Dirichlet share smaller than this is redrawn: a handful of samples is no org
@@ -122,10 +146,63 @@ MODEL_SEED = 0  # run_federation and train_fedavg both start from build_model(se
 
 
 @dataclass(frozen=True)
+class World:
+    """The task a federation learns: its training pool, its validation set and how a
+    coalition trains (``task`` None: the digits task as the simulator trains it)."""
+
+    name: str
+    pool: Data
+    validation: Data
+    num_classes: int
+    task: ValidatorTask | None = None
+    config: TrainConfig | None = None
+
+    def build_model(self) -> nn.Module:
+        source = DigitsTask() if self.task is None else self.task
+        return source.build_model(seed=MODEL_SEED)
+
+    def federation(self) -> dict[str, Any]:
+        """What ``run_federation`` is told of the task, beyond the parts."""
+        if self.task is None:
+            return {}
+        return {"task": self.task, "validation": self.validation, "train_config": self.config}
+
+
+@cache
+def digits_world() -> World:
+    task = DigitsTask()
+    return World("digits", task.training_data(), task.validation_data(), num_classes=10)
+
+
+@cache
+def tabular_world() -> World:
+    """The built-in tabular task on examples/breast_cancer: its spec (the plug-in model, its
+    [training], features scaled by the agreed ranges) and the CSV files its make_data.py
+    writes; the three hospitals' records pooled (455) and the coordinator's validation (114)."""
+    spec = load_spec(BREAST_CANCER / "spec.toml")
+    with tempfile.TemporaryDirectory() as folder:
+        subprocess.run(
+            [sys.executable, str(BREAST_CANCER / "make_data.py"), folder],
+            check=True,
+            capture_output=True,
+        )
+        node, validator = load_task(spec, "node"), load_task(spec, "validator")
+        parts = [load_data(node, str(Path(folder) / f"{name}.csv")) for name in HOSPITALS]
+        validation = load_validation(validator, str(Path(folder) / "validation.csv"))
+    pool = (torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts]))
+    config = BaseTask(spec).train_config(seed=0)
+    if spec.data is None or not spec.data.label.classes:
+        raise RuntimeError(f"{BREAST_CANCER / 'spec.toml'} names no label classes")
+    classes = len(spec.data.label.classes)
+    return World("breast-cancer", pool, validation, classes, task=validator, config=config)
+
+
+@dataclass(frozen=True)
 class Setup:
     """One federation to price: who holds what, and who misbehaves how."""
 
     kind: str
+    world: World
     draw: str  # federations of the same draw hold the same data and share one truth
     parts: list[Data]
     roles: list[str]  # honest, mislabelled, copy or replayer
@@ -206,6 +283,7 @@ class Summary:
     spearman_resolved: float
     max_error_points: float
     mean_error_points: float
+    max_error_clipped_points: float  # against the truth with negative values set to 0
     honest_flagged: int
     honest_rounds: int
     honest_flags: dict[str, int]
@@ -259,10 +337,10 @@ class Verdict:
 
 
 class Pool:
-    """The digits training pool in a seeded random order, dealt without replacement."""
+    """A world's training pool in a seeded random order, dealt without replacement."""
 
-    def __init__(self, rng: np.random.Generator) -> None:
-        self.x, self.y = DigitsTask().training_data()  # the Task protocol has no pool
+    def __init__(self, rng: np.random.Generator, world: World) -> None:
+        self.x, self.y = world.pool
         self.order = rng.permutation(len(self.y))
         self.dealt = 0
 
@@ -280,12 +358,12 @@ def honest_sizes(rng: np.random.Generator, seed: int, count: int) -> list[int]:
     return [int(n) for n in rng.integers(40, 241, size=count)]
 
 
-def mislabel(data: Data, rng: np.random.Generator) -> Data:
+def mislabel(data: Data, rng: np.random.Generator, num_classes: int) -> Data:
     """``data`` with MISLABELLED_FRACTION of its labels replaced by uniform random ones."""
     x, y = data
     y = y.clone()
     flipped = rng.choice(len(y), size=round(MISLABELLED_FRACTION * len(y)), replace=False)
-    y[torch.from_numpy(flipped)] = torch.from_numpy(rng.integers(0, NUM_CLASSES, len(flipped)))
+    y[torch.from_numpy(flipped)] = torch.from_numpy(rng.integers(0, num_classes, len(flipped)))
     return x, y
 
 
@@ -304,16 +382,25 @@ def build(kind: str, seed: int, num_orgs: int) -> Setup:
     """Federation ``kind`` of ``num_orgs`` organisations, the odd one out last."""
     draw = "replay" if kind.startswith("replay") else kind
     rng = np.random.default_rng([seed, zlib.crc32(draw.encode())])
-    pool = Pool(rng)
+    world = tabular_world() if kind == "tabular" else digits_world()
+    pool = Pool(rng, world)
     honest = num_orgs - 1 if kind != "dirichlet" else num_orgs
     roles = ["honest"] * honest
     attacks: dict[int, Attack] = {}
-    if kind == "iid-sizes":
-        parts = [pool.take(n) for n in honest_sizes(rng, seed, honest)]
-        size = SEED0_MISLABELLED_SIZE if seed == 0 else int(rng.integers(60, 181))
-        parts.append(mislabel(pool.take(size), rng))
+    if kind in ("iid-sizes", "tabular"):
+        if kind == "tabular":  # 5 x 75 + 80 = all 455 records at most
+            sizes = list(SEED0_TABULAR_SIZES[:honest]) if seed == 0 else None
+            sizes = sizes or [int(n) for n in rng.integers(20, 76, size=honest)]
+            size = SEED0_TABULAR_MISLABELLED_SIZE if seed == 0 else int(rng.integers(30, 81))
+        else:
+            sizes = honest_sizes(rng, seed, honest)
+            size = SEED0_MISLABELLED_SIZE if seed == 0 else int(rng.integers(60, 181))
+        parts = [pool.take(n) for n in sizes]
+        parts.append(mislabel(pool.take(size), rng, world.num_classes))
         roles.append("mislabelled")
         note = f"org {honest} holds {size} samples, {MISLABELLED_FRACTION:.0%} mislabelled"
+        if kind == "tabular":
+            note = f"{world.name}: {note} (at random over its {world.num_classes} classes)"
     elif kind == "dirichlet":
         parts = label_skewed(pool, rng, seed, honest)
         note = f"Dirichlet({ALPHA}) label skew, all honest"
@@ -336,18 +423,15 @@ def build(kind: str, seed: int, num_orgs: int) -> Setup:
             victim = int(np.argmax(sizes))
             attacks[honest] = replay_update(victim, ratio)
             note = f"org {honest} replays org {victim}'s previous update, noise x{ratio:g}"
-    return Setup(kind=kind, draw=draw, parts=parts, roles=roles, attacks=attacks, note=note)
+    return Setup(
+        kind=kind, world=world, draw=draw, parts=parts, roles=roles, attacks=attacks, note=note
+    )
 
 
 # ---------------------------------------------------------------------------- truth
 
 
-@cache
-def validation() -> Data:
-    return DigitsTask().validation_data()
-
-
-def shares_of(values: Sequence[float]) -> np.ndarray:
+def shares_of(values: Sequence[float] | np.ndarray) -> np.ndarray:
     array = np.asarray(values, dtype=np.float64)
     total = float(array.sum())
     return array / total if total != 0 else np.zeros_like(array)
@@ -356,14 +440,17 @@ def shares_of(values: Sequence[float]) -> np.ndarray:
 def compute_truth(setup: Setup, rounds: int) -> Truth:
     """Exact Shapley values of the retrained final accuracy (and log loss) of every coalition."""
     started = time.perf_counter()
-    model = DigitsTask().build_model(seed=MODEL_SEED)
-    x_val, y_val = validation()
+    world = setup.world
+    model = world.build_model()
+    x_val, y_val = world.validation
     holders = setup.holders
     size = 1 << len(holders)
     accuracy, nll = np.empty(size), np.empty(size)
     for mask in range(size):
         members = {k: setup.parts[k] for i, k in enumerate(holders) if mask >> i & 1}
-        params = train_fedavg(members, rounds, model_seed=MODEL_SEED)
+        params = train_fedavg(
+            members, rounds, model_seed=MODEL_SEED, task=world.task, train_config=world.config
+        )
         accuracy[mask] = evaluate_params(model, params, x_val, y_val, "accuracy")
         nll[mask] = evaluate_params(model, params, x_val, y_val, "neg_log_loss")
     values, nll_values = [0.0] * len(setup.roles), [0.0] * len(setup.roles)
@@ -408,8 +495,8 @@ def tied_within(shares: np.ndarray, resolution: float) -> np.ndarray:
 
 
 def round_rows(setup: Setup, variant: Variant, federation: Federation) -> list[RoundRow]:
-    model = DigitsTask().build_model(seed=MODEL_SEED)
-    x_val, y_val = validation()
+    model = setup.world.build_model()
+    x_val, y_val = setup.world.validation
     metric = variant.policy.metric
     before: Params = {n: t.detach().clone() for n, t in model.state_dict().items()}
     old = evaluate_params(model, before, x_val, y_val, metric)
@@ -464,7 +551,11 @@ def org_rows(setup: Setup, variant: Variant, truth: Truth, federation: Federatio
 def price(setup: Setup, truth: Truth, variant: Variant, rounds: int) -> Priced:
     started = time.perf_counter()
     federation = run_federation(
-        parts=setup.parts, attacks=setup.attacks, rounds=rounds, policy=variant.policy
+        parts=setup.parts,
+        attacks=setup.attacks,
+        rounds=rounds,
+        policy=variant.policy,
+        **setup.world.federation(),
     )
     priced_s = time.perf_counter() - started
     orgs = org_rows(setup, variant, truth, federation)
@@ -488,6 +579,8 @@ def price(setup: Setup, truth: Truth, variant: Variant, rounds: int) -> Priced:
         spearman_resolved=spearman(tied_within(true_shares, RESOLUTION), paid_shares),
         max_error_points=float(errors.max()),
         mean_error_points=float(errors.mean()),
+        max_error_clipped_points=100
+        * float(np.abs(paid_shares - shares_of(np.maximum(truth.values, 0.0))).max()),
         honest_flagged=sum(r.flagged_rounds for r in honest),
         honest_rounds=len(honest) * rounds,
         honest_flags=dict(sorted(honest_flags.items())),
@@ -611,7 +704,7 @@ def print_rounds(priced: Priced) -> None:
 
 
 SUMMARY_HEAD = (
-    f"{'kind':<20}{'variant':<12}{'rho':>6}{'rho*':>6}{'max err':>8}{'mean':>6}"
+    f"{'kind':<20}{'variant':<12}{'rho':>6}{'rho*':>6}{'max err':>8}{'mean':>6}{'err0':>6}"
     f"{'honest flagged':>16}  {'odd one: paid / true':<27}{'acc / floor':>16}"
     f"{'zero-gain: n, max paid':>24}  honest flags"
 )
@@ -624,7 +717,7 @@ def print_summary(s: Summary) -> None:
     flags = ", ".join(f"{n} x{c}" for n, c in s.honest_flags.items()) or "-"
     print(
         f"{s.kind:<20}{s.variant[:11]:<12}{s.spearman:>6.2f}{s.spearman_resolved:>6.2f}"
-        f"{s.max_error_points:>8.1f}{s.mean_error_points:>6.1f}"
+        f"{s.max_error_points:>8.1f}{s.mean_error_points:>6.1f}{s.max_error_clipped_points:>6.1f}"
         f"{s.honest_flagged:>7}/{s.honest_rounds:<4}{s.honest_flagged_share:>5.1%}  {odd:<27}"
         f"{s.accuracy:>8.1%} /{s.floor:>6.1%}{s.zero_gain_rounds:>11}, {s.zero_gain_max_paid:>8.1%}"
         f"    {flags}"
@@ -773,8 +866,10 @@ def main(argv: list[str] | None = None) -> int:
     summaries = [p.summary for p in results]
     print(
         "\nrho: Spearman of total reward vs truth; rho*: true shares within "
-        f"{100 * RESOLUTION:g} pts tied; err: |paid - true| share, pts; zero-gain: rounds whose "
-        f"gain in the policy's metric is <= {GAIN_TOLERANCE:g}, and the most one paid of its budget"
+        f"{100 * RESOLUTION:g} pts tied; err: |paid - true| share, pts; err0: the largest against "
+        "true shares with negative truths set to 0 (what rewards, never negative, can follow); "
+        f"zero-gain: rounds whose gain in the policy's metric is <= {GAIN_TOLERANCE:g}, and the "
+        "most one paid of its budget"
     )
     print(SUMMARY_HEAD)
     for s in summaries:

@@ -273,12 +273,24 @@ def _local_delta(
 
 
 def train_fedavg(
-    parts: Mapping[int, Data], rounds: int, *, model_seed: int = 0
+    parts: Mapping[int, Data],
+    rounds: int,
+    *,
+    model_seed: int = 0,
+    task: ValidatorTask | None = None,
+    train_config: TrainConfig | None = None,
 ) -> dict[str, Tensor]:
     """The final model of plain FedAvg (by sample counts, no screens, no clipping) run by the
     organisations ``parts`` alone (index -> data; the index seeds its shuffling as in
-    ``run_federation``). No organisations: the initial model."""
-    model = DigitsTask().build_model(seed=model_seed)
+    ``run_federation``). No organisations: the initial model. The digits task trained with
+    ``TRAIN_CONFIG`` by default; a loaded ``task``'s model with ``train_config`` (default: its
+    spec's [training]), as ``run_federation(task=...)`` trains it."""
+    if task is None:
+        model = DigitsTask().build_model(seed=model_seed)
+        config = train_config or TRAIN_CONFIG
+    else:
+        model = task.build_model(seed=model_seed)
+        config = train_config or BaseTask(task.spec).train_config(seed=0)
     params = {n: t.detach().clone() for n, t in model.state_dict().items()}
     with _flushed_denormals():
         for round_id in range(1, rounds + 1):
@@ -287,7 +299,7 @@ def train_fedavg(
             total = sum(int(y.shape[0]) for _, y in parts.values())
             step = {n: torch.zeros_like(t) for n, t in params.items()}
             for k, data in parts.items():
-                delta = _local_delta(model, params, data, k, round_id)
+                delta = _local_delta(model, params, data, k, round_id, config=config)
                 weight = int(data[1].shape[0]) / total
                 for n in step:
                     step[n] += weight * delta[n]

@@ -167,8 +167,9 @@ def test_fairness_prices_against_retrained_truth(
     assert report["rounds"] == 4 and set(report["policies"]) == {"default", "nll"}
     assert report["policies"]["nll"]["metric"] == "neg_log_loss"
     federations = report["federations"]
+    odd_roles = {"iid-sizes": "mislabelled", "replay-update": "replayer", "tabular": "mislabelled"}
     assert {(s["kind"], s["variant"]) for s in federations} == {
-        (kind, variant) for kind in ("iid-sizes", "replay-update") for variant in ("default", "nll")
+        (kind, variant) for kind in odd_roles for variant in ("default", "nll")
     }
     for s in federations:
         orgs = [
@@ -183,13 +184,14 @@ def test_fairness_prices_against_retrained_truth(
             assert r["error_points"] == pytest.approx(100 * (r["paid_share"] - r["true_share"]))
             assert 0 <= r["flagged_rounds"] <= 4
         odd = orgs[-1]
-        assert odd["role"] == {"iid-sizes": "mislabelled", "replay-update": "replayer"}[s["kind"]]
+        assert odd["role"] == odd_roles[s["kind"]]
         if odd["role"] == "replayer":  # data-less: worth exactly nothing
             assert odd["truth"] == 0.0 and odd["true_share"] == 0.0
         assert s["odd_paid_share"] == pytest.approx(odd["paid_share"])
         for rho in (s["spearman"], s["spearman_resolved"]):
             assert rho is None or -1.0 <= rho <= 1.0
         assert s["max_error_points"] >= s["mean_error_points"] >= 0
+        assert s["max_error_clipped_points"] >= 0
         assert 0 <= s["honest_flagged"] <= s["honest_rounds"] == 3 * 4
         assert 0.0 < s["floor"] <= 1.0 and 0.0 < s["accuracy"] <= 1.0
         assert 0.0 <= s["zero_gain_max_paid"] <= 1.0

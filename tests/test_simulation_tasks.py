@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from fedledger.incentive.utility import evaluate_params
-from fedledger.simulation import Data, run_federation
+from fedledger.simulation import Data, run_federation, train_fedavg
 from fedledger.tasks import ValidatorTask, load_data, load_spec, load_task, load_validation
 from fedledger.tasks.base import BaseTask
 from fedledger.tasks.spec import PrivacySection
+from fedledger.tasks.training import train_local
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "breast_cancer"
 
@@ -104,3 +105,29 @@ def test_a_loaded_task_needs_the_organisations_data(
     task, _, validation = hospitals
     with pytest.raises(ValueError, match="breast-cancer"):
         run_federation(task=task, validation=validation, rounds=1)
+
+
+def test_plain_fedavg_retrains_a_loaded_task_with_its_model_and_training(
+    hospitals: tuple[ValidatorTask, list[Data], Data],
+) -> None:
+    """``train_fedavg(task=...)`` is the fairness benchmark's retraining on the tabular task: one
+    organisation's round is its local training by the spec's [training], from the task's model."""
+    task, parts, _ = hospitals
+    config = BaseTask(task.spec).train_config(seed=0)
+    model = task.build_model(seed=0)
+    start = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    x, y = parts[1]
+    delta = train_local(model, start, x, y, replace(config, seed=1 * 1_000_003 + 1)).delta
+    trained = train_fedavg({1: parts[1]}, 1, task=task)
+    assert trained.keys() == start.keys()
+    for name in start:
+        torch.testing.assert_close(trained[name], start[name] + delta[name])
+    one_epoch = train_fedavg({1: parts[1]}, 1, task=task, train_config=replace(config, epochs=1))
+    assert not torch.equal(one_epoch["0.weight"], trained["0.weight"])
+    # two organisations: weighted by their sample counts
+    both = train_fedavg({0: parts[0], 1: parts[1]}, 1, task=task)
+    other = train_local(model, start, *parts[0], replace(config, seed=1)).delta
+    share = len(parts[0][1]) / (len(parts[0][1]) + len(y))
+    for name in start:
+        expected = start[name] + share * other[name] + (1 - share) * delta[name]
+        torch.testing.assert_close(both[name], expected)
