@@ -1,9 +1,10 @@
 """Does the total reward each organisation earns over a run follow what its data really adds?
 
 Federations of at most six organisations are built from the digits training pool (1437
-samples), or for ``tabular`` from the breast-cancer example's records (455), with a numpy Generator seeded by ``--seed`` and the federation's draw; seed 0 uses
-the sizes below, other seeds draw sizes (and partitions) at random, so the figures can be
-checked on federations nothing was tuned for. Kinds (organisation 5 is the odd one out):
+samples), or for ``tabular`` from the breast-cancer example's records (455), with a numpy
+Generator seeded by ``--seed`` and the federation's draw; seed 0 uses the sizes below, other
+seeds draw sizes (and partitions) at random, so the figures can be checked on federations
+nothing was tuned for. Kinds (organisation 5 is the odd one out):
 
 - ``iid-sizes``: five honest IID shares (seed 0: 60, 60, 120, 120, 240 samples) and a
   ``mislabelled`` one (seed 0: 120 samples, 80% of its labels replaced by uniform random ones);
@@ -358,6 +359,14 @@ def honest_sizes(rng: np.random.Generator, seed: int, count: int) -> list[int]:
     return [int(n) for n in rng.integers(40, 241, size=count)]
 
 
+def tabular_sizes(rng: np.random.Generator, seed: int, count: int) -> list[int]:
+    """Honest shares of the 455 breast-cancer records: at most 5 x 75, and 80 more for the
+    mislabelled organisation."""
+    if seed == 0:
+        return list(SEED0_TABULAR_SIZES[:count])
+    return [int(n) for n in rng.integers(20, 76, size=count)]
+
+
 def mislabel(data: Data, rng: np.random.Generator, num_classes: int) -> Data:
     """``data`` with MISLABELLED_FRACTION of its labels replaced by uniform random ones."""
     x, y = data
@@ -388,9 +397,8 @@ def build(kind: str, seed: int, num_orgs: int) -> Setup:
     roles = ["honest"] * honest
     attacks: dict[int, Attack] = {}
     if kind in ("iid-sizes", "tabular"):
-        if kind == "tabular":  # 5 x 75 + 80 = all 455 records at most
-            sizes = list(SEED0_TABULAR_SIZES[:honest]) if seed == 0 else None
-            sizes = sizes or [int(n) for n in rng.integers(20, 76, size=honest)]
+        if kind == "tabular":
+            sizes = tabular_sizes(rng, seed, honest)
             size = SEED0_TABULAR_MISLABELLED_SIZE if seed == 0 else int(rng.integers(30, 81))
         else:
             sizes = honest_sizes(rng, seed, honest)
@@ -504,6 +512,8 @@ def round_rows(setup: Setup, variant: Variant, federation: Federation) -> list[R
     rows: list[RoundRow] = []
     for books in federation.rounds:
         new = evaluate_params(model, books.params, x_val, y_val, metric)
+        if books.accuracy is None:  # every kind here is a classification task
+            raise RuntimeError(f"{setup.kind}: round {books.round_id} reports no accuracy")
         rows.append(
             RoundRow(
                 kind=setup.kind,
