@@ -113,8 +113,6 @@ from fedledger.tasks import (
     load_task,
     load_validation,
 )
-from fedledger.tasks.base import BaseTask
-from fedledger.tasks.training import TrainConfig
 
 Data = tuple[Tensor, Tensor]
 Params = dict[str, Tensor]
@@ -148,15 +146,14 @@ MODEL_SEED = 0  # run_federation and train_fedavg both start from build_model(se
 
 @dataclass(frozen=True)
 class World:
-    """The task a federation learns: its training pool, its validation set and how a
-    coalition trains (``task`` None: the digits task as the simulator trains it)."""
+    """The task a federation learns: its training pool and its validation set (``task`` None:
+    the digits task as the simulator trains it; else the loaded task, by its spec's [training])."""
 
     name: str
     pool: Data
     validation: Data
     num_classes: int
     task: ValidatorTask | None = None
-    config: TrainConfig | None = None
 
     def build_model(self) -> nn.Module:
         source = DigitsTask() if self.task is None else self.task
@@ -166,7 +163,7 @@ class World:
         """What ``run_federation`` is told of the task, beyond the parts."""
         if self.task is None:
             return {}
-        return {"task": self.task, "validation": self.validation, "train_config": self.config}
+        return {"task": self.task, "validation": self.validation}
 
 
 @cache
@@ -191,11 +188,10 @@ def tabular_world() -> World:
         parts = [load_data(node, str(Path(folder) / f"{name}.csv")) for name in HOSPITALS]
         validation = load_validation(validator, str(Path(folder) / "validation.csv"))
     pool = (torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts]))
-    config = BaseTask(spec).train_config(seed=0)
     if spec.data is None or not spec.data.label.classes:
         raise RuntimeError(f"{BREAST_CANCER / 'spec.toml'} names no label classes")
     classes = len(spec.data.label.classes)
-    return World("breast-cancer", pool, validation, classes, task=validator, config=config)
+    return World("breast-cancer", pool, validation, classes, task=validator)
 
 
 @dataclass(frozen=True)
@@ -456,9 +452,7 @@ def compute_truth(setup: Setup, rounds: int) -> Truth:
     accuracy, nll = np.empty(size), np.empty(size)
     for mask in range(size):
         members = {k: setup.parts[k] for i, k in enumerate(holders) if mask >> i & 1}
-        params = train_fedavg(
-            members, rounds, model_seed=MODEL_SEED, task=world.task, train_config=world.config
-        )
+        params = train_fedavg(members, rounds, model_seed=MODEL_SEED, task=world.task)
         accuracy[mask] = evaluate_params(model, params, x_val, y_val, "accuracy")
         nll[mask] = evaluate_params(model, params, x_val, y_val, "neg_log_loss")
     values, nll_values = [0.0] * len(setup.roles), [0.0] * len(setup.roles)

@@ -195,10 +195,9 @@ def run_federation(
     attacks = attacks or {}
     declared = declared or {}
     policy = policy or PricingPolicy()
+    model, config = _training(task, train_config)
     if task is None:
-        config = train_config or TRAIN_CONFIG
         digits = DigitsTask()
-        model = digits.build_model(seed=0)
         x_val, y_val = validation or digits.validation_data()
         if parts is None:
             parts = [digits.partition(k, num_orgs, alpha=alpha, seed=0) for k in range(num_orgs)]
@@ -206,8 +205,6 @@ def run_federation(
         # the service module brings the chain client with it: only a loaded task needs it
         from fedledger.coordinator.service import bind_policy
 
-        config = train_config or BaseTask(task.spec).train_config(seed=0)
-        model = task.build_model(seed=0)
         x_val, y_val = validation or task.load_validation(None)
         if parts is None:
             raise ValueError(
@@ -237,6 +234,17 @@ def run_federation(
             config=config,
             classify=classify,
         )
+
+
+def _training(
+    task: ValidatorTask | None, train_config: TrainConfig | None, model_seed: int = 0
+) -> tuple[torch.nn.Module, TrainConfig]:
+    """The model organisations train and how: ``task``'s (default: its spec's [training]), or
+    without one the digits task's with ``TRAIN_CONFIG``; ``train_config`` overrides either."""
+    if task is None:
+        return DigitsTask().build_model(seed=model_seed), train_config or TRAIN_CONFIG
+    config = train_config or BaseTask(task.spec).train_config(seed=0)
+    return task.build_model(seed=model_seed), config
 
 
 class _flushed_denormals:
@@ -285,12 +293,7 @@ def train_fedavg(
     ``run_federation``). No organisations: the initial model. The digits task trained with
     ``TRAIN_CONFIG`` by default; a loaded ``task``'s model with ``train_config`` (default: its
     spec's [training]), as ``run_federation(task=...)`` trains it."""
-    if task is None:
-        model = DigitsTask().build_model(seed=model_seed)
-        config = train_config or TRAIN_CONFIG
-    else:
-        model = task.build_model(seed=model_seed)
-        config = train_config or BaseTask(task.spec).train_config(seed=0)
+    model, config = _training(task, train_config, model_seed)
     params = {n: t.detach().clone() for n, t in model.state_dict().items()}
     with _flushed_denormals():
         for round_id in range(1, rounds + 1):
