@@ -11,8 +11,9 @@ coordinator process's peak memory (VmHWM).
 
 The wide model is a task plug-in (``WideDigitsTask`` below), named by the spec the benchmark
 writes and loaded by the coordinator and the nodes like any consortium's. With more
-organisations than ``max_exact_players`` (10) the coordinator needs a sampling valuator; until
-one exists (``fedledger.incentive.sampling``) the round cannot close and the script says so.
+organisations than ``max_exact_players`` (14) the coordinator values the round by sampling
+(``fedledger.incentive.sampling.StratifiedKernelShapley``, stopped early once its own error is
+small beside the validation set's: ``valuation_stop_ratio``).
 
 Usage: python bench/scale.py [--quick] [--orgs 100] [--hidden 13333] [--json FILE]
 """
@@ -42,6 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedledger.coordinator.policy import PricingPolicy
 from fedledger.tasks import DigitsTask, TaskSpec, load_spec, load_task
 
 SCRIPT = Path(__file__).resolve()
@@ -50,7 +52,9 @@ QUICK_ORGS, QUICK_HIDDEN = 4, 256
 ALPHA = 0.5
 SEED = 0
 TASK_NAME = "digits-wide"
-CHILD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+CHILD_ENV = {"PYTHONUNBUFFERED": "1"}
+"""The coordinator keeps torch's default threads (every core), as a deployment would: while
+organisations train in this process it shares the cores with them, at the close it is alone."""
 
 
 class WideDigitsTask(DigitsTask):
@@ -162,6 +166,8 @@ def coordinator_main(argv: Sequence[str]) -> int:
     _wrap(RoundMachine, "close", "round close (all)")
     _wrap(rounds, "close_books", "pricing: screen, value, aggregate")
     _wrap(books, "aggregate", "aggregation (FedAvg)")
+    _wrap(books, "screen", "screens (copies, replays, noise)")
+    _wrap(books, "coalition_game", "coalition game set-up")
     _wrap(ExactShapley, "value", "Shapley valuation")
     _wrap(Settler, "settle", "settlement transaction")
     _wrap(books, "evaluate_params", "evaluation")
@@ -426,10 +432,12 @@ def main(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     num_orgs, hidden = (QUICK_ORGS, QUICK_HIDDEN) if args.quick else (args.orgs, args.hidden)
     print("command: python bench/scale.py " + " ".join(shlex.quote(a) for a in argv))
+    policy = PricingPolicy()
     print(
-        f"anvil; coordinator process (defaults: exact Shapley up to 10 organisations, Merkle "
-        f"claims above 16); organisations in this process, one after another; torch "
-        f"{torch.__version__}, 1 thread a process\n"
+        f"anvil; coordinator process (defaults: exact Shapley up to {policy.max_exact_players} "
+        f"organisations, early stopping at {policy.valuation_stop_ratio}, Merkle claims above "
+        f"{policy.claims_above}; torch threads: every core); organisations in this process, "
+        f"concurrently, 1 torch thread; torch {torch.__version__}, {os.cpu_count()} cores\n"
     )
     with tempfile.TemporaryDirectory(prefix="fedledger-scale-") as tmp:
         result = run(num_orgs, hidden, Path(tmp), close_timeout_s=args.close_timeout)

@@ -30,6 +30,9 @@ books, bit for bit, on any machine with the same torch.
    samples, so (Shapley being linear) each value
    is the mean of the organisation's values in the per-sample games; their spread gives the
    value's standard error, which says how much of it the validation set's luck could explain.
+   A round valued by sampling adds the estimator's own standard error (in quadrature: the
+   draw of coalitions and of the validation set are independent) and stops drawing once that
+   is small beside the validation error (``valuation_stop_ratio``).
    A value more than ``negative_sigmas`` standard errors below 0 is a ``negative_contribution``:
    the harm is clear, not the noise of a finite validation set.
 4. **Aggregate** (``aggregate_round``). With ``exclude_negative``, organisations flagged
@@ -188,6 +191,7 @@ def screen(inputs: RoundInputs, norms: Sequence[float], policy: PricingPolicy) -
         None if u.previous is None else flatten(u.previous, dtype=torch.float64)
         for u in inputs.updates
     ]
+    replays = _cosines_with(unit, previous)  # (K, K): update k against j's of the round before
     kept: list[int] = []
     for k in range(count):
         if norms[k] <= policy.zero_tolerance * median_norm or norms[k] == 0.0:
@@ -210,7 +214,7 @@ def screen(inputs: RoundInputs, norms: Sequence[float], policy: PricingPolicy) -
                 f"{inputs.updates[copied].update_hash}, committed earlier"
             )
             continue
-        replay = _replayed(inputs, previous, k, unit[k], public, policy)
+        replay = _replayed(inputs, replays[k], k, unit[k], public, policy)
         if replay is not None:
             flags[k] |= Flag.COPIED_UPDATE
             notes[k] = replay
@@ -266,9 +270,20 @@ def screen(inputs: RoundInputs, norms: Sequence[float], policy: PricingPolicy) -
     return Screening(kept=kept, flags=flags, notes=notes)
 
 
+def _cosines_with(units: Tensor, others: Sequence[Tensor | None]) -> Tensor:
+    """cos(units[k], others[j]) for every k and j, in one product (NaN where others[j] is
+    None, 0 where it is zero): (len(units), len(others))."""
+    out = torch.full((units.shape[0], len(others)), math.nan, dtype=torch.float64)
+    present = [j for j, other in enumerate(others) if other is not None]
+    if present:
+        stacked = torch.stack([other for other in others if other is not None])
+        out[:, present] = units @ _unit(stacked).T
+    return out
+
+
 def _replayed(
     inputs: RoundInputs,
-    previous: Sequence[Tensor | None],
+    replays: Tensor,
     k: int,
     unit: Tensor,
     public: Tensor,
@@ -276,7 +291,7 @@ def _replayed(
 ) -> str | None:
     """Why update k replays what came before (None if it does not): the public global steps
     (or a combination of them, |cosine| >= ``copy_cosine``), or an update of the round before,
-    its own or another's (rescaled)."""
+    its own or another's (rescaled; ``replays``: k's cosines with them, ``_cosines_with``)."""
     if public.shape[0]:
         left = float(torch.linalg.vector_norm(_residual(unit[None], public)))
         if left <= math.sqrt(max(0.0, 1 - policy.copy_cosine**2)):
@@ -284,11 +299,8 @@ def _replayed(
                 f"a replay of the public global steps of the last {public.shape[0]} round(s) "
                 f"(all but {left:.2g} of its direction): no data behind it"
             )
-    for j, earlier in enumerate(previous):
-        if earlier is None:
-            continue
-        c = _cosine(unit, earlier)
-        if abs(c) >= REPLAY_COSINE:
+    for j, c in enumerate(replays.tolist()):
+        if abs(c) >= REPLAY_COSINE:  # False for NaN: j had no update the round before
             whose = (
                 "its own update" if j == k else f"the update of {inputs.updates[j].organisation}"
             )
@@ -350,14 +362,24 @@ def _noise(
     scale = math.sqrt(units.shape[1])
     if policy.noise_sigmas / scale > NOISE_TEST_MAX_COSINE:
         return {}
-    total = units[list(kept)].sum(dim=0)
+    # Products with the whole (K, P) matrix only: a copy of it is gigabytes at scale.
+    # cos(u_k, total - u_k) from dot products: |total - u_k|^2 = |total|^2 - 2 u_k.total + |u_k|^2.
+    members = torch.zeros(units.shape[0], dtype=units.dtype)
+    members[list(kept)] = 1.0
+    total = members @ units
+    dots = units @ total
+    squares = torch.linalg.vector_norm(units, dim=1) ** 2
+    rest = (float(total @ total) - 2 * dots + squares).clamp(min=0.0).sqrt()
+    others = ((dots - squares) / rest.clamp(min=1e-300)).tolist()
+    descent_norm = max(float(torch.linalg.vector_norm(descent)), 1e-300)
+    towards_descent = (units @ descent / descent_norm).tolist()
     found: dict[int, _Alignment] = {}
     for k in kept:
         own = previous[k]
         z = _Alignment(
-            others=scale * _cosine(units[k], total - units[k]),
+            others=scale * others[k],
             own=None if own is None else scale * _cosine(units[k], own),
-            descent=scale * _cosine(units[k], descent),
+            descent=scale * towards_descent[k],
         )
         if z.is_noise(policy.noise_sigmas):
             found[k] = z
@@ -479,14 +501,16 @@ def value(
             len(kept),
             max_exact=policy.max_exact_players,
             max_evaluations=policy.valuation_budget_for(len(kept)),
+            stop_ratio=policy.valuation_stop_ratio,
         )
     result = valuator.value(utility, len(kept), seed=inputs.round_id)
     per_sample = np.asarray(result.values, dtype=np.float64).reshape(len(kept), -1)  # (K, n)
     samples = per_sample.shape[1]
     spread = per_sample.std(axis=1, ddof=1) if samples > 1 else np.zeros(len(kept))
+    sampling = np.zeros(len(kept)) if result.errors is None else result.errors
     for i, k in enumerate(kept):
         values[k] = float(per_sample[i].mean())
-        errors[k] = float(spread[i]) / math.sqrt(samples)
+        errors[k] = math.hypot(float(spread[i]) / math.sqrt(samples), float(sampling[i]))
     return Values(
         values=values, errors=errors, method=result.method, evaluations=result.evaluations
     )

@@ -146,6 +146,14 @@ class PricingPolicy(BaseModel):
         "seed (None: all). The cost falls in proportion; each value's standard error, taken "
         "over the samples drawn, widens to cover the draw.",
     )
+    valuation_stop_ratio: float | None = Field(
+        0.5,
+        gt=0,
+        description="A round valued by sampling stops drawing coalitions once the estimator's "
+        "own standard errors, in quadrature over the organisations, are at most this times "
+        "the validation errors (the estimator then adds at most its square to the variance; "
+        "None: always the whole budget). Each value's standard error includes the estimator's.",
+    )
     # Screens and defences.
     copy_cosine: float = Field(
         0.99999,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -524,18 +525,44 @@ class StratifiedKernelShapley:
 
     The result is exact for additive games plus any function of coalition size, satisfies
     efficiency exactly and gives symmetric players of a size-only game equal values; it is
-    consistent, not unbiased. All coalitions go to the utility in one call (``max_batch``
-    coalitions at most each).
+    consistent, not unbiased.
+
+    **Standard error.** ``ShapleyResult.errors`` is the estimator's own Monte Carlo standard
+    error, to first order (the sandwich, or robust, variance of a regression): the estimate
+    moves with sum_S w(S) x_S e_S, the weighted membership rows times the fit's residuals, and
+    the pairs of each sampled size are drawn uniformly without repetition, so that sum's
+    variance is estimated from the spread of its pair terms within each size (with the finite
+    population correction: an enumerated size contributes nothing). It ignores the
+    surrogate's own fitting noise, a second-order term. For a vector-valued game it is the
+    error of the mean over the columns, the value a round pays.
+
+    **Early stopping** (``stop_ratio``, vector-valued games). A round's value is the mean over
+    validation samples, so it already carries a validation standard error (the spread of the
+    per-sample values over sqrt(m)); coalitions beyond the point where the Monte Carlo error
+    is small beside it buy little. With ``stop_ratio`` r the design drawn for the whole
+    budget is evaluated in ``waves`` equal steps, each a seeded random part of every size's
+    pairs; after each, the valuation stops once the Monte Carlo errors, summed in quadrature
+    over the players, are at most r times the validation errors summed the same way, i.e. the
+    estimator adds at most r**2 to the measurement's variance. The last wave is the whole
+    design: a valuation that never stops early is the one without ``stop_ratio``. Each wave
+    goes to the utility in one call (``max_batch`` coalitions at most each), as the whole
+    design does without waves.
     """
 
     max_evaluations: int = 1024
     adjust: bool = True
     max_batch: int = _MAX_BATCH
+    stop_ratio: float | None = None
+    waves: int = 8
 
     def __post_init__(self) -> None:
         if self.max_evaluations < 1:
             raise ValueError(f"max_evaluations must be >= 1, got {self.max_evaluations}")
         _check_max_batch(self.max_batch)
+        if self.stop_ratio is not None and not self.stop_ratio > 0:
+            raise ValueError(f"stop_ratio must be > 0 or None, got {self.stop_ratio}")
+        if self.waves < 1:
+            raise ValueError(f"waves must be >= 1, got {self.waves}")
 
     @property
     def method(self) -> str:
@@ -564,35 +591,106 @@ class StratifiedKernelShapley:
                 values=np.asarray(v_full - v_empty)[None],
                 evaluations=coalitions.evaluations,
                 method=self.method,
+                errors=np.zeros(1),
             )
         rng = np.random.default_rng(seed)
-        strata = _kernel_design(num_players, self.max_evaluations, rng)
+        design = _kernel_design(num_players, self.max_evaluations, rng)
         ends = np.zeros((2, num_players), dtype=bool)
         ends[1] = True
-        masks = np.concatenate([ends, *strata.values()])
-        utilities = coalitions.evaluate(masks)
-        v_empty, v_full = utilities[0], utilities[1]
-        values_by_size: dict[int, np.ndarray] = {}
-        start = 2
-        for s, rows in strata.items():
-            values_by_size[s] = utilities[start : start + rows.shape[0]]
-            start += rows.shape[0]
-        values = _kernel_estimate(
-            num_players, strata, values_by_size, v_empty, v_full, adjust=self.adjust
+        for take in self._waves(design, seed):
+            strata = design.strata(take)
+            utilities = coalitions.evaluate(np.concatenate([ends, *strata.values()]))
+            v_empty, v_full = utilities[0], utilities[1]
+            values_by_size: dict[int, np.ndarray] = {}
+            start = 2
+            for s, rows in strata.items():
+                values_by_size[s] = utilities[start : start + rows.shape[0]]
+                start += rows.shape[0]
+            values, errors = _kernel_estimate(
+                num_players,
+                strata,
+                values_by_size,
+                v_empty,
+                v_full,
+                adjust=self.adjust,
+                sampled=design.sampled(take),
+            )
+            if take is not None and self._precise_enough(values, errors):
+                break
+        return ShapleyResult(
+            values=values, evaluations=coalitions.evaluations, method=self.method, errors=errors
         )
-        return ShapleyResult(values=values, evaluations=coalitions.evaluations, method=self.method)
+
+    def _waves(self, design: _KernelDesign, seed: int) -> Iterator[dict[int, np.ndarray] | None]:
+        """The pairs each wave evaluates (indices into ``design.pairs``, by size), the last
+        wave (None) the whole design; one wave without ``stop_ratio``."""
+        if self.stop_ratio is not None and design.pairs:
+            rng = np.random.default_rng([seed, _WAVE_STREAM])
+            order = {s: rng.permutation(chosen.shape[0]) for s, chosen in design.pairs.items()}
+            for wave in range(1, self.waves):
+                yield {
+                    s: np.sort(picked[: math.ceil(picked.size * wave / self.waves)])
+                    for s, picked in order.items()
+                }
+        yield None
+
+    def _precise_enough(self, values: np.ndarray, errors: np.ndarray) -> bool:
+        """Whether the Monte Carlo errors, in quadrature over the players, are within
+        ``stop_ratio`` of the validation errors (a vector-valued game's only)."""
+        if self.stop_ratio is None or values.ndim != 2 or values.shape[1] < 2:
+            return False
+        validation = values.std(axis=1, ddof=1) / math.sqrt(values.shape[1])
+        return bool(np.linalg.norm(errors) <= self.stop_ratio * np.linalg.norm(validation))
+
+
+_WAVE_STREAM = 0x3A7E5
+"""Second word of the seed of the waves' order, so that it never repeats the design's draws."""
+
+
+@dataclass(frozen=True)
+class _KernelDesign:
+    """The coalitions ``StratifiedKernelShapley`` evaluates besides U(empty) and U(N): the K
+    singletons and their complements, and for each size s in 2..K/2 ``pairs[s]``, coalitions
+    of s players each evaluated with its complement, drawn from ``caps[s]`` possible pairs."""
+
+    num_players: int
+    pairs: dict[int, np.ndarray]
+    caps: dict[int, int]
+
+    def strata(self, take: dict[int, np.ndarray] | None = None) -> dict[int, np.ndarray]:
+        """Coalitions by size 1..K-1 (bool masks), of the pairs ``take`` picks (all: None).
+
+        Rows of size s < K/2 and of size K - s are the pairs in the same order; size K/2
+        holds its pairs' coalitions, then their complements.
+        """
+        k = self.num_players
+        strata: dict[int, list[np.ndarray]] = {s: [] for s in range(1, k)}
+        if k > 1:
+            strata[1].append(np.eye(k, dtype=bool))
+            if k > 2:
+                strata[k - 1].append(~np.eye(k, dtype=bool))
+        for s, chosen in self.pairs.items():
+            picked = chosen if take is None else chosen[take[s]]
+            strata[s].append(picked)
+            strata[k - s].append(~picked)
+        return {s: np.concatenate(parts) for s, parts in strata.items() if parts}
+
+    def sampled(self, take: dict[int, np.ndarray] | None = None) -> dict[int, float]:
+        """The finite population correction 1 - n/N of each size whose n pairs ``take``
+        picks are drawn from N > n (an enumerated size is exact: not listed)."""
+        counts = {
+            s: chosen.shape[0] if take is None else take[s].size for s, chosen in self.pairs.items()
+        }
+        return {s: 1.0 - n / self.caps[s] for s, n in counts.items() if n < self.caps[s]}
 
 
 def _kernel_design(
     num_players: int, max_evaluations: int, rng: np.random.Generator
-) -> dict[int, np.ndarray]:
-    """Distinct coalitions of sizes 1..K-1 (bool masks by size), U(empty) and U(N) excepted."""
+) -> _KernelDesign:
+    """The distinct coalitions ``max_evaluations`` buys, drawn with ``rng``."""
     k = num_players
-    strata: dict[int, list[np.ndarray]] = {s: [] for s in range(1, k)}
-    if k > 1:
-        strata[1].append(np.eye(k, dtype=bool))
-        if k > 2:
-            strata[k - 1].append(~np.eye(k, dtype=bool))
+    pairs: dict[int, np.ndarray] = {}
+    caps: dict[int, int] = {}
     spare_pairs = (max_evaluations - min_kernel_evaluations(k)) // 2
     sizes = list(range(2, k // 2 + 1))
     if sizes and spare_pairs > 0:
@@ -600,12 +698,9 @@ def _kernel_design(
         caps = {s: math.comb(k, s) // 2 if 2 * s == k else math.comb(k, s) for s in sizes}
         weights = {s: 1.0 / (s * (k - s)) for s in sizes}
         for s, count in _allocate(spare_pairs, weights, caps).items():
-            if count == 0:
-                continue
-            chosen = _sample_subsets(k, s, count, caps[s], rng)
-            strata[s].append(chosen)
-            strata[k - s].append(~chosen)
-    return {s: np.concatenate(parts) for s, parts in strata.items() if parts}
+            if count > 0:
+                pairs[s] = _sample_subsets(k, s, count, caps[s], rng)
+    return _KernelDesign(num_players=k, pairs=pairs, caps=caps)
 
 
 def _allocate(total: int, weights: dict[int, float], caps: dict[int, int]) -> dict[int, int]:
@@ -681,11 +776,15 @@ def _kernel_estimate(
     v_full: np.ndarray,
     *,
     adjust: bool,
-) -> np.ndarray:
-    """The size-stratified, constrained kernel regression, regression-adjusted if ``adjust``.
+    sampled: dict[int, float],
+) -> tuple[np.ndarray, np.ndarray]:
+    """The size-stratified, constrained kernel regression, regression-adjusted if ``adjust``,
+    and its Monte Carlo standard errors (``sampled``: the sizes drawn, not enumerated, with
+    their finite population corrections; ``_KernelDesign.sampled``).
 
     Linear in the utilities: for a vector-valued game (utilities (rows, m)) each column is
-    estimated as its own game would be, on the same design.
+    estimated as its own game would be, on the same design; the errors are of the mean over
+    the columns.
     """
     tail = np.shape(v_full)
     gram = np.zeros((k, k))
@@ -719,11 +818,58 @@ def _kernel_estimate(
     for weight, s, x_c, u_c in centred:
         fitted = x_c @ (theta[:k] + theta[k:] / s)
         moment += weight * (x_c.T @ (u_c - fitted))
+    inverse = np.linalg.inv(gram + scale * ones)
     residual = np.linalg.lstsq(gram + scale * ones, moment, rcond=None)[0]
     harmonic = sum(1.0 / s for s in range(1, k))
     surrogate = theta[:k] + theta[k:] * harmonic / (k - 1)
     values: np.ndarray = (v_full - v_empty) / k + surrogate + residual
-    return values
+    parameters = (3 * k if adjust else k) + len(strata)  # slopes, surrogate and intercepts
+    errors = _kernel_errors(k, centred, theta, residual, inverse, sampled, parameters)
+    return values, errors
+
+
+def _kernel_errors(
+    k: int,
+    centred: list[tuple[float, int, np.ndarray, np.ndarray]],
+    theta: np.ndarray,
+    residual: np.ndarray,
+    inverse: np.ndarray,
+    sampled: dict[int, float],
+    fitted: int,
+) -> np.ndarray:
+    """The sandwich standard errors of ``_kernel_estimate``'s values (of the columns' mean).
+
+    The estimate's error is inverse @ sum_S w(S) x_S e_S to first order, e the residual of
+    the whole fit; its pairs are independent draws within their size, so the variance of
+    each size's sum is its pair terms' spread times their count (times 1 - n/N). Residuals
+    are smaller than the errors they stand for by the ``fitted`` parameters' share of the
+    rows, which the variance gets back (the HC1 correction, MacKinnon & White 1985).
+    """
+
+    def mean(a: np.ndarray) -> np.ndarray:
+        averaged: np.ndarray = a.reshape(a.shape[0], -1).mean(axis=1)
+        return averaged
+
+    theta_m, residual_m = mean(theta), mean(residual)
+    terms: dict[int, np.ndarray] = {}
+    for weight, s, x_c, u_c in centred:
+        error = mean(u_c) - x_c @ (theta_m[:k] + theta_m[k:] / s + residual_m)
+        terms[s] = weight * x_c * error[:, None]
+    middle = np.zeros((k, k))
+    for s, correction in sampled.items():
+        if 2 * s == k:
+            half = terms[s].shape[0] // 2
+            pair = terms[s][:half] + terms[s][half:]
+        else:
+            pair = terms[s] + terms[k - s]
+        n = pair.shape[0]
+        if n > 1:
+            spread = pair - pair.mean(axis=0)
+            middle += correction * n / (n - 1) * (spread.T @ spread)
+    rows = sum(x_c.shape[0] for _, _, x_c, _ in centred)
+    variance = np.einsum("ij,jk,ik->i", inverse, middle, inverse) * rows / max(rows - fitted, 1)
+    errors: np.ndarray = np.sqrt(np.maximum(variance, 0.0))
+    return errors
 
 
 def default_evaluations(num_players: int) -> int:
@@ -740,11 +886,16 @@ def default_evaluations(num_players: int) -> int:
 
 
 def choose_valuator(
-    num_players: int, *, max_exact: int, max_evaluations: int | None = None
+    num_players: int,
+    *,
+    max_exact: int,
+    max_evaluations: int | None = None,
+    stop_ratio: float | None = None,
 ) -> Valuator:
     """Exact Shapley up to ``max_exact`` players, ``StratifiedKernelShapley`` above.
 
-    ``max_evaluations`` is the sampled valuator's budget (default ``default_evaluations``).
+    ``max_evaluations`` is the sampled valuator's budget (default ``default_evaluations``),
+    ``stop_ratio`` its early stopping rule (``StratifiedKernelShapley``; None: the whole budget).
     """
     _check_num_players(num_players)
     if max_exact < 0:
@@ -758,4 +909,4 @@ def choose_valuator(
             f"max_evaluations={budget} is too small for {num_players} players: the sampled "
             f"valuator needs at least {needed}"
         )
-    return StratifiedKernelShapley(max_evaluations=budget)
+    return StratifiedKernelShapley(max_evaluations=budget, stop_ratio=stop_ratio)

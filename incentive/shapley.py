@@ -20,11 +20,17 @@ MAX_EXACT_PLAYERS = 20
 
 @dataclass(frozen=True)
 class ShapleyResult:
-    """Per-player Shapley values, how many coalition utilities they cost, and how they were found."""
+    """Per-player Shapley values, how many coalition utilities they cost, and how they were found.
+
+    ``errors`` is a sampled valuator's own standard error of each value, the Monte Carlo error
+    of drawing coalitions rather than enumerating them (of the mean over the columns, for a
+    vector-valued game); None where the valuator states none, 0 where it enumerated.
+    """
 
     values: np.ndarray  # float64, shape (K,), or (K, m) for a vector-valued game
     evaluations: int
     method: str
+    errors: np.ndarray | None = None  # float64, shape (K,)
 
 
 class Valuator(Protocol):

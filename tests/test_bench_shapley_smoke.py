@@ -63,11 +63,20 @@ def test_quick_run_reports_every_valuator(
             assert f"{row['spearman_mean']:.3f}" in printed
 
     large = [r for r in rows if r["part"] == "large"]
-    assert [r["valuator"].split(" @")[0] for r in large] == ["kernel", "tmc", "gtg"]
+    assert [r["valuator"] for r in large] == [
+        "kernel @480 (default)",
+        "kernel @480 stop 0.5",
+        "tmc @480",
+        "gtg @480",
+    ]
     for row in large:
         assert row["num_orgs"] == 12 and row["evaluations_share"] is None
         assert row["evaluations_max"] <= 480  # default_evaluations(12)
         assert -1.0 <= row["spearman_mean"] <= 1.0 and row["valuation_s"] > 0
+    # The early-stopping estimator spends at most the budget, its values still ranked.
+    stopped = large[1]
+    assert stopped["evaluations_mean"] <= large[0]["evaluations_mean"] == 480
+    assert stopped["spearman_mean"] > 0.5
     assert "reference: 2 x 40 untruncated permutations" in printed
     assert printed.count("gtg @10") == printed.count("refused: max_evaluations=10 cannot") == 2
     costs = [r for r in rows if r["part"] == "exact-cost"]

@@ -16,6 +16,8 @@ from fedledger.coordinator.books import (
 )
 from fedledger.coordinator.policy import PricingPolicy
 from fedledger.incentive.commitment import encode_tensors
+from fedledger.incentive.sampling import StratifiedKernelShapley
+from fedledger.incentive.shapley import BatchUtility, ShapleyResult
 
 K = 6
 
@@ -77,3 +79,49 @@ def test_the_draw_applies_only_to_rounds_valued_by_sampling() -> None:
     assert drawn is not None and len(drawn) == 100 and len(set(drawn.tolist())) == 100
     assert torch.equal(drawn, torch.sort(drawn).values)
     assert not torch.equal(drawn, validation_draw(400, 7, policy, seed=4))
+
+
+class _Recording:
+    """A valuator that keeps what the one it wraps returned."""
+
+    def __init__(self, inner: StratifiedKernelShapley) -> None:
+        self.inner = inner
+        self.result: ShapleyResult | None = None
+
+    def value(self, utility: BatchUtility, num_players: int, *, seed: int = 0) -> ShapleyResult:
+        self.result = self.inner.value(utility, num_players, seed=seed)
+        return self.result
+
+
+def test_a_sampled_value_states_the_estimators_error_beside_the_validation_sets() -> None:
+    inputs = _inputs()
+    clipping = Clipping(
+        inputs=dict(enumerate(u.delta for u in inputs.updates)), bound=None, clipped=[]
+    )
+    recording = _Recording(StratifiedKernelShapley(max_evaluations=40))
+    policy = PricingPolicy(max_exact_players=2)
+    got = value(inputs, clipping, list(range(K)), policy, valuator=recording)
+    result = recording.result
+    assert result is not None and result.errors is not None and np.all(result.errors > 0)
+    per_sample = np.asarray(result.values).reshape(K, -1)
+    validation = per_sample.std(axis=1, ddof=1) / np.sqrt(per_sample.shape[1])
+    np.testing.assert_allclose(got.errors, np.hypot(validation, result.errors), rtol=1e-12)
+
+
+def test_the_policys_stopping_rule_reaches_the_valuator() -> None:
+    sampled = PricingPolicy(max_exact_players=2, valuation_budget=60)
+    inputs = _inputs()
+    clipping = Clipping(
+        inputs=dict(enumerate(u.delta for u in inputs.updates)), bound=None, clipped=[]
+    )
+    spent = {
+        ratio: value(
+            inputs,
+            clipping,
+            list(range(K)),
+            sampled.model_copy(update={"valuation_stop_ratio": ratio}),
+        ).evaluations
+        for ratio in (None, 0.5, 1e-9)
+    }
+    assert spent[None] == spent[1e-9] == 60
+    assert spent[0.5] < 60
