@@ -147,7 +147,7 @@ class PricingPolicy(BaseModel):
         "over the samples drawn, widens to cover the draw.",
     )
     valuation_stop_ratio: float | None = Field(
-        0.5,
+        0.25,
         gt=0,
         description="A round valued by sampling stops drawing coalitions once the estimator's "
         "own standard errors, in quadrature over the organisations, are at most this times "

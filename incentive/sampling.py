@@ -541,9 +541,10 @@ class StratifiedKernelShapley:
     per-sample values over sqrt(m)); coalitions beyond the point where the Monte Carlo error
     is small beside it buy little. With ``stop_ratio`` r the design drawn for the whole
     budget is evaluated in ``waves`` equal steps, each a seeded random part of every size's
-    pairs; after each, the valuation stops once the Monte Carlo errors, summed in quadrature
-    over the players, are at most r times the validation errors summed the same way, i.e. the
-    estimator adds at most r**2 to the measurement's variance. The last wave is the whole
+    pairs; after each from a quarter of the design on, the valuation stops once the Monte
+    Carlo errors, summed in quadrature over the players, are at most r times the validation
+    errors summed the same way, i.e. the estimator adds at most r**2 to the measurement's
+    variance. The last wave is the whole
     design: a valuation that never stops early is the one without ``stop_ratio``. Each wave
     goes to the utility in one call (``max_batch`` coalitions at most each), as the whole
     design does without waves.
@@ -627,7 +628,9 @@ class StratifiedKernelShapley:
         if self.stop_ratio is not None and design.pairs:
             rng = np.random.default_rng([seed, _WAVE_STREAM])
             order = {s: rng.permutation(chosen.shape[0]) for s, chosen in design.pairs.items()}
-            for wave in range(1, self.waves):
+            # The first check comes at a quarter of the design: with fewer pairs a size's
+            # spread, and so the stated error, is itself too noisy to stop on.
+            for wave in range(max(1, math.ceil(self.waves / 4)), self.waves):
                 yield {
                     s: np.sort(picked[: math.ceil(picked.size * wave / self.waves)])
                     for s, picked in order.items()

@@ -65,7 +65,7 @@ def test_quick_run_reports_every_valuator(
     large = [r for r in rows if r["part"] == "large"]
     assert [r["valuator"] for r in large] == [
         "kernel @480 (default)",
-        "kernel @480 stop 0.5",
+        "kernel @480 stop 0.25",
         "tmc @480",
         "gtg @480",
     ]
