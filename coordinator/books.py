@@ -267,7 +267,82 @@ def screen(inputs: RoundInputs, norms: Sequence[float], policy: PricingPolicy) -
                 + _dp_note(norms[k], allowed[k], policy)
             )
         kept = [k for k in kept if not flags[k] & Flag.UNALIGNED_UPDATE]
+    if len(kept) > 1:
+        for k, (j, z) in _noisy_replays(
+            inputs, flat, unit, previous, descent, public, replays, kept, policy
+        ).items():
+            if norms[k] <= allowed[k]:
+                continue
+            flags[k] |= Flag.UNALIGNED_UPDATE
+            notes[k] = (
+                f"a noisy replay of the update of {inputs.updates[j].organisation} of the round "
+                f"before (cosine {float(replays[k, j]):+.3f}): what is left once that update "
+                "is taken out is " + _noise_note(z, policy) + _dp_note(norms[k], allowed[k], policy)
+            )
+        kept = [k for k in kept if not flags[k] & Flag.UNALIGNED_UPDATE]
     return Screening(kept=kept, flags=flags, notes=notes)
+
+
+NOISY_REPLAY_COSINE = 0.3
+"""|cosine| with another organisation's update of the round before from which an update is
+tested for being that update plus noise (``_noisy_replays``)."""
+
+
+def _noisy_replays(
+    inputs: RoundInputs,
+    flat: Tensor,
+    unit: Tensor,
+    previous: Sequence[Tensor | None],
+    descent: Tensor,
+    public: Tensor,
+    replays: Tensor,
+    kept: Sequence[int],
+    policy: PricingPolicy,
+) -> dict[int, tuple[int, _Alignment]]:
+    """Kept updates that are another organisation's update of the round before plus noise,
+    with whose and their z: for an update within ``NOISY_REPLAY_COSINE`` of one, and closer
+    to it than to its own update of the round before and to the others' of this round (their
+    directions summed), that update and the public steps are
+    taken out of it and of what it is tested against (the others' directions, its own
+    previous update, the descent direction); a remainder no more aligned than noise added
+    nothing to what the round before had published.
+
+    An organisation's own previous update is not taken out: honest updates of consecutive
+    rounds on the same data line up, and that is what keeps a label-skewed one."""
+    scale = math.sqrt(unit.shape[1])
+    if policy.noise_sigmas / scale > NOISE_TEST_MAX_COSINE:
+        return {}
+    members = torch.zeros(unit.shape[0], dtype=unit.dtype)
+    members[list(kept)] = 1.0
+    total = members @ unit
+    found: dict[int, tuple[int, _Alignment]] = {}
+    for k in kept:
+        closest = [
+            (abs(c), j)
+            for j, c in enumerate(replays[k].tolist())
+            if j != k and not math.isnan(c) and abs(c) >= NOISY_REPLAY_COSINE
+        ]
+        own_cosine = abs(float(replays[k, k]))  # NaN without an update the round before
+        consensus = abs(_cosine(unit[k], total - unit[k]))
+        if not closest or max(closest)[0] <= max(own_cosine, consensus):
+            # Closer to its own update of the round before, or to this round's others: what
+            # training on data does; a replay is closest to what it replays.
+            continue
+        _, j = max(closest)
+        source = previous[j]
+        assert source is not None  # a cosine was taken with it
+        basis = _orthonormal([*public, source])
+        rest = _residual(torch.stack([flat[k], total - unit[k], descent]), basis)
+        direction = _unit(rest[:1])[0]
+        own = previous[k]
+        z = _Alignment(
+            others=scale * _cosine(direction, rest[1]),
+            own=None if own is None else scale * _cosine(direction, _residual(own[None], basis)[0]),
+            descent=scale * _cosine(direction, rest[2]),
+        )
+        if z.is_noise(policy.noise_sigmas):
+            found[k] = (j, z)
+    return found
 
 
 def _cosines_with(units: Tensor, others: Sequence[Tensor | None]) -> Tensor:

@@ -130,7 +130,7 @@ class PricingPolicy(BaseModel):
         14,
         ge=1,
         le=20,
-        description="Exact Shapley up to this many organisations (2^14 coalitions: 3.5 s a "
+        description="Exact Shapley up to this many organisations (2^14 coalitions: 2-3 s a "
         "digits round on one core), sampled above.",
     )
     valuation_budget: int | None = Field(

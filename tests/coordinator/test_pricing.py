@@ -80,6 +80,7 @@ def test_free_riders_earn_at_most_one_percent_and_are_flagged(attack: Attack, fl
         (replay_global_step(noise_ratio=0.1), Flag.UNALIGNED_UPDATE),
         (replay_global_step(noise_ratio=1.0), Flag.UNALIGNED_UPDATE),
         (replay_update(VICTIM), Flag.COPIED_UPDATE),
+        (replay_update(VICTIM, noise_ratio=1.0), Flag.UNALIGNED_UPDATE),
         (replay_update(FREE_RIDER), Flag.COPIED_UPDATE),
     ],
     ids=[
@@ -87,14 +88,16 @@ def test_free_riders_earn_at_most_one_percent_and_are_flagged(attack: Attack, fl
         "global-step+10%-noise",
         "global-step+100%-noise",
         "another's-last-update",
+        "another's-last-update+100%-noise",
         "own-last-update",
     ],
 )
 def test_replaying_what_came_before_earns_nothing(attack: Attack, flag: Flag) -> None:
     """A data-less organisation uploading the last public global step (as is, or with noise of
-    10% or 100% of its norm), or an update of the round before (another's, or its own), is flagged in
-    every round after the first (in the first it has nothing to replay and sends noise) and
-    paid under 1%; no honest organisation is taken for a replayer."""
+    10% or 100% of its norm), or an update of the round before (another's, as is or with noise
+    of its norm, or its own), is flagged in every round after the first (in the first it has
+    nothing to replay and sends noise) and paid under 1%; no honest organisation is taken for
+    a replayer."""
     rounds = 6
     fed = run_federation(rounds=rounds, attacks={FREE_RIDER: attack})
     assert fed.paid_share([FREE_RIDER]) <= 0.01
