@@ -309,12 +309,10 @@ def _noisy_replays(
 
     An organisation's own previous update is not taken out: honest updates of consecutive
     rounds on the same data line up, and that is what keeps a label-skewed one."""
-    scale = math.sqrt(unit.shape[1])
-    if policy.noise_sigmas / scale > NOISE_TEST_MAX_COSINE:
+    scale = _noise_scale(unit, policy)
+    if scale is None:
         return {}
-    members = torch.zeros(unit.shape[0], dtype=unit.dtype)
-    members[list(kept)] = 1.0
-    total = members @ unit
+    total = _summed(unit, kept)
     found: dict[int, tuple[int, _Alignment]] = {}
     for k in kept:
         closest = [
@@ -434,14 +432,12 @@ def _noise(
     """The kept updates (``units``: every update's direction) within ``noise_sigmas`` of 0 on
     every alignment, with their z; none when the model is too small for the test to tell
     (``NOISE_TEST_MAX_COSINE``)."""
-    scale = math.sqrt(units.shape[1])
-    if policy.noise_sigmas / scale > NOISE_TEST_MAX_COSINE:
+    scale = _noise_scale(units, policy)
+    if scale is None:
         return {}
     # Products with the whole (K, P) matrix only: a copy of it is gigabytes at scale.
     # cos(u_k, total - u_k) from dot products: |total - u_k|^2 = |total|^2 - 2 u_k.total + |u_k|^2.
-    members = torch.zeros(units.shape[0], dtype=units.dtype)
-    members[list(kept)] = 1.0
-    total = members @ units
+    total = _summed(units, kept)
     dots = units @ total
     squares = torch.linalg.vector_norm(units, dim=1) ** 2
     rest = (float(total @ total) - 2 * dots + squares).clamp(min=0.0).sqrt()
@@ -459,6 +455,21 @@ def _noise(
         if z.is_noise(policy.noise_sigmas):
             found[k] = z
     return found
+
+
+def _noise_scale(units: Tensor, policy: PricingPolicy) -> float | None:
+    """sqrt(P), which turns a cosine into its z under noise; None where the model is too small
+    for the noise test to tell (``NOISE_TEST_MAX_COSINE``)."""
+    scale = math.sqrt(units.shape[1])
+    return None if policy.noise_sigmas / scale > NOISE_TEST_MAX_COSINE else scale
+
+
+def _summed(units: Tensor, kept: Sequence[int]) -> Tensor:
+    """The kept rows of ``units`` summed, by one product (no copy of the rows)."""
+    members = torch.zeros(units.shape[0], dtype=units.dtype)
+    members[list(kept)] = 1.0
+    total: Tensor = members @ units
+    return total
 
 
 def _noise_note(z: _Alignment, policy: PricingPolicy) -> str:
