@@ -92,6 +92,7 @@ class UpdateInput:
     num_samples: int
     delta: Tensors
     previous: Tensors | None = None  # the same organisation's update of the round before
+    previous_flags: int = 0  # the ``Flag`` bits that update was given (0: none, or no update)
 
 
 @dataclass(frozen=True)
@@ -287,6 +288,12 @@ NOISY_REPLAY_COSINE = 0.3
 """|cosine| with another organisation's update of the round before from which an update is
 tested for being that update plus noise (``_noisy_replays``)."""
 
+NOT_A_SOURCE = Flag.DUPLICATE_UPDATE | Flag.COPIED_UPDATE | Flag.UNALIGNED_UPDATE
+"""An update of the round before flagged with any of these was not its sender's data (a copy,
+a replay, noise): an update close to it is not tested as its noisy replay. (Otherwise an
+organisation whose update of two rounds before was replayed the round before would be tested
+against its own older update.)"""
+
 
 def _noisy_replays(
     inputs: RoundInputs,
@@ -322,6 +329,9 @@ def _noisy_replays(
         ]
         own_cosine = abs(float(replays[k, k]))  # NaN without an update the round before
         consensus = abs(_cosine(unit[k], total - unit[k]))
+        closest = [
+            (c, j) for c, j in closest if not inputs.updates[j].previous_flags & NOT_A_SOURCE
+        ]
         if not closest or max(closest)[0] <= max(own_cosine, consensus):
             # Closer to its own update of the round before, or to this round's others: what
             # training on data does; a replay is closest to what it replays.

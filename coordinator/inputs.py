@@ -11,6 +11,7 @@ import itertools
 
 import torch
 
+from fedledger import wire
 from fedledger.coordinator.books import PUBLIC_STEPS, RoundInputs, UpdateInput
 from fedledger.coordinator.store import Store
 from fedledger.errors import CoordinatorError, ErrorCode
@@ -70,6 +71,16 @@ def load_round_inputs(
         earlier = store.get_update(round_id - 1, org) if round_id > 1 else None
         return None if earlier is None else update(earlier.update_hash)
 
+    before = store.get_round(round_id - 1) if round_id > 1 else None
+    flags_before = {
+        o.organisation.lower(): o.flags
+        for o in (
+            wire.RoundResult.model_validate(before.result).organisations
+            if before is not None and before.result is not None
+            else []
+        )
+    }
+
     return RoundInputs(
         round_id=round_id,
         model=model,
@@ -81,6 +92,7 @@ def load_round_inputs(
                 num_samples=u.num_samples,
                 delta=update(u.update_hash),
                 previous=previous(u.organisation),
+                previous_flags=flags_before.get(u.organisation.lower(), 0),
             )
             for u in uploads
         ],

@@ -330,6 +330,7 @@ def _run(
     federation = Federation(num_samples=counts)
     cpu = torch.device("cpu")
     previous: list[Delta | None] = [None] * len(parts)
+    previous_flags: list[int] = [0] * len(parts)
     global_steps: list[Delta] = []
     feedback = (
         [ErrorFeedback(compression.scheme, compression.fraction) for _ in parts]
@@ -378,6 +379,7 @@ def _run(
                     num_samples=counts[k],
                     delta=delta,
                     previous=previous[k],
+                    previous_flags=previous_flags[k],
                 )
                 for k, delta in enumerate(deltas)
             ],
@@ -387,6 +389,7 @@ def _run(
         )
         books = close_books(inputs, policy, device=cpu)
         previous = list(deltas)
+        previous_flags = list(books.flags)
         federation.rounds.append(books)
         federation.upload_bytes.append(uploaded)
         global_steps.insert(0, {n: books.params[n] - params[n] for n in params})
