@@ -307,12 +307,12 @@ def _noisy_replays(
     policy: PricingPolicy,
 ) -> dict[int, tuple[int, _Alignment]]:
     """Kept updates that are another organisation's update of the round before plus noise,
-    with whose and their z: for an update within ``NOISY_REPLAY_COSINE`` of one, and closer
-    to it than to its own update of the round before and to the others' of this round (their
-    directions summed), that update and the public steps are
-    taken out of it and of what it is tested against (the others' directions, its own
-    previous update, the descent direction); a remainder no more aligned than noise added
-    nothing to what the round before had published.
+    with whose and their z: for an update within ``NOISY_REPLAY_COSINE`` of one (not itself
+    flagged ``NOT_A_SOURCE`` the round before), and closer to it than to its own update of
+    the round before and to the others' of this round (their directions summed), that update
+    and the public steps are taken out of it and of what it is tested against (the others'
+    directions, its own previous update, the descent direction); a remainder no more aligned
+    than noise added nothing to what the round before had published.
 
     An organisation's own previous update is not taken out: honest updates of consecutive
     rounds on the same data line up, and that is what keeps a label-skewed one."""
@@ -325,13 +325,14 @@ def _noisy_replays(
         closest = [
             (abs(c), j)
             for j, c in enumerate(replays[k].tolist())
-            if j != k and not math.isnan(c) and abs(c) >= NOISY_REPLAY_COSINE
+            if j != k
+            and abs(c) >= NOISY_REPLAY_COSINE  # False for NaN: no update the round before
+            and not inputs.updates[j].previous_flags & NOT_A_SOURCE
         ]
-        own_cosine = abs(float(replays[k, k]))  # NaN without an update the round before
+        own_cosine = abs(float(replays[k, k]))
+        if math.isnan(own_cosine):  # no update of its own the round before
+            own_cosine = 0.0
         consensus = abs(_cosine(unit[k], total - unit[k]))
-        closest = [
-            (c, j) for c, j in closest if not inputs.updates[j].previous_flags & NOT_A_SOURCE
-        ]
         if not closest or max(closest)[0] <= max(own_cosine, consensus):
             # Closer to its own update of the round before, or to this round's others: what
             # training on data does; a replay is closest to what it replays.
