@@ -134,7 +134,8 @@ class Clipping:
 @dataclass(frozen=True)
 class Values:
     values: list[float]  # Shapley values; 0.0 for updates screened out of the game
-    errors: list[float]  # their standard errors over the validation samples (0.0 likewise)
+    errors: list[float]  # their standard errors: over the validation samples, and for a round
+    # valued by sampling the estimator's own besides, in quadrature (0.0 likewise)
     method: str  # the valuator's method name ("none" when nobody was valued)
     evaluations: int  # coalition utilities the valuation cost
 
@@ -241,13 +242,19 @@ def screen(inputs: RoundInputs, norms: Sequence[float], policy: PricingPolicy) -
         dtype=torch.float64,
     )
     allowed = _dp_noise_norms(inputs, flat.shape[1], policy)
-    if len(kept) > 1:
-        for k, z in _noise(unit, previous, descent, kept, policy).items():
+
+    def unaligned(found: dict[int, _Alignment], why: Callable[[int], str]) -> list[int]:
+        """Flag the updates ``found`` as noise (``why`` k: what the note says first) and
+        return the kept ones left."""
+        for k, z in found.items():
             if norms[k] <= allowed[k]:
                 continue  # as noisy as DP makes an honest update: the game prices it
             flags[k] |= Flag.UNALIGNED_UPDATE
-            notes[k] = _noise_note(z, policy) + _dp_note(norms[k], allowed[k], policy)
-        kept = [k for k in kept if not flags[k] & Flag.UNALIGNED_UPDATE]
+            notes[k] = why(k) + _noise_note(z, policy) + _dp_note(norms[k], allowed[k], policy)
+        return [k for k in kept if not flags[k] & Flag.UNALIGNED_UPDATE]
+
+    if len(kept) > 1:
+        kept = unaligned(_noise(unit, previous, descent, kept, policy), lambda k: "")
     # The public step dressed up with noise: take the public global steps out of every update
     # (and out of the directions it is tested against); one whose remainder is noise by the
     # test above added nothing to what anyone could upload, however small that noise. An
@@ -258,29 +265,24 @@ def screen(inputs: RoundInputs, norms: Sequence[float], policy: PricingPolicy) -
         left = torch.linalg.vector_norm(private, dim=1) / torch.linalg.vector_norm(flat, dim=1)
         own_private = [None if p is None else _residual(p[None], public)[0] for p in previous]
         private_descent = _residual(descent[None], public)[0]
-        for k, z in _noise(_unit(private), own_private, private_descent, kept, policy).items():
-            if norms[k] <= allowed[k]:
-                continue
-            flags[k] |= Flag.UNALIGNED_UPDATE
-            notes[k] = (
+        kept = unaligned(
+            _noise(_unit(private), own_private, private_descent, kept, policy),
+            lambda k: (
                 f"the public global steps leave {float(left[k]):.0%} of it, and that part is "
-                + _noise_note(z, policy)
-                + _dp_note(norms[k], allowed[k], policy)
-            )
-        kept = [k for k in kept if not flags[k] & Flag.UNALIGNED_UPDATE]
+            ),
+        )
     if len(kept) > 1:
-        for k, (j, z) in _noisy_replays(
+        sources = _noisy_replays(
             inputs, flat, unit, previous, descent, public, replays, kept, policy
-        ).items():
-            if norms[k] <= allowed[k]:
-                continue
-            flags[k] |= Flag.UNALIGNED_UPDATE
-            notes[k] = (
-                f"a noisy replay of the update of {inputs.updates[j].organisation} of the round "
-                f"before (cosine {float(replays[k, j]):+.3f}): what is left once that update "
-                "is taken out is " + _noise_note(z, policy) + _dp_note(norms[k], allowed[k], policy)
-            )
-        kept = [k for k in kept if not flags[k] & Flag.UNALIGNED_UPDATE]
+        )
+        kept = unaligned(
+            {k: z for k, (_, z) in sources.items()},
+            lambda k: (
+                f"a noisy replay of the update of {inputs.updates[sources[k][0]].organisation} of "
+                f"the round before (cosine {float(replays[k, sources[k][0]]):+.3f}): what is left "
+                "once that update is taken out is "
+            ),
+        )
     return Screening(kept=kept, flags=flags, notes=notes)
 
 
@@ -319,7 +321,7 @@ def _noisy_replays(
     scale = _noise_scale(unit, policy)
     if scale is None:
         return {}
-    total = _summed(unit, kept)
+    total, consensus_of = _consensus(unit, kept)
     found: dict[int, tuple[int, _Alignment]] = {}
     for k in kept:
         closest = [
@@ -332,7 +334,7 @@ def _noisy_replays(
         own_cosine = abs(float(replays[k, k]))
         if math.isnan(own_cosine):  # no update of its own the round before
             own_cosine = 0.0
-        consensus = abs(_cosine(unit[k], total - unit[k]))
+        consensus = abs(consensus_of[k])
         if not closest or max(closest)[0] <= max(own_cosine, consensus):
             # Closer to its own update of the round before, or to this round's others: what
             # training on data does; a replay is closest to what it replays.
@@ -446,13 +448,7 @@ def _noise(
     scale = _noise_scale(units, policy)
     if scale is None:
         return {}
-    # Products with the whole (K, P) matrix only: a copy of it is gigabytes at scale.
-    # cos(u_k, total - u_k) from dot products: |total - u_k|^2 = |total|^2 - 2 u_k.total + |u_k|^2.
-    total = _summed(units, kept)
-    dots = units @ total
-    squares = torch.linalg.vector_norm(units, dim=1) ** 2
-    rest = (float(total @ total) - 2 * dots + squares).clamp(min=0.0).sqrt()
-    others = ((dots - squares) / rest.clamp(min=1e-300)).tolist()
+    _, others = _consensus(units, kept)
     descent_norm = max(float(torch.linalg.vector_norm(descent)), 1e-300)
     towards_descent = (units @ descent / descent_norm).tolist()
     found: dict[int, _Alignment] = {}
@@ -475,12 +471,17 @@ def _noise_scale(units: Tensor, policy: PricingPolicy) -> float | None:
     return None if policy.noise_sigmas / scale > NOISE_TEST_MAX_COSINE else scale
 
 
-def _summed(units: Tensor, kept: Sequence[int]) -> Tensor:
-    """The kept rows of ``units`` summed, by one product (no copy of the rows)."""
+def _consensus(units: Tensor, kept: Sequence[int]) -> tuple[Tensor, list[float]]:
+    """The kept rows of ``units`` summed, and each row's cosine with that sum less itself
+    (its alignment with the others), by products with the whole (K, P) matrix only: a copy
+    of it is gigabytes at scale. |total - u_k|^2 = |total|^2 - 2 u_k.total + |u_k|^2."""
     members = torch.zeros(units.shape[0], dtype=units.dtype)
     members[list(kept)] = 1.0
-    total: Tensor = members @ units
-    return total
+    total = members @ units
+    dots = units @ total
+    squares = torch.linalg.vector_norm(units, dim=1) ** 2
+    rest = (float(total @ total) - 2 * dots + squares).clamp(min=0.0).sqrt()
+    return total, ((dots - squares) / rest.clamp(min=1e-300)).tolist()
 
 
 def _noise_note(z: _Alignment, policy: PricingPolicy) -> str:
@@ -574,7 +575,8 @@ def value(
     progress: Callable[[int, int], None] | None = None,
 ) -> Values:
     """Each kept organisation's Shapley value in the round's coalition game and its standard
-    error over the validation samples (0 for the rest); ``progress`` is told (coalitions
+    error over the validation samples, with a sampled valuator's own error added in quadrature
+    (0 for the rest); ``progress`` is told (coalitions
     scored, coalitions asked) as the valuation goes."""
     values = [0.0] * len(inputs.updates)
     errors = [0.0] * len(inputs.updates)

@@ -544,10 +544,9 @@ class StratifiedKernelShapley:
     pairs; after each from a quarter of the design on, the valuation stops once the Monte
     Carlo errors, summed in quadrature over the players, are at most r times the validation
     errors summed the same way, i.e. the estimator adds at most r**2 to the measurement's
-    variance. The last wave is the whole
-    design: a valuation that never stops early is the one without ``stop_ratio``. Each wave
-    goes to the utility in one call (``max_batch`` coalitions at most each), as the whole
-    design does without waves.
+    variance. The last wave is the whole design: a valuation that never stops early is the
+    one without ``stop_ratio``. Each wave goes to the utility in one call (``max_batch``
+    coalitions at most each), as the whole design does without waves.
     """
 
     max_evaluations: int = 1024

@@ -416,16 +416,10 @@ class CoalitionUtility:
         with torch.no_grad(), _eval_mode(self.model):
             shape = (count, self._base_flat.numel())
             flat = scratch_rows(self._scratch, "models", shape, self._base_flat)
-            if self._reference is None:
-                # Row S: w_r + eta * sum_k a[S, k] delta_k, all rows in one addmm.
-                torch.addmm(
-                    self._base_flat.expand(count, -1),
-                    weights,
-                    self._deltas,
-                    alpha=self.eta,
-                    out=flat,
-                )
-            else:
+            # Row S: w_r + eta * sum_k a[S, k] delta_k, all rows in one addmm; rescaled, the
+            # coefficients of each row carry its step's rescaling (and eta).
+            coefficients, alpha = weights, self.eta
+            if self._reference is not None:
                 # A step shorter than 1e-6 of the consortium's has no direction worth the name
                 # (the members' updates cancel to rounding): it stays a zero step.
                 lengths = self._step_lengths(weights)
@@ -434,8 +428,15 @@ class CoalitionUtility:
                     self.eta * self._reference / lengths.clamp(min=1e-300),
                     0.0,
                 )
-                rescaled = (weights.to(torch.float64) * scale[:, None]).to(weights.dtype)
-                torch.addmm(self._base_flat.expand(count, -1), rescaled, self._deltas, out=flat)
+                coefficients = (weights.to(torch.float64) * scale[:, None]).to(weights.dtype)
+                alpha = 1.0
+            torch.addmm(
+                self._base_flat.expand(count, -1),
+                coefficients,
+                self._deltas,
+                alpha=alpha,
+                out=flat,
+            )
             params = unflatten_batched(flat, self._like, batch_shape=(count,))
             if self._mlp is not None:
                 logits = batched_mlp(self._mlp, params, self._x, self._scratch)  # (c, n, out)
