@@ -337,10 +337,64 @@ def test_every_elementwise_activation_scores_as_the_model_does() -> None:
             n: t.detach().unsqueeze(0).repeat(2, *[1] * t.dim())
             for n, t in model.state_dict().items()
         }
+        weight = params.pop("0.weight")
+        scratch: dict[str, Tensor] = {}
         with torch.no_grad():
-            out = batched_mlp(layers, params, x)
+            out = batched_mlp(layers, {**params, "0.weight": weight}, x)
+            # The first layer two units at a time (tiles of 2, 2 and 1), twice on one scratch.
+            for _ in range(2):
+                tiled = batched_mlp(
+                    layers,
+                    params,
+                    x,
+                    scratch,
+                    first_rows=lambda a, b, w=weight: w[:, a:b],
+                    tile=2,
+                )
+                torch.testing.assert_close(tiled, out, msg=f"tiled {kind}")
+            # The bias as the rows' last column, added by the product.
+            rest = {n: t for n, t in params.items() if n != "0.bias"}
+            rows = torch.cat([weight, params["0.bias"].unsqueeze(2)], dim=2)
+            augmented = batched_mlp(
+                layers, rest, x, scratch, first_rows=lambda a, b, w=rows: w[:, a:b], tile=3
+            )
+            torch.testing.assert_close(augmented, out, msg=f"bias in the rows, {kind}")
             expected = model(x)
         torch.testing.assert_close(out, expected.expand(2, -1, -1), msg=str(kind))
+
+
+@pytest.mark.parametrize("first_bias", [True, False])
+def test_a_tiled_first_layer_scores_as_the_whole_layer_does(
+    monkeypatch: pytest.MonkeyPatch, first_bias: bool
+) -> None:
+    """Tiles of the first layer's units (built a tile at a time, the last tile shorter) give the
+    outputs the generic path gives, through a non-in-place activation, a layer without a bias
+    and a third layer after the tiled pair; chunks of coalitions share the buffers."""
+    from fedledger.incentive import utility
+
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Linear(8, 23, bias=first_bias),
+        nn.GELU(),
+        nn.Linear(23, 7, bias=False),
+        nn.Tanh(),
+        nn.Linear(7, 3),
+    )
+    gen = torch.Generator().manual_seed(4)
+    base = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    deltas = [
+        {n: 0.5 * torch.randn(t.shape, generator=gen) for n, t in base.items()} for _ in "abcd"
+    ]
+    x = torch.randn(30, 8, generator=gen)
+    y = torch.randint(0, 3, (30,), generator=gen)
+    kwargs = {"metric": "neg_log_loss", "device": CPU, "per_sample": True, "rescale_steps": True}
+    monkeypatch.setattr(utility, "TILE_FLOATS", 5 * 7 * 30)  # 5 coalitions x 7 units x 30 samples
+    tiled = CoalitionUtility(model, base, deltas, NUM_SAMPLES, x, y, max_batch=5, **kwargs)
+    assert tiled.path == "batched-mlp" and tiled._tile(5) == 7 and tiled._tile(1) == 35
+    monkeypatch.setattr(utility, "mlp_layers", lambda _model: None)
+    generic = CoalitionUtility(model, base, deltas, NUM_SAMPLES, x, y, **kwargs)
+    masks = all_coalitions(K)
+    np.testing.assert_allclose(tiled(masks), generic(masks), rtol=0, atol=1e-5)
 
 
 def test_progress_is_told_after_every_batch(
