@@ -27,14 +27,13 @@ from fedledger.coordinator.server import server_config
 from fedledger.coordinator.service import RoundService
 from fedledger.devnet.anvil import free_port, start_anvil
 from fedledger.devnet.deploy import deploy_devnet
-from fedledger.devnet.embedded import embedded_web3
 from fedledger.incentive.chain import connect, devnet_account
 from fedledger.incentive.ledger import LedgerClient
-from fedledger.incentive.onchain import TOKEN_UNIT, from_fixed_point
+from fedledger.incentive.onchain import TOKEN_UNIT
 from fedledger.node.client import CoordinatorClient
 from fedledger.node.runner import NodeRunner
 from fedledger.report import read_metrics, write_report
-from fedledger.runlog import read_ledger
+from fedledger.runlog import LedgerLog, read_ledger
 from fedledger.tasks import DigitsTask, load_spec
 
 DEFAULT_REPORT_DIR = Path(".fedledger") / "demo-report"
@@ -44,7 +43,7 @@ DEFAULT_REPORT_DIR = Path(".fedledger") / "demo-report"
 @dataclass(frozen=True)
 class OrganisationSummary:
     address: str
-    num_samples: int
+    num_samples: int | None  # the sample count it committed last, read from the contract
     value: float  # summed Shapley value over rounds, read from the contract
     reward: int  # summed token units over rounds, read from the contract
     balance: int  # token balance, read from the contract
@@ -110,6 +109,8 @@ def run_demo(
                 return connect(anvil.rpc_url)
 
         else:
+            from fedledger.devnet.embedded import embedded_web3  # py-evm: 0.3 s to import
+
             shared = embedded_web3(accounts)
 
             def make_w3() -> Web3:
@@ -149,13 +150,11 @@ def run_demo(
                     seed,
                     console,
                 )
+                log = read_ledger(LedgerClient(make_w3(), deployment.ledger))
                 if report_dir is not None:  # while the coordinator still serves the metrics
-                    result.report = _write_report(
-                        report_dir, LedgerClient(make_w3(), deployment.ledger), url
-                    )
+                    result.report = _write_report(report_dir, log, url)
         result.ledger = deployment.ledger
-        reader = LedgerClient(make_w3(), deployment.ledger)
-        result.organisations = _summarise(reader, task, organisations, rounds)
+        result.organisations = _summarise(log)
     finally:
         if anvil is not None:
             anvil.stop()
@@ -166,10 +165,9 @@ def run_demo(
     return result
 
 
-def _write_report(out: Path, reader: LedgerClient, url: str) -> Path:
-    """``fedledger report`` of the run into ``out``, from the chain and the coordinator at
-    ``url``; returns the summary's path."""
-    log = read_ledger(reader)
+def _write_report(out: Path, log: LedgerLog, url: str) -> Path:
+    """``fedledger report`` of the run into ``out``, from the ledger's ``log`` and the
+    coordinator at ``url``; returns the summary's path."""
     with CoordinatorClient(url) as client:
         metrics = read_metrics(client, log)
     return write_report(out, log, metrics)[-1]
@@ -248,21 +246,22 @@ def _run_nodes(
     return result
 
 
-def _summarise(
-    reader: LedgerClient, task: DigitsTask, organisations: int, rounds: int
-) -> list[OrganisationSummary]:
-    addresses = [devnet_account(2 + k).address for k in range(organisations)]
-    by_round = [reader.records_of(r, addresses) for r in range(1, rounds + 1)]  # a batch each
-    return [
-        OrganisationSummary(
-            address=address,
-            num_samples=len(task.load_data(f"{k}/{organisations}")[1]),
-            value=sum(from_fixed_point(records[k].score) for records in by_round),
-            reward=sum(records[k].reward for records in by_round),
-            balance=reader.balance_of(address),
+def _summarise(log: LedgerLog) -> list[OrganisationSummary]:
+    """Each organisation's totals over the run, from the ledger's log of it."""
+    summaries = []
+    for address in log.organisations:
+        rows = [row for row in log.rows if row.organisation == address]
+        committed = [row.samples for row in rows if row.samples is not None]
+        summaries.append(
+            OrganisationSummary(
+                address=address,
+                num_samples=committed[-1] if committed else None,
+                value=sum(row.value for row in rows),
+                reward=sum(int(row.reward) for row in rows),
+                balance=log.balances[address],
+            )
         )
-        for k, address in enumerate(addresses)
-    ]
+    return summaries
 
 
 def _print_summary(console: Console, result: DemoResult) -> None:
@@ -275,7 +274,7 @@ def _print_summary(console: Console, result: DemoResult) -> None:
     for org in result.organisations:
         table.add_row(
             f"{org.address[:8]}…{org.address[-6:]}",
-            str(org.num_samples),
+            "-" if org.num_samples is None else str(org.num_samples),
             f"{org.value:+.4f}",
             f"{org.reward / TOKEN_UNIT:,.2f}",
             f"{org.balance / TOKEN_UNIT:,.2f}",

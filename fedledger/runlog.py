@@ -34,6 +34,7 @@ class RewardRow:
     reward_tokens: float  # the same in tokens, as a float (for reading, not for sums)
     flags: list[str]
     epsilon: float | None  # epsilonOf: DP-SGD epsilon spent so far, as committed (None: no DP)
+    samples: int | None = None  # the sample count committed (None: no commitment)
 
 
 @dataclass(frozen=True)
@@ -75,9 +76,9 @@ def read_ledger(ledger: LedgerClient, organisations: Sequence[str] | None = None
     rounds: list[LedgerRound] = []
     rows: list[RewardRow] = []
     for round_id in range(1, ledger.round_count() + 1):
-        record = ledger.get_round(round_id)
+        record, valuation, held_all = ledger.round_log(round_id, orgs)  # one batch a round
         finalized = record.state == RoundState.FINALIZED
-        valuation = ledger.valuation_of(round_id) if finalized else None
+        valuation = valuation if finalized else None
         rounds.append(
             LedgerRound(
                 round_id=round_id,
@@ -86,7 +87,7 @@ def read_ledger(ledger: LedgerClient, organisations: Sequence[str] | None = None
                 total_reward=record.total_reward,
             )
         )
-        for address, held in zip(orgs, ledger.records_of(round_id, orgs), strict=True):
+        for address, held in zip(orgs, held_all, strict=True):
             committed, settled, score = held.commitment, held.settled, held.score
             if not finalized or committed is None:
                 payment = "-"
@@ -109,14 +110,16 @@ def read_ledger(ledger: LedgerClient, organisations: Sequence[str] | None = None
                     reward_tokens=held.reward / TOKEN_UNIT,
                     flags=flag_names(held.flags),
                     epsilon=held.epsilon if committed else None,
+                    samples=None if committed is None else committed.num_samples,
                 )
             )
+    standings = dict(zip(orgs, ledger.standings_of(orgs), strict=True))  # one batch
     return LedgerLog(
         ledger=ledger.address,
         chain_id=ledger.chain_id(),
         rounds=rounds,
         rows=rows,
-        balances={address: ledger.balance_of(address) for address in orgs},
-        total_rewards={address: ledger.total_reward_of(address) for address in orgs},
-        retired={address: r for address in orgs if (r := ledger.retirement_of(address))},
+        balances={address: balance for address, (balance, _, _) in standings.items()},
+        total_rewards={address: total for address, (_, total, _) in standings.items()},
+        retired={address: r for address, (_, _, r) in standings.items() if r is not None},
     )

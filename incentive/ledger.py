@@ -381,20 +381,20 @@ class LedgerClient:
         return record.state is RoundState.OPEN and now > record.deadline
 
     def get_round(self, round_id: int) -> RoundRecord:
-        raw = self._view(self.functions.getRound(round_id))
-        (model_hash, new_model_hash, deadline, state, commit_count, total_reward, root, claimed) = (
-            raw
+        return _round_record(round_id, self._view(self.functions.getRound(round_id)))
+
+    def round_log(
+        self, round_id: int, orgs: Sequence[str]
+    ) -> tuple[RoundRecord, ValuationRecord | None, list[OrganisationRecord]]:
+        """``get_round``, ``valuation_of`` and ``records_of`` of a round, read in one batch."""
+        f = self.functions
+        answers = self._views(
+            [f.getRound(round_id), f.valuationOf(round_id), *self._record_calls(round_id, orgs)]
         )
-        return RoundRecord(
-            round_id=round_id,
-            model_hash=bytes(model_hash),
-            new_model_hash=bytes(new_model_hash),
-            deadline=int(deadline),
-            state=RoundState(int(state)),
-            commit_count=int(commit_count),
-            total_reward=int(total_reward),
-            rewards_root=bytes(root),
-            claimed_reward=int(claimed),
+        return (
+            _round_record(round_id, answers[0]),
+            ValuationRecord.from_abi(answers[1]),
+            _organisation_records(answers[2:]),
         )
 
     def commitment_of(self, round_id: int, org: str) -> CommitmentRecord | None:
@@ -416,6 +416,10 @@ class LedgerClient:
     def records_of(self, round_id: int, orgs: Sequence[str]) -> list[OrganisationRecord]:
         """What the ledger holds of each of ``orgs`` in round ``round_id`` (commitment,
         settlement, score, reward, flags, epsilon), read in one batch."""
+        return _organisation_records(self._views(self._record_calls(round_id, orgs)))
+
+    def _record_calls(self, round_id: int, orgs: Sequence[str]) -> list[Any]:
+        """The reads of ``records_of``, six an organisation (``_organisation_records``)."""
         calls = []
         for org in orgs:
             address = Web3.to_checksum_address(org)
@@ -428,25 +432,7 @@ class LedgerClient:
                 f.flagsOf(round_id, address),
                 f.epsilonOf(round_id, address),
             ]
-        answers = self._views(calls)
-        records = []
-        for i in range(len(orgs)):
-            (update_hash, samples), settled, score, reward, flags, epsilon = answers[
-                6 * i : 6 * i + 6
-            ]
-            records.append(
-                OrganisationRecord(
-                    commitment=None
-                    if bytes(update_hash) == ZERO_HASH
-                    else CommitmentRecord(update_hash=bytes(update_hash), num_samples=int(samples)),
-                    settled=bool(settled),
-                    score=int(score),
-                    reward=int(reward),
-                    flags=int(flags),
-                    epsilon=from_fixed_point(int(epsilon)) if int(epsilon) else None,
-                )
-            )
-        return records
+        return calls
 
     def settled_of(self, round_id: int, org: str) -> tuple[int, int]:
         """``reward_of`` and ``flags_of`` together, in one batch."""
@@ -466,12 +452,26 @@ class LedgerClient:
 
     def retirement_of(self, org: str) -> RetirementRecord | None:
         """Since when and having spent what the organisation stopped training (None: it trains)."""
-        retired, since, epsilon = self._view(
-            self.functions.retirementOf(Web3.to_checksum_address(org))
-        )
-        if not retired:
-            return None
-        return RetirementRecord(int(since), from_fixed_point(int(epsilon)) if epsilon else None)
+        return _retirement(self._view(self.functions.retirementOf(Web3.to_checksum_address(org))))
+
+    def standings_of(self, orgs: Sequence[str]) -> list[tuple[int, int, RetirementRecord | None]]:
+        """``balance_of``, ``total_reward_of`` and ``retirement_of`` of each of ``orgs``, read in
+        one batch."""
+        calls = []
+        for org in orgs:
+            address = Web3.to_checksum_address(org)
+            calls += [
+                self.token.functions.balanceOf(address),
+                self.functions.totalRewardOf(address),
+                self.functions.retirementOf(address),
+            ]
+        answers = self._views(calls)
+        return [
+            (int(balance), int(total), _retirement(retirement))
+            for balance, total, retirement in zip(
+                answers[0::3], answers[1::3], answers[2::3], strict=True
+            )
+        ]
 
     def score_of(self, round_id: int, org: str) -> int:
         """The organisation's score in the round: its Shapley value in fixed point (1e18 = 1.0)."""
@@ -518,3 +518,47 @@ class LedgerClient:
 
     def total_supply(self) -> int:
         return int(self._view(self.token.functions.totalSupply()))
+
+
+def _retirement(raw: Sequence[Any]) -> RetirementRecord | None:
+    """``retirementOf``'s answer (None: the organisation trains)."""
+    retired, since, epsilon = raw
+    if not retired:
+        return None
+    return RetirementRecord(int(since), from_fixed_point(int(epsilon)) if epsilon else None)
+
+
+def _round_record(round_id: int, raw: Sequence[Any]) -> RoundRecord:
+    """``getRound``'s answer as a RoundRecord."""
+    (model_hash, new_model_hash, deadline, state, commit_count, total_reward, root, claimed) = raw
+    return RoundRecord(
+        round_id=round_id,
+        model_hash=bytes(model_hash),
+        new_model_hash=bytes(new_model_hash),
+        deadline=int(deadline),
+        state=RoundState(int(state)),
+        commit_count=int(commit_count),
+        total_reward=int(total_reward),
+        rewards_root=bytes(root),
+        claimed_reward=int(claimed),
+    )
+
+
+def _organisation_records(answers: Sequence[Any]) -> list[OrganisationRecord]:
+    """The answers to ``LedgerClient._record_calls``, six an organisation, as records."""
+    records = []
+    for i in range(len(answers) // 6):
+        (update_hash, samples), settled, score, reward, flags, epsilon = answers[6 * i : 6 * i + 6]
+        records.append(
+            OrganisationRecord(
+                commitment=None
+                if bytes(update_hash) == ZERO_HASH
+                else CommitmentRecord(update_hash=bytes(update_hash), num_samples=int(samples)),
+                settled=bool(settled),
+                score=int(score),
+                reward=int(reward),
+                flags=int(flags),
+                epsilon=from_fixed_point(int(epsilon)) if int(epsilon) else None,
+            )
+        )
+    return records

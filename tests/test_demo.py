@@ -37,7 +37,8 @@ def test_demo_learns_and_its_table_is_what_the_contract_pays(
         chains.append(w3)
         return w3
 
-    monkeypatch.setattr("fedledger.demo.embedded_web3", keep_the_chain)  # to read it after the demo
+    # To read the chain after the demo (which imports the in-process EVM when it starts one).
+    monkeypatch.setattr("fedledger.devnet.embedded.embedded_web3", keep_the_chain)
     out = io.StringIO()
     result = run_demo(  # the demo's own training settings, fewer organisations and rounds
         organisations=ORGANISATIONS,
@@ -88,7 +89,8 @@ def test_demo_learns_and_its_table_is_what_the_contract_pays(
         assert org.value == pytest.approx(
             sum(from_fixed_point(ledger.score_of(r, org.address)) for r in range(1, ROUNDS + 1))
         )
-        assert org.num_samples > 0
+        committed = ledger.commitment_of(ROUNDS, org.address)
+        assert committed is not None and org.num_samples == committed.num_samples > 0
     assert sum(org.reward for org in result.organisations) == paid
 
     # And the printed table shows those numbers, one row per organisation.

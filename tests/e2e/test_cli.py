@@ -189,6 +189,7 @@ def test_devnet_up_register_rewards_down(tmp_path: Path) -> None:
         rows = {r["organisation"]: r for r in report["rounds"]}
         claimed, flagged = rows[orgs[0].address], rows[orgs[1].address]
         assert (claimed["epsilon"], flagged["epsilon"]) == (2.5, None)
+        assert (claimed["samples"], flagged["samples"]) == (10, 10)  # as committed
         assert report["retired"] == {orgs[1].address: {"since_round": 1, "epsilon": 7.75}}
         paid = {org: "0" for org in ledger.organisations()} | {orgs[0].address: str(7 * 10**18)}
         assert report["total_rewards"] == paid
