@@ -68,7 +68,7 @@ from fedledger.incentive.onchain import FORFEITING, Flag, ValuationRecord, hex32
 from fedledger.incentive.rewards import split_rewards
 from fedledger.incentive.sampling import choose_valuator
 from fedledger.incentive.shapley import Valuator
-from fedledger.incentive.tensors import flatten, l2_norm
+from fedledger.incentive.tensors import flatten, flatten_rows, l2_norm
 from fedledger.incentive.utility import CoalitionUtility, descent_direction, evaluate_params
 
 Tensors = Mapping[str, Tensor]
@@ -184,7 +184,7 @@ def screen(inputs: RoundInputs, norms: Sequence[float], policy: PricingPolicy) -
     count = len(deltas)
     flags = [0] * count
     notes: dict[int, str] = {}
-    flat = torch.stack([flatten(d, dtype=torch.float64) for d in deltas])  # (K, P)
+    flat = flatten_rows(deltas, dtype=torch.float64)  # (K, P)
     unit = flat / torch.clamp(torch.tensor(norms, dtype=torch.float64), min=1e-300).unsqueeze(1)
     cosine = unit @ unit.T
     median_norm = statistics.median(norms)

@@ -4,7 +4,7 @@ and the one global L2 norm every bound is measured with."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -17,6 +17,32 @@ def flatten(params: Mapping[str, Tensor], *, dtype: torch.dtype = torch.float32)
     if not params:
         return torch.zeros(0, dtype=dtype)
     return torch.cat([params[name].detach().reshape(-1).to(dtype) for name in sorted(params)])
+
+
+def flatten_rows(
+    rows: Sequence[Mapping[str, Tensor]], *, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """``torch.stack([flatten(r, dtype=dtype) for r in rows])`` (shape (K, P)), each tensor
+    converted straight into its place: no list of K flat copies beside the result, which for
+    K updates of a large model is as much memory again (and fresh memory costs page faults)."""
+    if not rows:
+        return torch.zeros(0, 0, dtype=dtype)
+    names = sorted(rows[0])
+    size = sum(rows[0][name].numel() for name in names)
+    out = torch.empty(len(rows), size, dtype=dtype)
+    for k, row in enumerate(rows):
+        if sorted(row) != names:
+            raise ValueError(f"row {k} has tensors {sorted(row)}, row 0 has {names}")
+        offset = 0
+        for name in names:
+            tensor = row[name].detach().reshape(-1)
+            if offset + tensor.numel() > size:
+                raise ValueError(f"row {k} has more than the {size} numbers of row 0")
+            out[k, offset : offset + tensor.numel()].copy_(tensor)
+            offset += tensor.numel()
+        if offset != size:
+            raise ValueError(f"row {k} has {offset} numbers, row 0 has {size}")
+    return out
 
 
 def unflatten(flat: Tensor, like: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -448,11 +448,10 @@ class CoalitionUtility:
         self._built = sum(t.numel() for t in self._built_like.values())
         self._base_flat = self._flat(base).to(self.device)  # (P,)
         num_params = self._base_flat.numel()
-        self._deltas = (
-            torch.stack([self._flat(d).to(self.device) for d in deltas])
-            if deltas
-            else torch.zeros(0, num_params, device=self.device)
-        )  # (K, P)
+        # (K, P), written row by row: a list of K flat copies beside it would double its memory.
+        self._deltas = torch.empty(len(deltas), num_params, device=self.device)
+        for k, delta in enumerate(deltas):
+            self._deltas[k].copy_(self._flat(delta))
         self._x = x_val.to(self.device)
         self._y = y_val.to(self.device, torch.int64)
         # The coalition models of a batch, and the MLP path's hidden states, reused from batch

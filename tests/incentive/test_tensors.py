@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedledger.incentive import tensors
-from fedledger.incentive.tensors import flatten, l2_norm, unflatten
+from fedledger.incentive.tensors import flatten, flatten_rows, l2_norm, unflatten
 
 
 def test_flatten_round_trip() -> None:
@@ -24,6 +24,25 @@ def test_flatten_round_trip() -> None:
         assert torch.equal(back[name], tensor)
     with pytest.raises(ValueError, match="shape"):
         unflatten(flat[:-1], params)
+
+
+def test_flatten_rows_is_the_stack_of_flattened_rows() -> None:
+    gen = torch.Generator().manual_seed(0)
+    rows = [
+        {"w": torch.randn(3, 2, generator=gen), "b": torch.randn(4, generator=gen)}
+        for _ in range(3)
+    ]
+    for dtype in (torch.float32, torch.float64):
+        stacked = torch.stack([flatten(r, dtype=dtype) for r in rows])
+        assert torch.equal(flatten_rows(rows, dtype=dtype), stacked)
+    assert flatten_rows([]).shape == (0, 0)
+    for bad in (
+        {"w": rows[0]["w"]},
+        {"w": rows[0]["w"], "b": torch.zeros(5)},
+        {"w": rows[0]["w"], "b": torch.zeros(3)},
+    ):
+        with pytest.raises(ValueError, match="row 1"):
+            flatten_rows([rows[0], bad])
 
 
 def test_l2_norm_of_known_tensors() -> None:
