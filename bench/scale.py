@@ -53,6 +53,10 @@ ALPHA = 0.5
 SEED = 0
 TASK_NAME = "digits-wide"
 CHILD_ENV = {"PYTHONUNBUFFERED": "1"}
+BOOKS_TIMINGS_ENV = "SCALE_BOOKS_TIMINGS"
+"""Where the coordinator's books process (``--books-process``) writes its own parts' times: it
+is spawned from this file as ``__mp_main__``, which then times it as ``coordinator_main`` times
+the coordinator."""
 """The coordinator keeps torch's default threads (every core), as a deployment would: while
 organisations train in this process it shares the cores with them, at the close it is alone."""
 
@@ -144,6 +148,53 @@ def _wrap(owner: Any, attr: str, part: str) -> None:
     setattr(owner, attr, timed)
 
 
+def _wrap_books_parts() -> None:
+    """Time the parts of closing a round's books, wherever this process closes them."""
+    from fedledger.coordinator import books, rounds
+    from fedledger.incentive import sampling
+    from fedledger.incentive.shapley import ExactShapley
+
+    _wrap(rounds, "close_books", "pricing: screen, value, aggregate")
+    _wrap(books, "aggregate", "aggregation (FedAvg)")
+    _wrap(books, "screen", "screens (copies, replays, noise)")
+    _wrap(books, "coalition_game", "coalition game set-up")
+    _wrap(ExactShapley, "value", "Shapley valuation")
+    _wrap(books, "evaluate_params", "evaluation")
+    for name in dir(sampling):
+        candidate = getattr(sampling, name)
+        if isinstance(candidate, type) and callable(getattr(candidate, "value", None)):
+            _wrap(candidate, "value", f"Shapley valuation ({name})")
+
+
+def _report(path: Path) -> None:
+    with _LOCK:
+        report = {
+            "times": dict(_TIMES),
+            "calls": dict(_CALLS),
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
+    path.write_text(json.dumps(report))
+
+
+def books_process_main(timings: Path) -> None:
+    """In the coordinator's books process: time the books' parts, report after each round."""
+    from fedledger.coordinator import books_process
+
+    _wrap_books_parts()
+    _wrap(books_process, "close_books", "pricing: screen, value, aggregate")
+    _wrap(books_process, "load_round_inputs", "round inputs loaded from the store")
+    answer = books_process._books
+
+    @functools.wraps(answer)
+    def reported(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return answer(*args, **kwargs)
+        finally:
+            _report(timings)
+
+    books_process._books = reported
+
+
 def coordinator_main(argv: Sequence[str]) -> int:
     """The coordinator's process: time its parts, serve."""
     parser = argparse.ArgumentParser()
@@ -154,44 +205,31 @@ def coordinator_main(argv: Sequence[str]) -> int:
     import typer
 
     from fedledger.cli import app
-    from fedledger.coordinator import books, rounds
+    from fedledger.coordinator.books_process import BooksProcess
     from fedledger.coordinator.rounds import RoundMachine
     from fedledger.coordinator.service import RoundService
     from fedledger.coordinator.settlement import Settler
     from fedledger.incentive.ledger import LedgerClient
-    from fedledger.incentive.shapley import ExactShapley
 
     _wrap(RoundService, "admit_upload", "upload verification (each)")  # headers, chain
     _wrap(RoundService, "store_upload", "upload body check and store (each)")
     _wrap(RoundMachine, "close", "round close (all)")
-    _wrap(rounds, "close_books", "pricing: screen, value, aggregate")
-    _wrap(books, "aggregate", "aggregation (FedAvg)")
-    _wrap(books, "screen", "screens (copies, replays, noise)")
-    _wrap(books, "coalition_game", "coalition game set-up")
-    _wrap(ExactShapley, "value", "Shapley valuation")
+    _wrap(BooksProcess, "close_books", "books process: a round asked and answered")
     _wrap(Settler, "settle", "settlement transaction")
-    _wrap(books, "evaluate_params", "evaluation")
     _wrap(LedgerClient, "_view", "chain reads")
-    if importlib.util.find_spec("fedledger.incentive.sampling") is not None:
-        from fedledger.incentive import sampling
-
-        for name in dir(sampling):
-            candidate = getattr(sampling, name)
-            if isinstance(candidate, type) and callable(getattr(candidate, "value", None)):
-                _wrap(candidate, "value", f"Shapley valuation ({name})")
+    _wrap_books_parts()
+    os.environ[BOOKS_TIMINGS_ENV] = str(books_timings(opts.timings))
     # uvicorn re-raises SIGTERM on the handler it found: let that one return normally.
     signal.signal(signal.SIGTERM, lambda *_: None)
     try:
         typer.main.get_command(app).main(args=rest, prog_name="fedledger", standalone_mode=False)
     finally:
-        with _LOCK:
-            report = {
-                "times": dict(_TIMES),
-                "calls": dict(_CALLS),
-                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            }
-        opts.timings.write_text(json.dumps(report))
+        _report(opts.timings)
     return 0
+
+
+def books_timings(timings: Path) -> Path:
+    return timings.with_suffix(".books.json")
 
 
 # ------------------------------------------------------------------------------ driver
@@ -389,6 +427,17 @@ def run(num_orgs: int, hidden: int, workdir: Path, *, close_timeout_s: float) ->
         result.coordinator_calls = report.get("calls", {})
         if "peak_rss_mib" in report:
             result.memory_mib["coordinator peak (ru_maxrss)"] = report["peak_rss_mib"]
+        child = books_timings(timings)
+        if child.exists():  # the books were closed in a process of their own
+            report = json.loads(child.read_text())
+            for part, seconds in report["times"].items():
+                result.coordinator_s[f"books process: {part}"] = seconds
+                result.coordinator_calls[f"books process: {part}"] = report["calls"][part]
+            peak = report["peak_rss_mib"]
+            result.memory_mib["books process peak (ru_maxrss)"] = peak
+            result.memory_mib["coordinator + books process peaks"] = (
+                result.memory_mib["coordinator peak (VmHWM)"] + peak
+            )
     finally:
         anvil.stop()
     result.phases_s["total"] = time.perf_counter() - started
@@ -449,3 +498,5 @@ def main(argv: Sequence[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+elif __name__ == "__mp_main__" and os.environ.get(BOOKS_TIMINGS_ENV):
+    books_process_main(Path(os.environ[BOOKS_TIMINGS_ENV]))

@@ -184,8 +184,10 @@ def screen(inputs: RoundInputs, norms: Sequence[float], policy: PricingPolicy) -
     count = len(deltas)
     flags = [0] * count
     notes: dict[int, str] = {}
-    flat = flatten_rows(deltas, dtype=torch.float64)  # (K, P)
-    unit = flat / torch.clamp(torch.tensor(norms, dtype=torch.float64), min=1e-300).unsqueeze(1)
+    # The updates' directions (K, P), divided in place: every test below is blind to an
+    # update's length, and a second matrix beside it would be gigabytes at scale.
+    unit = flatten_rows(deltas, dtype=torch.float64)
+    unit /= torch.clamp(torch.tensor(norms, dtype=torch.float64), min=1e-300).unsqueeze(1)
     cosine = unit @ unit.T
     median_norm = statistics.median(norms)
     public = _orthonormal([flatten(s, dtype=torch.float64) for s in inputs.public_steps])
@@ -241,7 +243,7 @@ def screen(inputs: RoundInputs, norms: Sequence[float], policy: PricingPolicy) -
         ),
         dtype=torch.float64,
     )
-    allowed = _dp_noise_norms(inputs, flat.shape[1], policy)
+    allowed = _dp_noise_norms(inputs, unit.shape[1], policy)
 
     def unaligned(found: dict[int, _Alignment], why: Callable[[int], str]) -> list[int]:
         """Flag the updates ``found`` as noise (``why`` k: what the note says first) and
@@ -261,8 +263,8 @@ def screen(inputs: RoundInputs, norms: Sequence[float], policy: PricingPolicy) -
     # honest update's remainder carries what its data says this round, which lines up with
     # the others', with its own of the round before or with the validation set's descent.
     if len(kept) > 1 and public.shape[0]:
-        private = _residual(flat, public)
-        left = torch.linalg.vector_norm(private, dim=1) / torch.linalg.vector_norm(flat, dim=1)
+        private = _residual(unit, public)
+        left = torch.linalg.vector_norm(private, dim=1) / torch.linalg.vector_norm(unit, dim=1)
         own_private = [None if p is None else _residual(p[None], public)[0] for p in previous]
         private_descent = _residual(descent[None], public)[0]
         kept = unaligned(
@@ -272,9 +274,7 @@ def screen(inputs: RoundInputs, norms: Sequence[float], policy: PricingPolicy) -
             ),
         )
     if len(kept) > 1:
-        sources = _noisy_replays(
-            inputs, flat, unit, previous, descent, public, replays, kept, policy
-        )
+        sources = _noisy_replays(inputs, unit, previous, descent, public, replays, kept, policy)
         kept = unaligned(
             {k: z for k, (_, z) in sources.items()},
             lambda k: (
@@ -299,7 +299,6 @@ against its own older update.)"""
 
 def _noisy_replays(
     inputs: RoundInputs,
-    flat: Tensor,
     unit: Tensor,
     previous: Sequence[Tensor | None],
     descent: Tensor,
@@ -343,7 +342,7 @@ def _noisy_replays(
         source = previous[j]
         assert source is not None  # a cosine was taken with it
         basis = _orthonormal([*public, source])
-        rest = _residual(torch.stack([flat[k], total - unit[k], descent]), basis)
+        rest = _residual(torch.stack([unit[k], total - unit[k], descent]), basis)
         direction = _unit(rest[:1])[0]
         own = previous[k]
         z = _Alignment(

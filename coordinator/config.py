@@ -57,6 +57,11 @@ class CoordinatorSettings(BaseModel):
     )
     max_expiry_s: int = Field(3600, gt=0, description="farthest in the future an upload may expire")
     device: str | None = None  # "cuda", "cpu"; None picks cuda when available
+    books_process: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="close each round's books in a process of its own (auto: a model of 1e5 "
+        "parameters or more on a CPU of more than one thread; see coordinator/books_process.py)",
+    )
     poll_interval_s: float = Field(0.2, gt=0)
 
     @model_validator(mode="after")

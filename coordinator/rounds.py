@@ -28,6 +28,7 @@ from rich.progress import (
 
 from fedledger import wire
 from fedledger.coordinator.books import Books, close_books
+from fedledger.coordinator.books_process import BooksProcess
 from fedledger.coordinator.config import CoordinatorSettings
 from fedledger.coordinator.inputs import load_round_inputs
 from fedledger.coordinator.metrics import CoordinatorMetrics
@@ -146,6 +147,7 @@ class RoundMachine:
         device: torch.device,
         lock: threading.RLock,
         metrics: CoordinatorMetrics | None = None,
+        books_process: BooksProcess | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -156,6 +158,7 @@ class RoundMachine:
         self.device = device
         self.lock = lock  # held while a round changes status, so no upload slips in between
         self.metrics = metrics if metrics is not None else CoordinatorMetrics()
+        self.books_process = books_process  # None: the books are closed in this process
         self._expected: dict[int, list[str]] = {}
         self._retired: dict[str, RetirementRecord] = {}  # lower-case address -> for good
         self._retired_read = -math.inf
@@ -306,18 +309,22 @@ class RoundMachine:
         return True
 
     def books(self, round_id: int) -> Books:
-        """Close round ``round_id``'s books from the store (deterministic: redone after a crash)."""
-        inputs = load_round_inputs(
-            self.store,
-            round_id,
-            self.ledger.commit_order(round_id),
-            self.game.model,
-            self.game.x_val,
-            self.game.y_val,
-            self.game.codec,
-        )
+        """Close round ``round_id``'s books from the store (deterministic: redone after a crash),
+        in the books process when there is one."""
+        commit_order = self.ledger.commit_order(round_id)
         progress = ValuationProgress(round_id)
         try:
+            if self.books_process is not None:
+                return self.books_process.close_books(round_id, commit_order, progress)
+            inputs = load_round_inputs(
+                self.store,
+                round_id,
+                commit_order,
+                self.game.model,
+                self.game.x_val,
+                self.game.y_val,
+                self.game.codec,
+            )
             return close_books(inputs, self.settings.pricing, device=self.device, progress=progress)
         finally:
             progress.close()

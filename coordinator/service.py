@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from fedledger import wire
+from fedledger.coordinator import books_process
+from fedledger.coordinator.books_process import BooksProcess, BooksSetup
 from fedledger.coordinator.config import CoordinatorSettings
 from fedledger.coordinator.metrics import CoordinatorMetrics
 from fedledger.coordinator.policy import PricingPolicy, PrivacyNoise
@@ -119,6 +121,7 @@ class RoundService:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._parts: tuple[Store, ValidatorTask, RoundMachine, UploadVerifier] | None = None
+        self._books: BooksProcess | None = None  # closes the books when they have a process
         self.spec: TaskSpec | None = None
         self.receipt_signer: ReceiptSigner | None = None  # signs each upload's receipt
 
@@ -146,6 +149,22 @@ class RoundService:
         x_val, y_val = load_validation(task, settings.validation)
         device = torch.device(settings.device) if settings.device else default_device()
         store = Store(settings.data_dir)
+        codec = Codec.of(spec.compression)
+        if books_process.wanted(settings.books_process, model, device):
+            # Spawned now: it imports torch while this process talks to the chain.
+            self._books = BooksProcess(
+                BooksSetup(
+                    data_dir=settings.data_dir,
+                    model=model,
+                    x_val=x_val,
+                    y_val=y_val,
+                    codec=codec,
+                    policy=settings.pricing,
+                    device=str(device),
+                    threads=torch.get_num_threads(),
+                )
+            )
+            self._books.start()
         machine = RoundMachine(
             settings,
             store,
@@ -155,12 +174,13 @@ class RoundService:
                 x_val,
                 y_val,
                 report=lambda params: task.score(model, params, (x_val, y_val)),
-                codec=Codec.of(spec.compression),
+                codec=codec,
             ),
             clock=self.clock,
             device=device,
             lock=self._lock,
             metrics=self.metrics,
+            books_process=self._books,
         )
         verifier = UploadVerifier(
             settings,
@@ -168,7 +188,7 @@ class RoundService:
             chain_id=self.ledger.chain_id(),
             specs=specs_of(model.state_dict()),
             clock=self.clock,
-            codec=Codec.of(spec.compression),
+            codec=codec,
             commits_closed=machine.commits_closed,  # what the driver saw, the uploads need
             members=machine.registered_at_open,
         )
@@ -187,8 +207,23 @@ class RoundService:
         latest = store.latest_round()
         self.metrics.current_round.set(0 if latest is None else latest.round_id)
         self.watch.set(self._round_state(latest))
+        if self._books is not None:
+            self._books_ready(machine)
         if background:
             self.start_driver()
+
+    def _books_ready(self, machine: RoundMachine) -> None:
+        """Wait for the books process; under ``auto``, close the books in this process if it
+        cannot start (a task whose model its own process cannot rebuild, say)."""
+        assert self._books is not None
+        try:
+            self._books.wait_ready()
+        except Exception as exc:
+            if self.settings.books_process == "on":
+                raise
+            log.warning("books process unavailable, closing the books in this one: %s", exc)
+            self._books.stop()
+            self._books = machine.books_process = None
 
     def _check_round_budget(self, round_budget: int) -> None:
         """Refuse to pay more a round than the ledger lets a round pay (``setRoundBudget``)."""
@@ -244,6 +279,8 @@ class RoundService:
         self._stop.set()
         self._wake.set()
         self.watch.close()
+        if self._books is not None:
+            self._books.stop()  # a round being closed is redone at the next start
         if self._thread is not None:
             self._thread.join(timeout=30)
         if self._parts is not None:

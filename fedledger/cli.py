@@ -839,6 +839,13 @@ def coordinator_serve(
     device: Annotated[
         str | None, typer.Option(help="Torch device for aggregation (default: cuda if present).")
     ] = None,
+    books_process: Annotated[
+        str,
+        typer.Option(
+            help="Close each round's books in a process of its own: `on`, `off`, or `auto` "
+            "(a model of 1e5 parameters or more on a multi-core CPU)."
+        ),
+    ] = "auto",
     poll_interval: Annotated[
         float, typer.Option(min=0.001, help="Seconds between the round driver's chain polls.")
     ] = 0.2,
@@ -923,6 +930,8 @@ def coordinator_serve(
         raise _fail("the coordinator's key is required: --keystore (or --key / FEDLEDGER_KEY)")
     if quorum_policy not in ("fail", "extend"):
         raise _fail("--quorum-policy must be `fail` or `extend`")
+    if books_process not in ("auto", "on", "off"):
+        raise _fail("--books-process must be `auto`, `on` or `off`")
     # Pricing: the file's [pricing], then FEDLEDGER_PRICING_<KNOB>, then --set and named flags.
     chosen = file_knobs(ctx, _PRICING_KNOBS)
     chosen.update({k: (v, "flag --set") for k, v in _parse_knobs(pricing or [])})
@@ -964,6 +973,7 @@ def coordinator_serve(
             max_update_norm=max_update_norm,
             max_expiry_s=max_expiry,
             device=device,
+            books_process=books_process,
             poll_interval_s=poll_interval,
             header_timeout_s=header_timeout,
             body_idle_timeout_s=body_idle_timeout,

@@ -460,6 +460,19 @@ class ErrorCode(enum.StrEnum):
             "restore the data directory's `blobs/` from a backup",
         ),
     )
+    BOOKS_PROCESS_FAILED = (
+        "books_process_failed",
+        CodeSpec(
+            500,
+            Area.SERVICE,
+            "the process that closes a round's books (`--books-process`) exited before "
+            "answering: killed for memory, say, or it could not start",
+            "nothing to do for one failure: the round driver retries with a fresh process; if it "
+            "keeps failing, the log gives the exit code (SIGKILL is usually the kernel's "
+            "out-of-memory killer): give the coordinator more memory, or close the books in "
+            "the coordinator's own process with `--books-process off`",
+        ),
+    )
 
     # Receipts: what the coordinator signed for an upload, checked by the node and the audit.
     BAD_RECEIPT = (
@@ -658,9 +671,21 @@ class CodedError(FedledgerError):
         self.code = code
         self.details = details
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled as its class, message and attributes (``BaseException`` would call the class
+        with the message alone): a coded error keeps its code from process to process."""
+        return (_rebuild_coded, (type(self), str(self), self.__dict__))
+
     @property
     def status(self) -> int:
         return self.code.status
+
+
+def _rebuild_coded(cls: type[CodedError], message: str, state: dict[str, Any]) -> CodedError:
+    error = cls.__new__(cls)
+    FedledgerError.__init__(error, message)
+    error.__dict__.update(state)
+    return error
 
 
 # ------------------------------------------------------------------ roles

@@ -18,6 +18,7 @@ CLOSE_AFTER_AGGREGATE = "close.after_aggregate"  # the new model is stored, noth
 CLOSE_AFTER_FINALIZE_TX = "close.after_finalize_tx"  # finalizeRound mined, not yet recorded
 OPEN_AFTER_TX = "open.after_tx"  # openRound mined, not yet recorded
 NODE_AFTER_COMMIT = "node.after_commit"  # the node committed on-chain, has not uploaded
+BOOKS_BEFORE_ANSWER = "books.before_answer"  # the books process closed a round, has not answered
 
 
 def failpoint(name: str) -> None:

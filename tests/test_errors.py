@@ -73,3 +73,19 @@ def test_reading_the_chain_does_not_import_torch() -> None:
         "fedledger.incentive.ledger, fedledger.incentive.chain, fedledger.coordinator.policy"
     )
     assert modules_loaded_by(imports, ("torch",)) == []
+
+
+def test_a_coded_error_keeps_its_class_code_and_details_through_pickling() -> None:
+    import pickle
+
+    from fedledger.errors import CommitmentError, CoordinatorError
+
+    busy = CoordinatorError(ErrorCode.BUSY, "come back later", retry_after_s=3, limit=16)
+    busy.add_note("from the books process")
+    again = pickle.loads(pickle.dumps(busy))
+    assert type(again) is CoordinatorError and again.code is ErrorCode.BUSY
+    assert str(again) == "come back later" and again.details == {"limit": 16}
+    assert again.headers == {"Retry-After": "3"} and again.status == 503
+    assert again.__notes__ == ["from the books process"]
+    bad = pickle.loads(pickle.dumps(CommitmentError(ErrorCode.NOT_SAFETENSORS, "not safetensors")))
+    assert type(bad) is CommitmentError and bad.code is ErrorCode.NOT_SAFETENSORS
