@@ -15,7 +15,8 @@ organisations than ``max_exact_players`` (14) the coordinator values the round b
 (``fedledger.incentive.sampling.StratifiedKernelShapley``, stopped early once its own error is
 small beside the validation set's: ``valuation_stop_ratio``).
 
-Usage: python bench/scale.py [--quick] [--orgs 100] [--hidden 13333] [--json FILE]
+Usage: python bench/scale.py [--quick] [--orgs 100] [--hidden 13333] [--books-process auto|on|off]
+       [--json FILE]
 """
 
 from __future__ import annotations
@@ -288,7 +289,14 @@ def _process(cmd: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
                 proc.wait(timeout=10)
 
 
-def run(num_orgs: int, hidden: int, workdir: Path, *, close_timeout_s: float) -> ScaleResult:
+def run(
+    num_orgs: int,
+    hidden: int,
+    workdir: Path,
+    *,
+    close_timeout_s: float,
+    books_process: str = "auto",
+) -> ScaleResult:
     """One round of ``num_orgs`` organisations on a 64-``hidden``-10 MLP; see the module doc."""
     import httpx
 
@@ -330,6 +338,7 @@ def run(num_orgs: int, hidden: int, workdir: Path, *, close_timeout_s: float) ->
             "--rounds", "1",
             "--spec", str(spec_file),
             "--round-timeout", str(max(300.0, 3.0 * num_orgs)),
+            "--books-process", books_process,
         ]  # fmt: skip
         with _process(cmd, log) as coordinator:
             phase = time.perf_counter()
@@ -478,6 +487,12 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--hidden", type=int, default=FULL_HIDDEN)
     parser.add_argument("--close-timeout", type=float, default=1800.0, help="seconds")
     parser.add_argument("--json", type=Path, help="also write the result here")
+    parser.add_argument(
+        "--books-process",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="the coordinator's --books-process (auto: on for the full model on 2+ cores)",
+    )
     args = parser.parse_args(argv)
     num_orgs, hidden = (QUICK_ORGS, QUICK_HIDDEN) if args.quick else (args.orgs, args.hidden)
     print("command: python bench/scale.py " + " ".join(shlex.quote(a) for a in argv))
@@ -489,7 +504,13 @@ def main(argv: Sequence[str]) -> int:
         f"concurrently, 1 torch thread; torch {torch.__version__}, {os.cpu_count()} cores\n"
     )
     with tempfile.TemporaryDirectory(prefix="fedledger-scale-") as tmp:
-        result = run(num_orgs, hidden, Path(tmp), close_timeout_s=args.close_timeout)
+        result = run(
+            num_orgs,
+            hidden,
+            Path(tmp),
+            close_timeout_s=args.close_timeout,
+            books_process=args.books_process,
+        )
     print_result(result)
     if args.json:
         args.json.write_text(json.dumps(asdict(result), indent=2, default=str))

@@ -130,13 +130,20 @@ def test_digits10_variants_agree(tmp_path: Path) -> None:
 
 @pytest.mark.e2e
 def test_scale_round_closes_through_the_coordinator(tmp_path: Path) -> None:
-    result = run_quick("scale", tmp_path)
+    # The books in their own process, as the full run's model has them (the quick model is
+    # small enough for `auto` to keep them in the coordinator's).
+    result = run_quick("scale", tmp_path, "--books-process", "on")
     assert result["status"] == "ok", result["status"]
     assert result["blocker"] is None  # 4 organisations: exact Shapley
     assert result["round"]["status"] == "finalized"
-    assert result["coordinator_calls"]["upload verification (each)"] == result["num_orgs"]
-    assert result["coordinator_s"]["aggregation (FedAvg)"] > 0
-    assert result["memory_mib"]["coordinator peak (VmHWM)"] > 50
+    calls = result["coordinator_calls"]
+    assert calls["upload verification (each)"] == result["num_orgs"]
+    assert calls["books process: a round asked and answered"] == 1
+    # The parts were timed where they ran: in the child, not in the coordinator.
+    assert result["coordinator_s"]["books process: aggregation (FedAvg)"] > 0
+    assert "aggregation (FedAvg)" not in calls
+    memory = result["memory_mib"]
+    assert memory["coordinator peak (VmHWM)"] > 50 and memory["books process peak (ru_maxrss)"] > 50
 
 
 def test_run_refuses_unknown_benchmarks(capsys: pytest.CaptureFixture[str]) -> None:

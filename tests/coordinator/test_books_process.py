@@ -119,7 +119,7 @@ def test_errors_in_the_child_keep_their_code_and_a_child_that_dies_is_replaced(
 def test_a_stopped_books_process_refuses_more_rounds(
     make_harness: Callable[..., Harness],
 ) -> None:
-    harness = _closed_round(make_harness)
+    harness = make_harness(books_process="on")
     process = _process(harness)
     pid = process.pid
     assert pid is not None
