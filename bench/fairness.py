@@ -17,7 +17,10 @@ nothing was tuned for. Kinds (organisation 5 is the odd one out):
   its norm (``replay_global_step``);
 - ``replay-update`` / ``replay-update-noisy``: the same honest shares and a replayer uploading
   the largest organisation's update of the round before, plus noise of 0 / 1 x its norm
-  (``replay_update``). The four replay kinds share one draw: the same honest data, the same truth;
+  (``replay_update``);
+- ``replay-own`` / ``replay-own-noisy``: the same honest shares and a replayer uploading its
+  own upload of the round before (noise in round 1, when nothing is public), plus noise of
+  0 / 1 x its norm. The six replay kinds share one draw: the same honest data, the same truth;
 - ``tabular``: the built-in tabular task on examples/breast_cancer (its spec: CSV files checked
   and scaled by the agreed ranges, the plug-in MLP, 3 local epochs at lr 0.1 with momentum 0.5,
   metric log-loss; validation: the coordinator's 114 records), five honest IID shares of the
@@ -125,6 +128,8 @@ KINDS = (
     "replay-step-noisy",
     "replay-update",
     "replay-update-noisy",
+    "replay-own",
+    "replay-own-noisy",
     "tabular",
 )
 QUICK_KINDS = ("iid-sizes", "replay-update", "tabular")
@@ -423,6 +428,9 @@ def build(kind: str, seed: int, num_orgs: int) -> Setup:
         if kind.startswith("replay-step"):
             attacks[honest] = replay_global_step(ratio)
             note = f"org {honest} replays the last global step, noise x{ratio:g}"
+        elif kind.startswith("replay-own"):
+            attacks[honest] = replay_update(honest, ratio)
+            note = f"org {honest} replays its own previous upload, noise x{ratio:g}"
         else:
             victim = int(np.argmax(sizes))
             attacks[honest] = replay_update(victim, ratio)
