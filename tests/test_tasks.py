@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fedledger.errors import ErrorCode, TaskError
-from fedledger.tasks import DigitsTask, make_split
+from fedledger.tasks import DigitsTask, digits, make_split
 
 SHARED_SPLIT = Path(__file__).resolve().parents[2] / "shared" / "bench" / "digits10_split.json"
 # A copy of the consortium's digits-10 benchmark split, so the check runs on every machine.
@@ -21,6 +21,22 @@ def test_split_is_exactly_the_digits10_benchmark_split() -> None:
     assert make_split(10, 0.5, 0) == json.loads(REFERENCE_SPLIT.read_text())
     if SHARED_SPLIT.exists():  # beside the repo on the team's machines: the copy is current
         assert json.loads(SHARED_SPLIT.read_text()) == json.loads(REFERENCE_SPLIT.read_text())
+
+
+def test_the_digits_are_sklearns_and_the_stored_holdout_is_the_one_sklearn_draws() -> None:
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    ours_x, ours_y = digits._digits()
+    assert ours_x.dtype == x.dtype and ours_y.dtype == np.int64
+    assert np.array_equal(ours_x, x) and np.array_equal(ours_y, y)
+    stored = json.loads(digits.HOLDOUT_FILE.read_text())
+    assert (stored["train"], stored["test"]) == digits.sklearn_holdout(stored["seed"])
+    train, test = digits._holdout(stored["seed"])
+    assert train.tolist() == stored["train"] and test.tolist() == stored["test"]
+    other = digits._holdout(stored["seed"] + 1)  # any other seed is drawn by sklearn
+    assert (other[0].tolist(), other[1].tolist()) == digits.sklearn_holdout(stored["seed"] + 1)
+    assert other[1].tolist() != stored["test"]
 
 
 @pytest.mark.parametrize(
