@@ -62,18 +62,37 @@ def coalition_weights(
         )
     n = _sample_counts(num_samples)
     if max_multiple is not None:
-        capped = np.zeros(masks.shape, dtype=np.float64)
-        for row, mask in enumerate(masks):
-            members = np.flatnonzero(mask)
-            if members.size:
-                share = min(1.0, max_multiple / members.size)
-                counts = [int(num_samples[int(k)]) for k in members]
-                capped[row, members] = capped_weights(counts, share)
-        return torch.from_numpy(capped.astype(np.float32))
+        return torch.from_numpy(_capped_rows(masks, num_samples, max_multiple).astype(np.float32))
     in_s = masks * n[None, :]
     n_s = in_s.sum(axis=1, keepdims=True)
     weights = np.divide(in_s, n_s, out=np.zeros_like(in_s), where=n_s > 0)
     return torch.from_numpy(weights.astype(np.float32))
+
+
+def _capped_rows(masks: np.ndarray, num_samples: Sequence[int], max_multiple: float) -> np.ndarray:
+    """``capped_weights`` of each row's members with a share of at most ``max_multiple`` / |S|,
+    all rows at once (float64, shape (C, K)): the same water-filling, operation for operation,
+    so the weights are the same floats; a loop over 2^K coalitions in Python was a tenth of an
+    exact valuation."""
+    if not max_multiple > 0:
+        raise ValueError(f"max_multiple must be > 0, got {max_multiple!r}")
+    counts = np.asarray([int(c) for c in num_samples], dtype=np.int64)
+    sizes = masks.sum(axis=1)
+    members = np.maximum(sizes, 1)  # an empty row's cap is never used: it has no members
+    cap = np.maximum(np.minimum(1.0, max_multiple / members), 1.0 / members)[:, None]  # (C, 1)
+    capped = np.zeros(masks.shape, dtype=np.bool_)
+    while True:
+        free = masks & ~capped
+        left = 1.0 - cap * capped.sum(axis=1, keepdims=True)
+        free_total = (free * counts).sum(axis=1, keepdims=True)
+        over = free & (left * counts > cap * free_total)
+        if not over.any():
+            break
+        capped |= over
+    with np.errstate(divide="ignore", invalid="ignore"):  # 0 / 0 where no member is free
+        shares = left * counts / free_total
+    weights: np.ndarray = np.where(capped, cap, np.where(free, shares, 0.0))
+    return weights
 
 
 def _sample_counts(num_samples: Sequence[int]) -> np.ndarray:
@@ -102,7 +121,10 @@ def per_sample_scores(logits: Tensor, y: Tensor, metric: Metric) -> Tensor:
         return (logits.argmax(dim=-1) == y).to(torch.float64)
     logits = logits.to(torch.float64)
     if metric == "neg_log_loss":
-        return -F.cross_entropy(logits, y, reduction="none")
+        # log softmax(logits)[y]: minus F.cross_entropy(reduction="none") to 1e-15, in half the
+        # time on a CPU (its per-row kernel was half of an exact valuation's on digits).
+        picked = torch.gather(logits, -1, y.unsqueeze(-1)).squeeze(-1)
+        return picked - torch.logsumexp(logits, dim=-1)
     if metric == "neg_brier":
         probabilities = torch.softmax(logits, dim=-1)
         one_hot = F.one_hot(y, num_classes=logits.shape[-1]).to(torch.float64)

@@ -14,8 +14,10 @@ from torch import Tensor, nn
 from fedledger.incentive.shapley import ExactShapley, all_coalitions
 from fedledger.incentive.utility import (
     CoalitionUtility,
+    capped_weights,
     coalition_weights,
     evaluate_params,
+    per_sample_scores,
 )
 
 K = 4
@@ -237,6 +239,44 @@ def test_coalition_weights_rows_sum_to_one(case: tuple[list[int], list[list[bool
         else:
             assert total == 0.0
         assert bool(((row > 0) == torch.from_numpy(mask)).all())
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(
+        st.one_of(st.integers(min_value=1, max_value=10**3), st.just(10**12)),
+        min_size=1,
+        max_size=9,
+    ),
+    st.sampled_from([0.5, 1.0, 1.5, 3.0, 100.0]),
+)
+def test_capped_coalition_weights_are_each_rows_capped_weights_to_the_bit(
+    num_samples: list[int], max_multiple: float
+) -> None:
+    """Every coalition at once (the vectorised water-filling) gives the same floats as
+    ``capped_weights`` of its members with a share of at most max_multiple / |S|, the rule
+    the aggregate follows."""
+    masks = all_coalitions(len(num_samples))
+    weights = coalition_weights(masks, num_samples, max_multiple)
+    for mask, row in zip(masks, weights, strict=True):
+        members = np.flatnonzero(mask)
+        expected = torch.zeros(len(num_samples), dtype=torch.float64)
+        if members.size:
+            share = min(1.0, max_multiple / members.size)
+            expected[members] = torch.tensor(
+                capped_weights([num_samples[k] for k in members], share), dtype=torch.float64
+            )
+        assert torch.equal(row, expected.to(torch.float32))
+
+
+def test_per_sample_log_loss_is_minus_torch_cross_entropy() -> None:
+    generator = torch.Generator().manual_seed(3)
+    logits = 20 * torch.randn(500, 10, generator=generator)
+    y = torch.randint(0, 10, (500,), generator=generator)
+    expected = -torch.nn.functional.cross_entropy(logits.double(), y, reduction="none")
+    torch.testing.assert_close(
+        per_sample_scores(logits, y, "neg_log_loss"), expected, rtol=0, atol=1e-13
+    )
 
 
 def test_coalition_weights_refuse_bad_input() -> None:
