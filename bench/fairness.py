@@ -46,9 +46,12 @@ the simulator's BUDGET per round. Paid share_i = organisation i's summed rewards
 Per federation x policy:
 
 - rho: Spearman of the total rewards against the truth over all organisations (nan when
-  either side is constant); rho*: the same with true shares that lie within 2 points of a
-  neighbour (in sorted order, chained) tied, so that organisations the truth does not tell
-  apart may be paid in either order (nan when the truth leaves a single group);
+  either side is constant); rho2: the same where the truth tells organisations apart, the
+  largest Spearman over the rankings that order every pair whose true shares are more than 2
+  points apart as the truth does, a pair closer than that in either order (nan when no pair
+  is 2 points apart); rho* (the figure before rho2, kept in the JSON): true shares within 2
+  points of a neighbour, chained, tied at their mean rank, which counts any spread of the
+  rewards inside such a group against the ranking;
 - the largest and the mean |paid share - true share|, in points, and (err0) the largest
   against the true shares with every negative truth set to 0 first: rewards are never
   negative, so an organisation whose truth is -12% is 12 points off even when paid nothing;
@@ -60,7 +63,7 @@ Per federation x policy:
   round whose gain in the policy's metric is at most 1e-6 counts as a zero-gain round
   (accuracy moves in steps of 1/360), reported with the largest share of its budget one paid.
 
-Targets, worst case over the federations, per policy: rho* >= 0.9; largest share error <= 10
+Targets, worst case over the federations, per policy: rho2 >= 0.9; largest share error <= 10
 points; mislabelled paid <= 2 x max(its true share, 0); replayer paid <= 1%; honest
 organisation-rounds flagged <= 1%; zero-gain rounds pay <= 1% of their budget; final accuracy
 at least the floor - 1 point. One torch thread by default, as in bench/shapley.py.
@@ -73,6 +76,7 @@ Usage: python bench/fairness.py [--rounds 30] [--seed 0] [--kinds KIND ...]
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import shlex
@@ -91,7 +95,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.stats import spearmanr
+from scipy.stats import rankdata, spearmanr
 from torch import Tensor, nn
 
 from fedledger.coordinator.policy import PricingPolicy
@@ -144,7 +148,7 @@ HOSPITALS = ("hospital_a", "hospital_b", "hospital_c")
 ALPHA = 0.5
 SEED0_PER_ORG = 120  # label-skewed pools hold this many samples per organisation at seed 0
 MIN_SHARE = 20  # a Dirichlet share smaller than this is redrawn: a handful of samples is no org
-RESOLUTION = 0.02  # true shares closer than this are not told apart by rho*
+RESOLUTION = 0.02  # true shares this close are not told apart (rho2, rho*)
 GAIN_TOLERANCE = 1e-6
 MODEL_SEED = 0  # run_federation and train_fedavg both start from build_model(seed=0)
 
@@ -282,7 +286,8 @@ class Summary:
     num_orgs: int
     rounds: int
     spearman: float
-    spearman_resolved: float
+    spearman_told: float  # rho2
+    spearman_resolved: float  # rho*
     max_error_points: float
     mean_error_points: float
     max_error_clipped_points: float  # against the truth with negative values set to 0
@@ -491,6 +496,26 @@ def spearman(truth: np.ndarray, paid: np.ndarray) -> float:
     return float(spearmanr(truth, paid).statistic)
 
 
+def spearman_told(shares: np.ndarray, paid: np.ndarray, resolution: float) -> float:
+    """Spearman's rho of ``paid`` against the truth where the truth tells organisations apart
+    (rho2): the largest rho over the rankings of the organisations that order every pair whose
+    true ``shares`` are more than ``resolution`` apart as the truth does, a pair closer than
+    that in either order; nan when ``paid`` is constant or no pair is that far apart."""
+    count = len(shares)
+    below = [[j for j in range(count) if shares[j] < shares[i] - resolution] for i in range(count)]
+    if np.ptp(paid) == 0 or not any(below):
+        return math.nan
+    paid_ranks = rankdata(paid)
+    best = -1.0
+    for order in itertools.permutations(range(count)):  # the lowest ranked first
+        position = np.empty(count, dtype=np.int64)
+        position[list(order)] = np.arange(count)
+        if any(position[j] > position[i] for i in range(count) for j in below[i]):
+            continue  # puts a pair the truth tells apart the wrong way round
+        best = max(best, float(np.corrcoef(position, paid_ranks)[0, 1]))
+    return best
+
+
 def tied_within(shares: np.ndarray, resolution: float) -> np.ndarray:
     """``shares`` with each chain of sorted neighbours at most ``resolution`` apart replaced
     by the chain's mean: the truth cannot order organisations that close."""
@@ -588,6 +613,7 @@ def price(setup: Setup, truth: Truth, variant: Variant, rounds: int) -> Priced:
         num_orgs=len(orgs),
         rounds=rounds,
         spearman=spearman(true_shares, paid_shares),
+        spearman_told=spearman_told(true_shares, paid_shares, RESOLUTION),
         spearman_resolved=spearman(tied_within(true_shares, RESOLUTION), paid_shares),
         max_error_points=float(errors.max()),
         mean_error_points=float(errors.mean()),
@@ -621,12 +647,12 @@ def mislabelled_ratio(s: Summary) -> float | None:
     return math.inf if s.odd_paid_share > 0 else 0.0
 
 
-def resolved_rho(s: Summary) -> float | None:
-    return None if math.isnan(s.spearman_resolved) else s.spearman_resolved
+def told_rho(s: Summary) -> float | None:
+    return None if math.isnan(s.spearman_told) else s.spearman_told
 
 
 TARGETS = (
-    Target("rho* >= 0.9", resolved_rho, 0.9, True, ""),
+    Target("rho2 >= 0.9", told_rho, 0.9, True, ""),
     Target("max err <= 10 pts", lambda s: s.max_error_points, 10.0, False, "pts"),
     Target("mislabelled paid <= 2x true", mislabelled_ratio, 2.0, False, "x"),
     Target(
@@ -716,7 +742,7 @@ def print_rounds(priced: Priced) -> None:
 
 
 SUMMARY_HEAD = (
-    f"{'kind':<20}{'variant':<12}{'rho':>6}{'rho*':>6}{'max err':>8}{'mean':>6}{'err0':>6}"
+    f"{'kind':<20}{'variant':<12}{'rho':>6}{'rho2':>6}{'rho*':>6}{'max err':>8}{'mean':>6}{'err0':>6}"
     f"{'honest flagged':>16}  {'odd one: paid / true':<27}{'acc / floor':>16}"
     f"{'zero-gain: n, max paid':>24}  honest flags"
 )
@@ -728,7 +754,8 @@ def print_summary(s: Summary) -> None:
         odd = f"{s.odd_role} {s.odd_paid_share:.1%} / {s.odd_true_share:.1%}"
     flags = ", ".join(f"{n} x{c}" for n, c in s.honest_flags.items()) or "-"
     print(
-        f"{s.kind:<20}{s.variant[:11]:<12}{s.spearman:>6.2f}{s.spearman_resolved:>6.2f}"
+        f"{s.kind:<20}{s.variant[:11]:<12}{s.spearman:>6.2f}{s.spearman_told:>6.2f}"
+        f"{s.spearman_resolved:>6.2f}"
         f"{s.max_error_points:>8.1f}{s.mean_error_points:>6.1f}{s.max_error_clipped_points:>6.1f}"
         f"{s.honest_flagged:>7}/{s.honest_rounds:<4}{s.honest_flagged_share:>5.1%}  {odd:<27}"
         f"{s.accuracy:>8.1%} /{s.floor:>6.1%}{s.zero_gain_rounds:>11}, {s.zero_gain_max_paid:>8.1%}"
@@ -877,8 +904,9 @@ def main(argv: list[str] | None = None) -> int:
 
     summaries = [p.summary for p in results]
     print(
-        "\nrho: Spearman of total reward vs truth; rho*: true shares within "
-        f"{100 * RESOLUTION:g} pts tied; err: |paid - true| share, pts; err0: the largest against "
+        "\nrho: Spearman of total reward vs truth; rho2: the same where the truth tells apart "
+        f"(pairs within {100 * RESOLUTION:g} pts in either order); rho*: true shares within "
+        f"{100 * RESOLUTION:g} pts tied at their mean rank; err: |paid - true| share, pts; err0: the largest against "
         "true shares with negative truths set to 0 (what rewards, never negative, can follow); "
         f"zero-gain: rounds whose gain in the policy's metric is <= {GAIN_TOLERANCE:g}, and the "
         "most one paid of its budget"

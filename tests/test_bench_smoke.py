@@ -195,7 +195,7 @@ def test_fairness_prices_against_retrained_truth(
         if odd["role"] == "replayer":  # data-less: worth exactly nothing
             assert odd["truth"] == 0.0 and odd["true_share"] == 0.0
         assert s["odd_paid_share"] == pytest.approx(odd["paid_share"])
-        for rho in (s["spearman"], s["spearman_resolved"]):
+        for rho in (s["spearman"], s["spearman_told"], s["spearman_resolved"]):
             assert rho is None or -1.0 <= rho <= 1.0
         assert s["max_error_points"] >= s["mean_error_points"] >= 0
         assert s["max_error_clipped_points"] >= 0
@@ -223,6 +223,26 @@ def test_fairness_prices_against_retrained_truth(
     with pytest.raises(SystemExit):
         fairness.main(["--quick", "--set", "nonsense=1"])
     assert "unknown pricing knob" in capsys.readouterr().err
+
+
+def test_rho2_lets_close_shares_go_either_way_and_no_others() -> None:
+    import numpy as np
+
+    fairness = load("fairness")
+    truth = np.array([0.10, 0.11, 0.30, 0.31, 0.0, 0.18])
+    swapped_within = np.array([0.11, 0.10, 0.31, 0.30, 0.0, 0.18])
+    assert fairness.spearman_told(truth, swapped_within, 0.02) == pytest.approx(1.0)
+    # Tied at their mean rank (rho*), the same payout counts against the ranking.
+    assert fairness.spearman(fairness.tied_within(truth, 0.02), swapped_within) < 0.98
+    inverted = np.array([0.30, 0.10, 0.11, 0.31, 0.0, 0.18])  # 0.10 paid as 0.30 is
+    assert fairness.spearman_told(truth, inverted, 0.02) < 0.8
+    # A chain of close neighbours does not free its ends: 0.10 and 0.13 are 3 points apart.
+    chain = np.array([0.10, 0.115, 0.13, 0.5])
+    assert fairness.spearman_told(chain, np.array([0.115, 0.10, 0.13, 0.5]), 0.02) == 1.0
+    assert fairness.spearman_told(chain, np.array([0.13, 0.115, 0.10, 0.5]), 0.02) < 0.5
+    # Nothing to tell: a flat truth, or a flat payout.
+    assert np.isnan(fairness.spearman_told(np.array([0.2, 0.2, 0.2]), truth[:3], 0.02))
+    assert np.isnan(fairness.spearman_told(truth, np.ones(6), 0.02))
 
 
 def test_privacy_prices_dp_updates_and_the_free_rider(tmp_path: Path) -> None:
