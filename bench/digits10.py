@@ -421,8 +421,15 @@ def run_embedded(rounds: int, clients: int) -> VariantResult:
 
 
 def _spawn(
-    role: str, args: Sequence[str], log: Path, timings: Path | None = None
+    role: str,
+    args: Sequence[str],
+    log: Path,
+    timings: Path | None = None,
+    *,
+    key: str | None = None,
 ) -> subprocess.Popen[bytes]:
+    """``ARGS`` as ``role``; a devnet ``key`` to sign with goes in its environment
+    (FEDLEDGER_KEY), never on a command line that every user of the machine can read."""
     cmd = [sys.executable, str(SCRIPT), "--role", role]
     if timings is not None:
         cmd += ["--timings", str(timings)]
@@ -433,7 +440,7 @@ def _spawn(
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **CHILD_ENV},
+            env={**os.environ, **CHILD_ENV, **({} if key is None else {"FEDLEDGER_KEY": key})},
         )
 
 
@@ -519,7 +526,6 @@ def run_anvil(rounds: int, clients: int, workdir: Path) -> VariantResult:
             [
                 "coordinator", "serve",
                 "--deployment", str(deployment_file),
-                "--key", coordinator_key,
                 "--data-dir", str(workdir / "coordinator"),
                 "--spec", str(SPEC),
                 "--port", str(port),
@@ -527,6 +533,7 @@ def run_anvil(rounds: int, clients: int, workdir: Path) -> VariantResult:
             ],
             coordinator_log,
             coordinator_timings,
+            key=coordinator_key,
         )  # fmt: skip
         procs.append(coordinator)
         with _reaped(procs):
@@ -552,13 +559,13 @@ def run_anvil(rounds: int, clients: int, workdir: Path) -> VariantResult:
                         "node", "run",
                         "--coordinator", url,
                         "--deployment", str(deployment_file),
-                        "--key", org.private_key,
                         "--spec", str(SPEC),
                         "--data", f"{k}/{clients}",
                         "--seed", str(SEED * 1000 + k),
                     ],
                     log,
                     workdir / f"node{k}.json",
+                    key=org.private_key,
                 )  # fmt: skip
                 procs.append(proc)
                 nodes.append((f"node {k}", proc, log))

@@ -268,14 +268,16 @@ def _tail(path: Path, lines: int = 12) -> str:
 
 
 @contextlib.contextmanager
-def _process(cmd: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def _process(cmd: list[str], log: Path, *, key: str) -> Iterator[subprocess.Popen[bytes]]:
+    """``cmd``, signing with the devnet ``key`` from its environment (FEDLEDGER_KEY), never
+    from a command line that every user of the machine can read."""
     with log.open("wb") as out:
         proc = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **CHILD_ENV},
+            env={**os.environ, **CHILD_ENV, "FEDLEDGER_KEY": key},
         )
     try:
         yield proc
@@ -332,7 +334,6 @@ def run(
             "--timings", str(timings), "--",
             "coordinator", "serve",
             "--deployment", str(deployment_file),
-            "--key", deployment.accounts.coordinator.private_key,
             "--data-dir", str(workdir / "coordinator"),
             "--port", str(port),
             "--rounds", "1",
@@ -340,7 +341,9 @@ def run(
             "--round-timeout", str(max(300.0, 3.0 * num_orgs)),
             "--books-process", books_process,
         ]  # fmt: skip
-        with _process(cmd, log) as coordinator:
+        key = deployment.accounts.coordinator.private_key
+        assert key is not None
+        with _process(cmd, log, key=key) as coordinator:
             phase = time.perf_counter()
             client = CoordinatorClient(url, timeout_s=300)
             deadline = time.monotonic() + 120
