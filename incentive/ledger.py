@@ -399,12 +399,19 @@ class LedgerClient:
 
     def commitment_of(self, round_id: int, org: str) -> CommitmentRecord | None:
         """The organisation's commitment in the round, or None if it made none."""
-        update_hash, num_samples = self._view(
-            self.functions.commitmentOf(round_id, Web3.to_checksum_address(org))
+        return _commitment(
+            self._view(self.functions.commitmentOf(round_id, Web3.to_checksum_address(org)))
         )
-        if bytes(update_hash) == ZERO_HASH:
-            return None
-        return CommitmentRecord(update_hash=bytes(update_hash), num_samples=int(num_samples))
+
+    def round_and_commitment(
+        self, round_id: int, org: str
+    ) -> tuple[RoundRecord, CommitmentRecord | None]:
+        """``get_round`` and ``commitment_of`` ``org``, read in one batch."""
+        f = self.functions
+        record, commitment = self._views(
+            [f.getRound(round_id), f.commitmentOf(round_id, Web3.to_checksum_address(org))]
+        )
+        return _round_record(round_id, record), _commitment(commitment)
 
     def epsilons_of(self, round_id: int, orgs: Sequence[str]) -> list[float | None]:
         """``epsilon_of`` for each of ``orgs``, read in one batch."""
@@ -544,16 +551,22 @@ def _round_record(round_id: int, raw: Sequence[Any]) -> RoundRecord:
     )
 
 
+def _commitment(raw: Sequence[Any]) -> CommitmentRecord | None:
+    """``commitmentOf``'s answer as a CommitmentRecord (None: no commitment)."""
+    update_hash, num_samples = raw
+    if bytes(update_hash) == ZERO_HASH:
+        return None
+    return CommitmentRecord(update_hash=bytes(update_hash), num_samples=int(num_samples))
+
+
 def _organisation_records(answers: Sequence[Any]) -> list[OrganisationRecord]:
     """The answers to ``LedgerClient._record_calls``, six an organisation, as records."""
     records = []
     for i in range(len(answers) // 6):
-        (update_hash, samples), settled, score, reward, flags, epsilon = answers[6 * i : 6 * i + 6]
+        commitment, settled, score, reward, flags, epsilon = answers[6 * i : 6 * i + 6]
         records.append(
             OrganisationRecord(
-                commitment=None
-                if bytes(update_hash) == ZERO_HASH
-                else CommitmentRecord(update_hash=bytes(update_hash), num_samples=int(samples)),
+                commitment=_commitment(commitment),
                 settled=bool(settled),
                 score=int(score),
                 reward=int(reward),

@@ -309,10 +309,15 @@ class NodeRunner:
             )
         self._task_checked = True
 
-    def fetch_global_model(self, current: wire.CurrentRound) -> dict[str, torch.Tensor]:
-        """Download the round's global model and check its keccak against the ledger."""
+    def fetch_global_model(
+        self, current: wire.CurrentRound, record: RoundRecord | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Download the round's global model and check its keccak against the ledger's
+        ``record`` of the round (read here if not given)."""
         data = self.client.model(current.model_hash)
-        on_chain = self.ledger.get_round(current.round_id).model_hash
+        if record is None:
+            record = self.ledger.get_round(current.round_id)
+        on_chain = record.model_hash
         served = keccak(data)
         if served != on_chain:
             raise ModelVerificationError(
@@ -328,7 +333,10 @@ class NodeRunner:
             log.info("round %d: deadline passed before we could join", round_id)
             self.done_rounds.add(round_id)
             return None
-        params = self.fetch_global_model(current)
+        # The round's record (its model's hash) and whether this organisation has committed in
+        # it already (a node restarted after its commitment), in one read.
+        record, committed = self.ledger.round_and_commitment(round_id, self.account.address)
+        params = self.fetch_global_model(current, record)
         # The seed depends on the round, so a restarted node reproduces its own update exactly.
         seed = self.seed * 1_000_003 + round_id
         if self.privacy is not None:  # before training: a round past the budget is not trained
@@ -346,7 +354,6 @@ class NodeRunner:
         )
         body, digest = encode_tensors(sent)
 
-        committed = self.ledger.commitment_of(round_id, self.account.address)
         epsilon = None if self.privacy is None else self.privacy.spent().epsilon
         if committed is None:
             try:  # with DP, the epsilon spent so far goes on-chain beside the commitment

@@ -243,6 +243,12 @@ def test_organisation_commits_an_update(
     ]
     assert ledger.commitment_of(1, chain.orgs[1].address) is None
     assert ledger.get_round(1).commit_count == 1
+    # The node's one read before it trains: the round's record and its own commitment.
+    for org, commitment in ((0, CommitmentRecord(UPDATE_A, 1234)), (1, None)):
+        assert ledger.round_and_commitment(1, chain.orgs[org].address) == (
+            ledger.get_round(1),
+            commitment,
+        )
 
     org_ledgers[1].commit_update(round_id, UPDATE_B, 1)
     assert ledger.get_round(1).commit_count == 2
