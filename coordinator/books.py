@@ -24,7 +24,7 @@ books, bit for bit, on any machine with the same torch.
    moves each coalition only as far as its members' training went pays for that length
    rather than for what the data says; measured against retraining every coalition from
    scratch (``bench/fairness.py``), the largest organisation's share was up to 42 points too
-   high unrescaled; rescaled, every share is within 7.9 points on digits (within 15.2 on the
+   high unrescaled; rescaled, every share is within 7.6 points on digits (within 15.3 on the
    breast-cancer task, where any share alone learns the task: a game valued at the shared
    model cannot credit what the model already knows). The metric is a mean over validation
    samples, so (Shapley being linear) each value
@@ -33,14 +33,8 @@ books, bit for bit, on any machine with the same torch.
    A round valued by sampling adds the estimator's own standard error (in quadrature: the
    draw of coalitions and of the validation set are independent) and stops drawing once that
    is small beside the validation error (``valuation_stop_ratio``).
-   A value more than ``negative_sigmas`` standard errors below 0 is a ``negative_contribution``
-   when leaving the update out clearly helps (``leave_out``): taken worst first, each such
-   update is left out if the game's model of what is kept scores better without it by more
-   than ``negative_sigmas`` standard errors of the per-sample difference. The harm is clear,
-   not the noise of a finite validation set, and it is the update's own: two holders of the
-   same records each harm the model only beside the other (a negative average marginal), and
-   leaving both out would lose what their records teach, so the second stays in (unpaid, its
-   value being below 0).
+   A value more than ``negative_sigmas`` standard errors below 0 is a ``negative_contribution``:
+   the harm is clear, not the noise of a finite validation set.
 4. **Aggregate** (``aggregate_round``). With ``exclude_negative``, organisations flagged
    ``negative_contribution`` (their update made the model worse: sign flips, noise) are
    left out; the rest are aggregated by the policy's rule (FedAvg by sample counts, median or
@@ -144,10 +138,6 @@ class Values:
     # valued by sampling the estimator's own besides, in quadrature (0.0 likewise)
     method: str  # the valuator's method name ("none" when nobody was valued)
     evaluations: int  # coalition utilities the valuation cost
-    # The clearly negative updates (``leave_out``), each with what leaving it out of what was
-    # kept before it gained in the game (mean and standard error over the validation samples)
-    # and whether that gain was clear, so that it is left out and flagged.
-    left_out: dict[int, tuple[float, float, bool]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -619,46 +609,9 @@ def value(
     for i, k in enumerate(kept):
         values[k] = float(per_sample[i].mean())
         errors[k] = math.hypot(float(spread[i]) / math.sqrt(samples), float(sampling[i]))
-    utility.on_progress = None  # the valuation is over; what follows is the judgement's
     return Values(
-        values=values,
-        errors=errors,
-        method=result.method,
-        evaluations=result.evaluations,
-        left_out=leave_out(utility, values, errors, kept, policy),
+        values=values, errors=errors, method=result.method, evaluations=result.evaluations
     )
-
-
-def leave_out(
-    game: Callable[[np.ndarray], np.ndarray],
-    values: Sequence[float],
-    errors: Sequence[float],
-    kept: Sequence[int],
-    policy: PricingPolicy,
-) -> dict[int, tuple[float, float, bool]]:
-    """The clearly negative kept updates (``clearly_negative``), worst first, each with the
-    gain of leaving it out of what is kept so far: the mean and standard error over the
-    validation samples of ``game`` (per-sample scores of coalition masks over ``kept``) without
-    it minus with it, and whether that gain is more than ``negative_sigmas`` standard errors
-    above 0, in which case it is left out of what is kept for the next."""
-    negative = sorted(
-        (values[k], k) for k in kept if clearly_negative(values[k], errors[k], policy)
-    )
-    index = {k: i for i, k in enumerate(kept)}
-    members = np.ones(len(kept), dtype=np.bool_)
-    judged: dict[int, tuple[float, float, bool]] = {}
-    for _, k in negative:
-        without = members.copy()
-        without[index[k]] = False
-        scores = np.asarray(game(np.stack([members, without])), dtype=np.float64)
-        gain = scores[1] - scores[0]
-        mean = float(gain.mean())
-        error = float(gain.std(ddof=1)) / math.sqrt(gain.size) if gain.size > 1 else 0.0
-        clear = mean > policy.negative_sigmas * error
-        judged[k] = (mean, error, clear)
-        if clear:
-            members = without
-    return judged
 
 
 def validation_draw(
@@ -760,18 +713,15 @@ def close_books(
     values = value(
         inputs, clipping, kept, policy, valuator=valuator, device=device, progress=progress
     )
-    for k, (gain, gain_error, clear) in values.left_out.items():
+    for k in kept:
         v, error = values.values[k], values.errors[k]
-        below = (
-            f"contribution {v:+.4g} ± {error:.2g} (standard error), more than "
-            f"{policy.negative_sigmas:g} below zero"
-        )
-        left = f"the kept updates score {gain:+.4g} ± {gain_error:.2g} without it"
-        if clear:
+        if clearly_negative(v, error, policy):
             flags[k] |= Flag.NEGATIVE_CONTRIBUTION
-            notes.setdefault(k, f"{below}, and {left}: made the model worse")
-        else:
-            notes.setdefault(k, f"{below}, but {left}: kept in the model, unpaid")
+            notes.setdefault(
+                k,
+                f"contribution {v:+.4g} ± {error:.2g} (standard error), more than "
+                f"{policy.negative_sigmas:g} below zero: made the model worse",
+            )
     members = [
         k for k in kept if not (policy.exclude_negative and flags[k] & Flag.NEGATIVE_CONTRIBUTION)
     ]

@@ -2,16 +2,13 @@
 
 A round pays ``reward_per_gain`` per unit of its measured gain, split pro rata to positive
 values, no organisation more than its own value is worth, at most ``reward_per_round`` in all;
-a contribution is negative only when it is clearly so (``negative_sigmas`` standard errors) and
-leaving it out of what is kept clearly helps (``leave_out``).
+a contribution is negative only when it is clearly so (``negative_sigmas`` standard errors).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -22,7 +19,6 @@ from fedledger.coordinator.books import (
     UpdateInput,
     clearly_negative,
     close_books,
-    leave_out,
     pay,
     round_pool,
 )
@@ -34,56 +30,6 @@ from fedledger.simulation import address_of
 from fedledger.tasks import DigitsTask
 
 POLICY = PricingPolicy(reward_per_gain=10**6, reward_per_round=10**5)
-
-
-def duplicate_game(masks: np.ndarray) -> np.ndarray:
-    """Per-sample scores (50 samples) of coalitions over A, A2 (holders of the same records:
-    each teaches +1, together they overshoot to -0.5), B (+0.1) and C (an attacker, -2)."""
-    noise = np.random.default_rng(0).normal(0.0, 0.05, size=50)
-    out = []
-    for a, a2, b, c in masks:
-        level = (1.0 if a != a2 else -0.5 if a else 0.0) + 0.1 * b - 2.0 * c
-        out.append(level + noise)
-    return np.asarray(out)
-
-
-def test_of_two_holders_of_the_same_records_only_one_is_left_out() -> None:
-    """Both are clearly negative (each harms beside the other); leaving out the worse helps,
-    leaving out the other too would lose what their records teach: it stays, unflagged."""
-    values, errors = [-0.3, -0.2, 0.1], [0.01, 0.01, 0.01]
-    judged = leave_out(duplicate_game_of(3), values, errors, [0, 1, 2], POLICY)
-    assert list(judged) == [0, 1]  # worst first; B is not even looked at
-    gain, error, clear = judged[0]
-    assert clear and gain == pytest.approx(1.5) and 0 < error < 0.1
-    gain, _, clear = judged[1]
-    assert not clear and gain == pytest.approx(-1.0)
-
-
-def test_an_attacker_is_left_out_whoever_else_is() -> None:
-    values, errors = [-0.3, -0.2, 0.1, -1.0], [0.01, 0.01, 0.01, 0.01]
-    judged = leave_out(duplicate_game, values, errors, [0, 1, 2, 3], POLICY)
-    assert list(judged) == [3, 0, 1]
-    assert judged[3][2] and judged[0][2] and not judged[1][2]
-
-
-def test_no_harm_clear_enough_leaves_nothing_out() -> None:
-    """Clearly negative by its value, but the kept updates score no better without it beyond
-    the noise: kept (the paired test's threshold is negative_sigmas)."""
-    noisy = lambda masks: np.random.default_rng(1).normal(0.0, 1.0, size=(len(masks), 50))  # noqa: E731
-    judged = leave_out(noisy, [-0.5, 0.1], [0.01, 0.01], [0, 1], POLICY)
-    assert list(judged) == [0] and not judged[0][2]
-    assert leave_out(noisy, [0.2, 0.1], [0.01, 0.01], [0, 1], POLICY) == {}
-
-
-def duplicate_game_of(players: int) -> Callable[[np.ndarray], np.ndarray]:
-    """``duplicate_game`` over its first ``players`` players (the rest never in)."""
-
-    def game(masks: np.ndarray) -> np.ndarray:
-        full = np.zeros((masks.shape[0], 4), dtype=np.bool_)
-        full[:, :players] = masks
-        return duplicate_game(full)
-
-    return game
 
 
 def test_a_round_that_gained_nothing_pays_nothing() -> None:
