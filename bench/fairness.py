@@ -33,12 +33,18 @@ honest delta only scales the noise it uploads in round 1, and its count is what 
 Truth, once per draw: every coalition of the data-holding organisations (2**H of them, a
 replayer is not one: a coalition with it trains exactly as without it) is retrained by plain
 FedAvg (``train_fedavg``: by sample counts, no screens, no clipping, the shuffling seeds of
-``run_federation``) for ``--rounds`` rounds from the simulator's initial model, the empty
-coalition being that model. Its final validation accuracy (360 samples) is the utility;
-exact Shapley values of it are each organisation's truth (a replayer's is exactly 0), and true
-share_i = truth_i / sum(truth). The same game scored by minus the validation log loss is
-recorded too (``nll%``). The full coalition's accuracy is the floor: what plain FedAvg of
-every data holder reaches.
+``run_federation``) for ``--rounds`` rounds, the empty coalition being the initial model. Its
+final validation accuracy (360 samples) is the utility, and exact Shapley values of it are the
+organisations' values. Which initial model training starts from moves them by several points
+(a label-skewed draw's shares by up to 8), so the whole game is retrained from each of
+``--truth-seeds`` initial models (``build_model(seed=s)``, s = 0, 1, ...; the priced runs start
+from seed 0's) and each organisation's truth is the mean of its values (a replayer's is exactly
+0): the Shapley value of the expected final accuracy, Shapley being linear. True share_i =
+truth_i / sum(truth); ``±`` is its standard error over the initial models (the spread of the
+per-model shares / sqrt(models)), the precision of the truth itself. The same game scored by
+minus the validation log loss is recorded too (``nll%``). The full coalition's accuracy from
+seed 0's initial model is the floor: what plain FedAvg of every data holder reaches from the
+model the priced runs start from.
 
 Priced runs: ``run_federation`` closes every round's books (``close_books``) under the
 default ``PricingPolicy`` (with the ``--set`` overrides) and under each ``--variant``, paying
@@ -68,7 +74,7 @@ points; mislabelled paid <= 2 x max(its true share, 0); replayer paid <= 1%; hon
 organisation-rounds flagged <= 1%; zero-gain rounds pay <= 1% of their budget; final accuracy
 at least the floor - 1 point. One torch thread by default, as in bench/shapley.py.
 
-Usage: python bench/fairness.py [--rounds 30] [--seed 0] [--kinds KIND ...]
+Usage: python bench/fairness.py [--rounds 30] [--seed 0] [--truth-seeds 3] [--kinds KIND ...]
        [--set KNOB=VALUE ...] [--variant NAME=KNOB=VALUE,KNOB=VALUE ...] [--quick]
        [--verbose] [--threads 1] [--json FILE]
 """
@@ -151,6 +157,7 @@ MIN_SHARE = 20  # a Dirichlet share smaller than this is redrawn: a handful of s
 RESOLUTION = 0.02  # true shares this close are not told apart (rho2, rho*)
 GAIN_TOLERANCE = 1e-6
 MODEL_SEED = 0  # run_federation and train_fedavg both start from build_model(seed=0)
+TRUTH_SEEDS = 3  # initial models the truth is retrained from (--truth-seeds)
 
 
 @dataclass(frozen=True)
@@ -227,15 +234,25 @@ class Setup:
 
 @dataclass(frozen=True)
 class Truth:
-    values: list[float]  # Shapley value of the final accuracy, per organisation
+    values: list[float]  # Shapley value of the final accuracy, per organisation (mean over seeds)
     nll_values: list[float]  # the same game scored by minus the log loss
-    floor: float  # the full coalition's accuracy
+    floor: float  # the full coalition's accuracy from seed MODEL_SEED's initial model
     coalitions: int
     seconds: float
+    seeds: list[int]  # the initial models' seeds
+    seed_values: list[list[float]]  # per seed, each organisation's Shapley value of the accuracy
 
     @property
     def shares(self) -> np.ndarray:
         return shares_of(self.values)
+
+    @property
+    def share_errors(self) -> np.ndarray:
+        """Standard error of each true share over the initial models (0 with one model)."""
+        if len(self.seed_values) < 2:
+            return np.zeros(len(self.values))
+        per_seed = np.array([shares_of(v) for v in self.seed_values])
+        return per_seed.std(axis=0, ddof=1) / math.sqrt(len(self.seed_values))
 
     @property
     def nll_shares(self) -> np.ndarray:
@@ -259,6 +276,7 @@ class OrgRow:
     truth: float
     true_share: float
     true_share_nll: float
+    true_share_error: float  # the true share's standard error over the initial models
     paid: int  # token units over the run
     paid_share: float
     error_points: float  # paid share - true share, in points
@@ -291,6 +309,8 @@ class Summary:
     max_error_points: float
     mean_error_points: float
     max_error_clipped_points: float  # against the truth with negative values set to 0
+    truth_error_points: float  # the largest standard error of a true share, in points
+    truth_seeds: int
     honest_flagged: int
     honest_rounds: int
     honest_flags: dict[str, int]
@@ -454,35 +474,42 @@ def shares_of(values: Sequence[float] | np.ndarray) -> np.ndarray:
     return array / total if total != 0 else np.zeros_like(array)
 
 
-def compute_truth(setup: Setup, rounds: int) -> Truth:
-    """Exact Shapley values of the retrained final accuracy (and log loss) of every coalition."""
+def compute_truth(setup: Setup, rounds: int, seeds: Sequence[int] = (MODEL_SEED,)) -> Truth:
+    """Exact Shapley values of the retrained final accuracy (and log loss) of every coalition,
+    the game played from each initial model of ``seeds`` (the first is the priced runs') and
+    averaged."""
+    if not seeds:
+        raise ValueError("the truth needs at least one initial model")
     started = time.perf_counter()
     world = setup.world
     model = world.build_model()
     x_val, y_val = world.validation
     holders = setup.holders
     size = 1 << len(holders)
-    accuracy, nll = np.empty(size), np.empty(size)
-    for mask in range(size):
-        members = {k: setup.parts[k] for i, k in enumerate(holders) if mask >> i & 1}
-        params = train_fedavg(members, rounds, model_seed=MODEL_SEED, task=world.task)
-        accuracy[mask] = evaluate_params(model, params, x_val, y_val, "accuracy")
-        nll[mask] = evaluate_params(model, params, x_val, y_val, "neg_log_loss")
-    values, nll_values = [0.0] * len(setup.roles), [0.0] * len(setup.roles)
-    for i, (v, w) in enumerate(
-        zip(
-            shapley_from_utilities(accuracy, len(holders)),
-            shapley_from_utilities(nll, len(holders)),
-            strict=True,
-        )
-    ):
-        values[holders[i]], nll_values[holders[i]] = float(v), float(w)
+    seed_values: list[list[float]] = []
+    nll_sum = np.zeros(len(setup.roles))
+    floor = math.nan
+    for seed in seeds:
+        accuracy, nll = np.empty(size), np.empty(size)
+        for mask in range(size):
+            members = {k: setup.parts[k] for i, k in enumerate(holders) if mask >> i & 1}
+            params = train_fedavg(members, rounds, model_seed=seed, task=world.task)
+            accuracy[mask] = evaluate_params(model, params, x_val, y_val, "accuracy")
+            nll[mask] = evaluate_params(model, params, x_val, y_val, "neg_log_loss")
+        values = np.zeros(len(setup.roles))
+        values[holders] = shapley_from_utilities(accuracy, len(holders))
+        nll_sum[holders] += shapley_from_utilities(nll, len(holders))
+        seed_values.append([float(v) for v in values])
+        if seed == seeds[0]:
+            floor = float(accuracy[size - 1])
     return Truth(
-        values=values,
-        nll_values=nll_values,
-        floor=float(accuracy[size - 1]),
+        values=[float(v) for v in np.mean(seed_values, axis=0)],
+        nll_values=[float(v) / len(seeds) for v in nll_sum],
+        floor=floor,
         coalitions=size,
         seconds=time.perf_counter() - started,
+        seeds=list(seeds),
+        seed_values=seed_values,
     )
 
 
@@ -575,6 +602,7 @@ def org_rows(setup: Setup, variant: Variant, truth: Truth, federation: Federatio
                 truth=truth.values[k],
                 true_share=float(truth.shares[k]),
                 true_share_nll=float(truth.nll_shares[k]),
+                true_share_error=float(truth.share_errors[k]),
                 paid=totals[k],
                 paid_share=float(paid[k]),
                 error_points=100 * float(paid[k] - truth.shares[k]),
@@ -619,6 +647,8 @@ def price(setup: Setup, truth: Truth, variant: Variant, rounds: int) -> Priced:
         mean_error_points=float(errors.mean()),
         max_error_clipped_points=100
         * float(np.abs(paid_shares - shares_of(np.maximum(truth.values, 0.0))).max()),
+        truth_error_points=100 * float(truth.share_errors.max()),
+        truth_seeds=len(truth.seeds),
         honest_flagged=sum(r.flagged_rounds for r in honest),
         honest_rounds=len(honest) * rounds,
         honest_flags=dict(sorted(honest_flags.items())),
@@ -711,10 +741,11 @@ def print_federation(setup: Setup, truth: Truth, priced: Sequence[Priced], share
     source = "shared with an earlier kind of the same draw" if shared else "retrained"
     print(
         f"\n== {setup.kind}: {len(setup.roles)} organisations; {setup.note}\n"
-        f"   truth: {truth.coalitions} coalitions {source} in {truth.seconds:.1f} s; "
-        f"floor (plain FedAvg of every data holder) {truth.floor:.2%}"
+        f"   truth: {truth.coalitions} coalitions x {len(truth.seeds)} initial models "
+        f"{source} in {truth.seconds:.1f} s; floor (plain FedAvg of every data holder) "
+        f"{truth.floor:.2%}"
     )
-    head = f"{'org':>3} {'role':<12}{'samples':>8}{'true%':>8}{'nll%':>7}"
+    head = f"{'org':>3} {'role':<12}{'samples':>8}{'true%':>8}{'±':>5}{'nll%':>7}"
     for p in priced:
         head += f" | {p.variant.name[:12]:>12} paid%{'err':>7}{'fl':>4}"
     print(head)
@@ -722,7 +753,7 @@ def print_federation(setup: Setup, truth: Truth, priced: Sequence[Priced], share
         first = priced[0].organisations[k]
         line = (
             f"{k:>3} {first.role:<12}{first.samples:>8}{100 * first.true_share:>8.1f}"
-            f"{100 * first.true_share_nll:>7.1f}"
+            f"{100 * first.true_share_error:>5.1f}{100 * first.true_share_nll:>7.1f}"
         )
         for p in priced:
             r = p.organisations[k]
@@ -742,7 +773,7 @@ def print_rounds(priced: Priced) -> None:
 
 
 SUMMARY_HEAD = (
-    f"{'kind':<20}{'variant':<12}{'rho':>6}{'rho2':>6}{'rho*':>6}{'max err':>8}{'mean':>6}{'err0':>6}"
+    f"{'kind':<20}{'variant':<12}{'rho':>6}{'rho2':>6}{'rho*':>6}{'max err':>8}{'mean':>6}{'err0':>6}{'±':>5}"
     f"{'honest flagged':>16}  {'odd one: paid / true':<27}{'acc / floor':>16}"
     f"{'zero-gain: n, max paid':>24}  honest flags"
 )
@@ -757,7 +788,7 @@ def print_summary(s: Summary) -> None:
         f"{s.kind:<20}{s.variant[:11]:<12}{s.spearman:>6.2f}{s.spearman_told:>6.2f}"
         f"{s.spearman_resolved:>6.2f}"
         f"{s.max_error_points:>8.1f}{s.mean_error_points:>6.1f}{s.max_error_clipped_points:>6.1f}"
-        f"{s.honest_flagged:>7}/{s.honest_rounds:<4}{s.honest_flagged_share:>5.1%}  {odd:<27}"
+        f"{s.truth_error_points:>5.1f}{s.honest_flagged:>7}/{s.honest_rounds:<4}{s.honest_flagged_share:>5.1%}  {odd:<27}"
         f"{s.accuracy:>8.1%} /{s.floor:>6.1%}{s.zero_gain_rounds:>11}, {s.zero_gain_max_paid:>8.1%}"
         f"    {flags}"
     )
@@ -847,6 +878,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0, help="which draw of each federation kind")
+    parser.add_argument(
+        "--truth-seeds",
+        type=int,
+        default=TRUTH_SEEDS,
+        help="initial models the truth is retrained from, its values averaged",
+    )
     parser.add_argument("--kinds", nargs="+", choices=KINDS, help="default: all of them")
     parser.add_argument(
         "--set",
@@ -876,11 +913,17 @@ def main(argv: list[str] | None = None) -> int:
     rounds, num_orgs = (4, 4) if args.quick else (args.rounds, MAX_ORGS)
     if rounds < 1:
         parser.error("--rounds must be >= 1")
+    if args.truth_seeds < 1:
+        parser.error("--truth-seeds must be >= 1")
+    truth_seeds = [MODEL_SEED + s for s in range(args.truth_seeds)]
     chosen = set(args.kinds or (QUICK_KINDS if args.quick else KINDS))
     kinds = [k for k in KINDS if k in chosen]
 
     print("command: python bench/fairness.py " + " ".join(shlex.quote(a) for a in argv))
-    print(f"torch {torch.__version__}, {args.threads} thread(s); seed {args.seed}, {rounds} rounds")
+    print(
+        f"torch {torch.__version__}, {args.threads} thread(s); seed {args.seed}, {rounds} rounds; "
+        f"truth from {len(truth_seeds)} initial model(s)"
+    )
     for v in variants:
         changed = ", ".join(f"{k}={v2!r}" for k, v2 in v.overrides.items()) or "as shipped"
         print(f"policy {v.name}: PricingPolicy defaults, {changed}")
@@ -892,7 +935,7 @@ def main(argv: list[str] | None = None) -> int:
             setup = build(kind, args.seed, num_orgs)
             shared = setup.draw in truths
             if not shared:
-                truths[setup.draw] = compute_truth(setup, rounds)
+                truths[setup.draw] = compute_truth(setup, rounds, truth_seeds)
             truth = truths[setup.draw]
             priced = [price(setup, truth, v, rounds) for v in variants]
             print_federation(setup, truth, priced, shared)
@@ -908,6 +951,7 @@ def main(argv: list[str] | None = None) -> int:
         f"(pairs within {100 * RESOLUTION:g} pts in either order); rho*: true shares within "
         f"{100 * RESOLUTION:g} pts tied at their mean rank; err: |paid - true| share, pts; err0: the largest against "
         "true shares with negative truths set to 0 (what rewards, never negative, can follow); "
+        "±: the largest standard error of a true share over the initial models, pts; "
         f"zero-gain: rounds whose gain in the policy's metric is <= {GAIN_TOLERANCE:g}, and the "
         "most one paid of its budget"
     )

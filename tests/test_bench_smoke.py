@@ -190,6 +190,11 @@ def test_fairness_prices_against_retrained_truth(
         for r in orgs:
             assert r["error_points"] == pytest.approx(100 * (r["paid_share"] - r["true_share"]))
             assert 0 <= r["flagged_rounds"] <= 4
+            assert r["true_share_error"] >= 0
+        assert s["truth_seeds"] == 3
+        assert s["truth_error_points"] == pytest.approx(
+            100 * max(r["true_share_error"] for r in orgs)
+        )
         odd = orgs[-1]
         assert odd["role"] == odd_roles[s["kind"]]
         if odd["role"] == "replayer":  # data-less: worth exactly nothing
@@ -210,6 +215,14 @@ def test_fairness_prices_against_retrained_truth(
         assert [r["round"] for r in series] == [1, 2, 3, 4]
         assert all(0.0 <= r["paid_share"] <= 1.0 for r in series)
         assert s["zero_gain_rounds"] == sum(r["gain"] <= 1e-6 for r in series)
+    # The truth is the mean of the games played from three initial models, and another
+    # initial model is another game.
+    for truth in report["truth"].values():
+        assert truth["seeds"] == [0, 1, 2] and len(truth["seed_values"]) == 3
+        assert truth["values"] == pytest.approx(
+            [sum(v) / 3 for v in zip(*truth["seed_values"], strict=True)]
+        )
+        assert truth["seed_values"][0] != truth["seed_values"][1]
     # The truth is retrained once and shared by every policy.
     by_org = {}
     for r in report["organisations"]:
