@@ -166,7 +166,7 @@ def _audit(
     if not result.pricing:
         report.check("pricing settings recorded with the round", False, "none recorded")
         return
-    policy = PricingPolicy.model_validate(result.pricing)
+    policy = PricingPolicy.from_record(result.pricing)
     valuation = ledger.valuation_of(round_id)
     kept_validation = valuation.validation_hash if valuation is not None else None
     books = _recompute(
@@ -437,7 +437,7 @@ def _audit_failed(
     _check_inputs(report, record, ledger, store, result.model_hash)
     if not result.pricing:  # failed before pricing: the quorum was not met
         return
-    policy = PricingPolicy.model_validate(result.pricing)
+    policy = PricingPolicy.from_record(result.pricing)
     kept = bytes.fromhex(result.validation_hash[2:]) if result.validation_hash else None
     books = _recompute(report, ledger, store, policy, kept, device, spec_file, validation)
     report.check(

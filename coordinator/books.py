@@ -15,7 +15,9 @@ books, bit for bit, on any machine with the same torch.
 2. **Clip** (``clip``). The norm bound is ``clip_multiplier`` x the median norm of the screened
    updates (the median cannot be dragged up by fewer than half of them); larger updates are
    scaled down to it and flagged ``norm_clipped`` (the model-replacement defence of Sun et al.,
-   2019).
+   2019). Updates at least ``twin_cosine`` alike (``twin_groups``: the same records trained
+   twice) are one player from here on, their mean with their mean sample count, in the game
+   and the aggregate alike, and share its value equally.
 3. **Value** (``value``). The Shapley value of each screened organisation in the game whose
    utility is the validation metric of w + eta * (the coalition's FedAvg step: its clipped
    updates averaged by sample count, capped as the aggregate caps them), the step rescaled to
@@ -122,6 +124,13 @@ class Screening:
     kept: list[int]  # indices of the screened-in updates, in commit order
     flags: list[int]  # ``Flag`` bits per update
     notes: dict[int, str]  # index -> why it was flagged, in words
+    # The kept updates as the game's players, in commit order: each alone, or twins together
+    # (``twin_groups``), the earliest first. None: each kept update alone.
+    groups: list[list[int]] | None = None
+
+    @property
+    def players(self) -> list[list[int]]:
+        return [[k] for k in self.kept] if self.groups is None else self.groups
 
 
 @dataclass(frozen=True)
@@ -283,7 +292,54 @@ def screen(inputs: RoundInputs, norms: Sequence[float], policy: PricingPolicy) -
                 "once that update is taken out is "
             ),
         )
-    return Screening(kept=kept, flags=flags, notes=notes)
+    groups = twin_groups(cosine, kept, policy)
+    for group in groups:
+        for k in group[1:]:
+            notes[k] = (
+                f"counted as one with update {inputs.updates[group[0]].update_hash}, committed "
+                f"earlier (cosine {float(cosine[k, group[0]]):+.4f}: the same records): their "
+                "mean is in the game and the aggregate once, and they share its value"
+            )
+    return Screening(kept=kept, flags=flags, notes=notes, groups=groups)
+
+
+def twin_groups(cosine: Tensor, kept: Sequence[int], policy: PricingPolicy) -> list[list[int]]:
+    """The kept updates in groups of twins, in commit order: an update at least
+    ``twin_cosine`` alike to the first of an earlier group joins it, else starts its own.
+
+    Two organisations training on the same records send updates 0.97-0.999 alike (distinct
+    shares of a task: at most 0.86 on digits, 0.97 on breast cancer, measured). Counted twice,
+    their records pull the aggregate twice as hard, every later model already carries them
+    twice, and what their updates add to it is worth less each round: the organisation whose
+    records were copied lost about half its pay to the copy (docs/benchmarks.md, section 6).
+    Counted once, the pair is paid the value of the records once, shared."""
+    groups: list[list[int]] = []
+    for k in kept:
+        leader = None
+        if policy.twin_cosine is not None:
+            leader = next((g for g in groups if float(cosine[k, g[0]]) >= policy.twin_cosine), None)
+        if leader is None:
+            groups.append([k])
+        else:
+            leader.append(k)
+    return groups
+
+
+def player_inputs(
+    inputs: RoundInputs, clipping: Clipping, groups: Sequence[Sequence[int]]
+) -> tuple[list[Tensors], list[int]]:
+    """Each group's update (its members' clipped updates averaged) and sample count (their
+    mean, rounded, at least 1): what the game and the aggregate take as one player."""
+    deltas: list[Tensors] = []
+    counts: list[int] = []
+    for group in groups:
+        if len(group) == 1:
+            deltas.append(clipping.inputs[group[0]])
+        else:
+            members = [clipping.inputs[k] for k in group]
+            deltas.append({n: torch.stack([m[n] for m in members]).mean(dim=0) for n in members[0]})
+        counts.append(max(1, round(statistics.fmean(inputs.updates[k].num_samples for k in group))))
+    return deltas, counts
 
 
 NOISY_REPLAY_COSINE = 0.3
@@ -569,6 +625,7 @@ def value(
     kept: Sequence[int],
     policy: PricingPolicy,
     *,
+    groups: Sequence[Sequence[int]] | None = None,
     valuator: Valuator | None = None,
     device: torch.device | None = None,
     progress: Callable[[int, int], None] | None = None,
@@ -576,17 +633,21 @@ def value(
     """Each kept organisation's Shapley value in the round's coalition game and its standard
     error over the validation samples, with a sampled valuator's own error added in quadrature
     (0 for the rest); ``progress`` is told (coalitions
-    scored, coalitions asked) as the valuation goes."""
+    scored, coalitions asked) as the valuation goes. The players are ``groups`` of the kept
+    updates (default: each alone; ``player_inputs``), and a group's value and error are
+    shared equally by its members."""
     values = [0.0] * len(inputs.updates)
     errors = [0.0] * len(inputs.updates)
     if not kept:
         return Values(values=values, errors=errors, method="none", evaluations=0)
-    drawn = validation_draw(len(inputs.y_val), len(kept), policy, seed=inputs.round_id)
+    players = [[k] for k in kept] if groups is None else [list(g) for g in groups]
+    deltas, counts = player_inputs(inputs, clipping, players)
+    drawn = validation_draw(len(inputs.y_val), len(players), policy, seed=inputs.round_id)
     utility = coalition_game(
         inputs.model,
         inputs.base,
-        [clipping.inputs[k] for k in kept],
-        [inputs.updates[k].num_samples for k in kept],
+        deltas,
+        counts,
         inputs.x_val if drawn is None else inputs.x_val[drawn],
         inputs.y_val if drawn is None else inputs.y_val[drawn],
         policy,
@@ -598,17 +659,19 @@ def value(
         valuator = choose_valuator(
             len(kept),
             max_exact=policy.max_exact_players,
-            max_evaluations=policy.valuation_budget_for(len(kept)),
+            max_evaluations=policy.valuation_budget_for(len(players)),
             stop_ratio=policy.valuation_stop_ratio,
         )
-    result = valuator.value(utility, len(kept), seed=inputs.round_id)
-    per_sample = np.asarray(result.values, dtype=np.float64).reshape(len(kept), -1)  # (K, n)
+    result = valuator.value(utility, len(players), seed=inputs.round_id)
+    per_sample = np.asarray(result.values, dtype=np.float64).reshape(len(players), -1)  # (K, n)
     samples = per_sample.shape[1]
-    spread = per_sample.std(axis=1, ddof=1) if samples > 1 else np.zeros(len(kept))
-    sampling = np.zeros(len(kept)) if result.errors is None else result.errors
-    for i, k in enumerate(kept):
-        values[k] = float(per_sample[i].mean())
-        errors[k] = math.hypot(float(spread[i]) / math.sqrt(samples), float(sampling[i]))
+    spread = per_sample.std(axis=1, ddof=1) if samples > 1 else np.zeros(len(players))
+    sampling = np.zeros(len(players)) if result.errors is None else result.errors
+    for i, group in enumerate(players):
+        error = math.hypot(float(spread[i]) / math.sqrt(samples), float(sampling[i]))
+        for k in group:
+            values[k] = float(per_sample[i].mean()) / len(group)
+            errors[k] = error / len(group)
     return Values(
         values=values, errors=errors, method=result.method, evaluations=result.evaluations
     )
@@ -638,27 +701,35 @@ def aggregate_round(
     members: Sequence[int],
     policy: PricingPolicy,
     *,
+    groups: Sequence[Sequence[int]] | None = None,
     device: torch.device | None = None,
 ) -> dict[str, Tensor]:
-    """The new global model from the ``members``' (clipped) updates by the policy's rule."""
+    """The new global model from the ``members``' (clipped) updates by the policy's rule,
+    twins (``groups`` of them, every member in ``members`` or none) counted once."""
     if not members:
         return {name: t.detach().to("cpu").clone() for name, t in inputs.base.items()}
+    wanted = set(members)
+    players = (
+        [[k] for k in members] if groups is None else [list(g) for g in groups if g[0] in wanted]
+    )
+    deltas, counts = player_inputs(inputs, clipping, players)
     # The trim budget covers the round: updates already left out count towards it, so a round
     # whose attackers were screened out does not also lose honest minority updates.
     count = len(inputs.updates)
     left_out = count - len(members)
     trim = max(0, math.floor(round(policy.trim_fraction * count, 9)) - left_out)
+    trim = min(trim, (len(players) - 1) // 2)  # twins counted once: fewer inputs to trim
     return aggregate(
         policy.aggregation,
         inputs.base,
-        [clipping.inputs[k] for k in members],
-        [inputs.updates[k].num_samples for k in members],
+        deltas,
+        counts,
         eta=policy.eta,
         device=device,
-        trim_fraction=trim / len(members),
+        trim_fraction=trim / len(players),
         max_share=None
         if policy.max_weight_multiple is None
-        else min(1.0, policy.max_weight_multiple / len(members)),
+        else min(1.0, policy.max_weight_multiple / len(players)),
     )
 
 
@@ -710,8 +781,16 @@ def close_books(
     for k in clipping.clipped:
         flags[k] |= Flag.NORM_CLIPPED
         notes[k] = f"norm {norms[k]:.4g} above the round's bound {clipping.bound:.4g}: clipped"
+    groups = screening.players
     values = value(
-        inputs, clipping, kept, policy, valuator=valuator, device=device, progress=progress
+        inputs,
+        clipping,
+        kept,
+        policy,
+        groups=groups,
+        valuator=valuator,
+        device=device,
+        progress=progress,
     )
     for k in kept:
         v, error = values.values[k], values.errors[k]
@@ -725,7 +804,7 @@ def close_books(
     members = [
         k for k in kept if not (policy.exclude_negative and flags[k] & Flag.NEGATIVE_CONTRIBUTION)
     ]
-    params = aggregate_round(inputs, clipping, members, policy, device=device)
+    params = aggregate_round(inputs, clipping, members, policy, groups=groups, device=device)
     before = evaluate_params(inputs.model, inputs.base, inputs.x_val, inputs.y_val, policy.metric)
     after = evaluate_params(inputs.model, params, inputs.x_val, inputs.y_val, policy.metric)
     rewards = pay(policy, values.values, flags, after - before)

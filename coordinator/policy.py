@@ -10,6 +10,7 @@ options.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -162,6 +163,15 @@ class PricingPolicy(BaseModel):
         description="|cosine| with an earlier update from which it is a copy (two organisations "
         "training on the same records reach 0.999).",
     )
+    twin_cosine: float | None = Field(
+        0.99,
+        gt=0,
+        le=1,
+        description="Cosine with an earlier kept update from which two updates count as one in "
+        "the game and the aggregate (their mean, their mean sample count) and share its value "
+        "equally: the same records trained twice, which counted twice pull the model twice as "
+        "hard (None: every update counts alone). Below copy_cosine; nobody is flagged for it.",
+    )
     zero_tolerance: float = Field(
         1e-6, ge=0, description="An update with norm <= this x the median norm counts as zero."
     )
@@ -256,3 +266,15 @@ class PricingPolicy(BaseModel):
     def record(self) -> dict[str, Any]:
         """The policy as recorded with each round's result (JSON-safe)."""
         return self.model_dump(mode="json")
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> PricingPolicy:
+        """The policy a round was priced under, from its ``record()``: a knob added since
+        that round was recorded takes the value that prices as before it existed
+        (``ADDED_KNOBS``), not today's default."""
+        return cls.model_validate({**ADDED_KNOBS, **record})
+
+
+ADDED_KNOBS: dict[str, Any] = {"twin_cosine": None}
+"""Knobs added to the policy after rounds were first recorded, each with the value under
+which the books price as they did before it (an audit of an older round must not apply it)."""

@@ -161,6 +161,25 @@ def address_of(k: int) -> str:
     return "0x" + f"{k + 1:040x}"
 
 
+def first_round(deltas: Sequence[Delta], counts: Sequence[int]) -> RoundInputs:
+    """Round 1 of the digits task (its initial model from seed 0, its validation set) with
+    organisation k uploading ``deltas[k]`` for ``counts[k]`` samples: books to close by hand."""
+    task = DigitsTask()
+    model = task.build_model(seed=0)
+    x_val, y_val = task.validation_data()
+    return RoundInputs(
+        round_id=1,
+        model=model,
+        base={n: t.detach().clone() for n, t in model.state_dict().items()},
+        updates=[
+            UpdateInput(address_of(k), "0x" + encode_tensors(d)[1].hex(), n, d)
+            for k, (d, n) in enumerate(zip(deltas, counts, strict=True))
+        ],
+        x_val=x_val,
+        y_val=y_val,
+    )
+
+
 def run_federation(
     *,
     num_orgs: int = 10,

@@ -15,18 +15,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedledger.coordinator.books import (
-    RoundInputs,
-    UpdateInput,
     clearly_negative,
     close_books,
     pay,
     round_pool,
 )
 from fedledger.coordinator.policy import PricingPolicy
-from fedledger.incentive.commitment import encode_tensors
 from fedledger.incentive.onchain import Flag
 from fedledger.incentive.utility import evaluate_params
-from fedledger.simulation import address_of
+from fedledger.simulation import first_round
 from fedledger.tasks import DigitsTask
 
 POLICY = PricingPolicy(reward_per_gain=10**6, reward_per_round=10**5)
@@ -89,23 +86,6 @@ def test_clearly_negative_means_more_than_negative_sigmas_standard_errors_below_
     assert not clearly_negative(-0.5, 1.0, PricingPolicy(negative_sigmas=3.0))
 
 
-def _round(deltas: list[dict[str, torch.Tensor]], counts: list[int]) -> RoundInputs:
-    task = DigitsTask()
-    model = task.build_model(seed=0)
-    x_val, y_val = task.validation_data()
-    return RoundInputs(
-        round_id=1,
-        model=model,
-        base={n: t.detach().clone() for n, t in model.state_dict().items()},
-        updates=[
-            UpdateInput(address_of(k), "0x" + encode_tensors(d)[1].hex(), n, d)
-            for k, (d, n) in enumerate(zip(deltas, counts, strict=True))
-        ],
-        x_val=x_val,
-        y_val=y_val,
-    )
-
-
 def _trained(k: int, num_orgs: int = 5) -> dict[str, torch.Tensor]:
     from fedledger.tasks.training import TrainConfig, train_local
 
@@ -122,7 +102,7 @@ def test_the_books_report_each_value_with_its_standard_error_and_flag_only_clear
     every error is the spread of per-sample values over sqrt(n)."""
     deltas = [_trained(k) for k in range(5)]
     deltas[4] = {n: -3.0 * t for n, t in deltas[4].items()}
-    inputs = _round(deltas, [100] * 5)
+    inputs = first_round(deltas, [100] * 5)
     books = close_books(inputs, PricingPolicy(), device=torch.device("cpu"))
     assert books.flags[4] & Flag.NEGATIVE_CONTRIBUTION
     assert "±" in books.notes[4] and "standard error" in books.notes[4]
