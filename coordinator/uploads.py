@@ -9,6 +9,7 @@ is read (an unsigned or uncommitted request is refused without buffering it).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
@@ -33,7 +34,7 @@ from fedledger.incentive.commitment import (
     keccak,
 )
 from fedledger.incentive.compression import Codec
-from fedledger.incentive.ledger import LedgerClient
+from fedledger.incentive.ledger import CommitmentRecord, LedgerClient
 from fedledger.incentive.onchain import hex32
 from fedledger.incentive.signing import UploadAuthorization, recover_reader, recover_signer
 from fedledger.incentive.tensors import l2_norm
@@ -96,8 +97,16 @@ class UploadVerifier:
         self._commits_closed = commits_closed if commits_closed is not None else set()
         # The organisations registered when a round opened, by lower-case address (the round
         # driver's record, read once a round); anyone else is looked up on-chain. A revocation
-        # takes effect from the next round; the commitment is read for every upload.
+        # takes effect from the next round.
         self._members = members
+        # The current round's commitments, by lower-case address: once its commit phase is
+        # over, every member's is read in one JSON-RPC batch (a commitment never changes once
+        # made; a chain that takes no batches is read upload by upload); an organisation
+        # without one there is read again on its upload.
+        self._commitments: dict[str, CommitmentRecord] = {}
+        self._commitments_round = 0
+        self._commitments_batched = False
+        self._commitments_lock = threading.Lock()
 
     # -------------------------------------------------- before the round is looked at
 
@@ -278,10 +287,40 @@ class UploadVerifier:
 
     # -------------------------------------------------- against the chain and the model
 
+    def commitment_of(self, round_id: int, org: str) -> CommitmentRecord | None:
+        """``org``'s on-chain commitment in ``round_id``: from the round's batch once its
+        commit phase is over (all its members' commitments read at once, on the first upload
+        after), else read now."""
+        key = org.lower()
+        with self._commitments_lock:
+            if self._commitments_round != round_id:
+                self._commitments, self._commitments_round = {}, round_id
+                self._commitments_batched = False
+            known = self._commitments.get(key)
+            if (
+                known is None
+                and not self._commitments_batched
+                and round_id in self._commits_closed
+                and self._members is not None
+                and self.ledger.batches
+            ):
+                read = self.ledger.commitments_of(round_id, sorted(self._members(round_id)))
+                self._commitments.update({o.lower(): c for o, c in read.items() if c})
+                self._commitments_batched = True
+                known = self._commitments.get(key)
+        if known is not None:
+            return known
+        commitment = self.ledger.commitment_of(round_id, org)
+        if commitment is not None:
+            with self._commitments_lock:
+                if self._commitments_round == round_id:
+                    self._commitments[key] = commitment
+        return commitment
+
     def check_commitment(self, upload: AuthenticatedUpload) -> None:
         auth, signer = upload.auth, upload.signer
         try:
-            commitment = self.ledger.commitment_of(auth.round_id, signer)
+            commitment = self.commitment_of(auth.round_id, signer)
         except ChainError as exc:
             raise ChainUnavailable(f"cannot read the on-chain commitment: {exc}") from exc
         if commitment is None:

@@ -311,10 +311,16 @@ class LedgerClient:
     def _view(self, fn: Any) -> Any:
         return self._observe(str(fn.fn_name), lambda: call_view(fn.call, self.selectors))
 
+    @property
+    def batches(self) -> bool:
+        """Whether several reads go as one JSON-RPC batch (an HTTP provider; the in-process
+        EVM takes them one by one)."""
+        return isinstance(self.w3.provider, HTTPProvider)
+
     def _views(self, fns: Sequence[Any]) -> list[Any]:
         """Several reads, as one JSON-RPC batch (one round trip) where the provider takes
         batches, one by one where it does not (the in-process EVM)."""
-        if len(fns) < 2 or not isinstance(self.w3.provider, HTTPProvider):
+        if len(fns) < 2 or not self.batches:
             return [self._view(fn) for fn in fns]
 
         def batch() -> list[Any]:
@@ -402,6 +408,15 @@ class LedgerClient:
         return _commitment(
             self._view(self.functions.commitmentOf(round_id, Web3.to_checksum_address(org)))
         )
+
+    def commitments_of(
+        self, round_id: int, orgs: Sequence[str]
+    ) -> dict[str, CommitmentRecord | None]:
+        """``commitment_of`` each of ``orgs`` (keyed as given), read in one batch."""
+        answers = self._views(
+            [self.functions.commitmentOf(round_id, Web3.to_checksum_address(o)) for o in orgs]
+        )
+        return {org: _commitment(answer) for org, answer in zip(orgs, answers, strict=True)}
 
     def round_and_commitment(
         self, round_id: int, org: str

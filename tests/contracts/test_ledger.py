@@ -249,6 +249,12 @@ def test_organisation_commits_an_update(
             ledger.get_round(1),
             commitment,
         )
+    # The coordinator's read of every member's commitment at once.
+    members = [chain.orgs[0].address, chain.orgs[1].address]
+    assert ledger.commitments_of(1, members) == {
+        members[0]: CommitmentRecord(UPDATE_A, 1234),
+        members[1]: None,
+    }
 
     org_ledgers[1].commit_update(round_id, UPDATE_B, 1)
     assert ledger.get_round(1).commit_count == 2
