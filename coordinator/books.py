@@ -26,7 +26,7 @@ books, bit for bit, on any machine with the same torch.
    moves each coalition only as far as its members' training went pays for that length
    rather than for what the data says; measured against retraining every coalition from
    scratch (``bench/fairness.py``), the largest organisation's share was up to 42 points too
-   high unrescaled; rescaled, every share is within 8.5 points on digits (within 18.9 on the
+   high unrescaled; rescaled, every share is within 7.7 points on digits (within 18.9 on the
    breast-cancer task, where any share alone learns the task: a game valued at the shared
    model cannot credit what the model already knows). The metric is a mean over validation
    samples, so (Shapley being linear) each value
@@ -657,7 +657,7 @@ def value(
     utility.on_progress = progress
     if valuator is None:
         valuator = choose_valuator(
-            len(kept),
+            len(players),
             max_exact=policy.max_exact_players,
             max_evaluations=policy.valuation_budget_for(len(players)),
             stop_ratio=policy.valuation_stop_ratio,

@@ -102,3 +102,16 @@ def test_an_older_round_is_audited_without_the_rule() -> None:
     older = {k: v for k, v in recorded.items() if k != "twin_cosine"}
     assert PricingPolicy.from_record(older).twin_cosine is None
     assert PricingPolicy.model_validate(older).twin_cosine == 0.99  # the default would not do
+
+
+def test_twins_are_one_player_when_the_valuator_is_chosen(
+    federation: list[dict[str, torch.Tensor]],
+) -> None:
+    """Six updates, two of them twins: five players, valued exactly under a cut-off of five."""
+    policy = PricingPolicy(max_exact_players=5)
+    books = close_books(first_round(federation, [100] * 6), policy, device=CPU)
+    assert books.method == "exact" and books.evaluations == 2**5
+    apart = close_books(
+        first_round(federation, [100] * 6), policy.model_copy(update={"twin_cosine": None})
+    )
+    assert apart.method != "exact"  # six players: sampled
