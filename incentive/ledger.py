@@ -467,6 +467,15 @@ class LedgerClient:
         )
         return int(reward), int(flags)
 
+    def round_and_settlement(self, round_id: int, org: str) -> tuple[RoundRecord, int, int]:
+        """``get_round`` and ``settled_of`` ``org`` (its reward and flags), in one batch."""
+        org = Web3.to_checksum_address(org)
+        f = self.functions
+        record, reward, flags = self._views(
+            [f.getRound(round_id), f.rewardOf(round_id, org), f.flagsOf(round_id, org)]
+        )
+        return _round_record(round_id, record), int(reward), int(flags)
+
     def epsilon_of(self, round_id: int, org: str) -> float | None:
         """The epsilon the organisation reported with its commitment (None: no DP, or none)."""
         fixed = int(self._view(self.functions.epsilonOf(round_id, Web3.to_checksum_address(org))))

@@ -507,7 +507,9 @@ class NodeRunner:
         for round_id in sorted(self.unclaimed):
             if before_round is not None and round_id >= before_round:
                 break
-            record = self.ledger.get_round(round_id)
+            # The round and what it recorded for us, in one read (a direct settlement's reward
+            # and flags are final with the round; a claim's are read again after it).
+            record, reward, flags = self.ledger.round_and_settlement(round_id, self.account.address)
             if record.state != RoundState.FINALIZED:
                 continue
             # From here each outcome is final; a chain or coordinator outage raises and the
@@ -517,19 +519,19 @@ class NodeRunner:
             if claim is not None:
                 made.append(claim)
                 self.claims.append(claim)
-            settled = self._settled(round_id)
+            if record.by_claims:
+                reward, flags = self.ledger.settled_of(round_id, self.account.address)
+            settled = self._settled(round_id, reward, flags)
             _log_settled(settled, self.account.address)
             if self.on_settled is not None:
                 self.on_settled(settled)
         return made
 
-    def _settled(self, round_id: int) -> Settled:
-        me = self.account.address
+    def _settled(self, round_id: int, reward: int, flags: int) -> Settled:
         try:
             validation = dict(self.client.round_result(round_id).validation_metrics)
         except CoordinatorRejected:
             validation = {}
-        reward, flags = self.ledger.settled_of(round_id, me)
         return Settled(round_id=round_id, validation=validation, reward=reward, flags=flags)
 
     def _claim(self, record: RoundRecord) -> Claim | None:

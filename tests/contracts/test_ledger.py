@@ -454,6 +454,12 @@ def test_finalize_records_scores_and_mints_rewards(
         assert ledger.reward_of(1, address) == reward
         assert ledger.is_settled(1, address)
         assert ledger.balance_of(address) == reward
+        # A node's one read of a round it took part in: the record, its reward and flags.
+        assert ledger.round_and_settlement(1, address) == (
+            ledger.get_round(1),
+            *ledger.settled_of(1, address),
+        )
+        assert ledger.round_and_settlement(1, address)[1] == reward
     assert ledger.total_supply() == 700 * ONE + 5
     assert not ledger.is_settled(1, chain.outsider.address)
 
