@@ -125,12 +125,8 @@ class Screening:
     flags: list[int]  # ``Flag`` bits per update
     notes: dict[int, str]  # index -> why it was flagged, in words
     # The kept updates as the game's players, in commit order: each alone, or twins together
-    # (``twin_groups``), the earliest first. None: each kept update alone.
-    groups: list[list[int]] | None = None
-
-    @property
-    def players(self) -> list[list[int]]:
-        return [[k] for k in self.kept] if self.groups is None else self.groups
+    # (``twin_groups``), the earliest first.
+    groups: list[list[int]]
 
 
 @dataclass(frozen=True)
@@ -781,7 +777,7 @@ def close_books(
     for k in clipping.clipped:
         flags[k] |= Flag.NORM_CLIPPED
         notes[k] = f"norm {norms[k]:.4g} above the round's bound {clipping.bound:.4g}: clipped"
-    groups = screening.players
+    groups = screening.groups
     values = value(
         inputs,
         clipping,

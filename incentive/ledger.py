@@ -456,23 +456,20 @@ class LedgerClient:
             ]
         return calls
 
+    def _settled_calls(self, round_id: int, org: str) -> list[Any]:
+        """The reads of ``org``'s reward and flags in a round (``settled_of``)."""
+        org = Web3.to_checksum_address(org)
+        return [self.functions.rewardOf(round_id, org), self.functions.flagsOf(round_id, org)]
+
     def settled_of(self, round_id: int, org: str) -> tuple[int, int]:
         """``reward_of`` and ``flags_of`` together, in one batch."""
-        org = Web3.to_checksum_address(org)
-        reward, flags = self._views(
-            [
-                self.functions.rewardOf(round_id, org),
-                self.functions.flagsOf(round_id, org),
-            ]
-        )
+        reward, flags = self._views(self._settled_calls(round_id, org))
         return int(reward), int(flags)
 
     def round_and_settlement(self, round_id: int, org: str) -> tuple[RoundRecord, int, int]:
         """``get_round`` and ``settled_of`` ``org`` (its reward and flags), in one batch."""
-        org = Web3.to_checksum_address(org)
-        f = self.functions
         record, reward, flags = self._views(
-            [f.getRound(round_id), f.rewardOf(round_id, org), f.flagsOf(round_id, org)]
+            [self.functions.getRound(round_id), *self._settled_calls(round_id, org)]
         )
         return _round_record(round_id, record), int(reward), int(flags)
 
